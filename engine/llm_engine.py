@@ -173,7 +173,7 @@ class LLMEngine:
         if not sampled:
             return []
         tokens = sample(logits, [s.params for s in sampled], [self._generator(s) for s in sampled])
-        return [self._append_token(seq, tok) for seq, tok in zip(sampled, tokens)]
+        return [self._append_token(seq, tok) for seq, tok in zip(sampled, tokens, strict=True)]
 
     def forward(self, plan: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
         """The forward pass of `execute`: computes the planned tokens' KV and returns the
@@ -363,7 +363,7 @@ class LLMEngine:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         base = len(self.seqs) + time.monotonic_ns()
         rids = [f"gen-{base}-{i}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(rids, prompts, params_list):
+        for rid, prompt, p in zip(rids, prompts, params_list, strict=True):
             self.add_request(rid, prompt, p)
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished():

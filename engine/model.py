@@ -216,7 +216,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> tup
     files = sorted(Path(model_dir).glob("*.safetensors"))
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
-            for name in fh.keys():
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if name.startswith("model.") or name == "lm_head.weight":
                     weights[name] = fh.get_tensor(name)
     missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in weights]

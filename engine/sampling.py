@@ -62,7 +62,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         if len(greedy_rows) == len(params):
             return logits.argmax(dim=-1).tolist()
         idx = torch.tensor(greedy_rows, device=logits.device)
-        for i, tok in zip(greedy_rows, logits.index_select(0, idx).argmax(dim=-1).tolist()):
+        for i, tok in zip(greedy_rows, logits.index_select(0, idx).argmax(dim=-1).tolist(), strict=True):
             out[i] = tok
     for i, p in enumerate(params):
         if not p.greedy:
