@@ -1,3 +1,4 @@
+import contextlib
 import random
 
 import pytest
@@ -55,10 +56,8 @@ def test_randomised_operations_keep_invariants():
         op = rng.random()
         if op < 0.5:
             table: list[int] = tables[rng.randrange(len(tables))] if tables and rng.random() < 0.5 else []
-            try:
+            with contextlib.suppress(NoFreeBlocksError):
                 bm.grow(table, len(table) * bm.block_size + rng.randint(1, 40))
-            except NoFreeBlocksError:
-                pass
             if table and table not in tables:
                 tables.append(table)
         elif op < 0.6 and tables:

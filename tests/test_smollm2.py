@@ -60,7 +60,8 @@ def test_chat_batch_matches_hf_token_for_token(engine, smollm_hf):
 
 
 def test_answer_is_sane_and_stops_at_eos(engine):
-    out = engine.generate([[{"role": "user", "content": QUESTIONS[0]}]], SamplingParams(max_tokens=64, temperature=0))[0]
+    msgs = [{"role": "user", "content": QUESTIONS[0]}]
+    out = engine.generate([msgs], SamplingParams(max_tokens=64, temperature=0))[0]
     assert out.output_text == "The capital of France is Paris."
     assert out.finish_reason is FinishReason.STOP
     assert out.output_token_ids[-1] in engine.eos_token_ids
