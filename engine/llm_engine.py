@@ -32,6 +32,10 @@ from engine.sequence import FinishReason, RequestOutput, Sequence, SequenceStatu
 
 logger = logging.getLogger(__name__)
 
+# Decode rows attended together (sorted by context length); 4-8 measured best
+# on 32 mixed-length sequences (64..512 tokens) on a 2-core CPU.
+DECODE_GROUP_SIZE = 8
+
 
 class InvalidRequestError(ValueError):
     """A request the engine cannot serve as given; `param` names the culprit."""
@@ -178,7 +182,8 @@ class LLMEngine:
     def forward(self, plan: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
         """The forward pass of `execute`: computes the planned tokens' KV and returns the
         sequences due a new token with their float32 logits `[len(sequences), vocab]`."""
-        plan = sorted(plan, key=lambda e: e[1] != 1)  # single-token entries first: batched decode attention
+        # single-token entries first, by context length: batched decode attention (see AttentionMetadata)
+        plan = sorted(plan, key=lambda e: (e[1] != 1, e[0].num_computed_tokens if e[1] == 1 else 0))
         ids: list[int] = []
         positions: list[int] = []
         sample_rows: list[int] = []
@@ -206,21 +211,22 @@ class LLMEngine:
         slot_parts: list[torch.Tensor] = []
         decodes = [seq for seq, n in plan if n == 1]
         d = len(decodes)
-        decode_slots = decode_mask = None
-        if d:
-            ctx = [s.num_computed_tokens + 1 for s in decodes]
-            max_ctx = max(ctx)
+        groups = []
+        for r0 in range(0, d, DECODE_GROUP_SIZE):
+            group = decodes[r0:r0 + DECODE_GROUP_SIZE]
+            ctx = torch.tensor([s.num_computed_tokens + 1 for s in group])
+            max_ctx = int(ctx[-1])  # sorted ascending
             nblk = -(-max_ctx // bs)
-            table = torch.tensor([s.block_table[:nblk] + [0] * (nblk - len(s.block_table[:nblk])) for s in decodes])
+            table = torch.tensor([s.block_table[:nblk] + [0] * (nblk - len(s.block_table[:nblk])) for s in group])
             pos = torch.arange(max_ctx)
-            all_slots = table[:, pos // bs] * bs + pos % bs  # [d, max_ctx]
-            ctx_t = torch.tensor(ctx)
-            slot_parts.append(all_slots[torch.arange(d), ctx_t - 1])
-            if min(ctx) != max_ctx:
-                valid = pos[None, :] < ctx_t[:, None]
-                all_slots = all_slots * valid
-                decode_mask = valid.view(d, 1, 1, max_ctx).to(dev)
-            decode_slots = all_slots.to(dev)
+            slots = table[:, pos // bs] * bs + pos % bs  # [rows, max_ctx]
+            slot_parts.append(slots[torch.arange(len(group)), ctx - 1])
+            mask = None
+            if int(ctx[0]) != max_ctx:
+                valid = pos[None, :] < ctx[:, None]
+                slots = slots * valid
+                mask = valid.view(len(group), 1, 1, max_ctx).to(dev)
+            groups.append((r0, r0 + len(group), slots.to(dev), mask))
         prefills = []
         q = d
         for seq, n in plan[d:]:
@@ -235,7 +241,7 @@ class LLMEngine:
                 prefills.append((q, q + n, slots, mask))
             q += n
         slot_mapping = torch.cat(slot_parts).to(dev)
-        return AttentionMetadata(slot_mapping, d, decode_slots, decode_mask, prefills)
+        return AttentionMetadata(slot_mapping, d, groups, prefills)
 
     # -- built-in FCFS planner -------------------------------------------------
     def _plan(self) -> list[tuple[Sequence, int]]:
@@ -304,9 +310,12 @@ class LLMEngine:
             self._finish(seq, reason)
         if detok is not None:
             seq.output_text = detok.text
-        return RequestOutput(seq.request_id, [token], new_text, seq.finished, seq.finish_reason,
-                             len(seq.prompt_token_ids), len(seq.output_token_ids), seq.output_token_ids,
-                             seq.output_text)
+        out = RequestOutput(seq.request_id, [token], new_text, seq.finished, seq.finish_reason,
+                            len(seq.prompt_token_ids), len(seq.output_token_ids))
+        if seq.finished:
+            out.output_token_ids = seq.output_token_ids  # the sequence is gone: no one else mutates it
+            out.output_text = seq.output_text
+        return out
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is SequenceStatus.RUNNING:

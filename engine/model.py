@@ -66,9 +66,12 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [num_tokens] slot of each new token's KV
     num_decode: int
-    # decode: [num_decode, max_ctx] slots of every context position (padding -> slot 0)
-    decode_slots: torch.Tensor | None
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_ctx] bool, None when all lengths equal
+    # Decode rows come sorted by context length and are attended in small groups
+    # (row_start, row_end, slots [rows, group_max_ctx] padded with slot 0, mask
+    # [rows, 1, 1, group_max_ctx] or None when the group's lengths are equal):
+    # padding every row to the batch's longest context wastes up to half the KV
+    # reads on mixed lengths, and one huge gather is slower than a few cache-sized ones.
+    decode_groups: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]
     # prefill chunks: (q_start, q_end, context_slots [ctx_end] or None if no earlier context, mask or None)
     prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
 
@@ -173,15 +176,13 @@ class LlamaModel:
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty(n, nh, hd, dtype=q.dtype, device=q.device)
-        d = meta.num_decode
-        if d:
-            slots = meta.decode_slots
-            ctx = slots.shape[1]
-            kd = k_cache.index_select(0, slots.view(-1)).view(d, ctx, kvh, hd).transpose(1, 2)
-            vd = v_cache.index_select(0, slots.view(-1)).view(d, ctx, kvh, hd).transpose(1, 2)
-            od = F.scaled_dot_product_attention(q[:d].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask,
+        for r0, r1, slots, mask in meta.decode_groups:
+            rows, ctx = slots.shape
+            kd = k_cache.index_select(0, slots.view(-1)).view(rows, ctx, kvh, hd).transpose(1, 2)
+            vd = v_cache.index_select(0, slots.view(-1)).view(rows, ctx, kvh, hd).transpose(1, 2)
+            od = F.scaled_dot_product_attention(q[r0:r1].unsqueeze(2), kd, vd, attn_mask=mask,
                                                 scale=self.scale, enable_gqa=True)
-            out[:d] = od.squeeze(2)
+            out[r0:r1] = od.squeeze(2)
         for qs, qe, ctx_slots, mask in meta.prefills:
             qi = q[qs:qe].transpose(0, 1).unsqueeze(0)
             if ctx_slots is None:  # no earlier context: the chunk's own fresh KV, plain causal

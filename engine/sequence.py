@@ -63,7 +63,8 @@ class Sequence:
 
 @dataclass
 class RequestOutput:
-    """What one step produced for one request (deltas) plus its totals so far."""
+    """What one step produced for one request: the new tokens and text, counts so far,
+    and, on the final output only, the whole output (`output_token_ids`, `output_text`)."""
 
     request_id: str
     new_token_ids: list[int]
