@@ -21,13 +21,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace):
-    from engine.config import CacheConfig, EngineConfig, ModelConfig, PdserveConfig
+    from engine.config import CacheConfig, EngineConfig, ModelConfig, PdserveConfig, SchedulerConfig
 
     return PdserveConfig(
         model=ModelConfig(model=args.model, device=args.device, dtype=args.dtype),
         cache=CacheConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks),
-        engine=EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                            num_threads=args.threads),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        engine=EngineConfig(num_threads=args.threads),
     )
 
 

@@ -51,14 +51,37 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    """Batch limits of the engine's own iteration-level step."""
+class SchedulerConfig:
+    """Iteration-level scheduling (see `engine.scheduler`)."""
 
+    policy: str = "chunked"  # static | dynamic | continuous | chunked
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    # Upper bound on the prefill tokens of one sequence in one step (chunked
-    # prefill); None lets a prompt go in one piece when the token budget allows.
+    # chunked: upper bound on one sequence's prefill tokens in one step; None: the token budget
     max_prefill_chunk: int | None = None
+    batch_timeout: float = 0.05  # dynamic: seconds the oldest request waits for a fuller batch
+    preemption: str = "auto"  # swap | recompute | auto (swap while the CPU pool has room)
+    swap_space_blocks: int = 0  # CPU swap pool, in KV blocks; 0 disables swapping
+    starvation_timeout: float = 30.0  # aging bound: waited this long, a request goes first
+    max_preemptions: int | None = 4  # a request preempted this often is protected from further preemption
+    max_num_queued_requests: int | None = None  # bounded waiting queue (QueueFullError beyond)
+    overload: str = "reject"  # reject (bounded queue, unmeetable deadlines refused) | shrink
+    tpot_slo: float | None = None  # shrink: cap each step's work so running requests keep this TPOT
+
+    def __post_init__(self) -> None:
+        choices = {"policy": ("static", "dynamic", "continuous", "chunked"),
+                   "preemption": ("swap", "recompute", "auto"), "overload": ("reject", "shrink")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Process-level settings of the engine."""
+
     # torch intra-op threads for this process; None leaves torch's default.
     # Every worker process sets its own, so co-located processes do not
     # oversubscribe the cores.
@@ -70,6 +93,7 @@ class EngineConfig:
 class PdserveConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def replace(self, **sections) -> PdserveConfig:

@@ -69,6 +69,13 @@ class PagedKVCache:
         self.k[layer].index_copy_(0, slots, kv[0])
         self.v[layer].index_copy_(0, slots, kv[1])
 
+    def copy_blocks_to(self, dst: PagedKVCache, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (all layers, K and V) from this pool into `dst`: (src block, dst block)
+        pairs. Swapping to and from the CPU pool is this."""
+        src_ids = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst_ids = torch.tensor([d for _, d in pairs], device=dst.device)
+        dst.data[:, :, dst_ids] = self.data[:, :, src_ids].to(dst.device, non_blocking=True)
+
     def _check_table(self, block_table: list[int], num_tokens: int) -> None:
         need = -(-num_tokens // self.block_size)
         if len(block_table) < need:

@@ -1,11 +1,9 @@
 """The model-execution engine shared by prefill and decode workers.
 
-`LLMEngine.step()` is one iteration: plan which tokens run (decode tokens of
-running sequences, then prefill chunks of waiting ones, under `max_num_seqs`
-and the token budget), grow block tables, run one packed forward pass, sample,
-and finish sequences (freeing their blocks). `execute(plan)` is the same
-iteration with the plan supplied from outside, so a policy scheduler can drive
-the engine; the built-in planner is plain FCFS with recompute preemption.
+`LLMEngine.step()` is one iteration: the scheduler (`engine.scheduler`, pure
+policy) decides which tokens run and which KV blocks move; the engine copies
+swapped blocks, runs one packed forward pass, samples, and finishes sequences,
+freeing every block they held. `execute(plan)` runs a plan built elsewhere.
 
 KV export/import moves a sequence's KV between engines: the primitive KV
 transfer builds on.
@@ -15,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +24,10 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import PagedKVCache
 from engine.model import AttentionMetadata, load_model
 from engine.model_source import ModelSource, resolve_model
+from engine.platform import keep_freed_memory
 from engine.sampling import SamplingParams, make_generator, sample
-from engine.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
+from engine.scheduler import Scheduler
+from engine.sequence import FinishReason, RequestOutput, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +77,8 @@ class LLMEngine:
         self.source = source or resolve_model(config.model.model, Path(config.model.cache_dir))
         self.device = pick_device(config.model.device)
         self.dtype = pick_dtype(config.model.dtype, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         t0 = time.perf_counter()
         self.model, self.hf_config = load_model(self.source.path, self.device, self.dtype)
         self.tokenizer = _load_tokenizer(self.source.path)
@@ -92,16 +93,29 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cc.block_size)
         self.kv = PagedKVCache(arch.num_layers, num_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
                                self.dtype, self.device)
+        swap_blocks = config.scheduler.swap_space_blocks
+        self.swap_kv = PagedKVCache(arch.num_layers, swap_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
+                                    self.dtype, torch.device("cpu")) if swap_blocks else None
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
         eos = self.hf_config.eos_token_id
         self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._rng = torch.Generator().manual_seed(config.engine.seed)
-        self.num_preemptions = 0
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
 
     # -- requests ------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int] | list[dict]) -> list[int]:
@@ -116,21 +130,28 @@ class LLMEngine:
         return list(prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int] | list[dict], params: SamplingParams,
-                    *, arrival_time: float | None = None, detokenize: bool = True) -> Sequence:
+                    *, arrival_time: float | None = None, priority: int = 0, ttft_deadline: float | None = None,
+                    detokenize: bool = True) -> Sequence:
+        """Queue a request. `priority`: lower runs first; `ttft_deadline`: seconds from arrival
+        by which the first token is due (SLA-aware admission). Raises `InvalidRequestError`,
+        or `QueueFullError` when the scheduler's overload policy refuses it."""
         ids = self.encode_prompt(prompt)
         self._validate(request_id, ids)
-        seq = Sequence(request_id, ids, params, arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        now = time.monotonic()
+        arrival = now if arrival_time is None else arrival_time
+        seq = Sequence(request_id, ids, params, arrival_time=arrival, priority=priority,
+                       deadline=None if ttft_deadline is None else arrival + ttft_deadline)
+        self.scheduler.add(seq, now)
         self._register(seq, detokenize)
-        self.waiting.append(seq)
         return seq
 
     def add_imported_request(self, request_id: str, kv: KVExport, params: SamplingParams,
-                             *, detokenize: bool = True) -> Sequence:
+                             *, priority: int = 0, detokenize: bool = True) -> Sequence:
         """Admit a request whose prompt KV was computed elsewhere. All-or-nothing:
         raises `NoFreeBlocksError` (nothing allocated) when the pool is short."""
         self._validate(request_id, kv.prompt_token_ids)
         seq = Sequence(request_id, list(kv.prompt_token_ids), params, arrival_time=time.monotonic(),
-                       output_token_ids=list(kv.output_token_ids))
+                       output_token_ids=list(kv.output_token_ids), priority=priority)
         if seq.num_tokens - kv.num_tokens != 1:
             raise InvalidRequestError("kv", f"KV covers {kv.num_tokens} of {seq.num_tokens} tokens; "
                                       "exactly the newest token may be uncomputed")
@@ -141,11 +162,10 @@ class LLMEngine:
             self.block_manager.free(seq.block_table)
             raise
         seq.num_computed_tokens = kv.num_tokens
-        seq.status = SequenceStatus.RUNNING
+        self.scheduler.add_running(seq)
         self._register(seq, detokenize)
-        if detokenize and seq.output_token_ids and seq.request_id in self._detok:
+        if seq.request_id in self._detok:
             self._detok[seq.request_id].add(seq.output_token_ids)
-        self.running.append(seq)
         return seq
 
     def export_kv(self, request_id: str) -> KVExport:
@@ -162,12 +182,16 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_unfinished()
 
     # -- one iteration -------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        plan = self._plan()
-        return self.execute(plan) if plan else []
+    def step(self, now: float | None = None) -> list[RequestOutput]:
+        out = self.scheduler.schedule(time.monotonic() if now is None else now)
+        if out.swap_out:
+            self.kv.copy_blocks_to(self.swap_kv, out.swap_out)
+        if out.swap_in:
+            self.swap_kv.copy_blocks_to(self.kv, out.swap_in)
+        return self.execute(out.scheduled) if out.scheduled else []
 
     def execute(self, plan: list[tuple[Sequence, int]]) -> list[RequestOutput]:
         """Run `plan` (sequence, number of its next tokens to compute) as one forward pass,
@@ -243,54 +267,9 @@ class LLMEngine:
         slot_mapping = torch.cat(slot_parts).to(dev)
         return AttentionMetadata(slot_mapping, d, groups, prefills)
 
-    # -- built-in FCFS planner -------------------------------------------------
-    def _plan(self) -> list[tuple[Sequence, int]]:
-        ec = self.config.engine
-        bm = self.block_manager
-        plan: list[tuple[Sequence, int]] = []
-        budget = ec.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and len(plan) < ec.max_num_seqs and budget > 0:
-            seq = self.running[i]
-            while not bm.can_grow(seq.block_table, seq.num_computed_tokens + 1):
-                self._preempt(self.running[-1])  # youngest first; may be seq itself
-                if seq.status is not SequenceStatus.RUNNING:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                break
-            bm.grow(seq.block_table, seq.num_computed_tokens + 1)
-            plan.append((seq, 1))
-            budget -= 1
-            i += 1
-        for seq in self.waiting:
-            if len(plan) >= ec.max_num_seqs or budget <= 0:
-                break
-            n = min(seq.num_uncomputed, budget, ec.max_prefill_chunk or budget)
-            if not bm.can_grow(seq.block_table, seq.num_computed_tokens + n):
-                break  # FCFS: no overtaking the head of the queue
-            bm.grow(seq.block_table, seq.num_computed_tokens + n)
-            plan.append((seq, n))
-            budget -= n
-        return plan
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Recompute preemption: drop the KV, requeue at the front; prompt and
-        generated tokens are prefilled again on resume."""
-        self.running.remove(seq)
-        self.block_manager.free(seq.block_table)
-        seq.block_table = []
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
-        self.num_preemptions += 1
-
     # -- bookkeeping -----------------------------------------------------------
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         p = seq.params
-        if seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
-            self.running.append(seq)
-            seq.status = SequenceStatus.RUNNING
         seq.output_token_ids.append(token)
         new_text = ""
         reason = None
@@ -318,15 +297,7 @@ class LLMEngine:
         return out
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        if seq.status is SequenceStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
-        if seq.block_table:
-            self.block_manager.free(seq.block_table)
-            seq.block_table = []
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
+        self.scheduler.finish(seq, reason)  # frees every device and swap block it held
         self.seqs.pop(seq.request_id, None)
         self._generators.pop(seq.request_id, None)
         self._detok.pop(seq.request_id, None)
@@ -374,6 +345,7 @@ class LLMEngine:
         rids = [f"gen-{base}-{i}" for i in range(len(prompts))]
         for rid, prompt, p in zip(rids, prompts, params_list, strict=True):
             self.add_request(rid, prompt, p)
+        self.scheduler.input_closed = True  # static/dynamic batching: no more requests are coming
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished():
             for out in self.step():

@@ -1,9 +1,11 @@
 """A request inside the engine, and what a step reports back.
 
-Lifecycle: WAITING (prompt not yet fully computed) -> RUNNING (decoding) ->
-FINISHED. A sequence whose prompt KV arrived from elsewhere (imported) enters
-RUNNING directly: its computed-token count simply jumps. A preempted
-sequence returns to WAITING and recomputes prompt + generated tokens.
+Lifecycle (driven by `engine.scheduler`): WAITING (queued, no KV) -> RUNNING
+(admitted: holds KV blocks, being prefilled or decoding) -> FINISHED. A
+sequence whose prompt KV arrived from elsewhere (imported) enters RUNNING
+directly: its computed-token count simply jumps. Preemption sends a RUNNING
+sequence to SWAPPED (KV copied to the CPU pool) or back to WAITING (KV
+dropped; prompt + generated tokens are recomputed on resume).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from engine.sampling import SamplingParams
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"
     FINISHED = "finished"
 
 
@@ -39,6 +42,14 @@ class Sequence:
     finish_reason: FinishReason | None = None
     output_text: str = ""
     stop_reason: int | str | None = None  # the stop token or string that ended it
+    priority: int = 0  # lower is more urgent (vLLM's convention)
+    deadline: float | None = None  # absolute time by which the first token is due (SLA-aware admission)
+    num_preemptions: int = 0
+    cpu_block_table: list[int] = field(default_factory=list)  # while SWAPPED
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
 
     @property
     def num_tokens(self) -> int:

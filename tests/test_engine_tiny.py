@@ -36,7 +36,7 @@ def hf_reference(tiny_hf):
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("chunk", [None, 7, 16])
 def test_ragged_batch_matches_hf(make_engine, tiny_model_dir, hf_reference, block_size, chunk):
-    engine = make_engine(tiny_model_dir, cache={"block_size": block_size}, engine={"max_prefill_chunk": chunk})
+    engine = make_engine(tiny_model_dir, cache={"block_size": block_size}, scheduler={"max_prefill_chunk": chunk})
     outs = engine.generate(prompts(), GREEDY)
     assert [o.output_token_ids for o in outs] == hf_reference
     assert all(o.finish_reason is FinishReason.LENGTH for o in outs)
@@ -72,7 +72,7 @@ def test_chunked_prefill_logits_match_hf(make_engine, tiny_model_dir, tiny_hf, b
 
 def test_mixed_step_decode_and_prefill_chunks(make_engine, tiny_model_dir, hf_reference):
     """Requests arriving while others decode: steps carry decode tokens and prefill chunks together."""
-    engine = make_engine(tiny_model_dir, engine={"max_prefill_chunk": 5, "max_num_batched_tokens": 12})
+    engine = make_engine(tiny_model_dir, scheduler={"max_prefill_chunk": 5, "max_num_batched_tokens": 12})
     ps = prompts()
     results: dict[str, list[int]] = {}
     pending = list(enumerate(ps))
@@ -204,7 +204,7 @@ def test_context_window_ends_with_length(make_engine, tiny_model_dir):
 
 
 def test_abort_frees_blocks_mid_flight(make_engine, tiny_model_dir):
-    engine = make_engine(tiny_model_dir, engine={"max_prefill_chunk": 8})
+    engine = make_engine(tiny_model_dir, scheduler={"max_prefill_chunk": 8})
     for i, p in enumerate(prompts()):
         engine.add_request(f"r{i}", p, GREEDY)
     engine.step()

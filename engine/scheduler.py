@@ -1,0 +1,334 @@
+"""Iteration-level scheduling: pure policy over plain dataclasses (no torch, no Ray).
+
+A request's life (`Sequence.status`):
+
+    WAITING --admit--> RUNNING --finish/abort--> FINISHED
+    RUNNING --preempt (swap)--> SWAPPED --swap in--> RUNNING
+    RUNNING --preempt (recompute)--> WAITING   (KV dropped; prompt + output prefilled again)
+
+`schedule(now)` decides what the next engine step runs and returns a
+`SchedulerOutput`: (sequence, number of its next tokens) pairs under
+`max_num_seqs` and the token budget `max_num_batched_tokens`, plus the block
+copies the step must perform first (swap out, then swap in). There is no
+prefill phase and no decode phase: every sequence has `num_computed_tokens`
+and a token count, and a step hands out tokens. A decode is one token; a
+prefill (or a chunk of one) is several; a request whose KV arrived from
+elsewhere simply starts with its computed count high.
+
+Ordering is by urgency: lower `priority` first (as in vLLM), then arrival
+(FCFS within a level). Aging bounds starvation: a request that has waited
+`starvation_timeout` is served before every request that has not.
+
+Policies (`SchedulerConfig.policy`), all through `schedule()`:
+  static      wait for `max_num_seqs` requests (or the end of input), run the batch to completion
+  dynamic     like static, but a batch also starts once the oldest request waited `batch_timeout`
+  continuous  slots refilled every iteration; each prefill runs whole, in one step
+  chunked     continuous, with prefills cut into chunks that share steps with decode tokens
+
+Blocks are accounted through two `BlockManager`s (device pool and CPU swap
+pool); the engine moves the bytes the output asks for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+class QueueFullError(RuntimeError):
+    """The request was refused (waiting queue full, or its TTFT deadline cannot be met).
+    `retry_after` is the scheduler's estimate, in seconds, of when to try again."""
+
+    def __init__(self, message: str, retry_after: float, reason: str):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.reason = reason
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, cpu block), run first
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu block, device block), run second
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.scheduled or self.swap_out or self.swap_in)
+
+
+# Seconds for a step with this many prefill tokens (those of whole, un-chunked prompts
+# separately) and decode tokens; used to estimate TTFT for admission.
+StepCost = Callable[[int, int], float]
+
+
+def default_step_cost(prefill_tokens: int, decode_tokens: int) -> float:
+    return 2e-3 * prefill_tokens + 5e-3 * decode_tokens + 0.03
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, step_cost: StepCost = default_step_cost):
+        self.config = config
+        self.blocks = blocks
+        self.cpu_blocks = (BlockManager(config.swap_space_blocks, blocks.block_size)
+                           if config.swap_space_blocks else None)
+        self.step_cost = step_cost
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []
+        self.batch: list[Sequence] = []  # static/dynamic: the batch in flight
+        self.input_closed = False  # static/dynamic: no more arrivals, so a partial batch may start
+        self.num_preemptions = 0
+        self.num_swaps = 0
+
+    # -- requests ------------------------------------------------------------
+    def add(self, seq: Sequence, now: float) -> None:
+        """Queue a request; raises `QueueFullError` when the overload policy refuses it."""
+        c = self.config
+        if c.max_num_queued_requests is not None and len(self.waiting) >= c.max_num_queued_requests:
+            raise QueueFullError(f"the waiting queue is full ({len(self.waiting)} requests)",
+                                 self._drain_estimate(), "queue_full")
+        if seq.deadline is not None and c.overload == "reject":
+            eta = now + self.estimate_ttft(seq)
+            if eta > seq.deadline:
+                raise QueueFullError(f"TTFT deadline cannot be met (estimated {eta - now:.3f}s, "
+                                     f"allowed {seq.deadline - now:.3f}s)", self._drain_estimate(), "deadline")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A request whose KV is already in the pool (imported from a prefill worker)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Remove a request from every queue and free all its blocks (finish, abort, error)."""
+        for queue in (self.waiting, self.running, self.swapped, self.batch):
+            if seq in queue:
+                queue.remove(seq)
+        if seq.block_table:
+            self.blocks.free(seq.block_table)
+            seq.block_table = []
+        if seq.cpu_block_table:
+            self.cpu_blocks.free(seq.cpu_block_table)
+            seq.cpu_block_table = []
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    # -- estimates -------------------------------------------------------------
+    def urgency(self, seq: Sequence, now: float) -> tuple:
+        if now - seq.arrival_time >= self.config.starvation_timeout:
+            return (0, seq.arrival_time, 0)  # aged: ahead of everyone not yet aged, FCFS among them
+        return (1, seq.priority, seq.arrival_time)
+
+    def estimate_ttft(self, seq: Sequence) -> float:
+        """Prefill tokens queued at least as urgent as `seq`, its own, and the decode
+        steps that share their time, through the step cost."""
+        ahead = sum(s.num_uncomputed for s in self.waiting if s.priority <= seq.priority)
+        tokens = ahead + seq.num_uncomputed
+        steps = max(1, math.ceil(tokens / self.config.max_num_batched_tokens))
+        return self.step_cost(tokens, 0) + steps * self.step_cost(0, len(self.running))
+
+    def _drain_estimate(self) -> float:
+        tokens = sum(s.num_uncomputed for s in self.waiting)
+        return max(1.0, self.step_cost(tokens, len(self.running)))
+
+    # -- one step ----------------------------------------------------------------
+    def schedule(self, now: float) -> SchedulerOutput:
+        if self.config.policy in ("static", "dynamic"):
+            return self._schedule_batch(now)
+        return self._schedule_iteration(now)
+
+    def _schedule_iteration(self, now: float) -> SchedulerOutput:
+        c = self.config
+        chunked = c.policy == "chunked"
+        out = SchedulerOutput()
+        self._priority_preempt(now, out)
+        budget = c.max_num_batched_tokens
+        planned: set[int] = set()
+        # 1. running requests, most urgent first; preempt the least urgent when the pool is short
+        for seq in sorted(self.running, key=lambda s: self.urgency(s, now)):
+            if seq.status is not SequenceStatus.RUNNING or budget <= 0:
+                continue
+            n = self._tokens_for(seq, budget, chunked)
+            if n == 0:
+                continue
+            if not self._make_room(seq, n, now, out, planned):
+                continue
+            out.scheduled.append((seq, n))
+            planned.add(id(seq))
+            budget -= n
+        # 2. swapped and waiting requests, most urgent first, while slots, budget and blocks last
+        shrink_cap = self._shrink_cap(out)
+        for seq in sorted(self.swapped + self.waiting, key=lambda s: self._admit_key(s, now)):
+            if len(self.running) >= c.max_num_seqs or budget <= 0:
+                break
+            n = self._tokens_for(seq, budget, chunked, swapped=seq.status is SequenceStatus.SWAPPED)
+            if n == 0:
+                if not out.scheduled and not chunked and seq.status is SequenceStatus.WAITING:
+                    n = seq.num_uncomputed  # a prompt larger than the budget still runs, alone
+                else:
+                    break
+            if shrink_cap is not None and out.num_batched_tokens + n > shrink_cap and out.scheduled:
+                break
+            if seq.status is SequenceStatus.SWAPPED:
+                if not self._swap_in(seq, n, out):
+                    break
+            else:
+                if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
+                    break  # no overtaking: the next most urgent waits for room too
+                self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+            out.scheduled.append((seq, n))
+            budget -= n
+        return out
+
+    def _tokens_for(self, seq: Sequence, budget: int, chunked: bool, swapped: bool = False) -> int:
+        remaining = seq.num_uncomputed
+        if remaining <= 1:
+            return remaining if budget >= 1 else 0
+        if chunked:
+            return min(remaining, budget, self.config.max_prefill_chunk or remaining)
+        return remaining if remaining <= budget else 0
+
+    def _admit_key(self, seq: Sequence, now: float) -> tuple:
+        # requests whose TTFT deadline already passed are deferred behind those that can still make it
+        late = seq.deadline is not None and seq.num_output_tokens == 0 and now > seq.deadline
+        return (late, *self.urgency(seq, now))
+
+    def _shrink_cap(self, out: SchedulerOutput) -> int | None:
+        """'shrink' overload policy: cap the step's tokens so running requests keep their TPOT."""
+        c = self.config
+        if c.overload != "shrink" or c.tpot_slo is None:
+            return None
+        decodes = sum(1 for _, n in out.scheduled if n == 1)
+        cap = 0
+        while self.step_cost(cap + 1, decodes) <= c.tpot_slo and cap < c.max_num_batched_tokens:
+            cap = min(c.max_num_batched_tokens, max(cap * 2, cap + 1))
+        return out.num_batched_tokens + cap
+
+    # -- room: preemption, swapping ------------------------------------------------
+    def _make_room(self, seq: Sequence, n: int, now: float, out: SchedulerOutput, planned: set[int]) -> bool:
+        """Grow `seq`'s blocks for `n` more tokens, preempting the least urgent unplanned running
+        requests if needed. False when `seq` cannot run this step (it may have been preempted itself)."""
+        need = seq.num_computed_tokens + n
+        while not self.blocks.can_grow(seq.block_table, need):
+            victim = self._victim(now, exclude=planned | {id(seq)})
+            if victim is None:
+                if self._protected(seq):
+                    return False  # protected from thrashing: it waits for room instead
+                victim = seq
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        self.blocks.grow(seq.block_table, need)
+        return True
+
+    def _victim(self, now: float, exclude: set[int]) -> Sequence | None:
+        """Least urgent, latest arrived running request not in `exclude` and not protected."""
+        candidates = [s for s in self.running if id(s) not in exclude and not self._protected(s)]
+        return max(candidates, key=lambda s: self.urgency(s, now), default=None)
+
+    def _protected(self, seq: Sequence) -> bool:
+        m = self.config.max_preemptions
+        return m is not None and seq.num_preemptions >= m
+
+    def _priority_preempt(self, now: float, out: SchedulerOutput) -> None:
+        """A more urgent waiting request that has no room (slot or blocks) takes them from the
+        least urgent running one."""
+        if not self.waiting:
+            return
+        best = min(self.waiting, key=lambda s: self.urgency(s, now))
+        while True:
+            victim = self._victim(now, exclude=set())
+            if victim is None or victim.priority <= best.priority:
+                return
+            need = self.blocks.blocks_for(best.num_uncomputed)
+            if len(self.running) < self.config.max_num_seqs and self.blocks.can_allocate(need):
+                return
+            self._preempt(victim, out)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        mode = self.config.preemption
+        self.running.remove(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+        cpu = self.cpu_blocks
+        if mode in ("swap", "auto") and cpu is not None and cpu.can_allocate(len(seq.block_table)):
+            seq.cpu_block_table = cpu.allocate(len(seq.block_table))
+            out.swap_out.extend(zip(seq.block_table, seq.cpu_block_table, strict=True))
+            self.blocks.free(seq.block_table)
+            seq.block_table = []
+            seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(seq)
+            self.num_swaps += 1
+            return
+        # recompute ("recompute", or a full swap pool): drop the KV, prefill prompt + output again
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def _swap_in(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        need = self.blocks.blocks_for(seq.num_computed_tokens + n)
+        if not self.blocks.can_allocate(need):
+            return False
+        device = self.blocks.allocate(need)
+        out.swap_in.extend(zip(seq.cpu_block_table, device, strict=False))
+        self.cpu_blocks.free(seq.cpu_block_table)
+        seq.cpu_block_table = []
+        seq.block_table = device
+        self.swapped.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return True
+
+    # -- static and dynamic batching ----------------------------------------------
+    def _schedule_batch(self, now: float) -> SchedulerOutput:
+        c = self.config
+        out = SchedulerOutput()
+        self.batch = [s for s in self.batch if s.status is not SequenceStatus.FINISHED]
+        if not self.batch and self.waiting:
+            oldest = min(s.arrival_time for s in self.waiting)
+            full = len(self.waiting) >= c.max_num_seqs
+            timed_out = c.policy == "dynamic" and now - oldest >= c.batch_timeout
+            if full or timed_out or self.input_closed:
+                chosen = sorted(self.waiting, key=lambda s: self.urgency(s, now))[: c.max_num_seqs]
+                for seq in chosen:
+                    self.waiting.remove(seq)
+                    seq.status = SequenceStatus.RUNNING
+                    self.running.append(seq)
+                self.batch = chosen
+        planned: set[int] = set()
+        for seq in list(self.batch):
+            n = seq.num_uncomputed  # whole prompts at once, as a padded static batch would run them
+            if seq.status is SequenceStatus.SWAPPED:  # preempted inside the batch: it rejoins first
+                if not self._swap_in(seq, n, out):
+                    continue
+                out.scheduled.append((seq, n))
+                planned.add(id(seq))
+                continue
+            if seq.status is SequenceStatus.WAITING:
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+            if n and self._make_room(seq, n, now, out, planned):
+                out.scheduled.append((seq, n))
+                planned.add(id(seq))
+        return out
