@@ -142,9 +142,9 @@ def add(e: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> None:
 
 
 def prefilled(e: LLMEngine, prompts: list[list[int]], max_tokens: int) -> None:
-    """Add `prompts` and step until all are prefilled (early ones decode meanwhile: FCFS)."""
+    """Add `prompts` and step until every one has its first token (early ones decode meanwhile)."""
     add(e, prompts, [max_tokens] * len(prompts))
-    while e.waiting:
+    while e.waiting or any(s.num_output_tokens == 0 for s in e.running):
         e.step()
 
 

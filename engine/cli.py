@@ -70,10 +70,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "engine":
-        from bench.engine import main as bench_engine
-
-        return bench_engine(args.rest)
-    raise SystemExit(f"unknown benchmark {args.what!r}")
+        from bench.engine import main as bench_main
+    else:
+        from bench.schedule import main as bench_main
+    return bench_main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--seed", type=int, default=None)
     chat.set_defaults(func=cmd_chat)
 
-    bench = sub.add_parser("bench", help="benchmarks (pdserve bench engine --help)")
-    bench.add_argument("what", choices=["engine"])
+    sim = sub.add_parser("simulate", help="drive the scheduler with a cost model (toy, file or Poisson workload)")
+    from engine.simulator import add_arguments, run_cli
+
+    add_arguments(sim)
+    sim.set_defaults(func=run_cli)
+
+    bench = sub.add_parser("bench", help="benchmarks (pdserve bench engine|schedule --help)")
+    bench.add_argument("what", choices=["engine", "schedule"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.block_manager import BlockManager, NoFreeBlocksError
-from engine.config import PdserveConfig
+from engine.config import PdserveConfig, SchedulerConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import PagedKVCache
 from engine.model import AttentionMetadata, load_model
@@ -183,6 +183,15 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def reconfigure_scheduler(self, config: SchedulerConfig) -> None:
+        """Swap in a scheduler with another policy (benchmarks compare policies on one loaded model)."""
+        if self.has_unfinished():
+            raise RuntimeError("cannot change the scheduler while requests are in flight")
+        if config.swap_space_blocks != self.config.scheduler.swap_space_blocks:
+            raise ValueError("the swap pool size is fixed when the engine starts")
+        self.config = self.config.replace(scheduler=config)
+        self.scheduler = Scheduler(config, self.block_manager)
 
     # -- one iteration -------------------------------------------------------
     def step(self, now: float | None = None) -> list[RequestOutput]:

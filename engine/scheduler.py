@@ -127,6 +127,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
+    def next_wakeup(self) -> float | None:
+        """When an idle scheduler will act without new input (dynamic batching's timeout), or None."""
+        if self.config.policy == "dynamic" and not self.batch and self.waiting:
+            return min(s.arrival_time for s in self.waiting) + self.config.batch_timeout
+        return None
+
     # -- estimates -------------------------------------------------------------
     def urgency(self, seq: Sequence, now: float) -> tuple:
         if now - seq.arrival_time >= self.config.starvation_timeout:
@@ -156,33 +162,27 @@ class Scheduler:
         chunked = c.policy == "chunked"
         out = SchedulerOutput()
         self._priority_preempt(now, out)
-        budget = c.max_num_batched_tokens
-        planned: set[int] = set()
-        # 1. running requests, most urgent first; preempt the least urgent when the pool is short
-        for seq in sorted(self.running, key=lambda s: self.urgency(s, now)):
-            if seq.status is not SequenceStatus.RUNNING or budget <= 0:
-                continue
+        budget = self._schedule_running(now, out, c.max_num_batched_tokens, chunked)
+        if not out.scheduled and self.running:
+            # every running request is protected and none has room: protection yields to liveness
+            self._preempt(max(self.running, key=lambda s: self.urgency(s, now)), out)
+            budget = self._schedule_running(now, out, c.max_num_batched_tokens, chunked)
+        # swapped and waiting requests, most urgent first, while slots, budget and blocks last
+        cap = self._shrink_cap(out)
+        for seq in sorted(self.swapped + self.waiting, key=lambda s: self._admit_key(s, now)):
+            if len(self.running) >= c.max_num_seqs or (budget <= 0 and chunked):
+                break
             n = self._tokens_for(seq, budget, chunked)
             if n == 0:
-                continue
-            if not self._make_room(seq, n, now, out, planned):
-                continue
-            out.scheduled.append((seq, n))
-            planned.add(id(seq))
-            budget -= n
-        # 2. swapped and waiting requests, most urgent first, while slots, budget and blocks last
-        shrink_cap = self._shrink_cap(out)
-        for seq in sorted(self.swapped + self.waiting, key=lambda s: self._admit_key(s, now)):
-            if len(self.running) >= c.max_num_seqs or budget <= 0:
-                break
-            n = self._tokens_for(seq, budget, chunked, swapped=seq.status is SequenceStatus.SWAPPED)
-            if n == 0:
-                if not out.scheduled and not chunked and seq.status is SequenceStatus.WAITING:
-                    n = seq.num_uncomputed  # a prompt larger than the budget still runs, alone
-                else:
+                if chunked or any(k > 1 for _, k in out.scheduled):
                     break
-            if shrink_cap is not None and out.num_batched_tokens + n > shrink_cap and out.scheduled:
-                break
+                # continuous: a whole prompt that does not fit what decode tokens left of the budget
+                # (or the budget at all) still runs, as the step's only prefill
+                n = seq.num_uncomputed
+            if cap is not None and out.num_batched_tokens + n > cap and out.scheduled:
+                if not chunked or cap <= out.num_batched_tokens:
+                    break
+                n = cap - out.num_batched_tokens  # shrink: only the chunk that keeps the step's TPOT
             if seq.status is SequenceStatus.SWAPPED:
                 if not self._swap_in(seq, n, out):
                     break
@@ -197,7 +197,21 @@ class Scheduler:
             budget -= n
         return out
 
-    def _tokens_for(self, seq: Sequence, budget: int, chunked: bool, swapped: bool = False) -> int:
+    def _schedule_running(self, now: float, out: SchedulerOutput, budget: int, chunked: bool) -> int:
+        """Running requests, most urgent first; the least urgent are preempted when the pool is short."""
+        planned = {id(s) for s, _ in out.scheduled}
+        for seq in sorted(self.running, key=lambda s: self.urgency(s, now)):
+            if seq.status is not SequenceStatus.RUNNING or id(seq) in planned or budget <= 0:
+                continue
+            n = self._tokens_for(seq, budget, chunked)
+            if n == 0 or not self._make_room(seq, n, now, out, planned):
+                continue
+            out.scheduled.append((seq, n))
+            planned.add(id(seq))
+            budget -= n
+        return budget
+
+    def _tokens_for(self, seq: Sequence, budget: int, chunked: bool) -> int:
         remaining = seq.num_uncomputed
         if remaining <= 1:
             return remaining if budget >= 1 else 0
@@ -211,15 +225,20 @@ class Scheduler:
         return (late, *self.urgency(seq, now))
 
     def _shrink_cap(self, out: SchedulerOutput) -> int | None:
-        """'shrink' overload policy: cap the step's tokens so running requests keep their TPOT."""
+        """'shrink' overload policy: the most tokens this step may carry so that its estimated
+        duration stays within `tpot_slo` (running requests keep their TPOT)."""
         c = self.config
         if c.overload != "shrink" or c.tpot_slo is None:
             return None
         decodes = sum(1 for _, n in out.scheduled if n == 1)
-        cap = 0
-        while self.step_cost(cap + 1, decodes) <= c.tpot_slo and cap < c.max_num_batched_tokens:
-            cap = min(c.max_num_batched_tokens, max(cap * 2, cap + 1))
-        return out.num_batched_tokens + cap
+        lo, hi = 0, c.max_num_batched_tokens  # largest prefill p with step_cost(p, decodes) <= tpot_slo
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.step_cost(mid, decodes) <= c.tpot_slo:
+                lo = mid
+            else:
+                hi = mid - 1
+        return decodes + lo  # running chunks already scheduled count against `lo` too
 
     # -- room: preemption, swapping ------------------------------------------------
     def _make_room(self, seq: Sequence, n: int, now: float, out: SchedulerOutput, planned: set[int]) -> bool:

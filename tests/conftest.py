@@ -12,6 +12,7 @@ import torch
 from engine.config import PdserveConfig
 from engine.llm_engine import LLMEngine
 from engine.model_source import resolve_model
+from engine.sampling import SamplingParams
 
 torch.set_num_threads(2)
 
@@ -47,6 +48,27 @@ def tiny_hf(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+PROMPT_LENS = [3, 17, 40, 5, 64, 1]
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+def prompts(seed: int = 1, lens=PROMPT_LENS) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lens]
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tiny_hf):
+    return [hf_greedy(tiny_hf, p, GREEDY.max_tokens) for p in prompts()]
 
 
 def check_no_leak(engine: LLMEngine) -> None:

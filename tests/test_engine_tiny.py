@@ -10,27 +10,7 @@ from engine.block_manager import NoFreeBlocksError
 from engine.llm_engine import InvalidRequestError
 from engine.sampling import SamplingParams
 from engine.sequence import FinishReason
-from tests.conftest import save_tiny_model
-
-PROMPT_LENS = [3, 17, 40, 5, 64, 1]
-GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-
-
-def prompts(seed: int = 1, lens=PROMPT_LENS) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lens]
-
-
-def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                      eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-@pytest.fixture(scope="module")
-def hf_reference(tiny_hf):
-    return [hf_greedy(tiny_hf, p, GREEDY.max_tokens) for p in prompts()]
+from tests.conftest import GREEDY, PROMPT_LENS, hf_greedy, prompts, save_tiny_model
 
 
 @pytest.mark.parametrize("block_size", [1, 16])
@@ -231,3 +211,33 @@ def test_invalid_requests_are_typed_errors(make_engine, tiny_model_dir):
     with pytest.raises(InvalidRequestError, match="already in use"):
         engine.add_request("a", [1, 2], GREEDY)
     engine.abort("a")
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_preempted_then_resumed_greedy_output_unchanged(make_engine, tiny_model_dir, hf_reference, mode):
+    engine = make_engine(tiny_model_dir, cache={"block_size": 4, "num_kv_blocks": 40},
+                         scheduler={"preemption": mode, "swap_space_blocks": 64, "max_preemptions": None})
+    outs = engine.generate(prompts(), GREEDY)
+    assert engine.num_preemptions > 0
+    assert (engine.scheduler.num_swaps > 0) == (mode == "swap")
+    assert [o.output_token_ids for o in outs] == hf_reference
+
+
+@pytest.mark.parametrize("policy", ["static", "dynamic", "continuous", "chunked"])
+def test_every_policy_gives_the_same_greedy_tokens(make_engine, tiny_model_dir, hf_reference, policy):
+    engine = make_engine(tiny_model_dir, scheduler={"policy": policy, "max_num_seqs": 4})
+    outs = engine.generate(prompts(), GREEDY)
+    assert [o.output_token_ids for o in outs] == hf_reference
+
+
+def test_priority_orders_admission_on_the_engine(make_engine, tiny_model_dir):
+    engine = make_engine(tiny_model_dir, scheduler={"policy": "continuous", "max_num_seqs": 1})
+    ps = prompts()
+    engine.add_request("bg", ps[0], GREEDY, priority=5)  # arrives first
+    engine.add_request("urgent", ps[1], GREEDY, priority=0)
+    first_done = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished and first_done is None:
+                first_done = out.request_id
+    assert first_done == "urgent"

@@ -1,0 +1,154 @@
+"""The engine loop: one thread that owns an `LLMEngine` and steps it while there is work.
+
+Lifecycle of a request here:
+  1. `submit()` (any thread) puts it in the inbox and wakes the loop;
+  2. the loop thread adds it to the engine (the scheduler queues it), or hands the
+     error (bad input, queue full) to the request's sink;
+  3. every step, each request's new tokens go to its sink;
+  4. it ends in its final output (finish reason stop/length), in an abort
+     (`abort()`, from any thread: its blocks are freed on the loop thread), or in an
+     error: a step that raises fails every request in flight, frees all their
+     blocks, and the loop keeps serving.
+The engine is touched only by the loop thread; sinks are called on it too, so
+they must be quick (e.g. `loop.call_soon_threadsafe` into asyncio).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.llm_engine import KVExport, LLMEngine
+from engine.sampling import SamplingParams
+from engine.sequence import FinishReason, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[RequestOutput | BaseException], None]
+
+
+class EngineStepError(RuntimeError):
+    """The engine step running this request failed; the request's KV has been freed."""
+
+
+@dataclass
+class _Submit:
+    request_id: str
+    sink: Sink
+    prompt: object = None
+    params: SamplingParams | None = None
+    kv: KVExport | None = None
+    options: dict = field(default_factory=dict)
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, name: str = "engine-loop"):
+        self.engine = engine
+        self._inbox: deque[_Submit] = deque()
+        self._aborts: deque[str] = deque()
+        self._sinks: dict[str, Sink] = {}
+        self._wake = threading.Condition()
+        self._stop = False
+        self.last_step_time = time.monotonic()  # heartbeat: advances while the loop lives
+        self.num_step_errors = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    # -- any thread --------------------------------------------------------------
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def submit(self, request_id: str, prompt, params: SamplingParams, sink: Sink, **options) -> None:
+        """Queue a request: `options` are `add_request`'s keywords (priority, ttft_deadline, detokenize)."""
+        self._post(_Submit(request_id, sink, prompt, params, options=options))
+
+    def submit_imported(self, request_id: str, kv: KVExport, params: SamplingParams, sink: Sink, **options) -> None:
+        """Queue a request whose prompt KV was computed elsewhere (disaggregated decode)."""
+        self._post(_Submit(request_id, sink, None, params, kv=kv, options=options))
+
+    def abort(self, request_id: str) -> None:
+        with self._wake:
+            self._aborts.append(request_id)
+            self._wake.notify()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _post(self, item: _Submit) -> None:
+        with self._wake:
+            self._inbox.append(item)
+            self._wake.notify()
+
+    # -- the loop thread -------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._wake:
+                while not (self._stop or self._inbox or self._aborts or engine.has_unfinished()):
+                    self.last_step_time = time.monotonic()
+                    self._wake.wait(timeout=1.0)
+                if self._stop:
+                    break
+                inbox, self._inbox = self._inbox, deque()
+                aborts, self._aborts = self._aborts, deque()
+            for item in inbox:
+                self._admit(item)
+            for rid in aborts:
+                self._abort(rid)
+            if engine.has_unfinished():
+                self._step()
+            self.last_step_time = time.monotonic()
+        for rid in list(self._sinks):
+            self._abort(rid)
+
+    def _admit(self, item: _Submit) -> None:
+        try:
+            if item.kv is not None:
+                self.engine.add_imported_request(item.request_id, item.kv, item.params, **item.options)
+            else:
+                self.engine.add_request(item.request_id, item.prompt, item.params, **item.options)
+        except Exception as exc:  # bad input, queue full, no room for imported KV: the caller's problem
+            item.sink(exc)
+            return
+        self._sinks[item.request_id] = item.sink
+
+    def _abort(self, request_id: str) -> None:
+        sink = self._sinks.pop(request_id, None)
+        seq = self.engine.seqs.get(request_id)
+        if seq is None:
+            return
+        self.engine.abort(request_id)
+        if sink is not None:
+            sink(RequestOutput(request_id, [], "", True, FinishReason.ABORT, len(seq.prompt_token_ids),
+                               seq.num_output_tokens))
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            self.num_step_errors += 1
+            logger.exception("engine step failed; failing the %d requests in flight", len(self._sinks))
+            for rid, sink in list(self._sinks.items()):
+                self.engine.abort(rid)
+                self._sinks.pop(rid, None)
+                err = EngineStepError(f"engine step failed: {exc}")
+                err.__cause__ = exc
+                sink(err)
+            return
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if out.finished:
+                self._sinks.pop(out.request_id, None)
+            if sink is not None:
+                sink(out)

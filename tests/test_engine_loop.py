@@ -1,0 +1,92 @@
+"""The decode worker's engine loop on a tiny model: concurrent submits, abort, step failure."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+
+from decode_worker.engine_loop import EngineLoop, EngineStepError
+from engine.llm_engine import InvalidRequestError
+from engine.sampling import SamplingParams
+from engine.sequence import FinishReason
+from tests.conftest import GREEDY, prompts
+
+
+@pytest.fixture
+def loop(make_engine, tiny_model_dir):
+    lp = EngineLoop(make_engine(tiny_model_dir)).start()
+    yield lp
+    lp.stop()
+    assert not lp.alive
+
+
+def collect(q: queue.Queue, timeout: float = 60.0):
+    """Outputs of one request up to its final one (or an exception)."""
+    items = []
+    while True:
+        item = q.get(timeout=timeout)
+        items.append(item)
+        if isinstance(item, BaseException) or item.finished:
+            return items
+
+
+def test_concurrent_submits_match_reference(loop, hf_reference):
+    ps = prompts()
+    queues = [queue.Queue() for _ in ps]
+    threads = [threading.Thread(target=loop.submit, args=(f"r{i}", p, GREEDY, q.put))
+               for i, (p, q) in enumerate(zip(ps, queues, strict=True))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for q, ref in zip(queues, hf_reference, strict=True):
+        outs = collect(q)
+        assert [tok for o in outs for tok in o.new_token_ids] == ref
+        assert outs[-1].finish_reason is FinishReason.LENGTH
+    bm = loop.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_abort_mid_stream_frees_blocks(loop):
+    q: queue.Queue = queue.Queue()
+    loop.submit("long", prompts(lens=[30])[0], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True), q.put)
+    first = q.get(timeout=60)
+    assert not first.finished
+    loop.abort("long")
+    outs = collect(q)
+    assert outs[-1].finish_reason is FinishReason.ABORT and outs[-1].num_output_tokens < 400
+    bm = loop.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_bad_input_goes_to_the_sink(loop):
+    q: queue.Queue = queue.Queue()
+    loop.submit("bad", [], GREEDY, q.put)
+    assert isinstance(q.get(timeout=10), InvalidRequestError)
+
+
+def test_failed_step_fails_requests_frees_blocks_and_loop_survives(loop, monkeypatch):
+    engine = loop.engine
+    real = engine.execute
+    calls = {"n": 0}
+
+    def flaky(plan):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real(plan)
+
+    monkeypatch.setattr(engine, "execute", flaky)
+    qs = [queue.Queue() for _ in range(3)]
+    for i, q in enumerate(qs):
+        loop.submit(f"r{i}", prompts(lens=[10 + i])[0], SamplingParams(max_tokens=50, temperature=0,
+                                                                          ignore_eos=True), q.put)
+    for q in qs:
+        assert isinstance(collect(q)[-1], EngineStepError)
+    assert loop.num_step_errors == 1 and loop.alive
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    q = queue.Queue()
+    loop.submit("after", prompts(lens=[5])[0], GREEDY, q.put)
+    assert collect(q)[-1].finish_reason is FinishReason.LENGTH
