@@ -343,6 +343,24 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def calibrate(threads: int, runs: int) -> dict[str, float]:
+    """Step-cost coefficients for the simulator (`pdserve simulate --costs FILE`): a step costs
+    `step_overhead_s + prefill_token_s * prefill tokens + decode_token_s * decode tokens`."""
+    cfg = PdserveConfig().replace(engine={"num_threads": threads},
+                                  scheduler={"max_num_seqs": 64, "max_num_batched_tokens": 4096},
+                                  cache={"num_kv_blocks": 2048})
+    e = LLMEngine(cfg)
+    p = make_prompts(FULL, e.arch.vocab_size)
+    steps = 16
+    t1 = 1 / engine_decode_tok_s(e, [p.b1], steps, runs)  # seconds per batch-1 decode step
+    t32 = len(p.batch) / engine_decode_tok_s(e, p.batch, steps, runs)  # seconds per batch-32 step
+    prefill = len(p.prefill) / engine_prefill_tok_s(e, [p.prefill], runs)
+    decode_token = max(0.0, (t32 - t1) / (len(p.batch) - 1))
+    overhead = max(0.0, t1 - decode_token)
+    return {"step_overhead_s": overhead, "decode_token_s": decode_token,
+            "prefill_token_s": max(0.0, (prefill - overhead) / len(p.prefill)), "machine": machine(threads)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pdserve bench engine", description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=None, help="runs per figure, median reported (default 3; --quick 1)")
@@ -351,7 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-static-runs", type=int, default=None,
                     help="runs of the slow HF static batch (default --runs)")
     ap.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    ap.add_argument("--calibrate", type=Path, default=None, metavar="FILE",
+                    help="only measure the simulator's step costs and write them to FILE (JSON)")
     args = ap.parse_args(argv)
+    if args.calibrate:
+        torch.set_num_threads(args.threads)
+        costs = calibrate(args.threads, args.runs or 3)
+        args.calibrate.write_text(json.dumps(costs, indent=2))
+        print(json.dumps(costs, indent=2))
+        return 0
     w = replace(QUICK if args.quick else FULL, hf_static_runs=args.hf_static_runs)
     runs = args.runs or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)

@@ -53,6 +53,8 @@ def pct(xs: list[float], q: float) -> float:
 def replay(engine: LLMEngine, arrivals: list[Arrival]) -> dict[str, float]:
     t0 = time.monotonic()
     first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    gaps: list[float] = []  # inter-token latencies: a stall shows here even when the mean TPOT hides it
     done: dict[str, float] = {}
     counts: dict[str, int] = {}
     arrived: dict[str, float] = {}
@@ -74,6 +76,9 @@ def replay(engine: LLMEngine, arrivals: list[Arrival]) -> dict[str, float]:
         now = time.monotonic()
         for o in outs:
             first.setdefault(o.request_id, now)
+            if o.request_id in last:
+                gaps.append(now - last[o.request_id])
+            last[o.request_id] = now
             counts[o.request_id] = o.num_output_tokens
             if o.finished:
                 done[o.request_id] = now
@@ -85,7 +90,8 @@ def replay(engine: LLMEngine, arrivals: list[Arrival]) -> dict[str, float]:
     tpot = [(done[r] - first[r]) / (counts[r] - 1) for r in done if counts[r] > 1]
     return {"throughput_tok_s": sum(counts.values()) / (max(done.values()) - t0),
             "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
-            "tpot_p50_s": pct(tpot, 50), "tpot_p99_s": pct(tpot, 99), "completed": len(done)}
+            "tpot_p50_s": pct(tpot, 50), "tpot_p99_s": pct(tpot, 99), "itl_p99_s": pct(gaps, 99),
+            "itl_max_s": max(gaps), "completed": len(done)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{n} requests, Poisson {args.rate}/s, outputs {outputs[0]}..{outputs[1]}, every {args.long_every}th prompt "
           f"{args.long_len} tokens, batch {args.max_num_seqs}; {torch.get_num_threads()} threads")
-    print(f"{'policy':<11} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9}")
+    print(f"{'policy':<11} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} "
+          f"{'ITL p99':>8} {'ITL max':>8}")
     for p, r in results.items():
         print(f"{p:<11} {r['throughput_tok_s']:>7.1f} {r['ttft_p50_s']:>9.3f} {r['ttft_p99_s']:>9.3f} "
-              f"{r['tpot_p50_s']:>9.3f} {r['tpot_p99_s']:>9.3f}")
+              f"{r['tpot_p50_s']:>9.3f} {r['tpot_p99_s']:>9.3f} {r['itl_p99_s']:>8.3f} {r['itl_max_s']:>8.3f}")
     if "static" in results and "continuous" in results:
         ratio = results["continuous"]["throughput_tok_s"] / results["static"]["throughput_tok_s"]
         print(f"continuous / static throughput: {ratio:.2f}x")

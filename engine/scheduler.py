@@ -162,11 +162,11 @@ class Scheduler:
         chunked = c.policy == "chunked"
         out = SchedulerOutput()
         self._priority_preempt(now, out)
-        budget = self._schedule_running(now, out, c.max_num_batched_tokens, chunked)
-        if not out.scheduled and self.running:
+        budget, stalled = self._schedule_running(now, out, c.max_num_batched_tokens, chunked)
+        if stalled and not out.scheduled:
             # every running request is protected and none has room: protection yields to liveness
             self._preempt(max(self.running, key=lambda s: self.urgency(s, now)), out)
-            budget = self._schedule_running(now, out, c.max_num_batched_tokens, chunked)
+            budget, _ = self._schedule_running(now, out, c.max_num_batched_tokens, chunked)
         # swapped and waiting requests, most urgent first, while slots, budget and blocks last
         cap = self._shrink_cap(out)
         for seq in sorted(self.swapped + self.waiting, key=lambda s: self._admit_key(s, now)):
@@ -197,19 +197,24 @@ class Scheduler:
             budget -= n
         return out
 
-    def _schedule_running(self, now: float, out: SchedulerOutput, budget: int, chunked: bool) -> int:
-        """Running requests, most urgent first; the least urgent are preempted when the pool is short."""
+    def _schedule_running(self, now: float, out: SchedulerOutput, budget: int, chunked: bool) -> tuple[int, bool]:
+        """Running requests, most urgent first; the least urgent are preempted when the pool is short.
+        Returns the budget left and whether a request still running got no room."""
         planned = {id(s) for s, _ in out.scheduled}
+        stalled = False
         for seq in sorted(self.running, key=lambda s: self.urgency(s, now)):
             if seq.status is not SequenceStatus.RUNNING or id(seq) in planned or budget <= 0:
                 continue
             n = self._tokens_for(seq, budget, chunked)
-            if n == 0 or not self._make_room(seq, n, now, out, planned):
+            if n == 0:
+                continue
+            if not self._make_room(seq, n, now, out, planned):
+                stalled |= seq.status is SequenceStatus.RUNNING
                 continue
             out.scheduled.append((seq, n))
             planned.add(id(seq))
             budget -= n
-        return budget
+        return budget, stalled
 
     def _tokens_for(self, seq: Sequence, budget: int, chunked: bool) -> int:
         remaining = seq.num_uncomputed

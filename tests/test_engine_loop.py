@@ -90,3 +90,21 @@ def test_failed_step_fails_requests_frees_blocks_and_loop_survives(loop, monkeyp
     q = queue.Queue()
     loop.submit("after", prompts(lens=[5])[0], GREEDY, q.put)
     assert collect(q)[-1].finish_reason is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_loop_under_kv_pressure_preempts_and_keeps_outputs(make_engine, tiny_model_dir, hf_reference, mode):
+    engine = make_engine(tiny_model_dir, cache={"block_size": 4, "num_kv_blocks": 40},
+                         scheduler={"preemption": mode, "swap_space_blocks": 64})
+    lp = EngineLoop(engine).start()
+    try:
+        queues = [queue.Queue() for _ in hf_reference]
+        for i, (p, q) in enumerate(zip(prompts(), queues, strict=True)):
+            lp.submit(f"r{i}", p, GREEDY, q.put)
+        got = [[tok for o in collect(q) for tok in o.new_token_ids] for q in queues]
+    finally:
+        lp.stop()
+    assert got == hf_reference
+    assert engine.num_preemptions > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.scheduler.cpu_blocks.num_free_blocks == engine.scheduler.cpu_blocks.num_blocks
