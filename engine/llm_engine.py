@@ -21,11 +21,13 @@ import torch
 from engine.block_manager import BlockManager, NoFreeBlocksError
 from engine.config import PdserveConfig, SchedulerConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import InvalidRequestError
 from engine.kv_cache import PagedKVCache
 from engine.model import AttentionMetadata, load_model
 from engine.model_source import ModelSource, resolve_model
 from engine.platform import keep_freed_memory
-from engine.sampling import SamplingParams, make_generator, sample
+from engine.sampler import make_generator, sample
+from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason, RequestOutput, Sequence
 
@@ -34,14 +36,6 @@ logger = logging.getLogger(__name__)
 # Decode rows attended together (sorted by context length); 4-8 measured best
 # on 32 mixed-length sequences (64..512 tokens) on a 2-core CPU.
 DECODE_GROUP_SIZE = 8
-
-
-class InvalidRequestError(ValueError):
-    """A request the engine cannot serve as given; `param` names the culprit."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass

@@ -261,3 +261,12 @@ def test_schedule_cost_stays_small_with_1000_requests():
     elapsed = time.perf_counter() - t0
     assert len(out.scheduled) == 256
     print(f"schedule() with 1000 waiting: {elapsed * 1e3:.2f} ms")
+
+
+def test_scheduler_is_pure_policy_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, engine.scheduler, engine.simulator; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
