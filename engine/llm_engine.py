@@ -131,6 +131,8 @@ class LLMEngine:
         or `QueueFullError` when the scheduler's overload policy refuses it."""
         ids = self.encode_prompt(prompt)
         self._validate(request_id, ids)
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop", f"{self.source.path} has no tokenizer, so stop strings cannot match")
         now = time.monotonic()
         arrival = now if arrival_time is None else arrival_time
         seq = Sequence(request_id, ids, params, arrival_time=arrival, priority=priority,

@@ -207,6 +207,8 @@ def test_invalid_requests_are_typed_errors(make_engine, tiny_model_dir):
         engine.add_request("a", [1, 999], GREEDY)
     with pytest.raises(InvalidRequestError, match="no tokenizer"):
         engine.add_request("a", "text prompt", GREEDY)
+    with pytest.raises(InvalidRequestError, match="stop strings cannot match"):
+        engine.add_request("a", [1, 2], SamplingParams(stop=["x"]))
     engine.add_request("a", [1, 2], GREEDY)
     with pytest.raises(InvalidRequestError, match="already in use"):
         engine.add_request("a", [1, 2], GREEDY)
