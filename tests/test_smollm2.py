@@ -118,3 +118,15 @@ def test_cli_chat_streams_an_answer(default_model_dir):
     )
     assert proc.stdout.strip() == "The capital of France is Paris."
     assert "TTFT" in proc.stderr
+
+
+def test_gguf_conversion_from_scratch_matches_shared_cache(default_model_dir, tmp_path):
+    """The conversion path itself (a fresh machine takes it once): GGUF -> safetensors + tokenizer."""
+    from engine.model_source import file_sha256
+
+    fresh = resolve_model(None, tmp_path)
+    assert fresh.path.parent == tmp_path / "models"
+    assert fresh.path.name == default_model_dir.name
+    assert file_sha256(fresh.path / "model.safetensors") == file_sha256(default_model_dir / "model.safetensors")
+    assert (fresh.path / "tokenizer.json").is_file() and (fresh.path / "config.json").is_file()
+    assert not [p for p in tmp_path.joinpath("models").iterdir() if p.name.startswith(".convert-")]
