@@ -190,9 +190,7 @@ class Scheduler:
                 if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
                     break  # no overtaking: the next most urgent waits for room too
                 self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
-                self.waiting.remove(seq)
-                seq.status = SequenceStatus.RUNNING
-                self.running.append(seq)
+                self._admit(seq)
             out.scheduled.append((seq, n))
             budget -= n
         return out
@@ -215,6 +213,11 @@ class Scheduler:
             planned.add(id(seq))
             budget -= n
         return budget, stalled
+
+    def _admit(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def _tokens_for(self, seq: Sequence, budget: int, chunked: bool) -> int:
         remaining = seq.num_uncomputed
@@ -335,9 +338,7 @@ class Scheduler:
             if full or timed_out or self.input_closed:
                 chosen = sorted(self.waiting, key=lambda s: self.urgency(s, now))[: c.max_num_seqs]
                 for seq in chosen:
-                    self.waiting.remove(seq)
-                    seq.status = SequenceStatus.RUNNING
-                    self.running.append(seq)
+                    self._admit(seq)
                 self.batch = chosen
         planned: set[int] = set()
         for seq in list(self.batch):
@@ -349,9 +350,7 @@ class Scheduler:
                 planned.add(id(seq))
                 continue
             if seq.status is SequenceStatus.WAITING:
-                self.waiting.remove(seq)
-                seq.status = SequenceStatus.RUNNING
-                self.running.append(seq)
+                self._admit(seq)
             if n and self._make_room(seq, n, now, out, planned):
                 out.scheduled.append((seq, n))
                 planned.add(id(seq))
