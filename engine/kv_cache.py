@@ -36,16 +36,16 @@ class PagedKVCache:
         return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
-        """Slot ids of token positions [start, end) of a sequence (on the cache's device)."""
+        """Slot ids of token positions [start, end) of a sequence, on the CPU (callers batch the copy)."""
         bs = self.block_size
         table = torch.tensor(block_table, dtype=torch.long)
         pos = torch.arange(start, end, dtype=torch.long)
-        return (table[pos // bs] * bs + pos % bs).to(self.device)
+        return table[pos // bs] * bs + pos % bs
 
     def export(self, block_table: list[int], num_tokens: int) -> list[torch.Tensor]:
         """A sequence's KV as one contiguous `[2, num_tokens, kv_heads, head_dim]` tensor per layer."""
         self._check_table(block_table, num_tokens)
-        slots = self.slots(block_table, 0, num_tokens)
+        slots = self.slots(block_table, 0, num_tokens).to(self.device)
         return [self.data[layer].view(2, -1, self.num_kv_heads, self.head_dim).index_select(1, slots)
                 for layer in range(self.num_layers)]
 
@@ -59,7 +59,7 @@ class PagedKVCache:
             if tuple(t.shape) != expected:
                 raise ValueError(f"layer {i}: KV shape {tuple(t.shape)}, expected {expected}")
         self._check_table(block_table, num_tokens)
-        slots = self.slots(block_table, 0, num_tokens)
+        slots = self.slots(block_table, 0, num_tokens).to(self.device)
         for layer, t in enumerate(layers):
             self.write_layer(layer, slots, t)
 

@@ -262,12 +262,12 @@ class LLMEngine:
             start = seq.num_computed_tokens
             end = start + n
             slots = self.kv.slots(seq.block_table, 0, end)
-            slot_parts.append(slots[start:].cpu() if slots.device.type != "cpu" else slots[start:])
+            slot_parts.append(slots[start:])
             if start == 0:
                 prefills.append((q, q + n, None, None))
             else:
                 mask = torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None]
-                prefills.append((q, q + n, slots, mask))
+                prefills.append((q, q + n, slots.to(dev), mask))
             q += n
         slot_mapping = torch.cat(slot_parts).to(dev)
         return AttentionMetadata(slot_mapping, d, groups, prefills)
