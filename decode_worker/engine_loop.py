@@ -42,6 +42,7 @@ class _Submit:
     prompt: object = None
     params: SamplingParams | None = None
     kv: KVExport | None = None
+    received: object = None  # a kv_transfer.pool.ReceivedKV
     options: dict = field(default_factory=dict)
 
 
@@ -75,6 +76,11 @@ class EngineLoop:
     def submit_imported(self, request_id: str, kv: KVExport, params: SamplingParams, sink: Sink, **options) -> None:
         """Queue a request whose prompt KV was computed elsewhere (disaggregated decode)."""
         self._post(_Submit(request_id, sink, None, params, kv=kv, options=options))
+
+    def submit_received(self, request_id: str, received, params: SamplingParams, sink: Sink, **options) -> None:
+        """Queue a request whose KV a transfer wrote into this engine's pool (`kv_transfer`).
+        From here on the loop owns `received.block_table`: it frees the blocks if admission fails."""
+        self._post(_Submit(request_id, sink, None, params, received=received, options=options))
 
     def abort(self, request_id: str) -> None:
         with self._wake:
@@ -111,17 +117,33 @@ class EngineLoop:
             self.last_step_time = time.monotonic()
         for rid in list(self._sinks):
             self._abort(rid)
+        with self._wake:
+            leftover, self._inbox = self._inbox, deque()
+        for item in leftover:  # received KV the loop owns but never admitted
+            if item.received is not None:
+                with engine.kv_lock:
+                    engine.block_manager.free(item.received.block_table)
 
     def _admit(self, item: _Submit) -> None:
         try:
             if item.kv is not None:
                 self.engine.add_imported_request(item.request_id, item.kv, item.params, **item.options)
+            elif item.received is not None:
+                self._admit_received(item)
             else:
                 self.engine.add_request(item.request_id, item.prompt, item.params, **item.options)
         except Exception as exc:  # bad input, queue full, no room for imported KV: the caller's problem
             item.sink(exc)
             return
         self._sinks[item.request_id] = item.sink
+
+    def _admit_received(self, item: _Submit) -> None:
+        try:
+            self.engine.add_received_request(item.request_id, item.received, item.params, **item.options)
+        except Exception:
+            with self.engine.kv_lock:
+                self.engine.block_manager.free(item.received.block_table)
+            raise
 
     def _abort(self, request_id: str) -> None:
         sink = self._sinks.pop(request_id, None)

@@ -90,11 +90,61 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class KVTransferConfig:
+    """The KV-transfer plane between prefill and decode workers (see `kv_transfer`)."""
+
+    # grpc: KV bytes inside protobuf messages on the gRPC stream.
+    # nccl: KV on a torch.distributed channel per worker pair (NCCL on CUDA, gloo on
+    #       CPU), control messages on gRPC.
+    kv_transport: str = "grpc"
+    # Where a decode worker's KV server listens. Loopback unless configured; port 0 picks a free one.
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Shared secret peers present as gRPC metadata; required when `host` is not loopback.
+    auth_token: str | None = None
+    # Optional TLS: the server's certificate and key (PEM); the CA that clients verify it with.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_server_name: str | None = None  # name to verify the server certificate against (default: its host)
+    # A decode-side reservation the prefill side has not fulfilled (committed) by then is reclaimed.
+    lease_s: float = 30.0
+    # A push stream that goes this long without a message is treated as dead.
+    idle_timeout_s: float = 10.0
+    rpc_timeout_s: float = 10.0  # deadline of each control call (pair, reserve, release, open channel)
+    chunk_bytes: int = 4 << 20  # KV bytes per message (a layer's tokens are split to stay under it)
+    max_message_bytes: int = 16 << 20  # hard gRPC limit, both directions; chunks stay well under it
+    # Ship layer l's KV while layer l+1 computes (Mooncake/DistServe-style layer-wise pipelining).
+    layerwise: bool = True
+    # nccl transport: at most this many per-pair channels per worker (each costs memory); idle ones
+    # are closed first, least recently used.
+    max_channels: int = 8
+    channel_timeout_s: float = 30.0  # deadline of one send/recv on a channel (then it is torn down)
+    # Released request ids are remembered this long, so late pushes and releases are answered
+    # "released" (idempotently) rather than "unknown".
+    tombstone_ttl_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.kv_transport not in ("grpc", "nccl"):
+            raise ValueError(f"kv_transport must be grpc or nccl, got {self.kv_transport!r}")
+        if self.host not in ("127.0.0.1", "localhost", "::1") and not self.auth_token:
+            raise ValueError(f"the KV server would listen on {self.host}: set kv_transfer.auth_token "
+                             "(a shared secret) so that only pdserve workers can push KV into it")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+        if not 0 < self.chunk_bytes <= self.max_message_bytes // 2:
+            raise ValueError("chunk_bytes must be positive and at most half of max_message_bytes")
+        if self.lease_s <= 0 or self.idle_timeout_s <= 0 or self.rpc_timeout_s <= 0:
+            raise ValueError("lease_s, idle_timeout_s and rpc_timeout_s must be positive")
+
+
+@dataclass(frozen=True)
 class PdserveConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
 
     def replace(self, **sections) -> PdserveConfig:
         """Copy with whole sections or single fields replaced, e.g.

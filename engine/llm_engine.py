@@ -5,13 +5,21 @@ policy) decides which tokens run and which KV blocks move; the engine copies
 swapped blocks, runs one packed forward pass, samples, and finishes sequences,
 freeing every block they held. `execute(plan)` runs a plan built elsewhere.
 
-KV export/import moves a sequence's KV between engines: the primitive KV
-transfer builds on.
+KV hand-over between engines (disaggregated serving, see `kv_transfer`):
+  * prefill side: `add_request(..., kv_sink=stream)` makes a prefill-only
+    request. When its prefill completes, its KV goes to `stream` layer by layer
+    (during the forward pass when `kv_transfer.layerwise`, else right after it),
+    then its first token (`stream.commit`); the request then finishes with
+    reason `prefilled` and its blocks are freed here;
+  * decode side: `add_received_request` adopts blocks a transfer wrote into this
+    engine's pool (`kv_lock` guards the block manager against the receiver's
+    thread), and `add_imported_request` copies KV in from contiguous tensors.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +99,10 @@ class LLMEngine:
         self.swap_kv = PagedKVCache(arch.num_layers, swap_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
                                     self.dtype, torch.device("cpu")) if swap_blocks else None
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        # Held while blocks are allocated or freed: the KV receiver reserves from this pool on its
+        # own thread. Never held across a forward pass.
+        self.kv_lock = threading.RLock()
+        self._kv_sinks: dict[str, object] = {}  # prefill-only requests: where their KV goes
         eos = self.hf_config.eos_token_id
         self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
@@ -125,10 +137,12 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int] | list[dict], params: SamplingParams,
                     *, arrival_time: float | None = None, priority: int = 0, ttft_deadline: float | None = None,
-                    detokenize: bool = True) -> Sequence:
+                    detokenize: bool = True, kv_sink=None) -> Sequence:
         """Queue a request. `priority`: lower runs first; `ttft_deadline`: seconds from arrival
-        by which the first token is due (SLA-aware admission). Raises `InvalidRequestError`,
-        or `QueueFullError` when the scheduler's overload policy refuses it."""
+        by which the first token is due (SLA-aware admission). `kv_sink` (a
+        `kv_transfer.source.LayerStream`) makes it prefill-only (see the module docstring).
+        Raises `InvalidRequestError`, or `QueueFullError` when the scheduler's overload
+        policy refuses it."""
         ids = self.encode_prompt(prompt)
         self._validate(request_id, ids)
         if params.stop and self.tokenizer is None:
@@ -139,6 +153,8 @@ class LLMEngine:
                        deadline=None if ttft_deadline is None else arrival + ttft_deadline)
         self.scheduler.add(seq, now)
         self._register(seq, detokenize)
+        if kv_sink is not None:
+            self._kv_sinks[request_id] = kv_sink
         return seq
 
     def add_imported_request(self, request_id: str, kv: KVExport, params: SamplingParams,
@@ -151,13 +167,34 @@ class LLMEngine:
         if seq.num_tokens - kv.num_tokens != 1:
             raise InvalidRequestError("kv", f"KV covers {kv.num_tokens} of {seq.num_tokens} tokens; "
                                       "exactly the newest token may be uncomputed")
-        seq.block_table = self.block_manager.allocate(self.block_manager.blocks_for(kv.num_tokens))
+        with self.kv_lock:
+            seq.block_table = self.block_manager.allocate(self.block_manager.blocks_for(kv.num_tokens))
         try:
             self.kv.import_(seq.block_table, kv.layers)
         except Exception:
-            self.block_manager.free(seq.block_table)
+            with self.kv_lock:
+                self.block_manager.free(seq.block_table)
             raise
-        seq.num_computed_tokens = kv.num_tokens
+        return self._adopt(seq, kv.num_tokens, detokenize)
+
+    def add_received_request(self, request_id: str, received, params: SamplingParams,
+                             *, priority: int = 0, detokenize: bool = True) -> Sequence:
+        """Admit a request whose KV a transfer already wrote into this engine's pool:
+        `received` is a `kv_transfer.pool.ReceivedKV`, whose blocks become the sequence's.
+        On error the caller still owns (and must free) the blocks."""
+        self._validate(request_id, received.prompt_token_ids)
+        seq = Sequence(request_id, list(received.prompt_token_ids), params, arrival_time=time.monotonic(),
+                       output_token_ids=list(received.output_token_ids), priority=priority)
+        if seq.num_tokens - received.num_tokens != 1:
+            raise InvalidRequestError("kv", f"KV covers {received.num_tokens} of {seq.num_tokens} tokens; "
+                                      "exactly the newest token may be uncomputed")
+        if len(received.block_table) != self.block_manager.blocks_for(received.num_tokens):
+            raise InvalidRequestError("kv", "the block table does not match the token count")
+        seq.block_table = list(received.block_table)
+        return self._adopt(seq, received.num_tokens, detokenize)
+
+    def _adopt(self, seq: Sequence, num_computed: int, detokenize: bool) -> Sequence:
+        seq.num_computed_tokens = num_computed
         self.scheduler.add_running(seq)
         self._register(seq, detokenize)
         if seq.request_id in self._detok:
@@ -191,7 +228,8 @@ class LLMEngine:
 
     # -- one iteration -------------------------------------------------------
     def step(self, now: float | None = None) -> list[RequestOutput]:
-        out = self.scheduler.schedule(time.monotonic() if now is None else now)
+        with self.kv_lock:
+            out = self.scheduler.schedule(time.monotonic() if now is None else now)
         if out.swap_out:
             self.kv.copy_blocks_to(self.swap_kv, out.swap_out)
         if out.swap_in:
@@ -206,7 +244,8 @@ class LLMEngine:
         if not sampled:
             return []
         tokens = sample(logits, [s.params for s in sampled], [self._generator(s) for s in sampled])
-        return [self._append_token(seq, tok) for seq, tok in zip(sampled, tokens, strict=True)]
+        with self.kv_lock:
+            return [self._append_token(seq, tok) for seq, tok in zip(sampled, tokens, strict=True)]
 
     def forward(self, plan: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
         """The forward pass of `execute`: computes the planned tokens' KV and returns the
@@ -226,13 +265,32 @@ class LLMEngine:
                 sampled.append(seq)
         meta = self._attention_metadata(plan)
         dev = self.device
+        ship = self._kv_to_ship(plan)
+        layerwise = bool(ship) and self.config.kv_transfer.layerwise
         hidden = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta,
-                                    self.kv.k, self.kv.v)
+                                    self.kv.k, self.kv.v,
+                                    on_layer=(lambda i: self._ship_layer(ship, i)) if layerwise else None)
+        if ship and not layerwise:
+            for i in range(self.arch.num_layers):
+                self._ship_layer(ship, i)
         for seq, n in plan:
             seq.num_computed_tokens += n
         if not sampled:
             return [], None
         return sampled, self.model.logits(hidden.index_select(0, torch.tensor(sample_rows, device=dev)))
+
+    def _kv_to_ship(self, plan: list[tuple[Sequence, int]]) -> list[tuple[object, torch.Tensor]]:
+        """Prefill-only sequences whose prompt completes in this step, with their KV slots."""
+        if not self._kv_sinks:
+            return []
+        return [(self._kv_sinks[seq.request_id], self.kv.slots(seq.block_table, 0, seq.num_tokens).to(self.device))
+                for seq, n in plan
+                if seq.request_id in self._kv_sinks and seq.num_computed_tokens + n == seq.num_tokens]
+
+    def _ship_layer(self, ship: list[tuple[object, torch.Tensor]], layer: int) -> None:
+        k, v = self.kv.k[layer], self.kv.v[layer]
+        for sink, slots in ship:
+            sink.put_layer(layer, torch.stack([k.index_select(0, slots), v.index_select(0, slots)]))
 
     def _attention_metadata(self, plan: list[tuple[Sequence, int]]) -> AttentionMetadata:
         bs = self.block_manager.block_size
@@ -288,6 +346,11 @@ class LLMEngine:
                 reason, seq.stop_reason = FinishReason.STOP, token
             elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = FinishReason.LENGTH
+        sink = self._kv_sinks.get(seq.request_id)
+        if sink is not None and reason is None:  # prefill-only: decoding continues on a decode worker
+            self._kv_sinks.pop(seq.request_id)
+            sink.commit(seq.prompt_token_ids, seq.output_token_ids)
+            reason = FinishReason.PREFILLED
         if reason is not None:
             if detok is not None:
                 new_text += detok.flush()
@@ -302,7 +365,11 @@ class LLMEngine:
         return out
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        self.scheduler.finish(seq, reason)  # frees every device and swap block it held
+        sink = self._kv_sinks.pop(seq.request_id, None)
+        if sink is not None:  # finished (or aborted) before its KV was handed over
+            sink.finish(reason.value)
+        with self.kv_lock:
+            self.scheduler.finish(seq, reason)  # frees every device and swap block it held
         self.seqs.pop(seq.request_id, None)
         self._generators.pop(seq.request_id, None)
         self._detok.pop(seq.request_id, None)

@@ -173,8 +173,9 @@ class LlamaModel:
         return self.embed.index_select(0, ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_k: list[torch.Tensor], kv_v: list[torch.Tensor]) -> torch.Tensor:
-        """Hidden states after the final norm, [num_tokens, hidden]."""
+                kv_k: list[torch.Tensor], kv_v: list[torch.Tensor], on_layer=None) -> torch.Tensor:
+        """Hidden states after the final norm, [num_tokens, hidden]. `on_layer(i)` is called as
+        soon as layer i's KV is in the cache (layer-wise KV transfer)."""
         arch = self.arch
         n = input_ids.shape[0]
         nh, kvh, hd = arch.num_heads, arch.num_kv_heads, arch.head_dim
@@ -193,6 +194,8 @@ class LlamaModel:
             k = qk[:, nh:]
             v = qkv[:, q_width + kv_width:].view(n, kvh, hd)
             attn = self._attention(q, k, v, meta, kv_k[i], kv_v[i])
+            if on_layer is not None:
+                on_layer(i)
             x = x + layer.o(attn)
             h = rms_norm(x, layer.ln2, eps)
             gu = layer.gate_up(h)

@@ -27,6 +27,7 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the context window
     ABORT = "abort"
+    PREFILLED = "prefilled"  # a prefill-only request whose KV and first token went to a decode worker
 
 
 @dataclass(eq=False)
