@@ -1,3 +1,88 @@
-"""KV transfer between prefill and decode workers (gRPC, NCCL/gloo), built on
-`engine.kv_cache.PagedKVCache.export`/`import_`. Built by the KV-transfer issue;
-empty until then."""
+"""KV transfer: how a prefill worker's KV cache reaches a decode worker's paged pool.
+
+Transports (`kv_transfer.kv_transport`): `grpc` streams the KV bytes inside
+protobuf messages; `nccl` sends them on a torch.distributed channel per worker
+pair (NCCL on CUDA, gloo on CPU) with the same control messages on gRPC. Both
+share one protocol and one pair of classes: `KVSender` (prefill side, in
+`client`) and `KVReceiver` (decode side, in `server`); the data plane is the
+only thing that differs (`LayerChunk.data` inline, or out of band on a
+`channel.TorchChannel`), so another one (RDMA: NIXL, Mooncake) slots in there.
+
+Protocol: Pair (compare fingerprints, once per peer) -> Reserve (decode side
+allocates blocks under a lease, or refuses: `ReservationRefused`, nothing is
+sent) -> Push (header, per-layer chunks with checksums, commit with the token
+ids) -> acknowledgement. Release (idempotent) gives a request up from any side.
+The KV plane never unpickles: every message is protobuf, peer-supplied sizes
+and positions are bounds-checked before use, peers present a shared secret
+(`auth_token`) as gRPC metadata, TLS is optional, servers bind to loopback
+unless configured otherwise.
+
+Ownership: at every moment each KV block belongs to exactly one party.
+
+Decode side, per request (`pool.ReservationTable`, on the receiver's loop thread):
+
+      Reserve ok              first message          every layer of every token + Commit
+    ------------> RESERVED -------------> RECEIVING -----------------------------------> COMMITTED
+                  (table owns     |        (table owns blocks;                        (blocks handed to
+                   the blocks)    |         checked chunks written                     `on_commit`: the
+                                  |         into them)                                 decode engine)
+                                  |             |
+                                  +-------------+--> RELEASED  (blocks back on the free list, exactly once)
+               on: Release from the router, the prefill side or the decode worker;
+                   the lease passing (`lease_s`, counted from Reserve); the sender going
+                   quiet (`idle_timeout_s`); the stream dropping or being cancelled (sender
+                   died); a bad chunk (checksum, bounds, order, size); a fingerprint mismatch;
+                   `on_commit` refusing the request; the receiver shutting down.
+
+  * Writes into the pool and every state change happen on the receiver's event loop
+    thread, so a release never frees blocks while a write into them is landing; bytes
+    received on a blocking channel land in a staging buffer first.
+  * A released or committed request leaves a tombstone (`tombstone_ttl_s`): a late push
+    is refused as `RequestReleased`, a repeated Release answers the state it found, and a
+    Release that overtakes its Reserve (a client that cancelled in the proxy window)
+    makes that Reserve fail instead of stranding blocks.
+
+Prefill side, per request:
+
+    PREFILLING --------------------------> STAGED/SENDING --------------------> ACKED
+    (the prefill engine's sequence         (per-layer copies owned by the        (copies dropped)
+     owns its blocks; freed when the        transfer's `LayerStream`; sent as
+     sequence finishes after its first      layers complete when `layerwise`)
+     token)                                       |
+                                                  +--> FAILED / CANCELLED (copies dropped, Release
+                                                       sent to the decode side; if it never
+                                                       arrives, the lease reclaims the blocks)
+
+Abort travels from whoever learns of it first: the router calls Release on the decode
+worker and `KVSender.cancel` on the prefill worker; the prefill side cancels its push
+and sends Release; the decode side fails the push, which the sender sees as a typed
+error. Every notice is idempotent, so all of them may arrive.
+"""
+
+from kv_transfer.client import KVSender, ReservationInfo, TransferResult
+from kv_transfer.pool import KVPool, ReceivedKV
+from kv_transfer.protocol import (
+    AuthenticationFailed,
+    ChecksumMismatch,
+    DuplicateRequest,
+    Fingerprint,
+    KVTransferError,
+    LayoutMismatch,
+    MalformedTransfer,
+    OversizedMessage,
+    PeerUnavailable,
+    RequestReleased,
+    ReservationRefused,
+    TransferCancelled,
+    TransferTimeout,
+    UnknownRequest,
+)
+from kv_transfer.server import KVReceiver
+from kv_transfer.source import LayerStream
+
+__all__ = [
+    "AuthenticationFailed", "ChecksumMismatch", "DuplicateRequest", "Fingerprint", "KVPool", "KVReceiver",
+    "KVSender", "KVTransferError", "LayerStream", "LayoutMismatch", "MalformedTransfer", "OversizedMessage",
+    "PeerUnavailable", "ReceivedKV", "RequestReleased", "ReservationInfo", "ReservationRefused",
+    "TransferCancelled", "TransferResult", "TransferTimeout", "UnknownRequest",
+]

@@ -17,14 +17,14 @@ from engine.sampling import SamplingParams
 torch.set_num_threads(2)
 
 
-def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0) -> Path:
+def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, max_positions: int = 512) -> Path:
     """A 2-layer random model; initializer_range is raised so logits are peaked
     and greedy choices are not decided by float rounding."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                   initializer_range=0.15, eos_token_id=None, bos_token_id=None)
     if model_type == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True)).eval()

@@ -1,0 +1,151 @@
+"""The `nccl` transport's data plane: a torch.distributed process group per
+(prefill worker, decode worker) pair, NCCL on CUDA and gloo on CPU through the
+same code. Control messages (and each chunk's size and checksum) go over gRPC;
+only raw tensor bytes cross the channel, so nothing on it is ever deserialised
+into objects.
+
+Groups are created lazily (the first push between a pair), rendezvous through
+a TCPStore the decode worker hosts, and are bounded per worker
+(`max_channels`, least recently used idle ones closed first) because each
+NCCL pair costs tens of MB. Every send/recv has a deadline; one that misses it
+or fails tears its channel down (a half-finished send/recv leaves a group in an
+unknown state), and the next push opens a fresh one.
+
+Note: the TCPStore and gloo sockets are not authenticated themselves; bytes
+arriving on them are only ever written into the pool after their checksum,
+sent over the authenticated gRPC stream, matches.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from collections import OrderedDict
+
+import torch
+import torch.distributed as dist
+
+from kv_transfer.protocol import PeerUnavailable, TransferTimeout
+
+logger = logging.getLogger(__name__)
+
+SENDER_RANK, RECEIVER_RANK = 0, 1
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def create_group(store: dist.Store, channel_id: str, rank: int, backend: str, timeout_s: float, host: str):
+    """A two-rank process group under `channel_id`'s prefix of `store` (blocks until both ranks join)."""
+    prefixed = dist.PrefixStore(f"pdserve/{channel_id}/", store)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        return dist.ProcessGroupGloo(prefixed, rank, 2, opts)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+class TorchChannel:
+    """One pair's process group. One transfer at a time (`lock`): sends and receives
+    are matched by order, so transfers must not interleave on a channel."""
+
+    def __init__(self, channel_id: str, group, backend: str, timeout_s: float):
+        self.channel_id = channel_id
+        self.group = group
+        self.backend = backend
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.lock = threading.Lock()
+        self.last_used = time.monotonic()
+        self.broken = False
+
+    def send(self, t: torch.Tensor) -> None:
+        self._run(lambda: self.group.send([t], RECEIVER_RANK, 0), "send")
+
+    def recv(self, t: torch.Tensor) -> None:
+        self._run(lambda: self.group.recv([t], SENDER_RANK, 0), "recv")
+
+    def _run(self, op, what: str) -> None:
+        if self.broken:
+            raise PeerUnavailable(f"channel {self.channel_id} is closed")
+        self.last_used = time.monotonic()
+        try:
+            op().wait(self.timeout)
+        except Exception as e:
+            self.close()
+            msg = f"channel {self.channel_id}: {what} failed: {e}"
+            raise (TransferTimeout(msg) if "imed out" in str(e) else PeerUnavailable(msg)) from e
+        self.last_used = time.monotonic()
+
+    def close(self) -> None:
+        if self.broken:
+            return
+        self.broken = True
+        for name in ("abort", "shutdown"):
+            fn = getattr(self.group, name, None)
+            if fn is not None:
+                try:
+                    fn()
+                    break
+                except Exception:  # already torn down by the peer's death: nothing left to free
+                    logger.debug("closing channel %s: %s failed", self.channel_id, name, exc_info=True)
+        self.group = None
+
+
+class ChannelTable:
+    """At most `max_channels` channels, least recently used idle ones evicted first."""
+
+    def __init__(self, max_channels: int):
+        self.max_channels = max_channels
+        self._channels: OrderedDict[str, TorchChannel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> TorchChannel | None:
+        with self._lock:
+            ch = self._channels.get(key)
+            if ch is not None and ch.broken:
+                del self._channels[key]
+                return None
+            if ch is not None:
+                self._channels.move_to_end(key)
+            return ch
+
+    def make_room(self) -> bool:
+        """Evict idle channels until one more fits; False if every channel is busy."""
+        with self._lock:
+            for key in [k for k, c in self._channels.items() if c.broken]:
+                del self._channels[key]
+            while len(self._channels) >= self.max_channels:
+                idle = next((k for k, c in self._channels.items() if not c.lock.locked()), None)
+                if idle is None:
+                    return False
+                self._channels.pop(idle).close()
+            return True
+
+    def put(self, key: str, ch: TorchChannel) -> None:
+        with self._lock:
+            self._channels[key] = ch
+
+    def pop(self, key: str) -> None:
+        with self._lock:
+            ch = self._channels.pop(key, None)
+        if ch is not None:
+            ch.close()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._channels.values() if not c.broken)
+
+    def close_all(self) -> None:
+        with self._lock:
+            chans, self._channels = list(self._channels.values()), OrderedDict()
+        for c in chans:
+            c.close()

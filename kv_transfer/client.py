@@ -1,0 +1,337 @@
+"""The sending (prefill) side: pairs with decode workers, reserves, pushes, releases.
+
+`KVSender` owns an event loop on a thread; its methods are called from any
+thread. `push` returns a `concurrent.futures.Future` so the prefill engine
+keeps computing (the next layers, the next batch) while the KV streams out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch.distributed as dist
+
+from engine.config import KVTransferConfig
+from kv_transfer.channel import SENDER_RANK, ChannelTable, TorchChannel, backend_for, create_group
+from kv_transfer.protocol import (
+    AUTH_METADATA_KEY,
+    Fingerprint,
+    KVTransferError,
+    LayoutMismatch,
+    MalformedTransfer,
+    TransferCancelled,
+    bytes_checksum,
+    checksum,
+    checksum_algo,
+    error_from_rpc,
+    split_tokens,
+    tensor_bytes,
+)
+from kv_transfer.source import CommitInfo, LayerKV, LayerStream
+from kv_transfer.v1 import kv_transfer_pb2 as pb
+from kv_transfer.v1 import kv_transfer_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Peer:
+    address: str
+    worker_id: str
+    fingerprint: Fingerprint
+    max_message_bytes: int
+    channel: grpc.aio.Channel = field(repr=False)
+    stub: pb_grpc.KVTransferStub = field(repr=False)
+
+
+@dataclass
+class ReservationInfo:
+    request_id: str
+    address: str
+    num_blocks: int
+    lease_s: float
+    seconds: float  # the Reserve round trip
+
+
+@dataclass
+class TransferResult:
+    request_id: str
+    bytes: int
+    seconds: float  # push opened -> acknowledgement received, on the sender
+    receiver: dict  # the receiver's stage timings (reserve, first_byte, last_byte, ack, total)
+
+
+class KVSender:
+    def __init__(self, config: KVTransferConfig, fingerprint: Fingerprint, *, worker_id: str | None = None,
+                 device=None):
+        import torch
+
+        self.config = config
+        self.fingerprint = fingerprint
+        self.digest = fingerprint.digest()
+        self.worker_id = worker_id or f"prefill-{uuid.uuid4().hex[:8]}"
+        self.device = torch.device(device or "cpu")
+        self.plane = "torch" if config.kv_transport == "nccl" else "grpc"
+        self.channels = ChannelTable(config.max_channels)
+        self._peers: dict[str, Peer] = {}
+        self._pair_lock: asyncio.Lock | None = None
+        self._chan_locks: dict[str, asyncio.Lock] = {}
+        self._calls: dict[str, tuple[str, object]] = {}  # request id -> (address, the Push call)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, config.max_channels),
+                                                               thread_name_prefix="kv-send")
+        self._metadata = ((AUTH_METADATA_KEY, f"Bearer {config.auth_token}"),) if config.auth_token else ()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kv-sender", daemon=True)
+        self._thread.start()
+
+    # -- public API (any thread) -------------------------------------------------------------------
+    def pair(self, address: str) -> Peer:
+        """Connect and compare fingerprints (once per peer); raises `LayoutMismatch` if incompatible."""
+        return self._call(self._pair(address))
+
+    def reserve(self, address: str, request_id: str, num_tokens: int, lease_s: float | None = None) -> ReservationInfo:
+        """Ask the decode worker at `address` to reserve blocks for `num_tokens` tokens of KV.
+        Raises `ReservationRefused` when it has no room (nothing is sent then)."""
+        return self._call(self._reserve(address, request_id, num_tokens, lease_s))
+
+    def push(self, address: str, source: LayerStream) -> concurrent.futures.Future:
+        """Stream `source` into the reservation for `source.request_id`; the future resolves to a
+        `TransferResult` on acknowledgement, or raises a `KVTransferError`. On failure the
+        reservation is released on both sides."""
+        return asyncio.run_coroutine_threadsafe(self._push(address, source), self._loop)
+
+    def release(self, address: str, request_id: str, reason: str = "aborted") -> str:
+        """Tell the decode worker to give the request up (idempotent). Returns the state it found."""
+        return self._call(self._release(address, request_id, reason))
+
+    def cancel(self, request_id: str, reason: str = "cancelled") -> None:
+        """Abort this side's transfer of `request_id`, if one is in flight; the decode side is told."""
+        self._loop.call_soon_threadsafe(self._cancel, request_id, reason)
+
+    def forget(self, address: str) -> None:
+        """A decode worker left: close its connection and channel."""
+        self._call(self._forget(address))
+
+    def close(self) -> None:
+        """Cancel transfers in flight (their reservations are released) and disconnect."""
+        if not self._thread.is_alive():
+            return
+        self._call(self._shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.channels.close_all()
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    # -- on the loop -------------------------------------------------------------------------------------
+    async def _pair(self, address: str) -> Peer:
+        peer = self._peers.get(address)
+        if peer is not None:
+            return peer
+        if self._pair_lock is None:
+            self._pair_lock = asyncio.Lock()
+        async with self._pair_lock:
+            if address in self._peers:
+                return self._peers[address]
+            c = self.config
+            opts = [("grpc.max_receive_message_length", c.max_message_bytes),
+                    ("grpc.max_send_message_length", c.max_message_bytes)]
+            if c.tls_ca_file or c.tls_cert_file:
+                ca = Path(c.tls_ca_file or c.tls_cert_file).read_bytes()
+                if c.tls_server_name:
+                    opts.append(("grpc.ssl_target_name_override", c.tls_server_name))
+                channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(ca), options=opts)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=opts)
+            stub = pb_grpc.KVTransferStub(channel)
+            try:
+                hello = pb.PairRequest(fingerprint=self.fingerprint.to_proto(), worker_id=self.worker_id)
+                resp = await stub.Pair(hello, timeout=c.rpc_timeout_s, metadata=self._metadata)
+            except grpc.aio.AioRpcError as e:
+                await channel.close()
+                raise error_from_rpc(e) from None
+            theirs = Fingerprint.from_proto(resp.fingerprint)
+            diff = self.fingerprint.mismatches(theirs)
+            if diff:  # the server checks too; this catches an older server that does not
+                await channel.close()
+                raise LayoutMismatch("incompatible KV layouts: " + "; ".join(diff))
+            peer = Peer(address, resp.worker_id, theirs, resp.max_message_bytes, channel, stub)
+            self._peers[address] = peer
+            return peer
+
+    async def _reserve(self, address, request_id, num_tokens, lease_s) -> ReservationInfo:
+        peer = await self._pair(address)
+        t0 = time.perf_counter()
+        try:
+            resp = await peer.stub.Reserve(
+                pb.ReserveRequest(request_id=request_id, num_tokens=num_tokens, fingerprint_digest=self.digest,
+                                  lease_ms=int((lease_s or 0) * 1000)),
+                timeout=self.config.rpc_timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from None
+        return ReservationInfo(request_id, address, resp.num_blocks, resp.lease_ms / 1000, time.perf_counter() - t0)
+
+    async def _release(self, address, request_id, reason) -> str:
+        peer = await self._pair(address)
+        try:
+            resp = await peer.stub.Release(pb.ReleaseRequest(request_id=request_id, reason=reason),
+                                           timeout=self.config.rpc_timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from None
+        return resp.state
+
+    def _cancel(self, request_id: str, reason: str) -> None:
+        entry = self._calls.get(request_id)
+        if entry is None:
+            return
+        address, task = entry
+        task.cancel(reason)
+
+    async def _shutdown(self) -> None:
+        tasks = [task for _, task in self._calls.values()]
+        for task in tasks:
+            task.cancel("sender closing")
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for address in list(self._peers):
+            await self._forget(address)
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+    async def _forget(self, address: str) -> None:
+        peer = self._peers.pop(address, None)
+        self.channels.pop(address)
+        if peer is not None:
+            await peer.channel.close()
+
+    async def _push(self, address: str, source: LayerStream) -> TransferResult:
+        rid = self._check_source(source)
+        self._calls[rid] = (address, asyncio.current_task())
+        t0 = time.perf_counter()
+        try:
+            peer = await self._pair(address)
+            if self.plane == "torch":
+                lock = self._chan_locks.setdefault(address, asyncio.Lock())
+                async with lock:  # sends and receives on a channel are matched by order
+                    channel = await self._channel(peer)
+                    resp = await self._stream(peer, source, channel)
+            else:
+                resp = await self._stream(peer, source, None)
+        except asyncio.CancelledError:
+            await self._release_quietly(address, rid, "cancelled")
+            raise TransferCancelled(f"transfer of {rid} cancelled") from None
+        except KVTransferError:
+            await self._release_quietly(address, rid, "sender_failed")
+            raise
+        except BaseException as e:  # the source failed (prefill error) or a local bug
+            await self._release_quietly(address, rid, "sender_failed")
+            raise KVTransferError(f"transfer of {rid} failed on the sending side: {e}") from e
+        finally:
+            self._calls.pop(rid, None)
+        t = resp.timings
+        return TransferResult(rid, resp.bytes, time.perf_counter() - t0,
+                              {"reserve": t.reserve, "first_byte": t.first_byte, "last_byte": t.last_byte,
+                               "ack": t.ack, "total": t.total})
+
+    def _check_source(self, source: LayerStream) -> str:
+        if not isinstance(source, LayerStream):
+            raise TypeError("push() takes a kv_transfer.source.LayerStream")
+        return source.request_id
+
+    async def _stream(self, peer: Peer, source: LayerStream, channel: TorchChannel | None) -> pb.PushResponse:
+        fp = self.fingerprint
+        limit = min(self.config.chunk_bytes, peer.max_message_bytes // 2)
+        loop = asyncio.get_running_loop()
+        source_error: list[BaseException] = []  # grpc reports a failing request iterator as a cancellation
+
+        async def messages():
+            try:
+                async for m in _messages():
+                    yield m
+            except BaseException as e:
+                source_error.append(e)
+                raise
+
+        async def _messages():
+            yield pb.PushMessage(header=pb.TransferHeader(
+                request_id=source.request_id, fingerprint_digest=self.digest, num_tokens=source.num_tokens,
+                data_plane=self.plane, channel_id=channel.channel_id if channel else ""))
+            async for item in source:
+                if isinstance(item, CommitInfo):
+                    yield pb.PushMessage(commit=pb.Commit(prompt_token_ids=item.prompt_token_ids,
+                                                          output_token_ids=item.output_token_ids))
+                    return
+                assert isinstance(item, LayerKV)
+                if item.kv.shape[1] != source.num_tokens:
+                    raise MalformedTransfer(f"layer {item.layer} has KV for {item.kv.shape[1]} tokens, "
+                                            f"the transfer is for {source.num_tokens}")
+                for s, e in split_tokens(source.num_tokens, fp.bytes_per_token_layer, limit):
+                    part = item.kv[:, s:e].contiguous()
+                    if channel is None:
+                        data = tensor_bytes(part.cpu()).tobytes()
+                        yield pb.PushMessage(chunk=pb.LayerChunk(
+                            layer=item.layer, token_start=s, num_tokens=e - s, data=data, nbytes=len(data),
+                            checksum_algo=pb.CHECKSUM_ALGO_CRC32C, checksum=bytes_checksum(data)))
+                    else:
+                        algo = checksum_algo(part)
+                        yield pb.PushMessage(chunk=pb.LayerChunk(
+                            layer=item.layer, token_start=s, num_tokens=e - s,
+                            nbytes=part.numel() * part.element_size(), checksum_algo=algo,
+                            checksum=checksum(part, algo)))
+                        await loop.run_in_executor(self._executor, channel.send, part)
+
+        call = peer.stub.Push(messages(), metadata=self._metadata)
+        try:
+            return await call
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+            if channel is not None:
+                channel.close()  # a send may be half done: the channel's state is unknown
+            if source_error and not isinstance(source_error[0], asyncio.CancelledError):
+                err = source_error[0]
+                if isinstance(err, KVTransferError):
+                    raise err from None
+                raise KVTransferError(f"the KV source failed: {err!r}") from err
+            if isinstance(e, asyncio.CancelledError):
+                call.cancel()
+                raise
+            raise error_from_rpc(e) from None
+
+    async def _channel(self, peer: Peer) -> TorchChannel:
+        ch = self.channels.get(peer.address)
+        if ch is not None:
+            return ch
+        if not self.channels.make_room():
+            raise KVTransferError(f"all {self.config.max_channels} channels are busy")
+        channel_id = f"{self.worker_id}-{uuid.uuid4().hex[:12]}"
+        backend = backend_for(self.device)
+        try:
+            resp = await peer.stub.OpenChannel(pb.OpenChannelRequest(channel_id=channel_id, backend=backend),
+                                               timeout=self.config.rpc_timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from None
+        t = self.config.channel_timeout_s
+
+        def build() -> TorchChannel:
+            store = dist.TCPStore(resp.store_host, resp.store_port, None, False,
+                                  timeout=datetime.timedelta(seconds=t))
+            return TorchChannel(channel_id, create_group(store, channel_id, SENDER_RANK, backend,
+                                                         t, self.config.host), backend, t)
+
+        ch = await asyncio.get_running_loop().run_in_executor(self._executor, build)
+        self.channels.put(peer.address, ch)
+        return ch
+
+    async def _release_quietly(self, address: str, request_id: str, reason: str) -> None:
+        """Best effort: the lease reclaims the reservation if this does not arrive."""
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._release(address, request_id, reason))

@@ -1,0 +1,233 @@
+"""What both ends of the KV plane agree on: the layout fingerprint, typed errors,
+chunking and checksums. No gRPC server or client here (see `server`, `client`)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import warnings
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+import google_crc32c
+import grpc
+import torch
+
+from kv_transfer.v1 import kv_transfer_pb2 as pb
+
+# Bumped when the meaning of an existing wire field changes (fields are only ever added otherwise).
+WIRE_VERSION = 1
+AUTH_METADATA_KEY = "authorization"
+REASON_METADATA_KEY = "pdserve-reason"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pdserve_version() -> str:
+    try:
+        return version("pdserve")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, dt in _DTYPES.items():
+        if dt == dtype:
+            return name
+    raise ValueError(f"unsupported KV dtype {dtype}")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Everything that must match for KV computed by one worker to be valid in another's pool."""
+
+    model_id: str
+    weights_sha256: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    block_size: int
+    pdserve_version: str
+    wire_version: int = WIRE_VERSION
+
+    @classmethod
+    def of(cls, *, model_id: str, weights_sha256: str, num_layers: int, num_kv_heads: int, head_dim: int,
+           dtype: torch.dtype, block_size: int) -> Fingerprint:
+        return cls(model_id, weights_sha256, num_layers, num_kv_heads, head_dim, dtype_name(dtype), block_size,
+                   pdserve_version())
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def bytes_per_token_layer(self) -> int:
+        """K and V of one token in one layer."""
+        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.torch_dtype).element_size()
+
+    def digest(self) -> bytes:
+        canonical = ";".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
+        return hashlib.sha256(canonical.encode()).digest()
+
+    def to_proto(self) -> pb.Fingerprint:
+        return pb.Fingerprint(**asdict(self))
+
+    @classmethod
+    def from_proto(cls, m: pb.Fingerprint) -> Fingerprint:
+        return cls(m.model_id, m.weights_sha256, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, m.block_size,
+                   m.pdserve_version, m.wire_version)
+
+    def mismatches(self, other: Fingerprint) -> list[str]:
+        """Human-readable differences, empty when compatible."""
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{k}: {mine[k]!r} here, {theirs[k]!r} on the peer" for k in mine if mine[k] != theirs[k]]
+
+
+# -- typed errors -----------------------------------------------------------------------------------
+class KVTransferError(RuntimeError):
+    """A KV transfer failed; `reason` is the metrics label and travels in gRPC trailing metadata."""
+
+    reason = "error"
+    code = grpc.StatusCode.INTERNAL
+
+
+class ReservationRefused(KVTransferError):
+    """The decode side has no room for the request's KV; nothing was reserved or sent."""
+
+    reason, code = "no_room", grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class LayoutMismatch(KVTransferError):
+    """The peers' fingerprints differ (model, weights, layout, dtype, block size or version)."""
+
+    reason, code = "layout_mismatch", grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ChecksumMismatch(KVTransferError):
+    """A chunk's bytes do not match its checksum: nothing of it was written."""
+
+    reason, code = "checksum", grpc.StatusCode.DATA_LOSS
+
+
+class MalformedTransfer(KVTransferError):
+    """A message out of bounds, out of order, of the wrong size, or a push left incomplete."""
+
+    reason, code = "malformed", grpc.StatusCode.INVALID_ARGUMENT
+
+
+class OversizedMessage(KVTransferError):
+    """A message over the receiver's `max_message_bytes`."""
+
+    reason, code = "oversized", grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnknownRequest(KVTransferError):
+    """No reservation exists for this request id (never reserved, or forgotten long ago)."""
+
+    reason, code = "unknown_request", grpc.StatusCode.NOT_FOUND
+
+
+class RequestReleased(KVTransferError):
+    """The request was released (aborted, lease expired, failed) before the push completed."""
+
+    reason, code = "released", grpc.StatusCode.ABORTED
+
+
+class DuplicateRequest(KVTransferError):
+    """A reservation or push for this request id is already under way."""
+
+    reason, code = "duplicate", grpc.StatusCode.ALREADY_EXISTS
+
+
+class TransferTimeout(KVTransferError):
+    """A deadline passed: a stalled peer, a send/recv that never matched, an expired lease."""
+
+    reason, code = "timeout", grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class TransferCancelled(KVTransferError):
+    """The transfer was cancelled by its own side (abort)."""
+
+    reason, code = "cancelled", grpc.StatusCode.CANCELLED
+
+
+class PeerUnavailable(KVTransferError):
+    """The peer cannot be reached, or the connection dropped."""
+
+    reason, code = "unavailable", grpc.StatusCode.UNAVAILABLE
+
+
+class AuthenticationFailed(KVTransferError):
+    """The peer did not present the shared secret."""
+
+    reason, code = "unauthenticated", grpc.StatusCode.UNAUTHENTICATED
+
+
+_BY_REASON = {c.reason: c for c in (ReservationRefused, LayoutMismatch, ChecksumMismatch, MalformedTransfer,
+                                    OversizedMessage, UnknownRequest, RequestReleased, DuplicateRequest,
+                                    TransferTimeout, TransferCancelled, PeerUnavailable, AuthenticationFailed)}
+_BY_CODE = {grpc.StatusCode.DEADLINE_EXCEEDED: TransferTimeout, grpc.StatusCode.UNAVAILABLE: PeerUnavailable,
+            grpc.StatusCode.CANCELLED: TransferCancelled, grpc.StatusCode.UNAUTHENTICATED: AuthenticationFailed,
+            grpc.StatusCode.RESOURCE_EXHAUSTED: OversizedMessage}
+
+
+def error_from_rpc(err: grpc.aio.AioRpcError) -> KVTransferError:
+    """The typed error a failed call stands for (the server names it in trailing metadata)."""
+    reason = dict(err.trailing_metadata() or ()).get(REASON_METADATA_KEY)
+    cls = _BY_REASON.get(reason) or _BY_CODE.get(err.code(), KVTransferError)
+    exc = cls(f"{err.code().name}: {err.details()}")
+    exc.__cause__ = err
+    return exc
+
+
+def secret_matches(presented: str | None, expected: str) -> bool:
+    return presented is not None and hmac.compare_digest(presented.encode(), f"Bearer {expected}".encode())
+
+
+# -- chunks and checksums ---------------------------------------------------------------------------
+def split_tokens(num_tokens: int, bytes_per_token: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) token ranges whose K+V bytes stay within `chunk_bytes` (at least one token each)."""
+    step = max(1, chunk_bytes // bytes_per_token)
+    return [(s, min(s + step, num_tokens)) for s in range(0, num_tokens, step)]
+
+
+def tensor_bytes(kv: torch.Tensor) -> memoryview:
+    """A host tensor's raw bytes (any dtype, bf16 included) without a copy; it must be contiguous."""
+    return memoryview(kv.view(torch.uint8).numpy()).cast("B") if kv.numel() else memoryview(b"")
+
+
+def checksum_algo(t: torch.Tensor) -> int:
+    return pb.CHECKSUM_ALGO_CRC32C if t.device.type == "cpu" else pb.CHECKSUM_ALGO_SUM64
+
+
+def checksum(t: torch.Tensor, algo: int) -> int:
+    """Checksum of a contiguous tensor's bytes: CRC32C on the host; on a GPU, a position-weighted
+    sum of its int32 words, computed on the device so NCCL transfers never copy to the host."""
+    if algo == pb.CHECKSUM_ALGO_CRC32C:
+        return google_crc32c.value(tensor_bytes(t.cpu()).tobytes())  # its C API takes bytes only
+    if algo == pb.CHECKSUM_ALGO_SUM64:
+        words = t.reshape(-1).view(torch.uint8)
+        pad = (-words.numel()) % 4
+        if pad:
+            words = torch.cat([words, words.new_zeros(pad)])
+        w = words.view(torch.int32).to(torch.int64)
+        s1 = int(w.sum()) & 0xFFFFFFFF
+        s2 = int((w * (torch.arange(w.numel(), device=w.device, dtype=torch.int64) % 65521 + 1)).sum()) & 0xFFFFFFFF
+        return (s2 << 32) | s1
+    raise MalformedTransfer(f"unknown checksum algorithm {algo}")
+
+
+def bytes_checksum(data: bytes) -> int:
+    return google_crc32c.value(data)
+
+
+def kv_from_bytes(data: bytes, num_tokens: int, fp: Fingerprint) -> torch.Tensor:
+    """Inverse of `tensor_bytes` for one chunk: `[2, num_tokens, kv_heads, head_dim]` over `data`
+    (read-only; the caller copies it into the pool)."""
+    raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return raw.view(fp.torch_dtype).view(2, num_tokens, fp.num_kv_heads, fp.head_dim)
+
+
+# torch.frombuffer warns (once) that `bytes` are read-only; the receiver only ever reads them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)

@@ -1,0 +1,381 @@
+"""The receiving (decode) side: a `grpc.aio` KV server over a paged pool.
+
+`KVReceiver` runs its own event loop on a thread, so a decode worker (or a
+test) drives it with plain method calls. All reservation state changes and
+every write into the pool happen on that loop's thread, so a release can never
+free blocks while a write into them is still landing; blocking receives (the
+torch data plane) land in a staging buffer on a worker thread first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import grpc
+import torch
+import torch.distributed as dist
+
+from engine.config import KVTransferConfig
+from kv_transfer import metrics
+from kv_transfer.channel import RECEIVER_RANK, ChannelTable, TorchChannel, backend_for, create_group
+from kv_transfer.pool import KVPool, ReceivedKV, ReservationTable
+from kv_transfer.protocol import (
+    AUTH_METADATA_KEY,
+    REASON_METADATA_KEY,
+    AuthenticationFailed,
+    ChecksumMismatch,
+    Fingerprint,
+    KVTransferError,
+    LayoutMismatch,
+    MalformedTransfer,
+    PeerUnavailable,
+    TransferCancelled,
+    TransferTimeout,
+    bytes_checksum,
+    checksum,
+    kv_from_bytes,
+    secret_matches,
+)
+from kv_transfer.v1 import kv_transfer_pb2 as pb
+from kv_transfer.v1 import kv_transfer_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+OnCommit = Callable[[ReceivedKV], None]
+
+
+class KVReceiver:
+    """Hosts the KV server of one decode worker.
+
+    `on_commit(received)` is called on the receiver's thread when a push completes;
+    from then on the blocks belong to whoever it hands them to (the decode engine).
+    If it raises, the blocks are freed and the sender gets the error.
+    """
+
+    def __init__(self, pool: KVPool, config: KVTransferConfig, on_commit: OnCommit, *, worker_id: str | None = None):
+        self.pool = pool
+        self.config = config
+        self.on_commit = on_commit
+        self.worker_id = worker_id or f"decode-{uuid.uuid4().hex[:8]}"
+        self.table = ReservationTable(pool, lease_s=config.lease_s, tombstone_ttl_s=config.tombstone_ttl_s)
+        self.channels = ChannelTable(config.max_channels)
+        self._pending_channels: dict[str, concurrent.futures.Future] = {}
+        self._store: dist.TCPStore | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, config.max_channels),
+                                                               thread_name_prefix="kv-recv")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kv-receiver", daemon=True)
+        self._server: grpc.aio.Server | None = None
+        self._reap_wake: asyncio.Event | None = None
+        self._reaper: asyncio.Task | None = None
+        self.port: int | None = None
+
+    # -- lifecycle (any thread) --------------------------------------------------------------
+    def start(self) -> KVReceiver:
+        self._thread.start()
+        self._call(self._start())
+        return self
+
+    @property
+    def address(self) -> str:
+        host = self.config.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Stop serving; every reservation still held is released."""
+        if not self._thread.is_alive():
+            return
+        self._call(self._stop(grace))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.channels.close_all()
+
+    # -- local API (any thread): the decode worker and router use these too ------------------
+    def release(self, request_id: str, reason: str = "aborted") -> str:
+        """Abort a request's transfer from this side; idempotent. Returns the state it was in."""
+        return self._call(self._release(request_id, reason))
+
+    def state_of(self, request_id: str) -> str:
+        return self._call(self._run(lambda: self.table.state_of(request_id)))
+
+    @property
+    def reserved_blocks(self) -> int:
+        return self._call(self._run(lambda: self.table.reserved_blocks))
+
+    def _call(self, coro, timeout: float | None = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @staticmethod
+    async def _run(fn):
+        return fn()
+
+    # -- on the loop -----------------------------------------------------------------------------
+    async def _start(self) -> None:
+        c = self.config
+        opts = [("grpc.max_receive_message_length", c.max_message_bytes),
+                ("grpc.max_send_message_length", c.max_message_bytes),
+                ("grpc.so_reuseport", 0)]
+        interceptors = [_AuthInterceptor(c.auth_token)] if c.auth_token else []
+        self._server = grpc.aio.server(options=opts, interceptors=interceptors)
+        pb_grpc.add_KVTransferServicer_to_server(_Servicer(self), self._server)
+        bind = f"[{c.host}]:{c.port}" if ":" in c.host else f"{c.host}:{c.port}"
+        if c.tls_cert_file:
+            with open(c.tls_key_file, "rb") as k, open(c.tls_cert_file, "rb") as crt:
+                creds = grpc.ssl_server_credentials([(k.read(), crt.read())])
+            self.port = self._server.add_secure_port(bind, creds)
+        else:
+            self.port = self._server.add_insecure_port(bind)
+        if not self.port:
+            raise OSError(f"cannot bind the KV server to {bind}")
+        await self._server.start()
+        self._reap_wake = asyncio.Event()
+        self._reaper = asyncio.create_task(self._reap())
+        logger.info("KV receiver %s listening on %s", self.worker_id, self.address)
+
+    async def _stop(self, grace: float) -> None:
+        if self._server:
+            await self._server.stop(grace)
+        self.table.release_all("shutdown")
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+    async def _release(self, request_id: str, reason: str) -> str:
+        found = self.table.release(request_id, reason)
+        if found in ("reserved", "receiving"):
+            metrics.TRANSFER_FAILURES.labels(self.config.kv_transport, "released").inc()
+        return found
+
+    async def _reap(self) -> None:
+        """Reclaim reservations whose lease passed: a sender that never pushes cannot strand blocks."""
+        while True:
+            deadline = self.table.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reap_wake.wait(), timeout)
+            self._reap_wake.clear()
+            for rid in self.table.expire():
+                logger.warning("KV reservation for %s expired before its push completed; blocks reclaimed", rid)
+                metrics.TRANSFER_FAILURES.labels(self.config.kv_transport, "lease_expired").inc()
+
+    # -- torch data plane -------------------------------------------------------------------------
+    def open_channel(self, channel_id: str, backend: str) -> tuple[str, int]:
+        """Start the receiving end of a channel (on the loop thread); returns the store address."""
+        if backend != backend_for(self.pool.kv.device):
+            raise MalformedTransfer(f"backend {backend} cannot reach a pool on {self.pool.kv.device}")
+        if not self.channels.make_room():
+            raise KVTransferError(f"all {self.config.max_channels} channels are busy")
+        if self._store is None:
+            self._store = dist.TCPStore(self.config.host, 0, None, True,
+                                        timeout=datetime.timedelta(seconds=self.config.channel_timeout_s),
+                                        wait_for_workers=False)
+        store, t = self._store, self.config.channel_timeout_s
+
+        def build() -> TorchChannel:
+            group = create_group(store, channel_id, RECEIVER_RANK, backend, t, self.config.host)
+            ch = TorchChannel(channel_id, group, backend, t)
+            self.channels.put(channel_id, ch)
+            return ch
+
+        fut = self._executor.submit(build)
+        self._pending_channels[channel_id] = fut
+        fut.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self._pending_channels.pop, channel_id, None))
+        return self.config.host, self._store.port
+
+    async def channel(self, channel_id: str) -> TorchChannel:
+        fut = self._pending_channels.get(channel_id)
+        if fut is not None:
+            try:
+                return await asyncio.wrap_future(fut)
+            except Exception as e:
+                raise PeerUnavailable(f"channel {channel_id} never connected: {e}") from e
+        ch = self.channels.get(channel_id)
+        if ch is None:
+            raise PeerUnavailable(f"no open channel {channel_id!r}")
+        return ch
+
+
+class _Servicer(pb_grpc.KVTransferServicer):
+    def __init__(self, rx: KVReceiver):
+        self.rx = rx
+        self.fp: Fingerprint = rx.pool.fingerprint
+        self.digest = self.fp.digest()
+
+    def _check_digest(self, digest: bytes) -> None:
+        if digest != self.digest:
+            raise LayoutMismatch("the sender's model/layout fingerprint differs from this worker's "
+                                 "(pair again to see which fields)")
+
+    async def Pair(self, request, context):
+        try:
+            theirs = Fingerprint.from_proto(request.fingerprint)
+            diff = self.fp.mismatches(theirs)
+            if diff:
+                raise LayoutMismatch("incompatible KV layouts: " + "; ".join(diff))
+        except KVTransferError as e:
+            await _abort(context, e)
+        return pb.PairResponse(fingerprint=self.fp.to_proto(), worker_id=self.rx.worker_id,
+                               max_message_bytes=self.rx.config.max_message_bytes)
+
+    async def Reserve(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            self._check_digest(request.fingerprint_digest)
+            r = self.rx.table.reserve(request.request_id, request.num_tokens,
+                                      request.lease_ms / 1000 if request.lease_ms else None)
+        except KVTransferError as e:
+            metrics.TRANSFER_FAILURES.labels(self.rx.config.kv_transport, e.reason).inc()
+            await _abort(context, e)
+        self.rx._reap_wake.set()
+        r.reserve_seconds = time.perf_counter() - t0
+        metrics.TRANSFER_STAGE.labels(self.rx.config.kv_transport, "reserve").observe(r.reserve_seconds)
+        return pb.ReserveResponse(request_id=r.request_id, num_blocks=len(r.blocks),
+                                  lease_ms=int((r.lease_deadline - r.reserved_at) * 1000))
+
+    async def Release(self, request, context):
+        return pb.ReleaseResponse(state=await self.rx._release(request.request_id, request.reason or "released"))
+
+    async def OpenChannel(self, request, context):
+        try:
+            host, port = self.rx.open_channel(request.channel_id, request.backend)
+        except KVTransferError as e:
+            await _abort(context, e)
+        return pb.OpenChannelResponse(store_host=host, store_port=port,
+                                      timeout_ms=int(self.rx.config.channel_timeout_s * 1000))
+
+    async def Push(self, request_iterator, context):
+        rx, table, transport = self.rx, self.rx.table, self.rx.config.kv_transport
+        opened = time.perf_counter()
+        timings = pb.StageTimings()
+        r = None
+        nbytes = 0
+        try:
+            header = await self._next(request_iterator, None)
+            if header is None or header.WhichOneof("kind") != "header":
+                raise MalformedTransfer("a push must start with its header")
+            h = header.header
+            self._check_digest(h.fingerprint_digest)
+            r = table.begin(h.request_id, h.num_tokens)
+            timings.reserve = r.reserve_seconds
+            channel = await rx.channel(h.channel_id) if h.data_plane == "torch" else None
+            while True:
+                msg = await self._next(request_iterator, r)
+                if msg is None:
+                    raise MalformedTransfer("the push ended without its commit")
+                kind = msg.WhichOneof("kind")
+                if kind == "chunk":
+                    c = msg.chunk
+                    table.check_chunk(r, c.layer, c.token_start, c.num_tokens, c.nbytes)
+                    kv = await self._chunk_kv(c, channel)
+                    table.write(r, c.layer, c.token_start, kv)
+                    nbytes += c.nbytes
+                    metrics.TRANSFER_BYTES_TOTAL.inc(transport, c.nbytes)
+                    if not timings.first_byte:
+                        timings.first_byte = time.perf_counter() - opened
+                    timings.last_byte = time.perf_counter() - opened
+                elif kind == "commit":
+                    t_commit = time.perf_counter()
+                    received = table.commit(r, list(msg.commit.prompt_token_ids), list(msg.commit.output_token_ids))
+                    try:
+                        rx.on_commit(received)
+                    except Exception as e:  # the decode worker refused it: the blocks come back to the pool
+                        with rx.pool.lock:
+                            rx.pool.blocks.free(received.block_table)
+                        raise KVTransferError(f"the decode worker refused the request: {e}") from e
+                    timings.ack = time.perf_counter() - t_commit
+                    break
+                else:
+                    raise MalformedTransfer(f"unexpected {kind} message in a push")
+        except KVTransferError as e:
+            self._fail(r, e.reason)
+            await _abort(context, e)
+        except asyncio.CancelledError:  # the sender cancelled, died, or the connection dropped
+            self._fail(r, "cancelled")
+            raise
+        except Exception as e:
+            logger.exception("KV push failed")
+            self._fail(r, "internal")
+            await _abort(context, KVTransferError(f"internal error: {e}"))
+        timings.total = time.perf_counter() - opened
+        metrics.TRANSFER_LATENCY.labels(transport).observe(timings.total)
+        metrics.TRANSFER_BYTES.labels(transport).observe(nbytes)
+        for stage in ("first_byte", "last_byte", "ack"):
+            metrics.TRANSFER_STAGE.labels(transport, stage).observe(getattr(timings, stage))
+        return pb.PushResponse(request_id=r.request_id, bytes=nbytes, timings=timings)
+
+    async def _next(self, it, r):
+        """The next message, or None at the end of the stream; bounded by the idle timeout and the lease."""
+        timeout = self.rx.config.idle_timeout_s
+        if r is not None:
+            timeout = min(timeout, r.lease_deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(anext(it), max(0.0, timeout))
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise TransferTimeout("the sender went quiet (idle timeout or lease expired)") from None
+
+    async def _chunk_kv(self, c, channel: TorchChannel | None) -> torch.Tensor:
+        fp = self.fp
+        if channel is None:
+            if len(c.data) != c.nbytes:
+                raise MalformedTransfer(f"chunk says {c.nbytes} bytes, carries {len(c.data)}")
+            if c.checksum_algo != pb.CHECKSUM_ALGO_CRC32C or bytes_checksum(c.data) != c.checksum:
+                raise ChecksumMismatch(f"layer {c.layer} tokens [{c.token_start}, {c.token_start + c.num_tokens}): "
+                                       "checksum mismatch")
+            return kv_from_bytes(c.data, c.num_tokens, fp)
+        if c.data:
+            raise MalformedTransfer("a torch-plane chunk must not carry inline bytes")
+        buf = torch.empty(2, c.num_tokens, fp.num_kv_heads, fp.head_dim, dtype=fp.torch_dtype,
+                          device=self.rx.pool.kv.device)
+        await asyncio.get_running_loop().run_in_executor(self.rx._executor, channel.recv, buf)
+        if checksum(buf, c.checksum_algo) != c.checksum:
+            raise ChecksumMismatch(f"layer {c.layer} tokens [{c.token_start}, {c.token_start + c.num_tokens}): "
+                                   "checksum mismatch")
+        return buf
+
+    def _fail(self, r, reason: str) -> None:
+        transport = self.rx.config.kv_transport
+        metrics.TRANSFER_FAILURES.labels(transport, reason).inc()
+        if r is not None:
+            self.rx.table.release(r.request_id, reason)
+
+
+async def _abort(context, e: KVTransferError):
+    context.set_trailing_metadata(((REASON_METADATA_KEY, e.reason),))
+    await context.abort(e.code, str(e))
+
+
+class _AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Every call must carry `authorization: Bearer <kv_transfer.auth_token>` (constant-time compare)."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    async def intercept_service(self, continuation, details):
+        md = dict(details.invocation_metadata or ())
+        handler = await continuation(details)
+        if secret_matches(md.get(AUTH_METADATA_KEY), self.token) or handler is None:
+            return handler
+        err = AuthenticationFailed("missing or wrong KV-plane secret")
+
+        async def deny(request, context):
+            await _abort(context, err)
+
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny, response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
+__all__ = ["KVReceiver", "TransferCancelled"]

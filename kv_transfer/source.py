@@ -1,0 +1,99 @@
+"""The sending side's KV source: what a prefill engine produces, layer by layer.
+
+The engine thread (producer) calls `put_layer` as each layer's KV is computed
+(or all at once after the forward pass when layer-wise pipelining is off), then
+`commit` with the tokens, or `fail`/`finish` when there is nothing to ship.
+The sender's event loop (consumer) iterates it and pushes while the engine
+computes the next layers. The layer tensors are staging copies owned by the
+transfer: the prefill engine's own blocks are free as soon as its sequence is
+done, and the copies are dropped when the decode side acknowledges, or the
+transfer fails or is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from kv_transfer.protocol import TransferCancelled
+
+
+@dataclass
+class LayerKV:
+    layer: int
+    kv: torch.Tensor  # [2, num_tokens, kv_heads, head_dim], contiguous
+
+
+@dataclass
+class CommitInfo:
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+class LayerStream:
+    def __init__(self, request_id: str, num_tokens: int):
+        self.request_id = request_id
+        self.num_tokens = num_tokens
+        self._items: list = []
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Event | None = None
+        self._closed = False
+
+    @classmethod
+    def from_export(cls, kv) -> LayerStream:
+        """A complete stream from an `engine.llm_engine.KVExport`."""
+        s = cls(kv.request_id, kv.num_tokens)
+        for i, t in enumerate(kv.layers):
+            s.put_layer(i, t)
+        s.commit(kv.prompt_token_ids, kv.output_token_ids)
+        return s
+
+    # -- producer (any thread) ------------------------------------------------------------------
+    def put_layer(self, layer: int, kv: torch.Tensor) -> None:
+        self._put(LayerKV(layer, kv.contiguous()))
+
+    def commit(self, prompt_token_ids: list[int], output_token_ids: list[int]) -> None:
+        self._put(CommitInfo(list(prompt_token_ids), list(output_token_ids)), last=True)
+
+    def fail(self, exc: BaseException) -> None:
+        self._put(exc, last=True)
+
+    def finish(self, reason: str) -> None:
+        """The request ended on the prefill side (e.g. its first token was EOS): nothing to hand over."""
+        self._put(TransferCancelled(f"request finished on the prefill side ({reason})"), last=True)
+
+    def _put(self, item, last: bool = False) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._items.append(item)
+            self._closed = last
+            loop, ready = self._loop, self._ready
+        if loop is not None:
+            loop.call_soon_threadsafe(ready.set)
+
+    # -- consumer (one event loop) -----------------------------------------------------------------
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        with self._lock:
+            self._loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
+        while True:
+            with self._lock:
+                items, self._items = self._items, []
+                if not items:
+                    self._ready.clear()
+            if not items:
+                await self._ready.wait()
+                continue
+            for item in items:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, CommitInfo):
+                    return

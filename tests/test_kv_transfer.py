@@ -1,0 +1,356 @@
+"""KV transfer between real engines over a real gRPC server (and gloo channels):
+bit-identical KV, greedy equality with colocated decoding, and every failure path
+leaving both pools' free-block counts where they started."""
+
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from engine.config import KVTransferConfig
+from engine.sampling import SamplingParams
+from engine.sequence import FinishReason
+from kv_transfer import (
+    KVPool,
+    KVReceiver,
+    KVSender,
+    LayerStream,
+    LayoutMismatch,
+    ReservationRefused,
+    TransferCancelled,
+)
+from tests.conftest import check_no_leak, save_tiny_model
+
+TRANSPORTS = ["grpc", "nccl"]
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tmp_path_factory):
+    """A tiny model with room for 2,000-token prompts."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-long"), max_positions=4096)
+
+
+class RecordingStream(LayerStream):
+    """A LayerStream that keeps a copy of what the prefill side shipped."""
+
+    def __init__(self, request_id, num_tokens):
+        super().__init__(request_id, num_tokens)
+        self.shipped: dict[int, torch.Tensor] = {}
+
+    def put_layer(self, layer, kv):
+        self.shipped[layer] = kv.clone()
+        super().put_layer(layer, kv)
+
+
+def wait_for(predicate, timeout: float, what: str) -> float:
+    """Poll a condition until it holds (returns the seconds it took) or fail after `timeout`."""
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+@dataclass
+class Env:
+    pre: object
+    dec: object
+    rx: KVReceiver
+    tx: KVSender
+    got: queue.Queue = field(default_factory=queue.Queue)
+
+    def prefill(self, rid: str, prompt: list[int], params: SamplingParams, stream_cls=LayerStream):
+        """Reserve on the decode side, run the prompt prefill-only, push; returns (result, received, stream)."""
+        self.tx.reserve(self.rx.address, rid, len(prompt))
+        stream = stream_cls(rid, len(prompt))
+        fut = self.tx.push(self.rx.address, stream)
+        self.pre.add_request(rid, prompt, params, kv_sink=stream)
+        outs = []
+        while self.pre.has_unfinished():
+            outs += self.pre.step()
+        assert outs[-1].finish_reason is FinishReason.PREFILLED
+        return fut.result(30), self.got.get(timeout=10), stream
+
+
+@pytest.fixture
+def transfer_env(make_engine, long_model_dir):
+    made: list[Env] = []
+
+    def make(transport="grpc", block_size=16, num_blocks=512, layerwise=True, **kv) -> Env:
+        cfg = {"kv_transport": transport, "layerwise": layerwise, **kv}
+        pre = make_engine(long_model_dir, cache={"block_size": block_size, "num_kv_blocks": num_blocks},
+                          kv_transfer=cfg)
+        dec = make_engine(long_model_dir, cache={"block_size": block_size, "num_kv_blocks": num_blocks},
+                          kv_transfer=cfg)
+        got: queue.Queue = queue.Queue()
+        rx = KVReceiver(KVPool.from_engine(dec), dec.config.kv_transfer, got.put).start()
+        tx = KVSender(pre.config.kv_transfer, KVPool.from_engine(pre).fingerprint)
+        env = Env(pre, dec, rx, tx, got)
+        made.append(env)
+        return env
+
+    yield make
+    for env in made:
+        env.tx.close()
+        env.rx.stop()
+
+
+def decode_to_end(engine, rid, received, params) -> list[int]:
+    engine.add_received_request(rid, received, params)
+    final = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final = out
+    return final.output_token_ids
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("n", [1, 17, 2000])
+def test_kv_bit_identical_and_decoding_matches_colocated(transfer_env, transport, block_size, n):
+    env = transfer_env(transport, block_size, num_blocks=2100 if block_size == 1 else 140)
+    prompt = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    free0 = env.dec.block_manager.num_free_blocks
+
+    result, received, stream = env.prefill("r", prompt, params, RecordingStream)
+
+    assert result.bytes == n * env.rx.pool.fingerprint.bytes_per_token_layer * env.pre.arch.num_layers
+    assert received.num_tokens == n and received.prompt_token_ids == prompt and len(received.output_token_ids) == 1
+    layers = env.dec.kv.export(received.block_table, n)
+    assert sorted(stream.shipped) == list(range(env.pre.arch.num_layers))
+    for i, t in enumerate(layers):
+        assert torch.equal(t, stream.shipped[i]), f"layer {i} differs after transfer"
+    check_no_leak(env.pre)  # the prefill side's blocks went back as soon as its sequence finished
+
+    tokens = decode_to_end(env.dec, "r", received, params)
+    colocated = env.pre.generate([prompt], params)[0].output_token_ids
+    assert tokens == colocated
+    assert env.dec.block_manager.num_free_blocks == free0
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_layerwise_and_whole_pushes_agree(transfer_env, layerwise):
+    env = transfer_env("grpc", layerwise=layerwise)
+    prompt = list(range(3, 60))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    _, received, _ = env.prefill("r", prompt, params)
+    assert decode_to_end(env.dec, "r", received, params) == env.pre.generate([prompt], params)[0].output_token_ids
+
+
+def test_chunked_prefill_ships_the_whole_prompt(transfer_env):
+    env = transfer_env("grpc")
+    env.pre.reconfigure_scheduler(env.pre.config.scheduler.__class__(max_prefill_chunk=16))
+    prompt = list(range(1, 50))  # four chunks: only the last step ships, all 49 tokens of each layer
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    _, received, stream = env.prefill("r", prompt, params, RecordingStream)
+    assert all(t.shape[1] == 49 for t in stream.shipped.values())
+    assert decode_to_end(env.dec, "r", received, params) == env.pre.generate([prompt], params)[0].output_token_ids
+
+
+def test_decode_side_without_room_refuses_up_front(transfer_env):
+    env = transfer_env("grpc", num_blocks=8)
+    free0 = env.dec.block_manager.num_free_blocks
+    with pytest.raises(ReservationRefused, match="need 9 blocks"):
+        env.tx.reserve(env.rx.address, "big", 9 * 16)
+    assert env.dec.block_manager.num_free_blocks == free0
+    assert env.rx.state_of("big") == "unknown"
+    env.tx.reserve(env.rx.address, "fits", 8 * 16)  # the whole pool is fine
+    with pytest.raises(ReservationRefused):
+        env.tx.reserve(env.rx.address, "second", 1)
+    assert env.tx.release(env.rx.address, "fits") == "reserved"
+    assert env.dec.block_manager.num_free_blocks == free0
+
+
+def test_first_token_eos_releases_the_reservation(transfer_env):
+    """A request that finishes on the prefill side (its first token is a stop token) is not handed over."""
+    env = transfer_env("grpc")
+    free0 = env.dec.block_manager.num_free_blocks
+    prompt = list(range(5, 25))
+    first = env.pre.generate([prompt], SamplingParams(max_tokens=1, temperature=0))[0].output_token_ids[0]
+    params = SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[first])
+    env.tx.reserve(env.rx.address, "r", len(prompt))
+    stream = LayerStream("r", len(prompt))
+    fut = env.tx.push(env.rx.address, stream)
+    env.pre.add_request("r", prompt, params, kv_sink=stream)
+    (out,) = env.pre.step()
+    assert out.finish_reason is FinishReason.STOP and out.output_token_ids == [first]
+    with pytest.raises(TransferCancelled, match="finished on the prefill side"):
+        fut.result(10)
+    wait_for(lambda: env.dec.block_manager.num_free_blocks == free0, 5, "the reservation to be released")
+    assert env.rx.state_of("r") == "released"
+
+
+def test_prefill_abort_cancels_the_push(transfer_env):
+    env = transfer_env("nccl")
+    free0 = env.dec.block_manager.num_free_blocks
+    prompt = list(range(1, 40))
+    env.tx.reserve(env.rx.address, "r", len(prompt))
+    stream = LayerStream("r", len(prompt))
+    fut = env.tx.push(env.rx.address, stream)
+    env.pre.add_request("r", prompt, SamplingParams(max_tokens=4), kv_sink=stream)
+    env.pre.abort("r")  # e.g. the client disconnected while the request was queued for prefill
+    with pytest.raises(TransferCancelled):
+        fut.result(10)
+    wait_for(lambda: env.dec.block_manager.num_free_blocks == free0, 5, "the reservation to be released")
+
+
+def test_sender_cancel_mid_stream_frees_both_sides(transfer_env):
+    env = transfer_env("grpc")
+    free0 = env.dec.block_manager.num_free_blocks
+    env.tx.reserve(env.rx.address, "r", 40)
+    stream = LayerStream("r", 40)
+    stream.put_layer(0, torch.zeros(2, 40, 2, 16))  # one layer, then the producer stalls
+    fut = env.tx.push(env.rx.address, stream)
+    wait_for(lambda: env.rx.state_of("r") == "receiving", 5, "the push to start")
+    env.tx.cancel("r")
+    with pytest.raises(TransferCancelled):
+        fut.result(10)
+    wait_for(lambda: env.dec.block_manager.num_free_blocks == free0, 5, "the reservation to be released")
+    assert env.rx.state_of("r") == "released"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_decode_side_abort_fails_the_push(transfer_env, transport):
+    """The router (or the decode worker) releases first: the sender gets a typed error."""
+    env = transfer_env(transport)
+    free0 = env.dec.block_manager.num_free_blocks
+    env.tx.reserve(env.rx.address, "r", 40)
+    stream = LayerStream("r", 40)
+    stream.put_layer(0, torch.zeros(2, 40, 2, 16))
+    fut = env.tx.push(env.rx.address, stream)
+    wait_for(lambda: env.rx.state_of("r") == "receiving", 5, "the push to start")
+    assert env.rx.release("r", "client_disconnected") == "receiving"
+    assert env.rx.release("r", "again") == "released"  # idempotent
+    assert env.dec.block_manager.num_free_blocks == free0
+    stream.put_layer(1, torch.zeros(2, 40, 2, 16))
+    stream.commit(list(range(40)), [1])
+    from kv_transfer import RequestReleased
+
+    with pytest.raises(RequestReleased, match="client_disconnected"):
+        fut.result(10)
+
+
+def test_incompatible_pair_is_refused_before_any_request(transfer_env):
+    env = transfer_env("grpc")
+    fp = env.tx.fingerprint
+    import dataclasses
+
+    for change in ({"weights_sha256": "0" * 64}, {"dtype": "bfloat16"}, {"block_size": 1},
+                   {"pdserve_version": "9.9.9"}, {"num_layers": 3}):
+        other = KVSender(env.tx.config, dataclasses.replace(fp, **change))
+        try:
+            with pytest.raises(LayoutMismatch, match=next(iter(change))):
+                other.pair(env.rx.address)
+        finally:
+            other.close()
+
+
+def test_lease_expires_when_the_prefill_side_never_pushes(transfer_env):
+    env = transfer_env("grpc", lease_s=0.3)
+    free0 = env.dec.block_manager.num_free_blocks
+    env.tx.reserve(env.rx.address, "r", 100)
+    assert env.dec.block_manager.num_free_blocks == free0 - 7
+    took = wait_for(lambda: env.dec.block_manager.num_free_blocks == free0, 5, "the lease to expire")
+    assert took < 2.0
+    assert env.rx.state_of("r") == "released"
+    from kv_transfer import RequestReleased
+
+    with pytest.raises(RequestReleased, match="lease_expired"):
+        env.tx.push(env.rx.address, LayerStream.from_export(env.pre.__class__ and _zeros_export("r", 100))).result(5)
+
+
+def test_stalled_sender_times_out(transfer_env):
+    env = transfer_env("grpc", idle_timeout_s=0.3)
+    free0 = env.dec.block_manager.num_free_blocks
+    env.tx.reserve(env.rx.address, "r", 40)
+    stream = LayerStream("r", 40)
+    stream.put_layer(0, torch.zeros(2, 40, 2, 16))
+    fut = env.tx.push(env.rx.address, stream)
+    from kv_transfer import TransferTimeout
+
+    with pytest.raises(TransferTimeout):
+        fut.result(10)
+    assert env.dec.block_manager.num_free_blocks == free0
+
+
+def test_release_overtaking_reserve_refuses_it(transfer_env):
+    """A client that cancelled in the proxy window: the release arrives before the reservation."""
+    env = transfer_env("grpc")
+    free0 = env.dec.block_manager.num_free_blocks
+    assert env.tx.release(env.rx.address, "r", "client_disconnected") == "unknown"
+    from kv_transfer import RequestReleased
+
+    with pytest.raises(RequestReleased):
+        env.tx.reserve(env.rx.address, "r", 10)
+    assert env.dec.block_manager.num_free_blocks == free0
+
+
+def test_on_commit_refusal_frees_the_blocks(make_engine, long_model_dir):
+    dec = make_engine(long_model_dir)
+    pool = KVPool.from_engine(dec)
+
+    def refuse(received):
+        raise ValueError("draining")
+
+    rx = KVReceiver(pool, dec.config.kv_transfer, refuse).start()
+    tx = KVSender(dec.config.kv_transfer, pool.fingerprint)
+    try:
+        tx.reserve(rx.address, "r", 30)
+        from kv_transfer import KVTransferError
+
+        with pytest.raises(KVTransferError, match="draining"):
+            tx.push(rx.address, LayerStream.from_export(_zeros_export("r", 30))).result(10)
+        assert dec.block_manager.num_free_blocks == dec.block_manager.num_blocks
+    finally:
+        tx.close()
+        rx.stop()
+
+
+def test_engine_loop_decodes_received_requests(transfer_env):
+    """The decode worker's path: on_commit hands the blocks to the engine loop, tokens stream out."""
+    from decode_worker.engine_loop import EngineLoop
+
+    env = transfer_env("grpc")
+    loop = EngineLoop(env.dec).start()
+    params = SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)
+    outs: queue.Queue = queue.Queue()
+    env.rx.on_commit = lambda rec: loop.submit_received(rec.request_id, rec, params, outs.put)
+    try:
+        prompts = [list(range(1, 30)), list(range(40, 47)), list(range(100, 180))]
+        for i, p in enumerate(prompts):
+            env.tx.reserve(env.rx.address, f"r{i}", len(p))
+            stream = LayerStream(f"r{i}", len(p))
+            fut = env.tx.push(env.rx.address, stream)
+            env.pre.add_request(f"r{i}", p, params, kv_sink=stream)
+            while env.pre.has_unfinished():
+                env.pre.step()
+            fut.result(10)
+        final = {}
+        while len(final) < len(prompts):
+            out = outs.get(timeout=30)
+            assert not isinstance(out, BaseException), out
+            if out.finished:
+                final[out.request_id] = out.output_token_ids
+        for i, p in enumerate(prompts):
+            assert final[f"r{i}"] == env.pre.generate([p], params)[0].output_token_ids
+    finally:
+        loop.stop()
+
+
+def test_non_loopback_server_needs_a_secret():
+    with pytest.raises(ValueError, match="auth_token"):
+        KVTransferConfig(host="0.0.0.0")
+    KVTransferConfig(host="0.0.0.0", auth_token="s3cret")
+
+
+def _zeros_export(rid: str, n: int, layers: int = 2):
+    from engine.llm_engine import KVExport
+
+    return KVExport(rid, list(range(n)), [0], n, [torch.zeros(2, n, 2, 16) for _ in range(layers)])
