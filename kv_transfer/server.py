@@ -264,6 +264,8 @@ class _Servicer(pb_grpc.KVTransferServicer):
             if header is None or header.WhichOneof("kind") != "header":
                 raise MalformedTransfer("a push must start with its header")
             h = header.header
+            if h.fingerprint_digest != self.digest and table.state_of(h.request_id) == "reserved":
+                table.release(h.request_id, "layout_mismatch")  # this sender can never fulfil it
             self._check_digest(h.fingerprint_digest)
             r = table.begin(h.request_id, h.num_tokens)
             timings.reserve = r.reserve_seconds
@@ -279,7 +281,6 @@ class _Servicer(pb_grpc.KVTransferServicer):
                     kv = await self._chunk_kv(c, channel)
                     table.write(r, c.layer, c.token_start, kv)
                     nbytes += c.nbytes
-                    metrics.TRANSFER_BYTES_TOTAL.inc(transport, c.nbytes)
                     if not timings.first_byte:
                         timings.first_byte = time.perf_counter() - opened
                     timings.last_byte = time.perf_counter() - opened
@@ -330,6 +331,7 @@ class _Servicer(pb_grpc.KVTransferServicer):
         if channel is None:
             if len(c.data) != c.nbytes:
                 raise MalformedTransfer(f"chunk says {c.nbytes} bytes, carries {len(c.data)}")
+            metrics.TRANSFER_BYTES_TOTAL.inc(self.rx.config.kv_transport, c.nbytes)
             if c.checksum_algo != pb.CHECKSUM_ALGO_CRC32C or bytes_checksum(c.data) != c.checksum:
                 raise ChecksumMismatch(f"layer {c.layer} tokens [{c.token_start}, {c.token_start + c.num_tokens}): "
                                        "checksum mismatch")
@@ -339,6 +341,7 @@ class _Servicer(pb_grpc.KVTransferServicer):
         buf = torch.empty(2, c.num_tokens, fp.num_kv_heads, fp.head_dim, dtype=fp.torch_dtype,
                           device=self.rx.pool.kv.device)
         await asyncio.get_running_loop().run_in_executor(self.rx._executor, channel.recv, buf)
+        metrics.TRANSFER_BYTES_TOTAL.inc(self.rx.config.kv_transport, c.nbytes)
         if checksum(buf, c.checksum_algo) != c.checksum:
             raise ChecksumMismatch(f"layer {c.layer} tokens [{c.token_start}, {c.token_start + c.num_tokens}): "
                                    "checksum mismatch")

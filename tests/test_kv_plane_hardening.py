@@ -1,0 +1,312 @@
+"""The KV plane against a hostile or broken peer, through raw gRPC stubs: every bad
+message is refused with a typed status, and the pool (free blocks and contents) is
+exactly as it was. Plus authentication, TLS, a sender process killed mid-stream,
+channel bounds and the metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import google_crc32c
+import grpc
+import pytest
+import torch
+from prometheus_client import REGISTRY
+
+from engine.config import KVTransferConfig
+from engine.llm_engine import KVExport
+from kv_transfer import (
+    AuthenticationFailed,
+    Fingerprint,
+    KVPool,
+    KVReceiver,
+    KVSender,
+    LayerStream,
+    PeerUnavailable,
+)
+from kv_transfer.protocol import REASON_METADATA_KEY
+from kv_transfer.v1 import kv_transfer_pb2 as pb
+from kv_transfer.v1 import kv_transfer_pb2_grpc as pb_grpc
+from tests.test_kv_transfer import wait_for
+
+FP = Fingerprint("test/model", "ab" * 32, num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", block_size=16,
+                 pdserve_version="0.1.0")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def receiver():
+    made = []
+
+    def make(num_blocks=32, fp=FP, **kv) -> KVReceiver:
+        pool = KVPool.standalone(fp, num_blocks)
+        pool.kv.data.normal_()  # so that any stray write would show
+        got = []
+        rx = KVReceiver(pool, KVTransferConfig(**kv), got.append).start()
+        rx.committed = got
+        made.append(rx)
+        return rx
+
+    yield make
+    for rx in made:
+        rx.stop()
+        assert rx.pool.num_free_blocks == rx.pool.blocks.num_blocks, "blocks leaked"
+
+
+def stub(rx: KVReceiver, token: str | None = None):
+    channel = grpc.insecure_channel(rx.address)
+    md = (("authorization", f"Bearer {token}"),) if token else ()
+    return pb_grpc.KVTransferStub(channel), md
+
+
+def chunk(layer, start, n, fp=FP, corrupt=False, nbytes=None, data=None):
+    kv = torch.randn(2, n, fp.num_kv_heads, fp.head_dim)
+    raw = kv.numpy().tobytes() if data is None else data
+    crc = google_crc32c.value(raw) ^ (1 if corrupt else 0)
+    return pb.PushMessage(chunk=pb.LayerChunk(layer=layer, token_start=start, num_tokens=n, data=raw,
+                                              nbytes=len(raw) if nbytes is None else nbytes,
+                                              checksum_algo=pb.CHECKSUM_ALGO_CRC32C, checksum=crc))
+
+
+def header(rid, n, fp=FP):
+    return pb.PushMessage(header=pb.TransferHeader(request_id=rid, fingerprint_digest=fp.digest(), num_tokens=n,
+                                                   data_plane="grpc"))
+
+
+def reason_of(err: grpc.RpcError) -> str:
+    return dict(err.trailing_metadata() or ()).get(REASON_METADATA_KEY)
+
+
+BAD_PUSHES = {
+    "corrupt checksum": (lambda: [header("r", 20), chunk(0, 0, 20, corrupt=True)], grpc.StatusCode.DATA_LOSS,
+                         "checksum"),
+    "layer out of range": (lambda: [header("r", 20), chunk(2, 0, 20)], grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    "tokens past the reservation": (lambda: [header("r", 20), chunk(0, 0, 21)], grpc.StatusCode.INVALID_ARGUMENT,
+                                    "malformed"),
+    "out of order": (lambda: [header("r", 20), chunk(0, 5, 10)], grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    "size lies": (lambda: [header("r", 20), chunk(0, 0, 20, nbytes=64)], grpc.StatusCode.INVALID_ARGUMENT,
+                  "malformed"),
+    "bytes short": (lambda: [header("r", 20), chunk(0, 0, 20, data=b"\0" * 100, nbytes=20 * 256)],
+                    grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    "commit before all layers": (lambda: [header("r", 20), chunk(0, 0, 20),
+                                          pb.PushMessage(commit=pb.Commit(prompt_token_ids=range(20),
+                                                                          output_token_ids=[1]))],
+                                 grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    "no header": (lambda: [chunk(0, 0, 20)], grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    "token count differs from the reservation": (lambda: [header("r", 19)], grpc.StatusCode.INVALID_ARGUMENT,
+                                                 "malformed"),
+    "other layout": (lambda: [header("r", 20, dataclasses.replace(FP, dtype="float16"))],
+                     grpc.StatusCode.FAILED_PRECONDITION, "layout_mismatch"),
+    "oversized message": (lambda: [header("r", 20), chunk(0, 0, 1, data=b"\0" * (80 << 10), nbytes=256)],
+                          grpc.StatusCode.RESOURCE_EXHAUSTED, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PUSHES))
+def test_bad_push_is_refused_and_leaves_the_pool_unchanged(receiver, case):
+    rx = receiver(max_message_bytes=64 << 10, chunk_bytes=16 << 10)
+    before = rx.pool.kv.data.clone()
+    s, md = stub(rx)
+    s.Reserve(pb.ReserveRequest(request_id="r", num_tokens=20, fingerprint_digest=FP.digest()), metadata=md)
+    assert rx.pool.num_free_blocks == 30
+    reserved = rx.table.live["r"].blocks
+    messages, code, reason = BAD_PUSHES[case]
+    with pytest.raises(grpc.RpcError) as e:
+        s.Push(iter(messages()), metadata=md, timeout=10)
+    assert e.value.code() == code, e.value.details()
+    if reason:
+        assert reason_of(e.value) == reason
+    if case == "no header":  # nothing names the request: its reservation stands until the lease or a release
+        assert rx.state_of("r") == "reserved"
+        rx.release("r")
+    wait_for(lambda: rx.pool.num_free_blocks == 32, 5, "the reservation to be released")
+    assert rx.state_of("r") == "released"
+    others = [b for b in range(32) if b not in reserved]
+    assert torch.equal(rx.pool.kv.data[:, :, others], before[:, :, others]), "a push wrote outside its reservation"
+    if case != "commit before all layers":  # the only case whose earlier chunks were valid (and written)
+        assert torch.equal(rx.pool.kv.data, before), "a refused chunk was written into the pool"
+    assert not rx.committed
+
+
+def test_push_for_unknown_or_cancelled_request_is_refused(receiver):
+    rx = receiver()
+    s, md = stub(rx)
+    with pytest.raises(grpc.RpcError) as e:
+        s.Push(iter([header("never", 20), chunk(0, 0, 20)]), metadata=md)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and reason_of(e.value) == "unknown_request"
+    s.Reserve(pb.ReserveRequest(request_id="gone", num_tokens=20, fingerprint_digest=FP.digest()), metadata=md)
+    released = s.Release(pb.ReleaseRequest(request_id="gone", reason="client_disconnected"), metadata=md)
+    assert released.state == "reserved"
+    with pytest.raises(grpc.RpcError) as e:
+        s.Push(iter([header("gone", 20), chunk(0, 0, 20)]), metadata=md)
+    assert e.value.code() == grpc.StatusCode.ABORTED and "client_disconnected" in e.value.details()
+    assert rx.pool.num_free_blocks == 32
+
+
+def test_reserve_with_another_layout_is_refused(receiver):
+    rx = receiver()
+    s, md = stub(rx)
+    other = dataclasses.replace(FP, weights_sha256="cd" * 32)
+    with pytest.raises(grpc.RpcError) as e:
+        s.Reserve(pb.ReserveRequest(request_id="r", num_tokens=20, fingerprint_digest=other.digest()), metadata=md)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert rx.pool.num_free_blocks == 32
+
+
+def _export(rid, n, fp=FP):
+    return KVExport(rid, list(range(n)), [7], n, [torch.randn(2, n, fp.num_kv_heads, fp.head_dim)
+                                                    for _ in range(fp.num_layers)])
+
+
+def test_shared_secret_is_required(receiver):
+    rx = receiver(auth_token="s3cret")
+    for token in (None, "wrong"):
+        tx = KVSender(KVTransferConfig(auth_token=token), FP)
+        try:
+            with pytest.raises(AuthenticationFailed):
+                tx.pair(rx.address)
+        finally:
+            tx.close()
+    s, _ = stub(rx)
+    with pytest.raises(grpc.RpcError) as e:  # a push without the secret is refused before it is read
+        s.Reserve(pb.ReserveRequest(request_id="r", num_tokens=4, fingerprint_digest=FP.digest()))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    tx = KVSender(KVTransferConfig(auth_token="s3cret"), FP)
+    try:
+        tx.reserve(rx.address, "r", 20)
+        assert tx.push(rx.address, LayerStream.from_export(_export("r", 20))).result(10).bytes == 20 * 256 * 2
+    finally:
+        tx.close()
+    rec = rx.committed.pop()
+    with rx.pool.lock:
+        rx.pool.blocks.free(rec.block_table)
+
+
+def _self_signed(tmp_path: Path) -> tuple[str, str]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pdserve-decode")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("pdserve-decode")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+def test_tls(receiver, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    rx = receiver(tls_cert_file=cert, tls_key_file=key, auth_token="s3cret")
+    plain = KVSender(KVTransferConfig(auth_token="s3cret", rpc_timeout_s=2), FP)
+    try:
+        with pytest.raises(PeerUnavailable):
+            plain.pair(rx.address)
+    finally:
+        plain.close()
+    tx = KVSender(KVTransferConfig(auth_token="s3cret", tls_ca_file=cert, tls_server_name="pdserve-decode"), FP)
+    try:
+        tx.reserve(rx.address, "r", 5)
+        tx.push(rx.address, LayerStream.from_export(_export("r", 5))).result(10)
+    finally:
+        tx.close()
+    rec = rx.committed.pop()
+    with rx.pool.lock:
+        rx.pool.blocks.free(rec.block_table)
+
+
+SENDER_SCRIPT = textwrap.dedent("""
+    import json, sys, threading, torch
+    from engine.config import KVTransferConfig
+    from kv_transfer import Fingerprint, KVSender, LayerStream
+    args = json.loads(sys.argv[1])
+    tx = KVSender(KVTransferConfig(kv_transport=args["transport"]), Fingerprint(**args["fp"]))
+    tx.reserve(args["address"], "victim", 40)
+    stream = LayerStream("victim", 40)
+    stream.put_layer(0, torch.randn(2, 40, 2, 16))  # half the layers, then this process is killed
+    tx.push(args["address"], stream)
+    print("pushing", flush=True)
+    threading.Event().wait()
+""")
+
+
+@pytest.mark.parametrize("transport", ["grpc", "nccl"])
+def test_sender_process_killed_mid_stream(receiver, transport):
+    rx = receiver(kv_transport=transport, idle_timeout_s=3.0)
+    args = json.dumps({"transport": transport, "address": rx.address, "fp": dataclasses.asdict(FP)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", SENDER_SCRIPT, args], stdout=subprocess.PIPE, env=env, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == b"pushing"
+        wait_for(lambda: rx.state_of("victim") == "receiving", 20, "the push to start")
+        assert rx.pool.num_free_blocks == 29
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        took = wait_for(lambda: rx.pool.num_free_blocks == 32, 3.0 + 2.0, "the dead sender's blocks")
+        assert rx.state_of("victim") == "released"
+        print(f"{transport}: reclaimed {took:.3f}s after the kill")
+    finally:
+        proc.kill()
+
+
+def test_channels_per_worker_are_bounded(receiver):
+    rx1, rx2 = receiver(kv_transport="nccl"), receiver(kv_transport="nccl")
+    tx = KVSender(KVTransferConfig(kv_transport="nccl", max_channels=1), FP)
+    try:
+        for i, rx in enumerate([rx1, rx2, rx1]):
+            tx.reserve(rx.address, f"r{i}", 10)
+            tx.push(rx.address, LayerStream.from_export(_export(f"r{i}", 10))).result(20)
+            assert len(tx.channels) == 1
+            rec = rx.committed.pop()
+            with rx.pool.lock:
+                rx.pool.blocks.free(rec.block_table)
+    finally:
+        tx.close()
+
+
+def _sample(name, labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_metrics_are_recorded_on_the_receiving_side(receiver):
+    rx = receiver()
+    keys = [
+        ("pdserve_kv_transfer_latency_seconds_count", {"transport": "grpc"}),
+        ("pdserve_kv_transfer_bytes_sum", {"transport": "grpc"}),
+        ("pdserve_kv_transfer_bytes_total", {"transport": "grpc"}),
+        ("pdserve_kv_transfer_failures_total", {"transport": "grpc", "reason": "checksum"}),
+        ("pdserve_kv_transfer_stage_seconds_count", {"transport": "grpc", "stage": "first_byte"})]
+    before = [_sample(*k) for k in keys]
+    tx = KVSender(KVTransferConfig(), FP)
+    try:
+        tx.reserve(rx.address, "ok", 20)
+        tx.push(rx.address, LayerStream.from_export(_export("ok", 20))).result(10)
+    finally:
+        tx.close()
+    rec = rx.committed.pop()
+    with rx.pool.lock:
+        rx.pool.blocks.free(rec.block_table)
+    s, md = stub(rx)
+    s.Reserve(pb.ReserveRequest(request_id="bad", num_tokens=20, fingerprint_digest=FP.digest()))
+    with pytest.raises(grpc.RpcError):
+        s.Push(iter([header("bad", 20), chunk(0, 0, 20, corrupt=True)]))
+    delta = [_sample(*k) - b for k, b in zip(keys, before, strict=True)]
+    assert delta == [1, 20 * 512, 20 * 512 + 20 * 256, 1, 1]

@@ -1,0 +1,124 @@
+"""The decode side's ownership state machine (kv_transfer.pool.ReservationTable), driven
+directly with a fake clock: every path returns each block exactly once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kv_transfer import DuplicateRequest, MalformedTransfer, RequestReleased, ReservationRefused, UnknownRequest
+from kv_transfer.pool import KVPool, ReservationTable, State
+from tests.test_kv_plane_hardening import FP
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def table():
+    clock = Clock()
+    t = ReservationTable(KVPool.standalone(FP, 10), lease_s=30, tombstone_ttl_s=60, clock=clock)
+    t.clock_ = clock
+    yield t
+    t.pool.blocks.check_invariants()
+
+
+def kv(n):
+    return torch.randn(2, n, FP.num_kv_heads, FP.head_dim)
+
+
+def fill(t, r):
+    for layer in range(FP.num_layers):
+        t.write(r, layer, 0, kv(r.num_tokens))
+
+
+def test_happy_path_hands_the_blocks_over_once(table):
+    r = table.reserve("a", 20)
+    assert table.pool.num_free_blocks == 8 and r.state is State.RESERVED
+    table.begin("a", 20)
+    fill(table, r)
+    rec = table.commit(r, list(range(20)), [5])
+    assert rec.block_table == r.blocks and table.state_of("a") == "committed"
+    assert table.release("a", "late") == "committed"  # too late: the decode engine owns the blocks
+    assert table.pool.num_free_blocks == 8
+    table.pool.blocks.free(rec.block_table)
+
+
+@pytest.mark.parametrize("stage", ["reserved", "receiving", "partly written"])
+def test_release_in_any_live_state_frees_exactly_once(table, stage):
+    r = table.reserve("a", 20)
+    if stage != "reserved":
+        table.begin("a", 20)
+    if stage == "partly written":
+        table.write(r, 0, 0, kv(20))
+    assert table.release("a", "aborted") == ("reserved" if stage == "reserved" else "receiving")
+    assert table.pool.num_free_blocks == 10
+    assert table.release("a", "again") == "released"
+    assert table.pool.num_free_blocks == 10
+    with pytest.raises(RequestReleased):
+        table.write(r, 1, 0, kv(20))
+    with pytest.raises(RequestReleased):
+        table.commit(r, list(range(20)), [1])
+
+
+def test_lease_expiry_and_tombstone_ttl(table):
+    table.reserve("a", 5)
+    table.reserve("b", 5, lease_s=10)  # a sender may ask for less, never more
+    table.clock_.t += 10
+    assert table.expire() == ["b"]
+    table.clock_.t += 20
+    assert table.expire() == ["a"] and table.pool.num_free_blocks == 10
+    with pytest.raises(RequestReleased, match="lease_expired"):
+        table.begin("a", 5)
+    table.clock_.t += 61
+    table.expire()
+    with pytest.raises(UnknownRequest):  # forgotten after the tombstone TTL
+        table.begin("a", 5)
+
+
+def test_release_before_reserve_blocks_the_reserve(table):
+    assert table.release("x", "client_disconnected") == "unknown"
+    with pytest.raises(RequestReleased):
+        table.reserve("x", 5)
+    assert table.pool.num_free_blocks == 10
+
+
+def test_refusals_allocate_nothing(table):
+    with pytest.raises(ReservationRefused):
+        table.reserve("big", 11 * 16)
+    table.reserve("a", 9 * 16)
+    with pytest.raises(ReservationRefused):
+        table.reserve("b", 2 * 16)
+    with pytest.raises(DuplicateRequest):
+        table.reserve("a", 1)
+    with pytest.raises(MalformedTransfer):
+        table.reserve("zero", 0)
+    assert table.pool.num_free_blocks == 1
+    table.release("a", "done")
+
+
+def test_chunks_are_checked_before_they_touch_the_pool(table):
+    r = table.reserve("a", 20)
+    table.begin("a", 20)
+    with pytest.raises(DuplicateRequest):
+        table.begin("a", 20)
+    before = table.pool.kv.data.clone()
+    for layer, start, n in [(2, 0, 20), (0, 1, 5), (0, 0, 21), (0, 0, 0)]:
+        with pytest.raises(MalformedTransfer):
+            table.write(r, layer, start, kv(n))
+    with pytest.raises(MalformedTransfer):
+        table.write(r, 0, 0, torch.randn(2, 20, FP.num_kv_heads, FP.head_dim + 1))
+    assert torch.equal(table.pool.kv.data, before)
+    table.write(r, 0, 0, kv(12))
+    table.write(r, 0, 12, kv(8))
+    with pytest.raises(MalformedTransfer, match="incomplete"):
+        table.commit(r, list(range(20)), [1])
+    table.write(r, 1, 0, kv(20))
+    with pytest.raises(MalformedTransfer, match="do not fit"):
+        table.commit(r, list(range(20)), [])
+    table.release("a", "test over")
