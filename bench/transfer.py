@@ -5,7 +5,9 @@ sent from this process to a `KVReceiver` in another process (one per transport) 
 paged pool. One transfer is timed from just before Reserve to the push's acknowledgement (reserve +
 push + ack); GB/s = KV bytes / the median time of `--runs` transfers, after one warm-up per point.
 The baseline, measured in the same run, is raw loopback TCP: the same bytes `sendall`ed in 4 MiB
-slices to a process that reads everything off the socket and acknowledges with one byte. Within a
+slices to a process that reads everything off the socket and acknowledges with one byte. A second
+reference, "raw gRPC", streams the same bytes as 4 MiB messages to a grpc.aio server that only counts
+them: the ceiling of the gRPC library itself on this machine, with no checksums, pool writes or protocol. Within a
 payload size the runs of TCP and the transports are interleaved, so that noise on the machine hits
 them alike. Progress goes to stderr; with `--json` stdout carries exactly one JSON object.
 """
@@ -129,6 +131,44 @@ def _tcp_sink_main(conn) -> None:
         conn.close()
 
 
+def _grpc_sink_main(conn) -> None:
+    """A grpc.aio server whose one streaming method counts the bytes it receives (raw gRPC ceiling)."""
+    import asyncio
+    import threading
+
+    import grpc
+
+    try:
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+
+        async def count(it, context):
+            n = 0
+            async for m in it:
+                n += len(m)
+            return n.to_bytes(8, "little")
+
+        async def start():
+            server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+                "bench.Sink", {"Count": grpc.stream_unary_rpc_method_handler(count)}),))
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            return server, port
+
+        server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(START_TIMEOUT_S)
+        conn.send(("ready", port))
+        with contextlib.suppress(EOFError):
+            conn.recv()
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(STOP_TIMEOUT_S)
+        conn.send(("stopped",))
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
 class Child:
     """A spawned process and our end of its pipe."""
 
@@ -200,6 +240,33 @@ class TCPPoint:
             log(f"tcp sink: {reply[1]}")
 
 
+class GrpcRawPoint:
+    name = "grpc_raw"
+
+    def __init__(self, child: Child):
+        import grpc
+
+        self.child = child
+        port = child.ready()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 16 << 20)])
+        self.count = self.channel.stream_unary("/bench.Sink/Count")
+
+    def once(self, payload: memoryview, layers: list[torch.Tensor], tokens: int) -> float:
+        t0 = time.perf_counter()
+        n = int.from_bytes(self.count(payload[s:s + SLICE].tobytes() for s in range(0, len(payload), SLICE)),
+                           "little")
+        dt = time.perf_counter() - t0
+        if n != len(payload):
+            raise RuntimeError(f"raw gRPC sink counted {n} bytes, {len(payload)} sent")
+        return dt
+
+    def close(self) -> None:
+        self.channel.close()
+        reply = self.child.stop()
+        if reply and reply[0] == "error":
+            log(f"raw gRPC sink: {reply[1]}")
+
+
 class KVPoint:
     def __init__(self, transport: str, child: Child, fp: Fingerprint):
         self.name = transport
@@ -255,12 +322,13 @@ def run(sizes: list[float], runs: int, transports: list[str]) -> dict[str, Any]:
         log(f"{name} failed: {errors[name]}")
 
     log(f"starting the TCP sink and {len(transports)} receiver process(es)")
-    children = [("tcp", Child(ctx, "tcp", _tcp_sink_main))]
+    children = [("tcp", Child(ctx, "tcp", _tcp_sink_main)), ("grpc_raw", Child(ctx, "grpc_raw", _grpc_sink_main))]
     children += [(t, Child(ctx, t, _receiver_main, t, num_blocks)) for t in transports]
     try:
         for name, child in children:
             try:
-                points.append(TCPPoint(child) if name == "tcp" else KVPoint(name, child, fp))
+                points.append(TCPPoint(child) if name == "tcp" else GrpcRawPoint(child) if name == "grpc_raw"
+                              else KVPoint(name, child, fp))
             except Exception as e:
                 failed(name, e)
                 child.stop()
@@ -300,11 +368,12 @@ def run(sizes: list[float], runs: int, transports: list[str]) -> dict[str, Any]:
                 "runs": len(ts)}
 
     tcp = [f for s in sizes if (f := figure("tcp", s)) is not None]
+    grpc_raw = [f for s in sizes if (f := figure("grpc_raw", s)) is not None]
     results = [{"transport": t, **f} for s in sizes for t in transports if (f := figure(t, s)) is not None]
     largest = max(sizes)
     tcp_gbps = next((f["gbps"] for f in tcp if f["size_mib"] == _num(largest)), None)
     return {"machine": machine(), "runs": runs, "bytes_per_token": bytes_per_token, "tcp_gbps": tcp_gbps,
-            "tcp": tcp, "results": results, "errors": errors}
+            "tcp": tcp, "grpc_raw": grpc_raw, "results": results, "errors": errors}
 
 
 def targets(r: dict[str, Any], transports: list[str]) -> list[str]:
@@ -327,7 +396,8 @@ def table(r: dict[str, Any], transports: list[str]) -> str:
     tcp = {f["size_mib"]: f for f in r["tcp"]}
     res = {(f["transport"], f["size_mib"]): f for f in r["results"]}
     sizes = list(dict.fromkeys([f["size_mib"] for f in r["tcp"]] + [f["size_mib"] for f in r["results"]]))
-    head = f"{'size MiB':>8} {'TCP GB/s':>9}"
+    raw = {f["size_mib"]: f for f in r.get("grpc_raw", [])}
+    head = f"{'size MiB':>8} {'TCP GB/s':>9} {'raw gRPC':>9}"
     for t in transports:
         head += f" {LABELS[t] + ' GB/s (p50 ms)':>28}"
     for t in transports:
@@ -338,6 +408,7 @@ def table(r: dict[str, Any], transports: list[str]) -> str:
     for s in sizes:
         base = tcp.get(s)
         row = f"{s:>8g} {base['gbps'] if base else float('nan'):>9.2f}"
+        row += f" {raw[s]['gbps'] if s in raw else float('nan'):>9.2f}"
         for t in transports:
             f = res.get((t, s))
             cell = f"{f['gbps']:.2f} ({f['p50_ms']:.1f})" if f else "failed"

@@ -66,6 +66,18 @@ class TorchChannel:
         self.lock = threading.Lock()
         self.last_used = time.monotonic()
         self.broken = False
+        self._staging: torch.Tensor | None = None
+
+    def staging(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A receive buffer, reused across chunks (one transfer at a time uses a channel, and a
+        chunk is written into the pool before the next one is received)."""
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        if self._staging is None or self._staging.numel() < nbytes or self._staging.device != torch.device(device):
+            self._staging = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return self._staging[:nbytes].view(dtype).view(shape)
 
     def send(self, t: torch.Tensor) -> None:
         self._run(lambda: self.group.send([t], RECEIVER_RANK, 0), "send")

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
 import torch.distributed as dist
 
 from engine.config import KVTransferConfig
+from engine.platform import keep_freed_memory
 from kv_transfer.channel import SENDER_RANK, ChannelTable, TorchChannel, backend_for, create_group
 from kv_transfer.protocol import (
     AUTH_METADATA_KEY,
@@ -29,12 +31,11 @@ from kv_transfer.protocol import (
     LayoutMismatch,
     MalformedTransfer,
     TransferCancelled,
-    bytes_checksum,
     checksum,
     checksum_algo,
+    encode_chunk_data,
     error_from_rpc,
-    split_tokens,
-    tensor_bytes,
+    plan_chunks,
 )
 from kv_transfer.source import CommitInfo, LayerKV, LayerStream
 from kv_transfer.v1 import kv_transfer_pb2 as pb
@@ -49,6 +50,7 @@ class Peer:
     max_message_bytes: int
     channel: grpc.aio.Channel = field(repr=False)
     stub: pb_grpc.KVTransferStub = field(repr=False)
+    push: object = field(repr=False)  # Push, taking messages or their pre-encoded wire bytes
 
 
 @dataclass
@@ -71,8 +73,8 @@ class TransferResult:
 class KVSender:
     def __init__(self, config: KVTransferConfig, fingerprint: Fingerprint, *, worker_id: str | None = None,
                  device=None):
-        import torch
-
+        if torch.device(device or "cpu").type == "cpu":
+            keep_freed_memory()  # chunk buffers are reused from the heap instead of mmapped afresh
         self.config = config
         self.fingerprint = fingerprint
         self.digest = fingerprint.digest()
@@ -164,7 +166,9 @@ class KVSender:
             if diff:  # the server checks too; this catches an older server that does not
                 await channel.close()
                 raise LayoutMismatch("incompatible KV layouts: " + "; ".join(diff))
-            peer = Peer(address, resp.worker_id, theirs, resp.max_message_bytes, channel, stub)
+            push = channel.stream_unary("/pdserve.kv_transfer.v1.KVTransfer/Push", request_serializer=_serialize,
+                                        response_deserializer=pb.PushResponse.FromString)
+            peer = Peer(address, resp.worker_id, theirs, resp.max_message_bytes, channel, stub, push)
             self._peers[address] = peer
             return peer
 
@@ -266,31 +270,37 @@ class KVSender:
             yield pb.PushMessage(header=pb.TransferHeader(
                 request_id=source.request_id, fingerprint_digest=self.digest, num_tokens=source.num_tokens,
                 data_plane=self.plane, channel_id=channel.channel_id if channel else ""))
-            async for item in source:
-                if isinstance(item, CommitInfo):
-                    yield pb.PushMessage(commit=pb.Commit(prompt_token_ids=item.prompt_token_ids,
-                                                          output_token_ids=item.output_token_ids))
-                    return
-                assert isinstance(item, LayerKV)
-                if item.kv.shape[1] != source.num_tokens:
-                    raise MalformedTransfer(f"layer {item.layer} has KV for {item.kv.shape[1]} tokens, "
-                                            f"the transfer is for {source.num_tokens}")
-                for s, e in split_tokens(source.num_tokens, fp.bytes_per_token_layer, limit):
-                    part = item.kv[:, s:e].contiguous()
-                    if channel is None:
-                        data = tensor_bytes(part.cpu()).tobytes()
-                        yield pb.PushMessage(chunk=pb.LayerChunk(
-                            layer=item.layer, token_start=s, num_tokens=e - s, data=data, nbytes=len(data),
-                            checksum_algo=pb.CHECKSUM_ALGO_CRC32C, checksum=bytes_checksum(data)))
-                    else:
-                        algo = checksum_algo(part)
-                        yield pb.PushMessage(chunk=pb.LayerChunk(
-                            layer=item.layer, token_start=s, num_tokens=e - s,
-                            nbytes=part.numel() * part.element_size(), checksum_algo=algo,
-                            checksum=checksum(part, algo)))
+            async for batch in source.batches():
+                layers = [item for item in batch if isinstance(item, LayerKV)]
+                for item in layers:
+                    if item.kv.shape[1] != source.num_tokens:
+                        raise MalformedTransfer(f"layer {item.layer} has KV for {item.kv.shape[1]} tokens, "
+                                                f"the transfer is for {source.num_tokens}")
+                by_layer = {item.layer: item.kv for item in layers}
+                for first, count in _runs([item.layer for item in layers]):
+                    for layer, nl, s, e in plan_chunks(first, count, source.num_tokens, fp.bytes_per_token_layer,
+                                                       limit):
+                        kvs = [by_layer[i][:, s:e] for i in range(layer, layer + nl)]
+                        meta = pb.LayerChunk(layer=layer, num_layers=nl, token_start=s, num_tokens=e - s)
+                        if channel is None:
+                            data, meta.nbytes, meta.checksum = encode_chunk_data(kvs)
+                            meta.checksum_algo = pb.CHECKSUM_ALGO_CRC32C
+                            yield pb.PushMessage(chunk=meta)
+                            yield data  # already wire bytes
+                            continue
+                        part = torch.stack(kvs) if nl > 1 else kvs[0].contiguous()
+                        meta.checksum_algo = checksum_algo(part)
+                        meta.checksum = checksum(part, meta.checksum_algo)
+                        meta.nbytes = part.numel() * part.element_size()
+                        yield pb.PushMessage(chunk=meta)
                         await loop.run_in_executor(self._executor, channel.send, part)
+                if isinstance(batch[-1], CommitInfo):
+                    c = batch[-1]
+                    yield pb.PushMessage(commit=pb.Commit(prompt_token_ids=c.prompt_token_ids,
+                                                          output_token_ids=c.output_token_ids))
+                    return
 
-        call = peer.stub.Push(messages(), metadata=self._metadata)
+        call = peer.push(messages(), metadata=self._metadata)
         try:
             return await call
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
@@ -335,3 +345,19 @@ class KVSender:
         """Best effort: the lease reclaims the reservation if this does not arrive."""
         with contextlib.suppress(Exception):
             await asyncio.shield(self._release(address, request_id, reason))
+
+
+def _runs(layers: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs in a list of layer indices: [3, 4, 5, 9] -> [(3, 3), (9, 1)]."""
+    runs: list[tuple[int, int]] = []
+    for layer in layers:
+        if runs and runs[-1][0] + runs[-1][1] == layer:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((layer, 1))
+    return runs
+
+
+def _serialize(m: pb.PushMessage | bytes) -> bytes:
+    """Push's request serializer: chunk bytes arrive already encoded (see `encode_chunk_data`)."""
+    return m if isinstance(m, bytes) else m.SerializeToString()

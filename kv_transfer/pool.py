@@ -173,26 +173,37 @@ class ReservationTable:
         r.state = State.RECEIVING
         return r
 
-    def check_chunk(self, r: Reservation, layer: int, token_start: int, num_tokens: int, nbytes: int) -> None:
-        """Bounds and order of a chunk, before any byte of it is used. Raises MalformedTransfer."""
+    def check_chunk(self, r: Reservation, layer: int, num_layers: int, token_start: int, num_tokens: int,
+                    nbytes: int) -> None:
+        """Bounds and order of a chunk (layers [layer, layer + num_layers), tokens [token_start,
+        token_start + num_tokens)), before any byte of it is used. Raises MalformedTransfer."""
         if r.state is not State.RECEIVING:
             raise RequestReleased(f"request {r.request_id!r} is {r.state.value} ({r.release_reason})")
         fp = self.pool.fingerprint
-        if not 0 <= layer < fp.num_layers:
-            raise MalformedTransfer(f"layer {layer} out of range [0, {fp.num_layers})")
-        if num_tokens < 1 or token_start != r.received[layer] or token_start + num_tokens > r.num_tokens:
-            raise MalformedTransfer(f"layer {layer}: chunk [{token_start}, {token_start + num_tokens}) does not "
-                                    f"continue at token {r.received[layer]} of {r.num_tokens}")
-        if nbytes != num_tokens * fp.bytes_per_token_layer:
-            raise MalformedTransfer(f"chunk of {num_tokens} tokens has {nbytes} bytes, expected "
-                                    f"{num_tokens * fp.bytes_per_token_layer}")
+        if num_layers < 1 or not 0 <= layer <= layer + num_layers <= fp.num_layers:
+            raise MalformedTransfer(f"layers [{layer}, {layer + num_layers}) out of range [0, {fp.num_layers})")
+        if num_tokens < 1 or token_start + num_tokens > r.num_tokens:
+            raise MalformedTransfer(f"chunk tokens [{token_start}, {token_start + num_tokens}) outside the "
+                                    f"{r.num_tokens} reserved")
+        for i in range(layer, layer + num_layers):
+            if token_start != r.received[i]:
+                raise MalformedTransfer(f"layer {i}: chunk starts at token {token_start}, expected "
+                                        f"{r.received[i]} (chunks of a layer arrive in order, once)")
+        if nbytes != num_layers * num_tokens * fp.bytes_per_token_layer:
+            raise MalformedTransfer(f"chunk of {num_layers} layer(s) x {num_tokens} tokens has {nbytes} bytes, "
+                                    f"expected {num_layers * num_tokens * fp.bytes_per_token_layer}")
 
     def write(self, r: Reservation, layer: int, token_start: int, kv: torch.Tensor) -> None:
-        """Write a checked chunk `[2, n, kv_heads, head_dim]` into the reserved blocks."""
-        n = kv.shape[1]
-        self.check_chunk(r, layer, token_start, n, kv.numel() * kv.element_size())
-        self.pool.kv.write_layer(layer, r.slots(self.pool)[token_start:token_start + n], kv)
-        r.received[layer] += n
+        """Write a chunk `[num_layers, 2, n, kv_heads, head_dim]` (or one layer's `[2, n, ...]`)
+        for layers starting at `layer` into the reserved blocks, after checking it."""
+        if kv.dim() == 4:
+            kv = kv.unsqueeze(0)
+        nl, n = kv.shape[0], kv.shape[2]
+        self.check_chunk(r, layer, nl, token_start, n, kv.numel() * kv.element_size())
+        slots = r.slots(self.pool)[token_start:token_start + n]
+        for i in range(nl):
+            self.pool.kv.write_layer(layer + i, slots, kv[i])
+            r.received[layer + i] += n
         r.bytes_received += kv.numel() * kv.element_size()
 
     def commit(self, r: Reservation, prompt_token_ids: list[int], output_token_ids: list[int]) -> ReceivedKV:

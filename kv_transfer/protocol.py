@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import google_crc32c
 import grpc
+import numpy as np
 import torch
 
 from kv_transfer.v1 import kv_transfer_pb2 as pb
@@ -186,15 +187,20 @@ def secret_matches(presented: str | None, expected: str) -> bool:
 
 
 # -- chunks and checksums ---------------------------------------------------------------------------
-def split_tokens(num_tokens: int, bytes_per_token: int, chunk_bytes: int) -> list[tuple[int, int]]:
-    """[start, end) token ranges whose K+V bytes stay within `chunk_bytes` (at least one token each)."""
-    step = max(1, chunk_bytes // bytes_per_token)
-    return [(s, min(s + step, num_tokens)) for s in range(0, num_tokens, step)]
-
-
-def tensor_bytes(kv: torch.Tensor) -> memoryview:
-    """A host tensor's raw bytes (any dtype, bf16 included) without a copy; it must be contiguous."""
-    return memoryview(kv.view(torch.uint8).numpy()).cast("B") if kv.numel() else memoryview(b"")
+def plan_chunks(first_layer: int, num_layers: int, num_tokens: int, bytes_per_token_layer: int,
+                chunk_bytes: int) -> list[tuple[int, int, int, int]]:
+    """(layer, num_layers, token_start, token_end) chunks covering layers [first_layer, first_layer +
+    num_layers) of `num_tokens` tokens, each within `chunk_bytes` (at least one token of one layer):
+    small layers are packed together, a layer over the limit is split into even token ranges."""
+    layer_bytes = num_tokens * bytes_per_token_layer
+    if layer_bytes <= chunk_bytes:
+        per = max(1, chunk_bytes // layer_bytes)
+        last = first_layer + num_layers
+        return [(layer, min(per, last - layer), 0, num_tokens) for layer in range(first_layer, last, per)]
+    pieces = -(-layer_bytes // chunk_bytes)
+    step = min(-(-num_tokens // pieces), max(1, chunk_bytes // bytes_per_token_layer))
+    return [(layer, 1, s, min(s + step, num_tokens))
+            for layer in range(first_layer, first_layer + num_layers) for s in range(0, num_tokens, step)]
 
 
 def checksum_algo(t: torch.Tensor) -> int:
@@ -202,10 +208,10 @@ def checksum_algo(t: torch.Tensor) -> int:
 
 
 def checksum(t: torch.Tensor, algo: int) -> int:
-    """Checksum of a contiguous tensor's bytes: CRC32C on the host; on a GPU, a position-weighted
+    """Checksum of a tensor's bytes (row-major): CRC32C on the host; on a GPU, a position-weighted
     sum of its int32 words, computed on the device so NCCL transfers never copy to the host."""
     if algo == pb.CHECKSUM_ALGO_CRC32C:
-        return google_crc32c.value(tensor_bytes(t.cpu()).tobytes())  # its C API takes bytes only
+        return google_crc32c.value(_host_bytes(t))
     if algo == pb.CHECKSUM_ALGO_SUM64:
         words = t.reshape(-1).view(torch.uint8)
         pad = (-words.numel()) % 4
@@ -218,15 +224,64 @@ def checksum(t: torch.Tensor, algo: int) -> int:
     raise MalformedTransfer(f"unknown checksum algorithm {algo}")
 
 
-def bytes_checksum(data: bytes) -> int:
-    return google_crc32c.value(data)
+def _host_bytes(t: torch.Tensor):
+    """A host tensor's bytes as a uint8 numpy array (no copy when it is contiguous): google-crc32c
+    reads numpy arrays and bytes in place, but refuses memoryviews."""
+    return t.cpu().reshape(-1).view(torch.uint8).numpy()
 
 
-def kv_from_bytes(data: bytes, num_tokens: int, fp: Fingerprint) -> torch.Tensor:
-    """Inverse of `tensor_bytes` for one chunk: `[2, num_tokens, kv_heads, head_dim]` over `data`
-    (read-only; the caller copies it into the pool)."""
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(b)
+            return bytes(out)
+        out.append(b | 0x80)
+
+
+_CHUNK_DATA_KEY = 0x22  # PushMessage.chunk_data: field 4, length-delimited
+
+
+def encode_chunk_data(kvs: list[torch.Tensor]) -> tuple[bytes, int, int]:
+    """The `PushMessage(chunk_data=...)` carrying `kvs` (per layer `[2, n, kv_heads, head_dim]`: K rows,
+    then V rows) in protobuf wire format, with its byte count and CRC32C. The bytes are copied once,
+    straight from the tensors (protobuf's own path copies them three times: to bytes, into the
+    message, out of it). Any protobuf parser reads it as that message (tests/test_proto.py checks)."""
+    parts = [_host_bytes(half) for kv in kvs for half in kv]  # each half is contiguous even in a token slice
+    crc = google_crc32c.value(parts[0])
+    for part in parts[1:]:
+        crc = google_crc32c.extend(crc, part)
+    n = sum(part.nbytes for part in parts)
+    return b"".join([bytes([_CHUNK_DATA_KEY]), _varint(n), *parts]), n, crc
+
+
+def decode_push_message(buf: bytes) -> pb.PushMessage | memoryview:
+    """Push's request deserializer. A message that is exactly one `chunk_data` field comes back as a
+    memoryview of its payload, in place (bounds-checked); anything else is parsed by protobuf."""
+    if len(buf) > 1 and buf[0] == _CHUNK_DATA_KEY:
+        n, shift, i = 0, 0, 1
+        while i < len(buf) and i <= 10:
+            b = buf[i]
+            n |= (b & 0x7F) << shift
+            shift += 7
+            i += 1
+            if not b & 0x80:
+                if i + n == len(buf):
+                    return memoryview(buf)[i:]
+                break
+    return pb.PushMessage.FromString(buf)
+
+
+def bytes_checksum(data: bytes | memoryview) -> int:
+    return google_crc32c.value(data if isinstance(data, bytes) else np.frombuffer(data, dtype=np.uint8))
+
+
+def kv_from_bytes(data: bytes | memoryview, num_layers: int, num_tokens: int, fp: Fingerprint) -> torch.Tensor:
+    """Inverse of `encode_chunk_data`'s payload: `[num_layers, 2, num_tokens, kv_heads, head_dim]`
+    over `data` (read-only; the caller copies it into the pool)."""
     raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-    return raw.view(fp.torch_dtype).view(2, num_tokens, fp.num_kv_heads, fp.head_dim)
+    return raw.view(fp.torch_dtype).view(num_layers, 2, num_tokens, fp.num_kv_heads, fp.head_dim)
 
 
 # torch.frombuffer warns (once) that `bytes` are read-only; the receiver only ever reads them.

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import KVTransferConfig
+from engine.platform import keep_freed_memory
 from kv_transfer import metrics
 from kv_transfer.channel import RECEIVER_RANK, ChannelTable, TorchChannel, backend_for, create_group
 from kv_transfer.pool import KVPool, ReceivedKV, ReservationTable
@@ -41,11 +42,11 @@ from kv_transfer.protocol import (
     TransferTimeout,
     bytes_checksum,
     checksum,
+    decode_push_message,
     kv_from_bytes,
     secret_matches,
 )
 from kv_transfer.v1 import kv_transfer_pb2 as pb
-from kv_transfer.v1 import kv_transfer_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class KVReceiver:
     """
 
     def __init__(self, pool: KVPool, config: KVTransferConfig, on_commit: OnCommit, *, worker_id: str | None = None):
+        if pool.kv.device.type == "cpu":
+            keep_freed_memory()  # received messages are reused from the heap instead of mmapped afresh
         self.pool = pool
         self.config = config
         self.on_commit = on_commit
@@ -126,7 +129,7 @@ class KVReceiver:
                 ("grpc.so_reuseport", 0)]
         interceptors = [_AuthInterceptor(c.auth_token)] if c.auth_token else []
         self._server = grpc.aio.server(options=opts, interceptors=interceptors)
-        pb_grpc.add_KVTransferServicer_to_server(_Servicer(self), self._server)
+        self._server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))
         bind = f"[{c.host}]:{c.port}" if ":" in c.host else f"{c.host}:{c.port}"
         if c.tls_cert_file:
             with open(c.tls_key_file, "rb") as k, open(c.tls_cert_file, "rb") as crt:
@@ -205,7 +208,20 @@ class KVReceiver:
         return ch
 
 
-class _Servicer(pb_grpc.KVTransferServicer):
+def _handlers(servicer) -> grpc.GenericRpcHandler:
+    """The KVTransfer service's handlers, built from the descriptor as the generated
+    `add_KVTransferServicer_to_server` would, except that Push reads chunk bytes in place."""
+    service = pb.DESCRIPTOR.services_by_name["KVTransfer"]
+    handlers = {}
+    for m in service.methods:
+        make = grpc.stream_unary_rpc_method_handler if m.client_streaming else grpc.unary_unary_rpc_method_handler
+        request = decode_push_message if m.name == "Push" else getattr(pb, m.input_type.name).FromString
+        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=request,
+                                response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+class _Servicer:
     def __init__(self, rx: KVReceiver):
         self.rx = rx
         self.fp: Fingerprint = rx.pool.fingerprint
@@ -274,11 +290,12 @@ class _Servicer(pb_grpc.KVTransferServicer):
                 msg = await self._next(request_iterator, r)
                 if msg is None:
                     raise MalformedTransfer("the push ended without its commit")
-                kind = msg.WhichOneof("kind")
+                kind = "chunk_data" if isinstance(msg, memoryview) else msg.WhichOneof("kind")
                 if kind == "chunk":
                     c = msg.chunk
-                    table.check_chunk(r, c.layer, c.token_start, c.num_tokens, c.nbytes)
-                    kv = await self._chunk_kv(c, channel)
+                    nl = c.num_layers or 1
+                    table.check_chunk(r, c.layer, nl, c.token_start, c.num_tokens, c.nbytes)
+                    kv = await self._chunk_kv(c, nl, channel, request_iterator, r)
                     table.write(r, c.layer, c.token_start, kv)
                     nbytes += c.nbytes
                     if not timings.first_byte:
@@ -326,20 +343,23 @@ class _Servicer(pb_grpc.KVTransferServicer):
         except TimeoutError:
             raise TransferTimeout("the sender went quiet (idle timeout or lease expired)") from None
 
-    async def _chunk_kv(self, c, channel: TorchChannel | None) -> torch.Tensor:
+    async def _chunk_kv(self, c, num_layers: int, channel: TorchChannel | None, it, r) -> torch.Tensor:
         fp = self.fp
         if channel is None:
-            if len(c.data) != c.nbytes:
-                raise MalformedTransfer(f"chunk says {c.nbytes} bytes, carries {len(c.data)}")
+            data = await self._next(it, r)  # the chunk's bytes: a memoryview, in place (decode_push_message)
+            if isinstance(data, pb.PushMessage) and data.WhichOneof("kind") == "chunk_data":
+                data = data.chunk_data
+            elif not isinstance(data, memoryview):
+                raise MalformedTransfer("a chunk's bytes must follow its LayerChunk")
+            if len(data) != c.nbytes:
+                raise MalformedTransfer(f"chunk says {c.nbytes} bytes, carries {len(data)}")
             metrics.TRANSFER_BYTES_TOTAL.inc(self.rx.config.kv_transport, c.nbytes)
-            if c.checksum_algo != pb.CHECKSUM_ALGO_CRC32C or bytes_checksum(c.data) != c.checksum:
+            if c.checksum_algo != pb.CHECKSUM_ALGO_CRC32C or bytes_checksum(data) != c.checksum:
                 raise ChecksumMismatch(f"layer {c.layer} tokens [{c.token_start}, {c.token_start + c.num_tokens}): "
                                        "checksum mismatch")
-            return kv_from_bytes(c.data, c.num_tokens, fp)
-        if c.data:
-            raise MalformedTransfer("a torch-plane chunk must not carry inline bytes")
-        buf = torch.empty(2, c.num_tokens, fp.num_kv_heads, fp.head_dim, dtype=fp.torch_dtype,
-                          device=self.rx.pool.kv.device)
+            return kv_from_bytes(data, num_layers, c.num_tokens, fp)
+        buf = channel.staging((num_layers, 2, c.num_tokens, fp.num_kv_heads, fp.head_dim), fp.torch_dtype,
+                              self.rx.pool.kv.device)
         await asyncio.get_running_loop().run_in_executor(self.rx._executor, channel.recv, buf)
         metrics.TRANSFER_BYTES_TOTAL.inc(self.rx.config.kv_transport, c.nbytes)
         if checksum(buf, c.checksum_algo) != c.checksum:

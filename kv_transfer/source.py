@@ -77,10 +77,9 @@ class LayerStream:
             loop.call_soon_threadsafe(ready.set)
 
     # -- consumer (one event loop) -----------------------------------------------------------------
-    def __aiter__(self):
-        return self._iterate()
-
-    async def _iterate(self):
+    async def batches(self):
+        """Lists of the items available at once (layers that are ready go out together), ending
+        with the one holding the `CommitInfo`; a failure is raised."""
         with self._lock:
             self._loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
         while True:
@@ -91,9 +90,11 @@ class LayerStream:
             if not items:
                 await self._ready.wait()
                 continue
-            for item in items:
+            for i, item in enumerate(items):
                 if isinstance(item, BaseException):
+                    if i:
+                        yield items[:i]
                     raise item
-                yield item
-                if isinstance(item, CommitInfo):
-                    return
+            yield items
+            if isinstance(items[-1], CommitInfo):
+                return

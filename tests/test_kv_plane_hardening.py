@@ -66,13 +66,22 @@ def stub(rx: KVReceiver, token: str | None = None):
     return pb_grpc.KVTransferStub(channel), md
 
 
-def chunk(layer, start, n, fp=FP, corrupt=False, nbytes=None, data=None):
-    kv = torch.randn(2, n, fp.num_kv_heads, fp.head_dim)
+def chunk(layer, start, n, fp=FP, corrupt=False, nbytes=None, data=None, nl=1):
+    """A LayerChunk and its bytes: two messages."""
+    kv = torch.randn(nl, 2, n, fp.num_kv_heads, fp.head_dim)
     raw = kv.numpy().tobytes() if data is None else data
     crc = google_crc32c.value(raw) ^ (1 if corrupt else 0)
-    return pb.PushMessage(chunk=pb.LayerChunk(layer=layer, token_start=start, num_tokens=n, data=raw,
-                                              nbytes=len(raw) if nbytes is None else nbytes,
-                                              checksum_algo=pb.CHECKSUM_ALGO_CRC32C, checksum=crc))
+    return [pb.PushMessage(chunk=pb.LayerChunk(layer=layer, num_layers=nl, token_start=start, num_tokens=n,
+                                               nbytes=len(raw) if nbytes is None else nbytes,
+                                               checksum_algo=pb.CHECKSUM_ALGO_CRC32C, checksum=crc)),
+            pb.PushMessage(chunk_data=raw)]
+
+
+def flat(messages):
+    out = []
+    for m in messages:
+        out.extend(m if isinstance(m, list) else [m])
+    return out
 
 
 def header(rid, n, fp=FP):
@@ -88,6 +97,10 @@ BAD_PUSHES = {
     "corrupt checksum": (lambda: [header("r", 20), chunk(0, 0, 20, corrupt=True)], grpc.StatusCode.DATA_LOSS,
                          "checksum"),
     "layer out of range": (lambda: [header("r", 20), chunk(2, 0, 20)], grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    "layers past the end": (lambda: [header("r", 20), chunk(1, 0, 20, nl=2)], grpc.StatusCode.INVALID_ARGUMENT,
+                            "malformed"),
+    "layer sent twice": (lambda: [header("r", 20), chunk(0, 0, 20), chunk(0, 0, 20, nl=2)],
+                         grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
     "tokens past the reservation": (lambda: [header("r", 20), chunk(0, 0, 21)], grpc.StatusCode.INVALID_ARGUMENT,
                                     "malformed"),
     "out of order": (lambda: [header("r", 20), chunk(0, 5, 10)], grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
@@ -95,6 +108,8 @@ BAD_PUSHES = {
                   "malformed"),
     "bytes short": (lambda: [header("r", 20), chunk(0, 0, 20, data=b"\0" * 100, nbytes=20 * 256)],
                     grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    "bytes missing": (lambda: [header("r", 20), chunk(0, 0, 20)[0], chunk(1, 0, 20)[0]],
+                      grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
     "commit before all layers": (lambda: [header("r", 20), chunk(0, 0, 20),
                                           pb.PushMessage(commit=pb.Commit(prompt_token_ids=range(20),
                                                                           output_token_ids=[1]))],
@@ -119,7 +134,7 @@ def test_bad_push_is_refused_and_leaves_the_pool_unchanged(receiver, case):
     reserved = rx.table.live["r"].blocks
     messages, code, reason = BAD_PUSHES[case]
     with pytest.raises(grpc.RpcError) as e:
-        s.Push(iter(messages()), metadata=md, timeout=10)
+        s.Push(iter(flat(messages())), metadata=md, timeout=10)
     assert e.value.code() == code, e.value.details()
     if reason:
         assert reason_of(e.value) == reason
@@ -130,7 +145,7 @@ def test_bad_push_is_refused_and_leaves_the_pool_unchanged(receiver, case):
     assert rx.state_of("r") == "released"
     others = [b for b in range(32) if b not in reserved]
     assert torch.equal(rx.pool.kv.data[:, :, others], before[:, :, others]), "a push wrote outside its reservation"
-    if case != "commit before all layers":  # the only case whose earlier chunks were valid (and written)
+    if case not in ("commit before all layers", "layer sent twice"):  # cases with a valid (written) chunk first
         assert torch.equal(rx.pool.kv.data, before), "a refused chunk was written into the pool"
     assert not rx.committed
 
@@ -139,13 +154,13 @@ def test_push_for_unknown_or_cancelled_request_is_refused(receiver):
     rx = receiver()
     s, md = stub(rx)
     with pytest.raises(grpc.RpcError) as e:
-        s.Push(iter([header("never", 20), chunk(0, 0, 20)]), metadata=md)
+        s.Push(iter(flat([header("never", 20), chunk(0, 0, 20)])), metadata=md)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND and reason_of(e.value) == "unknown_request"
     s.Reserve(pb.ReserveRequest(request_id="gone", num_tokens=20, fingerprint_digest=FP.digest()), metadata=md)
     released = s.Release(pb.ReleaseRequest(request_id="gone", reason="client_disconnected"), metadata=md)
     assert released.state == "reserved"
     with pytest.raises(grpc.RpcError) as e:
-        s.Push(iter([header("gone", 20), chunk(0, 0, 20)]), metadata=md)
+        s.Push(iter(flat([header("gone", 20), chunk(0, 0, 20)])), metadata=md)
     assert e.value.code() == grpc.StatusCode.ABORTED and "client_disconnected" in e.value.details()
     assert rx.pool.num_free_blocks == 32
 
@@ -307,6 +322,6 @@ def test_metrics_are_recorded_on_the_receiving_side(receiver):
     s, md = stub(rx)
     s.Reserve(pb.ReserveRequest(request_id="bad", num_tokens=20, fingerprint_digest=FP.digest()))
     with pytest.raises(grpc.RpcError):
-        s.Push(iter([header("bad", 20), chunk(0, 0, 20, corrupt=True)]))
+        s.Push(iter(flat([header("bad", 20), chunk(0, 0, 20, corrupt=True)])))
     delta = [_sample(*k) - b for k, b in zip(keys, before, strict=True)]
     assert delta == [1, 20 * 512, 20 * 512 + 20 * 256, 1, 1]

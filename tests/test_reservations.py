@@ -122,3 +122,19 @@ def test_chunks_are_checked_before_they_touch_the_pool(table):
     with pytest.raises(MalformedTransfer, match="do not fit"):
         table.commit(r, list(range(20)), [])
     table.release("a", "test over")
+
+
+@pytest.mark.parametrize("layers,tokens,bpt,limit", [(30, 2913, 1536, 4 << 20), (30, 364, 1536, 4 << 20),
+                                                     (30, 1, 1536, 4 << 20), (7, 100, 100, 999), (3, 5, 64, 64),
+                                                     (30, 22, 1536, 1 << 30)])
+def test_chunk_plan_covers_every_layer_and_token_once_within_the_limit(layers, tokens, bpt, limit):
+    from kv_transfer.protocol import plan_chunks
+
+    seen = torch.zeros(layers, tokens, dtype=torch.int32)
+    chunks = plan_chunks(0, layers, tokens, bpt, limit)
+    for layer, nl, s, e in chunks:
+        assert nl * (e - s) * bpt <= max(limit, bpt) and e > s
+        seen[layer:layer + nl, s:e] += 1
+    assert bool((seen == 1).all())
+    if tokens * bpt <= limit:  # small layers are packed: as few messages as the limit allows
+        assert len(chunks) == -(-layers // (limit // (tokens * bpt)))
