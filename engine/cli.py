@@ -73,6 +73,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench.engine import main as bench_main
     elif args.what == "transfer":
         from bench.transfer import main as bench_main
+    elif args.what == "layerwise":
+        from bench.layerwise import main as bench_main
     else:
         from bench.schedule import main as bench_main
     return bench_main(args.rest)
@@ -98,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(sim)
     sim.set_defaults(func=run_cli)
 
-    bench = sub.add_parser("bench", help="benchmarks (pdserve bench engine|schedule|transfer --help)")
-    bench.add_argument("what", choices=["engine", "schedule", "transfer"])
+    bench = sub.add_parser("bench", help="benchmarks (pdserve bench engine|schedule|transfer|layerwise --help)")
+    bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 
