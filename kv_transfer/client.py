@@ -114,7 +114,8 @@ class KVSender:
         return self._call(self._release(address, request_id, reason))
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> None:
-        """Abort this side's transfer of `request_id`, if one is in flight; the decode side is told."""
+        """Abort this side's push of `request_id`, if one is in flight; the decode side is told (a
+        reservation with no push under way is given up with `release`)."""
         self._loop.call_soon_threadsafe(self._cancel, request_id, reason)
 
     def forget(self, address: str) -> None:
@@ -224,13 +225,17 @@ class KVSender:
         t0 = time.perf_counter()
         try:
             peer = await self._pair(address)
+            # The stream opens when the first layers are ready, not before: a prompt may wait in the
+            # prefill queue, or prefill in chunks, for longer than the receiver's idle timeout.
+            batches = source.batches().__aiter__()
+            first = await anext(batches)
             if self.plane == "torch":
                 lock = self._chan_locks.setdefault(address, asyncio.Lock())
                 async with lock:  # sends and receives on a channel are matched by order
                     channel = await self._channel(peer)
-                    resp = await self._stream(peer, source, channel)
+                    resp = await self._stream(peer, source, channel, first, batches)
             else:
-                resp = await self._stream(peer, source, None)
+                resp = await self._stream(peer, source, None, first, batches)
         except asyncio.CancelledError:
             await self._release_quietly(address, rid, "cancelled")
             raise TransferCancelled(f"transfer of {rid} cancelled") from None
@@ -252,7 +257,8 @@ class KVSender:
             raise TypeError("push() takes a kv_transfer.source.LayerStream")
         return source.request_id
 
-    async def _stream(self, peer: Peer, source: LayerStream, channel: TorchChannel | None) -> pb.PushResponse:
+    async def _stream(self, peer: Peer, source: LayerStream, channel: TorchChannel | None, first: list,
+                      batches) -> pb.PushResponse:
         fp = self.fingerprint
         limit = min(self.config.chunk_bytes, peer.max_message_bytes // 2)
         loop = asyncio.get_running_loop()
@@ -262,7 +268,7 @@ class KVSender:
             try:
                 async for m in _messages():
                     yield m
-            except BaseException as e:
+            except Exception as e:  # not GeneratorExit/CancelledError: grpc closing the stream after a failed call
                 source_error.append(e)
                 raise
 
@@ -270,15 +276,15 @@ class KVSender:
             yield pb.PushMessage(header=pb.TransferHeader(
                 request_id=source.request_id, fingerprint_digest=self.digest, num_tokens=source.num_tokens,
                 data_plane=self.plane, channel_id=channel.channel_id if channel else ""))
-            async for batch in source.batches():
+            async for batch in _chain(first, batches):
                 layers = [item for item in batch if isinstance(item, LayerKV)]
                 for item in layers:
                     if item.kv.shape[1] != source.num_tokens:
                         raise MalformedTransfer(f"layer {item.layer} has KV for {item.kv.shape[1]} tokens, "
                                                 f"the transfer is for {source.num_tokens}")
                 by_layer = {item.layer: item.kv for item in layers}
-                for first, count in _runs([item.layer for item in layers]):
-                    for layer, nl, s, e in plan_chunks(first, count, source.num_tokens, fp.bytes_per_token_layer,
+                for run_start, count in _runs([item.layer for item in layers]):
+                    for layer, nl, s, e in plan_chunks(run_start, count, source.num_tokens, fp.bytes_per_token_layer,
                                                        limit):
                         kvs = [by_layer[i][:, s:e] for i in range(layer, layer + nl)]
                         meta = pb.LayerChunk(layer=layer, num_layers=nl, token_start=s, num_tokens=e - s)
@@ -306,7 +312,7 @@ class KVSender:
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
             if channel is not None:
                 channel.close()  # a send may be half done: the channel's state is unknown
-            if source_error and not isinstance(source_error[0], asyncio.CancelledError):
+            if source_error:
                 err = source_error[0]
                 if isinstance(err, KVTransferError):
                     raise err from None
@@ -345,6 +351,12 @@ class KVSender:
         """Best effort: the lease reclaims the reservation if this does not arrive."""
         with contextlib.suppress(Exception):
             await asyncio.shield(self._release(address, request_id, reason))
+
+
+async def _chain(first, rest):
+    yield first
+    async for item in rest:
+        yield item
 
 
 def _runs(layers: list[int]) -> list[tuple[int, int]]:

@@ -280,6 +280,25 @@ def test_stalled_sender_times_out(transfer_env):
     assert env.dec.block_manager.num_free_blocks == free0
 
 
+def test_push_opens_when_the_first_layers_are_ready(transfer_env):
+    """A prompt that waits in the prefill queue (or prefills in chunks) longer than the receiver's idle
+    timeout still transfers: the stream opens with the first layers, not at push()."""
+    env = transfer_env("grpc", idle_timeout_s=0.2)
+    env.tx.reserve(env.rx.address, "r", 40)
+    stream = LayerStream("r", 40)
+    fut = env.tx.push(env.rx.address, stream)
+    with pytest.raises(TimeoutError):
+        fut.result(0.6)  # three idle timeouts with nothing to send
+    assert env.rx.state_of("r") == "reserved"
+    for i in range(2):
+        stream.put_layer(i, torch.zeros(2, 40, 2, 16))
+    stream.commit(list(range(40)), [1])
+    assert fut.result(10).bytes == 40 * 256 * 2
+    received = env.got.get(timeout=5)
+    with env.dec.kv_lock:
+        env.dec.block_manager.free(received.block_table)
+
+
 def test_release_overtaking_reserve_refuses_it(transfer_env):
     """A client that cancelled in the proxy window: the release arrives before the reservation."""
     env = transfer_env("grpc")
