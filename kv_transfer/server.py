@@ -277,7 +277,7 @@ class _Servicer:
         nbytes = 0
         try:
             header = await self._next(request_iterator, None)
-            if header is None or header.WhichOneof("kind") != "header":
+            if not isinstance(header, pb.PushMessage) or header.WhichOneof("kind") != "header":
                 raise MalformedTransfer("a push must start with its header")
             h = header.header
             if h.fingerprint_digest != self.digest and table.state_of(h.request_id) == "reserved":

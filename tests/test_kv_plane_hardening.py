@@ -115,6 +115,7 @@ BAD_PUSHES = {
                                                                           output_token_ids=[1]))],
                                  grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
     "no header": (lambda: [chunk(0, 0, 20)], grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    "bytes first": (lambda: [chunk(0, 0, 20)[1]], grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
     "token count differs from the reservation": (lambda: [header("r", 19)], grpc.StatusCode.INVALID_ARGUMENT,
                                                  "malformed"),
     "other layout": (lambda: [header("r", 20, dataclasses.replace(FP, dtype="float16"))],
@@ -138,7 +139,7 @@ def test_bad_push_is_refused_and_leaves_the_pool_unchanged(receiver, case):
     assert e.value.code() == code, e.value.details()
     if reason:
         assert reason_of(e.value) == reason
-    if case == "no header":  # nothing names the request: its reservation stands until the lease or a release
+    if case in ("no header", "bytes first"):  # nothing names the request: the reservation stands (lease, release)
         assert rx.state_of("r") == "reserved"
         rx.release("r")
     wait_for(lambda: rx.pool.num_free_blocks == 32, 5, "the reservation to be released")
