@@ -100,6 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(sim)
     sim.set_defaults(func=run_cli)
 
+    from engine.serve_cli import add_scale_args, add_serve_args, cmd_scale, cmd_serve
+
+    serve = sub.add_parser("serve", help="the distributed deployment: router + prefill and decode pools on Ray")
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
+    scale = sub.add_parser("scale", help="resize the pools of a running `pdserve serve` (drains removed workers)")
+    add_scale_args(scale)
+    scale.set_defaults(func=cmd_scale)
+
     bench = sub.add_parser("bench", help="benchmarks (pdserve bench engine|schedule|transfer|layerwise --help)")
     bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)

@@ -139,12 +139,46 @@ class KVTransferConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """`pdserve serve`: the router, the worker pools and the HTTP API."""
+
+    mode: str = "disaggregated"  # disaggregated | colocated (decode workers prefill themselves)
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # guards /v1/*; /health and /metrics stay open
+    served_model_name: str | None = None  # default: the model's id
+    max_num_queued_requests: int | None = None  # router-wide bound on requests not yet decoding (503 beyond)
+    default_max_tokens: int = 256  # when a request names none (capped by the context window)
+    # Ray resources per worker; GPUs are requested when the cluster has them.
+    worker_num_cpus: float = 0.5
+    worker_num_gpus: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    # Pin each pool to nodes carrying this custom resource when the cluster defines it.
+    prefill_resource: str = "prefill"
+    decode_resource: str = "decode"
+    metrics_prefix: str = "pdserve_"  # "vllm:" switches to vLLM's exact metric names
+    health_interval_s: float = 1.0  # how often the router polls its workers
+    health_timeout_s: float = 3.0  # a worker that does not answer in time is out of routing
+    stall_timeout_s: float = 15.0  # an engine loop with work that has not stepped for this long is stalled
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("disaggregated", "colocated"):
+            raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
+        if self.decode_workers < 1 or self.prefill_workers < (1 if self.mode == "disaggregated" else 0):
+            raise ValueError("need at least one decode worker (and one prefill worker when disaggregated)")
+        if self.metrics_prefix not in ("pdserve_", "vllm:"):
+            raise ValueError("metrics_prefix must be pdserve_ or vllm:")
+
+
+@dataclass(frozen=True)
 class PdserveConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def replace(self, **sections) -> PdserveConfig:
         """Copy with whole sections or single fields replaced, e.g.

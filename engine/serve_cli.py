@@ -1,0 +1,110 @@
+"""`pdserve serve` and `pdserve scale`: the distributed deployment on a Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+
+ROUTER_NAME, NAMESPACE = "pdserve-router", "pdserve"
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Flags named like `vllm serve`'s where the meaning is the same; each maps onto the config tree."""
+    p.add_argument("--config", default=None, help="a JSON file with the config tree (sections model, cache, "
+                   "scheduler, engine, kv_transfer, serve); flags given on the command line override it")
+    p.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto); default: start a local one")
+    add = p.add_argument
+    add("--model", dest="model.model")
+    add("--served-model-name", dest="serve.served_model_name")
+    add("--mode", dest="serve.mode", choices=["disaggregated", "colocated"])
+    add("--prefill-workers", dest="serve.prefill_workers", type=int)
+    add("--decode-workers", dest="serve.decode_workers", type=int)
+    add("--kv-transport", dest="kv_transfer.kv_transport", choices=["grpc", "nccl"])
+    add("--kv-auth-token", dest="kv_transfer.auth_token")
+    add("--host", dest="serve.host")
+    add("--port", dest="serve.port", type=int)
+    add("--api-key", dest="serve.api_key")
+    add("--max-num-seqs", dest="scheduler.max_num_seqs", type=int)
+    add("--max-num-batched-tokens", dest="scheduler.max_num_batched_tokens", type=int)
+    add("--max-num-queued-requests", dest="serve.max_num_queued_requests", type=int)
+    add("--preemption", dest="scheduler.preemption", choices=["swap", "recompute", "auto"])
+    add("--swap-space-blocks", dest="scheduler.swap_space_blocks", type=int)
+    add("--block-size", dest="cache.block_size", type=int)
+    add("--num-kv-blocks", dest="cache.num_kv_blocks", type=int)
+    add("--kv-cache-memory-gb", dest="cache.kv_cache_memory_gb", type=float)
+    add("--max-model-len", dest="model.max_model_len", type=int)
+    add("--dtype", dest="model.dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    add("--device", dest="model.device")
+    add("--threads", dest="engine.num_threads", type=int, help="torch threads per worker (default: cores / workers)")
+    add("--worker-cpus", dest="serve.worker_num_cpus", type=float)
+    add("--metrics-prefix", dest="serve.metrics_prefix", choices=["pdserve_", "vllm:"])
+
+
+def serve_config(args: argparse.Namespace):
+    from engine.config import PdserveConfig
+
+    sections: dict[str, dict] = {}
+    if args.config:
+        with open(args.config) as f:
+            sections = json.load(f)
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".", 1)
+            sections.setdefault(section, {})[name] = value
+    cfg = PdserveConfig().replace(**sections)
+    if cfg.engine.num_threads is None:  # share the cores: no oversubscription between co-located workers
+        s = cfg.serve
+        workers = s.decode_workers + (s.prefill_workers if s.mode == "disaggregated" else 0)
+        cfg = cfg.replace(engine={"num_threads": max(1, (os.cpu_count() or 1) // workers)})
+    return cfg
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+
+    from router.server import RouterActor
+
+    cfg = serve_config(args)
+    if args.address:
+        ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=True)
+    else:
+        ray.init(namespace=NAMESPACE, include_dashboard=False)
+    router = ray.remote(RouterActor).options(name=ROUTER_NAME, namespace=NAMESPACE, num_cpus=0,
+                                             max_concurrency=10_000).remote(cfg)
+    url = ray.get(router.start.remote())
+    s = cfg.serve
+    model = ray.get(router.status.remote())
+    print(f"pdserve is serving on {url} ({s.mode}: {s.prefill_workers if s.mode == 'disaggregated' else 0} "
+          f"prefill + {s.decode_workers} decode workers, KV over {cfg.kv_transfer.kv_transport})", flush=True)
+    key = f' -H "Authorization: Bearer {s.api_key}"' if s.api_key else ""
+    print(f"try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{key} -d "
+          "'{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'\n"
+          f"health {url}/health, metrics {url}/metrics, scrape targets {url}/metrics/targets", flush=True)
+    del model
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    print("shutting down", file=sys.stderr)
+    ray.get(router.stop.remote(), timeout=30)
+    ray.shutdown()
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    import ray
+
+    ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
+    router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+    print(json.dumps(ray.get(router.scale.remote(args.prefill, args.decode)), indent=2))
+    return 0
+
+
+def add_scale_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="auto", help="the Ray cluster pdserve serve runs on")
+    p.add_argument("--prefill", type=int, default=None, help="prefill pool size")
+    p.add_argument("--decode", type=int, default=None, help="decode pool size")

@@ -1,0 +1,47 @@
+"""The router's view of its worker pools, and the routing policy.
+
+Pure bookkeeping (no Ray): a `WorkerState` per worker with what the router has in
+flight there and the worker's last reported stats. `RoutingPolicy` is the small
+interface: `LeastLoadedPolicy` picks the prefill worker with the fewest queued
+prompt tokens and the decode worker with the most free KV blocks among those
+below their running limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class WorkerState:
+    worker_id: str
+    role: str
+    handle: Any
+    info: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    healthy: bool = False  # answered its last health check with a live engine loop
+    draining: bool = False  # being scaled away: no new requests
+    inflight_requests: int = 0
+    inflight_tokens: int = 0  # prompt tokens dispatched here and not yet done (prefill queue depth)
+
+    @property
+    def routable(self) -> bool:
+        return self.healthy and not self.draining
+
+
+class RoutingPolicy(Protocol):
+    def pick_prefill(self, workers: list[WorkerState], num_tokens: int) -> WorkerState | None: ...
+
+    def pick_decode(self, workers: list[WorkerState], num_tokens: int) -> WorkerState | None: ...
+
+
+class LeastLoadedPolicy:
+    def pick_prefill(self, workers: list[WorkerState], num_tokens: int) -> WorkerState | None:
+        live = [w for w in workers if w.routable]
+        return min(live, key=lambda w: (w.inflight_tokens, w.inflight_requests), default=None)
+
+    def pick_decode(self, workers: list[WorkerState], num_tokens: int) -> WorkerState | None:
+        live = [w for w in workers if w.routable]
+        below = [w for w in live if w.inflight_requests < w.stats.get("max_num_seqs", 1 << 30)] or live
+        return max(below, key=lambda w: (w.stats.get("free_blocks", 0), -w.inflight_requests), default=None)

@@ -1,0 +1,184 @@
+"""The OpenAI-compatible wire format: request parsing and validation, response and
+SSE chunk bodies, and vLLM-style error bodies. No HTTP server and no Ray here.
+
+Validation happens in two layers: pydantic checks shapes and types (unknown fields
+are ignored, as OpenAI and vLLM do), then `SamplingParams` checks ranges; both
+surface as `APIError` (HTTP 4xx with `{"error": {"message", "type", "param", "code"}}`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.errors import InvalidRequestError
+from engine.sampling import SamplingParams
+
+
+class APIError(Exception):
+    """An error the API answers with a status and an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, *, type: str = "BadRequestError", param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, type="BadRequestError", param=param)
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Base):
+    include_usage: bool = False
+
+
+class _Sampling(_Base):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    priority: int = 0  # lower runs first (vLLM's convention)
+    user: str | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+
+class ChatMessage(_Base):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+@dataclass
+class ParsedRequest:
+    kind: Literal["completion", "chat"]
+    model: str | None
+    prompt: str | list[int] | None  # completions
+    messages: list[dict[str, Any]] | None  # chat
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    priority: int
+
+
+def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_tokens: int) -> ParsedRequest:
+    """Validate a JSON body; raises `APIError` (400) naming the offending field."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    model_cls = CompletionRequest if kind == "completion" else ChatCompletionRequest
+    try:
+        req = model_cls.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise bad_request(f"{param}: {err['msg']}" if param else err["msg"], param) from None
+    if req.n != 1:
+        raise bad_request("n > 1 is not supported; send several requests", "n")
+    max_tokens = req.max_tokens
+    if kind == "chat" and req.max_completion_tokens is not None:
+        max_tokens = req.max_completion_tokens  # OpenAI's newer name wins
+    try:
+        params = SamplingParams(
+            max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k is None else req.top_k,
+            seed=req.seed, stop=[] if req.stop is None else req.stop, stop_token_ids=req.stop_token_ids or [],
+            ignore_eos=req.ignore_eos)
+    except InvalidRequestError as e:
+        param = "max_completion_tokens" if e.param == "max_tokens" and kind == "chat" and \
+            req.max_completion_tokens is not None else e.param
+        raise bad_request(str(e), param) from None
+    prompt = messages = None
+    if kind == "completion":
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise bad_request("batched prompts are not supported; send one prompt per request", "prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise bad_request("the prompt is empty", "prompt")
+    else:
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        for m in messages:
+            if isinstance(m.get("content"), list):  # text parts only
+                texts = [p.get("text", "") for p in m["content"] if p.get("type") == "text"]
+                if len(texts) != len(m["content"]):
+                    raise bad_request("only text content parts are supported", "messages")
+                m["content"] = "".join(texts)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return ParsedRequest(kind, req.model, prompt, messages, params, req.stream, include_usage, req.priority)
+
+
+# -- responses -------------------------------------------------------------------------------------------
+def new_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def full_response(kind: str, rid: str, model: str, created: int, text: str, finish_reason: str | None,
+                  prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def stream_chunk(kind: str, rid: str, model: str, created: int, text: str, finish_reason: str | None,
+                 first: bool = False) -> dict[str, Any]:
+    if kind == "chat":
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+
+
+def usage_chunk(kind: str, rid: str, model: str, created: int, prompt_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": created, "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def now() -> int:
+    return int(time.time())
