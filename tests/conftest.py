@@ -38,6 +38,31 @@ def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, max_po
     return path
 
 
+def save_tiny_tokenizer(path: Path) -> Path:
+    """A byte-level tokenizer with exactly 256 ids (the tiny models' vocabulary) and a chat template,
+    so tiny models can serve text and chat (their output is random bytes, but deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model_dir(tmp_path_factory) -> Path:
+    """A tiny random model with a tokenizer and a chat template (for the HTTP API)."""
+    path = tmp_path_factory.mktemp("tiny-text")
+    save_tiny_model(path, max_positions=1024)
+    return save_tiny_tokenizer(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

@@ -1,0 +1,276 @@
+"""`pdserve serve` end to end: a real Ray cluster, the router actor's HTTP server, prefill
+and decode worker actors, KV over gRPC and gloo; driven by the official `openai` client
+and raw HTTP. Tiny random models with a byte-level tokenizer keep it fast."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import httpx
+import pytest
+
+from engine.config import PdserveConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling import SamplingParams
+
+MODES = {"disagg-grpc": {"serve": {"mode": "disaggregated"}, "kv_transfer": {"kv_transport": "grpc"}},
+         "disagg-nccl": {"serve": {"mode": "disaggregated"}, "kv_transfer": {"kv_transport": "nccl"}},
+         "colocated": {"serve": {"mode": "colocated"}}}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=8, namespace="pdserve", include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+class Server:
+    def __init__(self, ray, model_dir, **sections):
+        from router.server import RouterActor
+
+        serve = {"port": 0, **sections.pop("serve", {})}
+        self.config = PdserveConfig().replace(model={"model": str(model_dir)}, cache={"num_kv_blocks": 256},
+                                              engine={"num_threads": 1}, serve=serve, **sections)
+        self.ray = ray
+        self.actor = ray.remote(RouterActor).options(num_cpus=0, max_concurrency=10_000).remote(self.config)
+        self.url = ray.get(self.actor.start.remote(), timeout=120)
+        self.model = ray.get(self.actor.status.remote())["url"] and self.served_model()
+
+    def served_model(self) -> str:
+        return httpx.get(f"{self.url}/v1/models", headers=self.auth()).json()["data"][0]["id"]
+
+    def auth(self) -> dict:
+        key = self.config.serve.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=self.config.serve.api_key or "none", max_retries=0)
+
+    def stats(self) -> dict:
+        return self.ray.get(self.actor.worker_stats.remote())
+
+    def wait_kv_free(self, timeout: float = 15.0) -> None:
+        """Every worker's KV pool back to all free, no request left (polling, with a deadline)."""
+        t0 = time.monotonic()
+        while True:
+            stats = self.stats()
+            if all(s["free_blocks"] == s["num_blocks"] and not s["num_running"] and not s["num_waiting"]
+                   for s in stats.values()):
+                return
+            if time.monotonic() - t0 > timeout:
+                pytest.fail(f"KV not freed within {timeout}s: {stats}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.ray.get(self.actor.stop.remote(), timeout=60)
+        self.ray.kill(self.actor)
+
+
+@pytest.fixture(scope="module")
+def servers(ray_cluster, tiny_text_model_dir):
+    made = {name: Server(ray_cluster, tiny_text_model_dir, **json.loads(json.dumps(sections)))
+            for name, sections in MODES.items()}
+    yield made
+    for s in made.values():
+        s.stop()
+
+
+PROMPTS = ["Hello, world", "The quick brown fox jumps over the lazy dog. " * 3, "x"]
+
+
+def test_greedy_output_is_identical_across_modes_and_the_bare_engine(servers, tiny_text_model_dir):
+    engine = LLMEngine(PdserveConfig().replace(model={"model": str(tiny_text_model_dir)}))
+    expected = [o.output_text for o in engine.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0,
+                                                                               ignore_eos=True))]
+    for name, server in servers.items():
+        c = server.client()
+        for prompt, want in zip(PROMPTS, expected, strict=True):
+            r = c.completions.create(model=server.model, prompt=prompt, max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True})
+            assert r.choices[0].text == want, name
+            assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+            streamed = c.completions.create(model=server.model, prompt=prompt, max_tokens=12, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+            assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == want, name
+        server.wait_kv_free()
+
+
+def test_chat_streaming_with_usage(servers):
+    for name, server in servers.items():
+        c = server.client()
+        msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+        full = c.chat.completions.create(model=server.model, messages=msgs, max_completion_tokens=9,
+                                         max_tokens=50, temperature=0, extra_body={"ignore_eos": True})
+        assert full.usage.completion_tokens == 9  # max_completion_tokens wins over max_tokens
+        chunks = list(c.chat.completions.create(model=server.model, messages=msgs, max_completion_tokens=9,
+                                                temperature=0, stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True, "some_unknown_field": 1}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 9
+        assert chunks[-2].choices[0].finish_reason == "length"
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == full.choices[0].message.content, name
+        assert full.usage.prompt_tokens == chunks[-1].usage.prompt_tokens
+
+
+def test_seeded_sampling_is_repeatable(servers):
+    server = servers["disagg-grpc"]
+    c = server.client()
+    runs = [c.completions.create(model=server.model, prompt="abc", max_tokens=10, temperature=0.9, top_p=0.9,
+                                 seed=7, extra_body={"ignore_eos": True, "top_k": 50}).choices[0].text
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+BAD = [
+    ("completions", b"{not json", 400, None),
+    ("completions", b"[1, 2]", 400, None),
+    ("completions", {"max_tokens": 5}, 400, "prompt"),
+    ("completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("completions", {"prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+    ("completions", {"prompt": "hi", "temperature": float("nan")}, 400, None),
+    ("completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ("completions", {"prompt": ""}, 400, "prompt"),
+    ("completions", {"prompt": []}, 400, "prompt"),
+    ("completions", {"prompt": [1, 2, 300]}, 400, "prompt"),
+    ("completions", {"prompt": "x" * 1100}, 400, "prompt"),
+    ("completions", {"prompt": "hi", "n": 2}, 400, "n"),
+    ("completions", {"prompt": "hi", "model": "gpt-9"}, 404, "model"),
+    ("completions", {"prompt": "hi", "stop": [""]}, 400, "stop"),
+    ("chat/completions", {"messages": []}, 400, "messages"),
+    ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -1}, 400,
+     "max_completion_tokens"),
+]
+
+
+@pytest.mark.parametrize("mode", ["disagg-grpc", "colocated"])
+def test_bad_input_gets_a_4xx_and_leaves_nothing_allocated(servers, mode):
+    server = servers[mode]
+    for path, body, status, param in BAD:
+        content = body if isinstance(body, bytes) else json.dumps(body).replace("NaN", "NaN").encode()
+        r = httpx.post(f"{server.url}/v1/{path}", content=content, headers={"Content-Type": "application/json"})
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["code"] == status and err["message"] and err["type"]
+        if param:
+            assert err["param"] == param, (body, err)
+    assert "too long" not in r.text
+    long = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x" * 1100})
+    assert "1100 tokens" in long.json()["error"]["message"] and "1024" in long.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    server.wait_kv_free()
+
+
+def test_client_disconnect_mid_stream_frees_kv_everywhere(servers):
+    for name, server in servers.items():
+        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=30,
+                          json={"prompt": "tell me a story", "max_tokens": 400, "temperature": 0, "stream": True,
+                                "ignore_eos": True}) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]  # a few tokens in, then the client goes away
+            assert any(line.startswith("data: {") for line in got), name
+        server.wait_kv_free()
+
+
+def test_requests_finishing_on_the_prefill_side(servers):
+    """max_tokens=1: the prefill worker's first token ends the request; nothing is left on the decode side."""
+    for server in servers.values():
+        c = server.client()
+        r = c.completions.create(model=server.model, prompt="hello", max_tokens=1, temperature=0)
+        assert r.usage.completion_tokens == 1 and r.choices[0].finish_reason == "length"
+        server.wait_kv_free()
+
+
+def test_api_key_and_bounded_queue(ray_cluster, tiny_text_model_dir):
+    server = Server(ray_cluster, tiny_text_model_dir, serve={"mode": "colocated", "api_key": "s3cret",
+                                                             "max_num_queued_requests": 0})
+    try:
+        body = {"prompt": "hi", "max_tokens": 2}
+        assert httpx.post(f"{server.url}/v1/completions", json=body).status_code == 401
+        wrong = httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == 401
+        assert httpx.get(f"{server.url}/health").status_code == 200  # probes and scrapers stay open
+        assert httpx.get(f"{server.url}/metrics").status_code == 200
+        full = httpx.post(f"{server.url}/v1/completions", content=b"{not even json", headers=server.auth())
+        assert full.status_code == 503 and full.headers["retry-after"] == "1"  # refused before any parsing
+        assert full.json()["error"]["code"] == 503
+    finally:
+        server.stop()
+
+
+def test_concurrent_streams_with_mixed_priorities_all_complete(servers):
+    server = servers["disagg-grpc"]
+    c = server.client()
+
+    def one(i):
+        t0 = time.monotonic()
+        stream = c.completions.create(model=server.model, prompt=f"request {i} " * (1 + i % 5), max_tokens=16,
+                                      temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True, "priority": -1 if i % 4 == 0 else 1})
+        text, ttft = "", None
+        for ch in stream:
+            if ch.choices and ch.choices[0].text and ttft is None:
+                ttft = time.monotonic() - t0
+            text += ch.choices[0].text if ch.choices else ""
+        return i, ttft
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(one, range(64)))
+    assert len(results) == 64 and all(ttft is not None for _, ttft in results)
+    server.wait_kv_free()
+
+
+def test_scaling_under_load_fails_no_request(servers):
+    server = servers["disagg-grpc"]
+    c = server.client()
+
+    def one(i):
+        r = c.completions.create(model=server.model, prompt=f"load {i}", max_tokens=24, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        return r.usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, i) for i in range(48)]
+        status = server.ray.get(server.actor.scale.remote(2, 2), timeout=120)
+        assert len([w for w in status["prefill"] if not w["draining"]]) == 2
+        status = server.ray.get(server.actor.scale.remote(1, 1), timeout=120)
+        assert len([w for w in status["decode"] if not w["draining"]]) == 1
+        assert [f.result(timeout=120) for f in futures] == [24] * 48
+    t0 = time.monotonic()
+    while any(w["draining"] for pool in server.ray.get(server.actor.status.remote())["pools"].values() for w in pool):
+        assert time.monotonic() - t0 < 30, "drained workers never left"
+        time.sleep(0.1)
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    server.wait_kv_free()
+
+
+def test_metrics_and_scrape_targets(servers):
+    server = servers["disagg-grpc"]
+    server.client().completions.create(model=server.model, prompt="metrics", max_tokens=5, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("pdserve_time_to_first_token_seconds_count", "pdserve_inter_token_latency_seconds_count",
+                 "pdserve_request_time_per_output_token_seconds_count", "pdserve_e2e_request_latency_seconds_count",
+                 "pdserve_prompt_tokens_total", "pdserve_generation_tokens_total", "pdserve_request_success_total"):
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)]
+        assert values and max(values) > 0, name
+    for stage in ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_admission"):
+        assert f'pdserve_request_stage_seconds_count{{model_name="{server.model}",stage="{stage}"}}' in text
+    targets = httpx.get(f"{server.url}/metrics/targets").json()
+    roles = sorted(g["labels"]["role"] for g in targets)
+    assert roles.count("router") == 1 and "prefill" in roles and "decode" in roles
+    decode = next(g for g in targets if g["labels"]["role"] == "decode")
+    worker = httpx.get(f"http://{decode['targets'][0]}/metrics").text
+    for name in ("pdserve_num_requests_running", "pdserve_num_requests_waiting", "pdserve_kv_cache_usage_perc",
+                 "pdserve_num_preemptions_total", "pdserve_kv_transfer_latency_seconds_count",
+                 "pdserve_kv_transfer_bytes_total"):
+        assert name in worker, name
