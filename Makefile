@@ -26,8 +26,10 @@ kv_transfer/v1/.generated: $(PROTOS) proto/generate.py $(STAMP)
 	$(BIN)/python proto/generate.py
 	touch $@
 
+# The main job: a local Ray cluster, the router on http://127.0.0.1:8000 (OpenAI API),
+# 1 prefill + 1 decode worker on the default model, KV over gRPC. Ctrl-C stops it.
 serve: install proto
-	$(BIN)/pdserve chat
+	$(BIN)/pdserve serve
 
 lint: install proto
 	$(BIN)/ruff check .

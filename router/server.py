@@ -290,12 +290,16 @@ class Router:
     async def stop(self) -> None:
         if getattr(self, "_server", None):
             self._server.should_exit = True
+        import ray
+
+        for t in self._tasks:
+            t.cancel()
         for pool in self.pools.values():
             for w in list(pool.values()):
                 with contextlib.suppress(Exception):
-                    await w.handle.shutdown.remote()
-        for t in self._tasks:
-            t.cancel()
+                    await asyncio.wait_for(w.handle.shutdown.remote(), 10)
+                ray.kill(w.handle)
+            pool.clear()
 
 
 def _api_error(err: dict) -> P.APIError:
@@ -459,6 +463,11 @@ class RouterActor:
 
     async def status(self) -> dict:
         return {"url": self.router.url, "healthy": self.router.healthy(), "pools": self.router.status()}
+
+    async def worker_handle(self, worker_id: str):
+        """A worker's actor handle (operators and tests reach a worker through its router)."""
+        return next(w.handle for pool in self.router.pools.values() for w in pool.values()
+                    if w.worker_id == worker_id)
 
     async def worker_stats(self) -> dict:
         """Every worker's current stats (free KV blocks, running, waiting), fetched now."""

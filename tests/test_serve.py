@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import subprocess
 import time
 
 import httpx
@@ -190,9 +191,9 @@ def test_requests_finishing_on_the_prefill_side(servers):
         server.wait_kv_free()
 
 
-def test_api_key_and_bounded_queue(ray_cluster, tiny_text_model_dir):
+def test_api_key_bounded_queue_and_vllm_metric_names(ray_cluster, tiny_text_model_dir):
     server = Server(ray_cluster, tiny_text_model_dir, serve={"mode": "colocated", "api_key": "s3cret",
-                                                             "max_num_queued_requests": 0})
+                                                             "max_num_queued_requests": 0, "metrics_prefix": "vllm:"})
     try:
         body = {"prompt": "hi", "max_tokens": 2}
         assert httpx.post(f"{server.url}/v1/completions", json=body).status_code == 401
@@ -203,6 +204,26 @@ def test_api_key_and_bounded_queue(ray_cluster, tiny_text_model_dir):
         full = httpx.post(f"{server.url}/v1/completions", content=b"{not even json", headers=server.auth())
         assert full.status_code == 503 and full.headers["retry-after"] == "1"  # refused before any parsing
         assert full.json()["error"]["code"] == 503
+        text = httpx.get(f"{server.url}/metrics").text
+        assert "vllm:time_to_first_token_seconds" in text and "vllm:request_rejected_total" in text
+        assert "pdserve_" not in text
+    finally:
+        server.stop()
+
+
+def test_health_turns_503_when_an_engine_loop_dies(ray_cluster, tiny_text_model_dir):
+    server = Server(ray_cluster, tiny_text_model_dir, serve={"mode": "colocated", "health_interval_s": 0.2})
+    try:
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        (wid,) = server.stats()
+        handle = server.ray.get(server.actor.worker_handle.remote(wid))
+        server.ray.get(handle.shutdown.remote())  # the actor lives on, its engine loop is gone
+        t0 = time.monotonic()
+        while httpx.get(f"{server.url}/health", timeout=5).status_code != 503:
+            assert time.monotonic() - t0 < 5, "/health still 200 with a dead engine loop"
+            time.sleep(0.05)
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=5)
+        assert r.status_code == 503 and "retry-after" in r.headers  # refused at once, never hanging
     finally:
         server.stop()
 
@@ -270,6 +291,9 @@ def test_metrics_and_scrape_targets(servers):
     assert roles.count("router") == 1 and "prefill" in roles and "decode" in roles
     decode = next(g for g in targets if g["labels"]["role"] == "decode")
     worker = httpx.get(f"http://{decode['targets'][0]}/metrics").text
+    for exposition in [text] + [httpx.get(f"http://{g['targets'][0]}/metrics").text for g in targets[1:]]:
+        check = subprocess.run(["promtool", "check", "metrics"], input=exposition.encode(), capture_output=True)
+        assert check.returncode == 0 and not check.stdout.strip(), (check.stdout, check.stderr)
     for name in ("pdserve_num_requests_running", "pdserve_num_requests_waiting", "pdserve_kv_cache_usage_perc",
                  "pdserve_num_preemptions_total", "pdserve_kv_transfer_latency_seconds_count",
                  "pdserve_kv_transfer_bytes_total"):
