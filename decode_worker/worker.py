@@ -65,6 +65,15 @@ def error_info(exc: BaseException) -> dict:
     return {"status": 500, "message": f"{type(exc).__name__}: {exc}", "type": "InternalServerError"}
 
 
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # not inside Ray
+        return None
+
+
 class Worker:
     """What both worker kinds share: the engine on its loop thread, stats, a metrics endpoint."""
 
@@ -130,7 +139,8 @@ class DecodeWorker(Worker):
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "kv_address": self.receiver.address if self.receiver else None,
-                "num_blocks": self.engine.block_manager.num_blocks, "metrics": self.metrics_url}
+                "num_blocks": self.engine.block_manager.num_blocks, "metrics": self.metrics_url,
+                "node_id": _node_id()}
 
     async def generate(self, spec: dict):
         """Stream the request's outputs: first {"ready": True}, then one dict per engine step with

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 
-from decode_worker.worker import Worker, error_info
+from decode_worker.worker import Worker, _node_id, error_info
 from engine.config import PdserveConfig
 from engine.sampling import SamplingParams
 from engine.sequence import FinishReason
@@ -34,7 +34,7 @@ class PrefillWorker(Worker):
                                device=self.engine.device)
 
     def info(self) -> dict:
-        return {"worker_id": self.worker_id, "metrics": self.metrics_url}
+        return {"worker_id": self.worker_id, "metrics": self.metrics_url, "node_id": _node_id()}
 
     async def prefill(self, spec: dict, decode_address: str) -> dict:
         from kv_transfer import KVTransferError, LayerStream

@@ -127,7 +127,8 @@ class Router:
 
     def status(self) -> dict:
         return {role: [{"worker_id": w.worker_id, "healthy": w.healthy, "draining": w.draining,
-                        "inflight": w.inflight_requests} for w in pool.values()] for role, pool in self.pools.items()}
+                        "inflight": w.inflight_requests, "node_id": w.info.get("node_id")} for w in pool.values()]
+                for role, pool in self.pools.items()}
 
     async def _health_loop(self) -> None:
         while True:

@@ -132,3 +132,13 @@ def smollm_hf(default_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray cluster for the whole test session."""
+    import ray
+
+    ray.init(num_cpus=8, namespace="pdserve", include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -21,21 +21,13 @@ MODES = {"disagg-grpc": {"serve": {"mode": "disaggregated"}, "kv_transfer": {"kv
          "colocated": {"serve": {"mode": "colocated"}}}
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=8, namespace="pdserve", include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 class Server:
     def __init__(self, ray, model_dir, **sections):
         from router.server import RouterActor
 
         serve = {"port": 0, **sections.pop("serve", {})}
-        self.config = PdserveConfig().replace(model={"model": str(model_dir)}, cache={"num_kv_blocks": 256},
+        self.config = PdserveConfig().replace(model={"model": str(model_dir) if model_dir else None},
+                                              cache={"num_kv_blocks": 256},
                                               engine={"num_threads": 1}, serve=serve, **sections)
         self.ray = ray
         self.actor = ray.remote(RouterActor).options(num_cpus=0, max_concurrency=10_000).remote(self.config)

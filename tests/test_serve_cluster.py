@@ -1,0 +1,94 @@
+"""pdserve serve on a simulated multi-node Ray cluster, and on the default model (slow)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine.config import PdserveConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CLUSTER_SCRIPT = textwrap.dedent("""
+    import sys, httpx, ray
+    from ray.cluster_utils import Cluster
+    from engine.config import PdserveConfig
+    from router.server import RouterActor
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    prefill_node = cluster.add_node(num_cpus=2, resources={"prefill": 1})
+    decode_node = cluster.add_node(num_cpus=2, resources={"decode": 1})
+    ray.init(address=cluster.address, namespace="pdserve", log_to_driver=False)
+    cfg = PdserveConfig().replace(model={"model": sys.argv[1]}, cache={"num_kv_blocks": 128},
+                                  engine={"num_threads": 1},
+                                  serve={"port": 0, "prefill_workers": 2, "decode_workers": 1})
+    router = ray.remote(RouterActor).options(num_cpus=0).remote(cfg)
+    url = ray.get(router.start.remote(), timeout=180)
+    pools = ray.get(router.status.remote())["pools"]
+    assert {w["node_id"] for w in pools["prefill"]} == {prefill_node.node_id}, pools
+    assert {w["node_id"] for w in pools["decode"]} == {decode_node.node_id}, pools
+    for i in range(4):
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": f"node test {i}", "max_tokens": 6,
+                                                       "temperature": 0, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, r.text
+    ray.get(router.stop.remote(), timeout=60)
+    ray.shutdown()
+    cluster.shutdown()
+    print("placement ok")
+""")
+
+
+@pytest.mark.slow
+def test_pools_land_on_their_own_nodes(tiny_text_model_dir):
+    """Nodes carry `prefill` / `decode` resources: each pool is placed on its own nodes and serves."""
+    proc = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(tiny_text_model_dir)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={"PYTHONPATH": str(ROOT),
+                                                                           **_env()})
+    assert proc.returncode == 0 and "placement ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+COMPLETION = "The three primary colors are"
+
+
+@pytest.mark.slow
+def test_default_model_greedy_identical_across_modes_and_the_bare_engine(ray_cluster, default_model_dir):
+    from tests.test_serve import MODES, Server
+
+    engine = LLMEngine(PdserveConfig())
+    params = SamplingParams(max_tokens=24, temperature=0)
+    want_chat = engine.generate([CHAT], params)[0].output_text
+    want_text = engine.generate([COMPLETION], params)[0].output_text
+    assert "Paris" in want_chat
+    del engine
+    for name, sections in MODES.items():
+        server = Server(ray_cluster, None, **{k: dict(v) for k, v in sections.items()})
+        try:
+            c = server.client()
+            chat = c.chat.completions.create(model=server.model, messages=CHAT, max_tokens=24, temperature=0)
+            assert chat.choices[0].message.content == want_chat, name
+            streamed = c.chat.completions.create(model=server.model, messages=CHAT, max_tokens=24, temperature=0,
+                                                 stream=True)
+            assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == want_chat, name
+            text = c.completions.create(model=server.model, prompt=COMPLETION, max_tokens=24, temperature=0)
+            assert text.choices[0].text == want_text, name
+            streamed = c.completions.create(model=server.model, prompt=COMPLETION, max_tokens=24, temperature=0,
+                                            stream=True)
+            assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == want_text, name
+            assert httpx.get(f"{server.url}/health").status_code == 200
+            server.wait_kv_free()
+        finally:
+            server.stop()
