@@ -94,10 +94,11 @@ class Worker:
         """This worker's own /metrics (engine gauges, KV-transfer series), listed by the router's http_sd."""
         from prometheus_client import REGISTRY, start_http_server
 
-        from router.metrics import EngineCollector
+        from router.metrics import EngineCollector, WorkerMetrics
 
-        REGISTRY.register(EngineCollector(self.config.serve.metrics_prefix, self.model_name, self.role,
-                                          self.worker_id, self.engine))
+        prefix = self.config.serve.metrics_prefix
+        REGISTRY.register(EngineCollector(prefix, self.model_name, self.role, self.worker_id, self.engine))
+        self.metrics = WorkerMetrics(prefix, self.model_name, self.role, self.worker_id)
         host = self.config.serve.host
         server, _ = start_http_server(0, addr=host)
         self._metrics_server = server
@@ -160,6 +161,7 @@ class DecodeWorker(Worker):
             with self._lock:
                 self._expected[rid] = _Expected(params, priority, sink)
         finished = False
+        t_first = None
         try:
             yield {"ready": True}
             while not finished:
@@ -168,6 +170,13 @@ class DecodeWorker(Worker):
                     outs.append(queue.get_nowait())
                 item = output_item(outs)
                 finished = item["finished"]
+                if t_first is None and item["token_ids"]:
+                    t_first = time.monotonic()
+                    qt = next((o.queue_time for o in outs if isinstance(o, RequestOutput) and o.queue_time), None)
+                    if qt is not None:
+                        self.metrics.queue.observe(qt)
+                if finished and t_first is not None:
+                    self.metrics.decode.observe(time.monotonic() - t_first)
                 yield item
         finally:
             if not finished:  # the router stopped reading: abort everywhere on this side

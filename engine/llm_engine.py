@@ -228,8 +228,12 @@ class LLMEngine:
 
     # -- one iteration -------------------------------------------------------
     def step(self, now: float | None = None) -> list[RequestOutput]:
+        now = time.monotonic() if now is None else now
         with self.kv_lock:
-            out = self.scheduler.schedule(time.monotonic() if now is None else now)
+            out = self.scheduler.schedule(now)
+        for seq, _ in out.scheduled:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
         if out.swap_out:
             self.kv.copy_blocks_to(self.swap_kv, out.swap_out)
         if out.swap_in:
@@ -359,6 +363,8 @@ class LLMEngine:
             seq.output_text = detok.text
         out = RequestOutput(seq.request_id, [token], new_text, seq.finished, seq.finish_reason,
                             len(seq.prompt_token_ids), len(seq.output_token_ids))
+        if seq.first_scheduled_time is not None:
+            out.queue_time = seq.first_scheduled_time - seq.arrival_time
         if seq.finished:
             out.output_token_ids = seq.output_token_ids  # the sequence is gone: no one else mutates it
             out.output_text = seq.output_text

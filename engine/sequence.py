@@ -46,6 +46,7 @@ class Sequence:
     priority: int = 0  # lower is more urgent (vLLM's convention)
     deadline: float | None = None  # absolute time by which the first token is due (SLA-aware admission)
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # when a step first ran it (queue time = this - arrival)
     cpu_block_table: list[int] = field(default_factory=list)  # while SWAPPED
 
     @property
@@ -87,3 +88,4 @@ class RequestOutput:
     num_output_tokens: int
     output_token_ids: list[int] = field(default_factory=list)
     output_text: str = ""
+    queue_time: float | None = None  # seconds from arrival to the first step that ran the request

@@ -78,7 +78,11 @@ class PrefillWorker(Worker):
             except KVTransferError as e:
                 return {"error": {"status": 503, "message": f"KV transfer failed: {e}", "type": "ServiceUnavailable",
                                   "retry_after": 1}}
-            result["stages"] = {"reserve": t_reserved - t0, "prefill": t_prefilled - t_reserved,
+            queue = out.queue_time or 0.0
+            compute = max(0.0, t_prefilled - t_reserved - queue)
+            self.metrics.queue.observe(queue)
+            self.metrics.prefill.observe(compute)
+            result["stages"] = {"reserve": t_reserved - t0, "prefill_queue": queue, "prefill_compute": compute,
                                 "kv_transfer": time.perf_counter() - t_prefilled, "transfer_bytes": transfer.bytes}
             return result
         except asyncio.CancelledError:  # the router gave the request up

@@ -54,6 +54,22 @@ class RouterMetrics:
                                 labels + ["reason"], registry=registry)
 
 
+class WorkerMetrics:
+    """Per-request timings measured inside a worker (its own clock), on the worker's endpoint."""
+
+    def __init__(self, prefix: str, model_name: str, role: str, worker_id: str):
+        from prometheus_client import REGISTRY
+
+        names = ["model_name", "role", "engine"]
+        self.labels = (model_name, role, worker_id)
+        self.queue = Histogram(f"{prefix}request_queue_time_seconds", "Arrival in the engine to its first step",
+                               names, buckets=TTFT_BUCKETS, registry=REGISTRY).labels(*self.labels)
+        self.prefill = Histogram(f"{prefix}request_prefill_time_seconds", "Prefill compute, first step to first "
+                                 "token", names, buckets=TTFT_BUCKETS, registry=REGISTRY).labels(*self.labels)
+        self.decode = Histogram(f"{prefix}request_decode_time_seconds", "Decode phase, first decode step to the "
+                                "last token", names, buckets=E2E_BUCKETS, registry=REGISTRY).labels(*self.labels)
+
+
 class EngineCollector:
     """Engine gauges read from a worker's engine at scrape time (always current, no polling)."""
 

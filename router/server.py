@@ -203,8 +203,9 @@ class Router:
             stream = decode.handle.generate.options(num_returns="streaming").remote(
                 spec if disagg else {**spec, "prompt_token_ids": ids})
             await (await stream.__anext__())  # registered on the decode worker
-            dispatched = time.monotonic()
-            m.stage.labels(self.model_name, "router_queue").observe(dispatched - arrival)
+            router_queue = time.monotonic() - arrival  # validation, routing, opening the decode stream
+            if not disagg:
+                m.stage.labels(self.model_name, "router_queue").observe(router_queue)
             awaiting_decode = False
             if disagg:
                 prefill_ref = prefill.handle.prefill.remote({**spec, "prompt_token_ids": ids},
@@ -217,10 +218,11 @@ class Router:
                 if "error" in first:
                     raise _api_error(first["error"])
                 st = first.get("stages", {})
-                for stage, key in (("prefill_queue", "reserve"), ("prefill_compute", "prefill"),
-                                   ("kv_transfer", "kv_transfer")):
-                    if key in st:
-                        m.stage.labels(self.model_name, stage).observe(st[key])
+                for stage in ("prefill_queue", "prefill_compute", "kv_transfer"):
+                    if stage in st:
+                        m.stage.labels(self.model_name, stage).observe(st[stage])
+                # the Reserve round trip to the decode worker is routing work too
+                m.stage.labels(self.model_name, "router_queue").observe(router_queue + st.get("reserve", 0.0))
                 first_at = last_at = time.monotonic()
                 m.ttft.labels(self.model_name).observe(first_at - arrival)
                 n_out = len(first["token_ids"])

@@ -288,5 +288,8 @@ def test_metrics_and_scrape_targets(servers):
         assert check.returncode == 0 and not check.stdout.strip(), (check.stdout, check.stderr)
     for name in ("pdserve_num_requests_running", "pdserve_num_requests_waiting", "pdserve_kv_cache_usage_perc",
                  "pdserve_num_preemptions_total", "pdserve_kv_transfer_latency_seconds_count",
-                 "pdserve_kv_transfer_bytes_total"):
+                 "pdserve_kv_transfer_bytes_total", "pdserve_request_queue_time_seconds_count",
+                 "pdserve_request_decode_time_seconds_count"):
         assert name in worker, name
+    prefill = next(g for g in targets if g["labels"]["role"] == "prefill")
+    assert "pdserve_request_prefill_time_seconds_count" in httpx.get(f"http://{prefill['targets'][0]}/metrics").text
