@@ -75,6 +75,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench.transfer import main as bench_main
     elif args.what == "layerwise":
         from bench.layerwise import main as bench_main
+    elif args.what == "overhead":
+        from bench.serve_overhead import main as bench_main
     else:
         from bench.schedule import main as bench_main
     return bench_main(args.rest)
@@ -109,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     add_scale_args(scale)
     scale.set_defaults(func=cmd_scale)
 
-    bench = sub.add_parser("bench", help="benchmarks (pdserve bench engine|schedule|transfer|layerwise --help)")
-    bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise"])
+    bench = sub.add_parser("bench", help="benchmarks (pdserve bench engine|schedule|transfer|layerwise|overhead --help)")
+    bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise", "overhead"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 

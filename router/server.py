@@ -467,6 +467,11 @@ class RouterActor:
     async def status(self) -> dict:
         return {"url": self.router.url, "healthy": self.router.healthy(), "pools": self.router.status()}
 
+    async def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     async def worker_handle(self, worker_id: str):
         """A worker's actor handle (operators and tests reach a worker through its router)."""
         return next(w.handle for pool in self.router.pools.values() for w in pool.values()
