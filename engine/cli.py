@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     add_scale_args(scale)
     scale.set_defaults(func=cmd_scale)
 
-    bench = sub.add_parser("bench", help="benchmarks (pdserve bench engine|schedule|transfer|layerwise|overhead --help)")
+    bench = sub.add_parser("bench", help="benchmarks (pdserve bench WHAT --help)")
     bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise", "overhead"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)

@@ -109,6 +109,9 @@ class KVTransferConfig:
     tls_server_name: str | None = None  # name to verify the server certificate against (default: its host)
     # A decode-side reservation the prefill side has not fulfilled (committed) by then is reclaimed.
     lease_s: float = 30.0
+    # A prefill worker whose reservation is refused (the decode pool is full) retries for this long,
+    # with backoff, before the request fails with 503: back-pressure instead of errors under load.
+    reserve_wait_s: float = 30.0
     # A push stream that goes this long without a message is treated as dead.
     idle_timeout_s: float = 10.0
     rpc_timeout_s: float = 10.0  # deadline of each control call (pair, reserve, release, open channel)

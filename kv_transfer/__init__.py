@@ -73,6 +73,7 @@ from kv_transfer.protocol import (
     PeerUnavailable,
     RequestReleased,
     ReservationRefused,
+    ReservationTooLarge,
     TransferCancelled,
     TransferTimeout,
     UnknownRequest,
@@ -83,6 +84,6 @@ from kv_transfer.source import LayerStream
 __all__ = [
     "AuthenticationFailed", "ChecksumMismatch", "DuplicateRequest", "Fingerprint", "KVPool", "KVReceiver",
     "KVSender", "KVTransferError", "LayerStream", "LayoutMismatch", "MalformedTransfer", "OversizedMessage",
-    "PeerUnavailable", "ReceivedKV", "RequestReleased", "ReservationInfo", "ReservationRefused",
+    "PeerUnavailable", "ReceivedKV", "RequestReleased", "ReservationInfo", "ReservationRefused", "ReservationTooLarge",
     "TransferCancelled", "TransferResult", "TransferTimeout", "UnknownRequest",
 ]

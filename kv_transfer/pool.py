@@ -24,6 +24,7 @@ from kv_transfer.protocol import (
     MalformedTransfer,
     RequestReleased,
     ReservationRefused,
+    ReservationTooLarge,
     UnknownRequest,
 )
 
@@ -145,7 +146,7 @@ class ReservationTable:
             raise MalformedTransfer(f"cannot reserve for {num_tokens} tokens")
         n = self.pool.blocks.blocks_for(num_tokens)
         if n > self.pool.blocks.num_blocks:
-            raise ReservationRefused(f"{num_tokens} tokens need {n} blocks; the pool has "
+            raise ReservationTooLarge(f"{num_tokens} tokens need {n} blocks; the pool has "
                                      f"{self.pool.blocks.num_blocks} in all")
         with self.pool.lock:
             try:

@@ -99,6 +99,12 @@ class ReservationRefused(KVTransferError):
     reason, code = "no_room", grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class ReservationTooLarge(ReservationRefused):
+    """The request's KV would not fit even in the decode worker's empty pool: waiting cannot help."""
+
+    reason = "too_large"
+
+
 class LayoutMismatch(KVTransferError):
     """The peers' fingerprints differ (model, weights, layout, dtype, block size or version)."""
 
@@ -165,8 +171,8 @@ class AuthenticationFailed(KVTransferError):
     reason, code = "unauthenticated", grpc.StatusCode.UNAUTHENTICATED
 
 
-_BY_REASON = {c.reason: c for c in (ReservationRefused, LayoutMismatch, ChecksumMismatch, MalformedTransfer,
-                                    OversizedMessage, UnknownRequest, RequestReleased, DuplicateRequest,
+_BY_REASON = {c.reason: c for c in (ReservationRefused, ReservationTooLarge, LayoutMismatch, ChecksumMismatch,
+                                    MalformedTransfer, OversizedMessage, UnknownRequest, RequestReleased, DuplicateRequest,
                                     TransferTimeout, TransferCancelled, PeerUnavailable, AuthenticationFailed)}
 _BY_CODE = {grpc.StatusCode.DEADLINE_EXCEEDED: TransferTimeout, grpc.StatusCode.UNAVAILABLE: PeerUnavailable,
             grpc.StatusCode.CANCELLED: TransferCancelled, grpc.StatusCode.UNAUTHENTICATED: AuthenticationFailed,

@@ -45,7 +45,7 @@ class PrefillWorker(Worker):
         aio = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
-            await aio.run_in_executor(None, self.sender.reserve, decode_address, rid, len(ids))
+            await self._reserve(decode_address, rid, len(ids))
         except KVTransferError as e:
             return {"error": {"status": 503, "message": f"decode worker refused the KV: {e}",
                               "type": "ServiceUnavailable", "retry_after": 1}}
@@ -91,6 +91,24 @@ class PrefillWorker(Worker):
             with contextlib.suppress(Exception):
                 await aio.run_in_executor(None, self.sender.release, decode_address, rid, "aborted")
             raise
+
+    async def _reserve(self, address: str, rid: str, num_tokens: int) -> None:
+        """Reserve room on the decode worker; while its pool is full, wait (back-pressure) up to
+        `reserve_wait_s` before giving up."""
+        from kv_transfer import ReservationRefused, ReservationTooLarge
+
+        aio = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.config.kv_transfer.reserve_wait_s
+        delay = 0.005
+        while True:
+            try:
+                await aio.run_in_executor(None, self.sender.reserve, address, rid, num_tokens)
+                return
+            except ReservationRefused as e:
+                if isinstance(e, ReservationTooLarge) or time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)  # blocks free as running requests finish
+                delay = min(delay * 2, 0.1)
 
     def shutdown(self) -> None:
         self.sender.close()
