@@ -171,9 +171,10 @@ class AuthenticationFailed(KVTransferError):
     reason, code = "unauthenticated", grpc.StatusCode.UNAUTHENTICATED
 
 
-_BY_REASON = {c.reason: c for c in (ReservationRefused, ReservationTooLarge, LayoutMismatch, ChecksumMismatch,
-                                    MalformedTransfer, OversizedMessage, UnknownRequest, RequestReleased, DuplicateRequest,
-                                    TransferTimeout, TransferCancelled, PeerUnavailable, AuthenticationFailed)}
+_BY_REASON = {c.reason: c for c in (
+    ReservationRefused, ReservationTooLarge, LayoutMismatch, ChecksumMismatch, MalformedTransfer, OversizedMessage,
+    UnknownRequest, RequestReleased, DuplicateRequest, TransferTimeout, TransferCancelled, PeerUnavailable,
+    AuthenticationFailed)}
 _BY_CODE = {grpc.StatusCode.DEADLINE_EXCEEDED: TransferTimeout, grpc.StatusCode.UNAVAILABLE: PeerUnavailable,
             grpc.StatusCode.CANCELLED: TransferCancelled, grpc.StatusCode.UNAUTHENTICATED: AuthenticationFailed,
             grpc.StatusCode.RESOURCE_EXHAUSTED: OversizedMessage}
