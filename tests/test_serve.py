@@ -27,8 +27,8 @@ class Server:
         from router.server import RouterActor
 
         serve = {"port": 0, **sections.pop("serve", {})}
-        self.config = PdserveConfig().replace(model={"model": str(model_dir) if model_dir else None},
-                                              cache={"num_kv_blocks": 256},
+        cache = {"num_kv_blocks": 256, **sections.pop("cache", {})}
+        self.config = PdserveConfig().replace(model={"model": str(model_dir) if model_dir else None}, cache=cache,
                                               engine={"num_threads": 1}, serve=serve, **sections)
         self.ray = ray
         self.actor = ray.remote(RouterActor).options(num_cpus=0, max_concurrency=10_000).remote(self.config)
@@ -222,15 +222,17 @@ def test_health_turns_503_when_an_engine_loop_dies(ray_cluster, tiny_text_model_
 
 
 def test_concurrent_streams_with_mixed_priorities(ray_cluster, tiny_text_model_dir):
-    """64 streams at once all complete; with the prefill worker the bottleneck (one 200-token prompt
-    per step), the urgent class (priority -1) gets its first token sooner than the background (1)."""
-    server = Server(ray_cluster, tiny_text_model_dir, scheduler={"max_num_batched_tokens": 256})
+    """64 streams at once all complete; with the prefill worker the bottleneck (one 900-token prompt
+    per step, room for every request's KV on the decode side), the urgent class (priority -1) gets
+    its first token sooner than the background class (1)."""
+    server = Server(ray_cluster, tiny_text_model_dir, scheduler={"max_num_batched_tokens": 1000},
+                    cache={"num_kv_blocks": 4096})
     c = server.client()
 
     def one(i):
         priority = -1 if i % 2 == 0 else 1
         t0 = time.monotonic()
-        stream = c.completions.create(model=server.model, prompt=f"request number {i:02d} " * 11, max_tokens=8,
+        stream = c.completions.create(model=server.model, prompt=f"request number {i:02d} " * 50, max_tokens=8,
                                       temperature=0, stream=True,
                                       extra_body={"ignore_eos": True, "priority": priority})
         ttft, n = None, 0
@@ -246,6 +248,7 @@ def test_concurrent_streams_with_mixed_priorities(ray_cluster, tiny_text_model_d
         assert all(ttft is not None and n == 1 for _, ttft, n in results)
         urgent = statistics.median(t for p, t, _ in results if p < 0)
         background = statistics.median(t for p, t, _ in results if p > 0)
+        print(f"TTFT medians: urgent {urgent:.3f}s, background {background:.3f}s")
         assert urgent < background, (urgent, background)
         server.wait_kv_free()
     finally:
