@@ -70,21 +70,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = serve_config(args)
     if args.address:
-        ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=True)
+        ctx = ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=True)
     else:
-        ray.init(namespace=NAMESPACE, include_dashboard=False)
+        ctx = ray.init(namespace=NAMESPACE, include_dashboard=False)
     router = ray.remote(RouterActor).options(name=ROUTER_NAME, namespace=NAMESPACE, num_cpus=0,
                                              max_concurrency=10_000).remote(cfg)
     url = ray.get(router.start.remote())
     s = cfg.serve
-    model = ray.get(router.status.remote())
     print(f"pdserve is serving on {url} ({s.mode}: {s.prefill_workers if s.mode == 'disaggregated' else 0} "
           f"prefill + {s.decode_workers} decode workers, KV over {cfg.kv_transfer.kv_transport})", flush=True)
     key = f' -H "Authorization: Bearer {s.api_key}"' if s.api_key else ""
     print(f"try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{key} -d "
           "'{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'\n"
-          f"health {url}/health, metrics {url}/metrics, scrape targets {url}/metrics/targets", flush=True)
-    del model
+          f"health {url}/health, metrics {url}/metrics, scrape targets {url}/metrics/targets\n"
+          f"scale: pdserve scale --address {args.address or 'auto'} --prefill N --decode M"
+          f"  (Ray cluster {ctx.address_info['gcs_address']})", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

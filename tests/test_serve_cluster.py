@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -92,3 +93,39 @@ def test_default_model_greedy_identical_across_modes_and_the_bare_engine(ray_clu
             server.wait_kv_free()
         finally:
             server.stop()
+
+
+@pytest.mark.slow
+def test_pdserve_serve_and_scale_commands(tiny_text_model_dir):
+    """The commands `make serve` and the README use: serve prints its URL, answers, scales, stops on SIGINT."""
+    import os
+    import signal
+
+    env = {**_env(), "PYTHONPATH": str(ROOT)}
+    serve = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model", str(tiny_text_model_dir),
+                              "--port", "0", "--num-kv-blocks", "128", "--threads", "1"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        for line in serve.stdout:
+            lines.append(line)
+            if line.strip().startswith("scale:"):
+                break
+        banner = "".join(lines)
+        url = next(w for w in banner.split() if w.startswith("http://")).rstrip("/")
+        address = banner.split("--address ", 1)[1].split()[0]
+        assert address == "auto"  # the cluster serve just started is the machine's current one
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_tokens": 4, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        scaled = subprocess.run([sys.executable, "-m", "engine.cli", "scale", "--address", address, "--decode", "2"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert scaled.returncode == 0, scaled.stderr[-2000:]
+        pools = json.loads(scaled.stdout[scaled.stdout.index("{"):])
+        assert len(pools["decode"]) == 2 and len(pools["prefill"]) == 1
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(120) == 0
+    finally:
+        if serve.poll() is None:
+            os.kill(serve.pid, signal.SIGKILL)
