@@ -133,13 +133,16 @@ class Router:
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.serve.health_interval_s)
-            for w in [w for pool in self.pools.values() for w in pool.values()]:
-                try:
-                    w.stats = await asyncio.wait_for(w.handle.stats.remote(), self.serve.health_timeout_s)
-                    stalled = w.stats["busy"] and w.stats["step_age_s"] > self.serve.stall_timeout_s
-                    w.healthy = w.stats["alive"] and not stalled
-                except Exception:
-                    w.healthy = False
+            await asyncio.gather(*(self._check(w) for pool in self.pools.values() for w in list(pool.values())))
+
+    async def _check(self, w: WorkerState) -> None:
+        """A worker is routable while it answers in time and its engine loop lives and steps."""
+        try:
+            w.stats = await asyncio.wait_for(w.handle.stats.remote(), self.serve.health_timeout_s)
+            stalled = w.stats["busy"] and w.stats["step_age_s"] > self.serve.stall_timeout_s
+            w.healthy = w.stats["alive"] and not stalled
+        except Exception:
+            w.healthy = False
 
     def healthy(self) -> bool:
         need = ["decode"] + (["prefill"] if self.serve.mode == "disaggregated" else [])
@@ -311,6 +314,12 @@ def _api_error(err: dict) -> P.APIError:
                       headers=headers)
 
 
+def _worker_failed(e: BaseException) -> P.APIError:
+    logger.warning("request failed in a worker: %s", e)
+    return P.APIError(503, f"a worker failed while serving the request ({type(e).__name__}); retry",
+                      type="ServiceUnavailable", headers={"Retry-After": "1"})
+
+
 def _sse(obj: dict) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
@@ -379,7 +388,6 @@ def build_app(router: Router) -> FastAPI:
                              f"{router.model_name!r}", type="NotFoundError", param="model")
         ids = router.encode(parsed)
         router.queued += 1
-        queued = True
         rid, created = P.new_id(kind), P.now()
         events = router.generate(parsed, ids, arrival)
         try:
@@ -390,17 +398,22 @@ def build_app(router: Router) -> FastAPI:
             if e.status >= 500:
                 router.metrics.rejected.labels(router.model_name, "unavailable").inc()
             raise
+        except Exception as e:  # a worker died or vanished before the first token
+            raise _worker_failed(e) from e
         finally:
             router.queued -= 1
-            queued = False
-        del queued
 
         if not parsed.stream:
             text, n_out, reason = first["text"], len(first["token_ids"]), first["finish_reason"]
-            async for item in events:
-                text += item["text"]
-                n_out += len(item["token_ids"])
-                reason = item["finish_reason"]
+            try:
+                async for item in events:
+                    text += item["text"]
+                    n_out += len(item["token_ids"])
+                    reason = item["finish_reason"]
+            except P.APIError:
+                raise
+            except Exception as e:
+                raise _worker_failed(e) from e
             router.metrics.success.labels(router.model_name, reason or "stop").inc()
             return JSONResponse(P.full_response(kind, rid, router.model_name, created, text, reason, len(ids),
                                                 n_out))
@@ -424,9 +437,7 @@ def build_app(router: Router) -> FastAPI:
             except P.APIError as e:
                 yield _sse(e.body())
             except Exception as e:  # a worker died mid-stream: the client gets an explicit error chunk
-                logger.exception("stream of %s failed", rid)
-                yield _sse(P.APIError(500, f"the request failed: {type(e).__name__}: {e}",
-                                      type="InternalServerError").body())
+                yield _sse(_worker_failed(e).body())
             finally:
                 await events.aclose()  # client gone: cancels the Ray calls, frees the KV everywhere
             yield b"data: [DONE]\n\n"

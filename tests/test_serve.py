@@ -291,6 +291,7 @@ def test_metrics_and_scrape_targets(servers):
         assert values and max(values) > 0, name
     for stage in ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_admission"):
         assert f'pdserve_request_stage_seconds_count{{model_name="{server.model}",stage="{stage}"}}' in text
+    assert httpx.get(f"{server.url}/version").json()["version"]
     targets = httpx.get(f"{server.url}/metrics/targets").json()
     roles = sorted(g["labels"]["role"] for g in targets)
     assert roles.count("router") == 1 and "prefill" in roles and "decode" in roles
@@ -329,7 +330,7 @@ def test_worker_death_mid_stream_ends_in_an_error_chunk(ray_cluster, tiny_text_m
         assert time.monotonic() - t0 < 5
         assert lines[-1] == "data: [DONE]"
         error = json.loads(next(x for x in reversed(lines) if x.startswith("data: {"))[6:])
-        assert "error" in error and error["error"]["message"]
+        assert error["error"]["code"] == 503 and "worker failed" in error["error"]["message"]
         deadline = time.monotonic() + 5
         while httpx.get(f"{server.url}/health").status_code != 503:
             assert time.monotonic() < deadline
