@@ -83,8 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{key} -d "
           "'{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'\n"
           f"health {url}/health, metrics {url}/metrics, scrape targets {url}/metrics/targets\n"
-          f"scale: pdserve scale --address {args.address or 'auto'} --prefill N --decode M"
-          f"  (Ray cluster {ctx.address_info['gcs_address']})", flush=True)
+          f"scale: pdserve scale --address {ctx.address_info['gcs_address']} --prefill N --decode M", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -96,6 +95,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
+    # Ray >= 2.5x starts local clusters with token auth and keeps the token in ~/.ray/auth_token, but a
+    # client connecting to an explicit address only presents it in token mode (read when ray is imported).
+    if "RAY_AUTH_MODE" not in os.environ and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
