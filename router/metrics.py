@@ -52,6 +52,29 @@ class RouterMetrics:
                                labels + ["finished_reason"], registry=registry)
         self.rejected = Counter(f"{p}request_rejected", "Requests refused before running, by reason",
                                 labels + ["reason"], registry=registry)
+        self.failed = Counter(f"{p}request_failed", "Admitted requests that failed (a worker failed), by reason",
+                              labels + ["reason"], registry=registry)
+
+
+class PoolCollector:
+    """Pool sizes, read from the router's pools at scrape time: workers per role and state."""
+
+    def __init__(self, prefix: str, model_name: str, pools: dict):
+        self.p, self.model, self.pools = prefix, model_name, pools
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        fam = GaugeMetricFamily(f"{self.p}pool_workers", "Workers per pool: healthy (routable), unhealthy, draining",
+                                labels=["model_name", "role", "state"])
+        for role, pool in self.pools.items():
+            counts = {"healthy": 0, "unhealthy": 0, "draining": 0}
+            for w in list(pool.values()):
+                counts["draining" if w.draining else "healthy" if w.healthy else "unhealthy"] += 1
+            for state, n in counts.items():
+                fam.add_metric([self.model, role, state], n)
+        yield fam
 
 
 class WorkerMetrics:

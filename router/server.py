@@ -30,7 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engine.config import PdserveConfig
 from router import protocol as P
-from router.metrics import RouterMetrics
+from router.metrics import PoolCollector, RouterMetrics
 from router.pools import LeastLoadedPolicy, RoutingPolicy, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class Router:
         self.metrics = RouterMetrics(self.serve.metrics_prefix, self.model_name, self.registry)
         self.policy = policy or LeastLoadedPolicy()
         self.pools: dict[str, dict[str, WorkerState]] = {"prefill": {}, "decode": {}}
+        self.registry.register(PoolCollector(self.serve.metrics_prefix, self.model_name, self.pools))
         self.queued = 0  # requests admitted and not yet decoding (bounded by max_num_queued_requests)
         self._seq = itertools.count()
         self.instance = uuid.uuid4().hex[:6]  # actor names stay unique when several routers share a cluster
@@ -399,6 +400,7 @@ def build_app(router: Router) -> FastAPI:
                 router.metrics.rejected.labels(router.model_name, "unavailable").inc()
             raise
         except Exception as e:  # a worker died or vanished before the first token
+            router.metrics.rejected.labels(router.model_name, "worker_failed").inc()
             raise _worker_failed(e) from e
         finally:
             router.queued -= 1
@@ -411,8 +413,10 @@ def build_app(router: Router) -> FastAPI:
                     n_out += len(item["token_ids"])
                     reason = item["finish_reason"]
             except P.APIError:
+                router.metrics.failed.labels(router.model_name, "worker_error").inc()
                 raise
             except Exception as e:
+                router.metrics.failed.labels(router.model_name, "worker_failed").inc()
                 raise _worker_failed(e) from e
             router.metrics.success.labels(router.model_name, reason or "stop").inc()
             return JSONResponse(P.full_response(kind, rid, router.model_name, created, text, reason, len(ids),
@@ -435,8 +439,10 @@ def build_app(router: Router) -> FastAPI:
                 if parsed.include_usage:
                     yield _sse(P.usage_chunk(kind, rid, router.model_name, created, len(ids), n_out))
             except P.APIError as e:
+                router.metrics.failed.labels(router.model_name, "worker_error").inc()
                 yield _sse(e.body())
             except Exception as e:  # a worker died mid-stream: the client gets an explicit error chunk
+                router.metrics.failed.labels(router.model_name, "worker_failed").inc()
                 yield _sse(_worker_failed(e).body())
             finally:
                 await events.aclose()  # client gone: cancels the Ray calls, frees the KV everywhere

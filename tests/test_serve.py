@@ -289,6 +289,7 @@ def test_metrics_and_scrape_targets(servers):
                  "pdserve_prompt_tokens_total", "pdserve_generation_tokens_total", "pdserve_request_success_total"):
         values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)]
         assert values and max(values) > 0, name
+    assert f'pdserve_pool_workers{{model_name="{server.model}",role="decode",state="healthy"}} 1.0' in text
     for stage in ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_admission"):
         assert f'pdserve_request_stage_seconds_count{{model_name="{server.model}",stage="{stage}"}}' in text
     assert httpx.get(f"{server.url}/version").json()["version"]
@@ -331,6 +332,8 @@ def test_worker_death_mid_stream_ends_in_an_error_chunk(ray_cluster, tiny_text_m
         assert lines[-1] == "data: [DONE]"
         error = json.loads(next(x for x in reversed(lines) if x.startswith("data: {"))[6:])
         assert error["error"]["code"] == 503 and "worker failed" in error["error"]["message"]
+        failed = f'pdserve_request_failed_total{{model_name="{server.model}",reason="worker_failed"}} 1.0'
+        assert failed in httpx.get(f"{server.url}/metrics").text
         deadline = time.monotonic() + 5
         while httpx.get(f"{server.url}/health").status_code != 503:
             assert time.monotonic() < deadline
