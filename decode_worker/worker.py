@@ -99,10 +99,12 @@ class Worker:
         prefix = self.config.serve.metrics_prefix
         REGISTRY.register(EngineCollector(prefix, self.model_name, self.role, self.worker_id, self.engine))
         self.metrics = WorkerMetrics(prefix, self.model_name, self.role, self.worker_id)
+        from kv_transfer.protocol import advertised_host, host_port
+
         host = self.config.serve.host
         server, _ = start_http_server(0, addr=host)
         self._metrics_server = server
-        return f"{host}:{server.server_port}"
+        return host_port(advertised_host(host), server.server_port)  # what Prometheus dials
 
     def ping(self) -> str:
         return self.worker_id

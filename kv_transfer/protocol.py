@@ -31,6 +31,27 @@ def pdserve_version() -> str:
         return "0+unknown"
 
 
+def advertised_host(bind_host: str) -> str:
+    """The address peers should dial for a server bound to `bind_host`: a wildcard bind (0.0.0.0, ::)
+    is advertised as this node's IP (Ray's view of it when inside Ray), anything else as is."""
+    if bind_host not in ("0.0.0.0", "::", ""):
+        return bind_host
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:  # not inside Ray: fall through to the host's own name resolution
+        pass
+    import socket
+
+    return socket.gethostbyname(socket.gethostname())
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     for name, dt in _DTYPES.items():
         if dt == dtype:

@@ -40,9 +40,11 @@ from kv_transfer.protocol import (
     PeerUnavailable,
     TransferCancelled,
     TransferTimeout,
+    advertised_host,
     bytes_checksum,
     checksum,
     decode_push_message,
+    host_port,
     kv_from_bytes,
     secret_matches,
 )
@@ -89,8 +91,8 @@ class KVReceiver:
 
     @property
     def address(self) -> str:
-        host = self.config.host
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        """Where senders dial: the bound host, or this node's IP when bound to a wildcard."""
+        return host_port(advertised_host(self.config.host), self.port)
 
     def stop(self, grace: float = 1.0) -> None:
         """Stop serving; every reservation still held is released."""

@@ -375,3 +375,15 @@ def _zeros_export(rid: str, n: int, layers: int = 2):
     from engine.llm_engine import KVExport
 
     return KVExport(rid, list(range(n)), [0], n, [torch.zeros(2, n, 2, 16) for _ in range(layers)])
+
+
+def test_wildcard_binds_are_advertised_as_a_dialable_address():
+    import ipaddress
+
+    from kv_transfer.protocol import advertised_host, host_port
+
+    for wildcard in ("0.0.0.0", "::"):
+        ip = ipaddress.ip_address(advertised_host(wildcard))
+        assert not ip.is_unspecified
+    assert advertised_host("10.1.2.3") == "10.1.2.3"
+    assert host_port("::1", 5) == "[::1]:5" and host_port("10.0.0.1", 5) == "10.0.0.1:5"
