@@ -73,8 +73,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ctx = ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=True)
     else:
         ctx = ray.init(namespace=NAMESPACE, include_dashboard=False)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On this node (the head, where `pdserve serve` runs): an actor that needs no resources would
+    # otherwise land on any node, away from the address and port the operator exposes.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     router = ray.remote(RouterActor).options(name=ROUTER_NAME, namespace=NAMESPACE, num_cpus=0,
-                                             max_concurrency=10_000).remote(cfg)
+                                             max_concurrency=10_000, scheduling_strategy=here).remote(cfg)
     url = ray.get(router.start.remote())
     s = cfg.serve
     print(f"pdserve is serving on {url} ({s.mode}: {s.prefill_workers if s.mode == 'disaggregated' else 0} "

@@ -31,6 +31,7 @@ from kv_transfer.protocol import (
     LayoutMismatch,
     MalformedTransfer,
     TransferCancelled,
+    advertised_host,
     checksum,
     checksum_algo,
     encode_chunk_data,
@@ -341,7 +342,7 @@ class KVSender:
             store = dist.TCPStore(resp.store_host, resp.store_port, None, False,
                                   timeout=datetime.timedelta(seconds=t))
             return TorchChannel(channel_id, create_group(store, channel_id, SENDER_RANK, backend,
-                                                         t, self.config.host), backend, t)
+                                                         t, advertised_host(self.config.host)), backend, t)
 
         ch = await asyncio.get_running_loop().run_in_executor(self._executor, build)
         self.channels.put(peer.address, ch)

@@ -186,8 +186,10 @@ class KVReceiver:
                                         wait_for_workers=False)
         store, t = self._store, self.config.channel_timeout_s
 
+        host = advertised_host(self.config.host)  # what the peer dials, and the interface gloo binds
+
         def build() -> TorchChannel:
-            group = create_group(store, channel_id, RECEIVER_RANK, backend, t, self.config.host)
+            group = create_group(store, channel_id, RECEIVER_RANK, backend, t, host)
             ch = TorchChannel(channel_id, group, backend, t)
             self.channels.put(channel_id, ch)
             return ch
@@ -195,7 +197,7 @@ class KVReceiver:
         fut = self._executor.submit(build)
         self._pending_channels[channel_id] = fut
         fut.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self._pending_channels.pop, channel_id, None))
-        return self.config.host, self._store.port
+        return host, self._store.port
 
     async def channel(self, channel_id: str) -> TorchChannel:
         fut = self._pending_channels.get(channel_id)
