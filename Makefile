@@ -37,8 +37,10 @@ lint: install proto
 test: lint
 	$(BIN)/python -m pytest -q
 
+# The serving comparison (disaggregated vs colocated vs request-level batching) on the default model;
+# results: docs/benchmarks.md. The engine, scheduling and transfer benchmarks: `pdserve bench --help`.
 bench: install proto
-	$(BIN)/pdserve bench engine
+	$(BIN)/pdserve bench compare --plot docs/compare
 
 clean:
 	rm -rf $(VENV) build *.egg-info kv_transfer/v1/*_pb2* kv_transfer/v1/.generated

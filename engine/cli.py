@@ -79,6 +79,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench.serve_overhead import main as bench_main
     elif args.what == "serve":
         from bench.serve import main as bench_main
+    elif args.what == "compare":
+        from bench.compare import main as bench_main
     else:
         from bench.schedule import main as bench_main
     return bench_main(args.rest)
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     scale.set_defaults(func=cmd_scale)
 
     bench = sub.add_parser("bench", help="benchmarks (pdserve bench WHAT --help)")
-    bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise", "overhead", "serve"])
+    bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise", "overhead", "serve",
+                                          "compare"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 
