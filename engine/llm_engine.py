@@ -161,12 +161,8 @@ class LLMEngine:
                              *, priority: int = 0, detokenize: bool = True) -> Sequence:
         """Admit a request whose prompt KV was computed elsewhere. All-or-nothing:
         raises `NoFreeBlocksError` (nothing allocated) when the pool is short."""
-        self._validate(request_id, kv.prompt_token_ids)
-        seq = Sequence(request_id, list(kv.prompt_token_ids), params, arrival_time=time.monotonic(),
-                       output_token_ids=list(kv.output_token_ids), priority=priority)
-        if seq.num_tokens - kv.num_tokens != 1:
-            raise InvalidRequestError("kv", f"KV covers {kv.num_tokens} of {seq.num_tokens} tokens; "
-                                      "exactly the newest token may be uncomputed")
+        seq = self._handed_over(request_id, kv.prompt_token_ids, kv.output_token_ids, kv.num_tokens, params,
+                                priority)
         with self.kv_lock:
             seq.block_table = self.block_manager.allocate(self.block_manager.blocks_for(kv.num_tokens))
         try:
@@ -182,16 +178,23 @@ class LLMEngine:
         """Admit a request whose KV a transfer already wrote into this engine's pool:
         `received` is a `kv_transfer.pool.ReceivedKV`, whose blocks become the sequence's.
         On error the caller still owns (and must free) the blocks."""
-        self._validate(request_id, received.prompt_token_ids)
-        seq = Sequence(request_id, list(received.prompt_token_ids), params, arrival_time=time.monotonic(),
-                       output_token_ids=list(received.output_token_ids), priority=priority)
-        if seq.num_tokens - received.num_tokens != 1:
-            raise InvalidRequestError("kv", f"KV covers {received.num_tokens} of {seq.num_tokens} tokens; "
-                                      "exactly the newest token may be uncomputed")
+        seq = self._handed_over(request_id, received.prompt_token_ids, received.output_token_ids,
+                                received.num_tokens, params, priority)
         if len(received.block_table) != self.block_manager.blocks_for(received.num_tokens):
             raise InvalidRequestError("kv", "the block table does not match the token count")
         seq.block_table = list(received.block_table)
         return self._adopt(seq, received.num_tokens, detokenize)
+
+    def _handed_over(self, request_id: str, prompt: list[int], outputs: list[int], num_kv_tokens: int,
+                     params: SamplingParams, priority: int) -> Sequence:
+        """The sequence of a request whose KV was computed elsewhere, checked (not yet admitted)."""
+        self._validate(request_id, prompt)
+        seq = Sequence(request_id, list(prompt), params, arrival_time=time.monotonic(),
+                       output_token_ids=list(outputs), priority=priority)
+        if seq.num_tokens - num_kv_tokens != 1:
+            raise InvalidRequestError("kv", f"KV covers {num_kv_tokens} of {seq.num_tokens} tokens; "
+                                      "exactly the newest token may be uncomputed")
+        return seq
 
     def _adopt(self, seq: Sequence, num_computed: int, detokenize: bool) -> Sequence:
         seq.num_computed_tokens = num_computed
