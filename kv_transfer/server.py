@@ -38,7 +38,6 @@ from kv_transfer.protocol import (
     LayoutMismatch,
     MalformedTransfer,
     PeerUnavailable,
-    TransferCancelled,
     TransferTimeout,
     advertised_host,
     bytes_checksum,
@@ -405,4 +404,4 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):
                                                    response_serializer=handler.response_serializer)
 
 
-__all__ = ["KVReceiver", "TransferCancelled"]
+__all__ = ["KVReceiver"]

@@ -60,6 +60,13 @@ def receiver():
         assert rx.pool.num_free_blocks == rx.pool.blocks.num_blocks, "blocks leaked"
 
 
+def release_committed(rx: KVReceiver) -> None:
+    """The fixture's receiver has no decode engine: free the blocks of the one committed transfer."""
+    rec = rx.committed.pop()
+    with rx.pool.lock:
+        rx.pool.blocks.free(rec.block_table)
+
+
 def stub(rx: KVReceiver, token: str | None = None):
     channel = grpc.insecure_channel(rx.address)
     md = (("authorization", f"Bearer {token}"),) if token else ()
@@ -200,9 +207,7 @@ def test_shared_secret_is_required(receiver):
         assert tx.push(rx.address, LayerStream.from_export(_export("r", 20))).result(10).bytes == 20 * 256 * 2
     finally:
         tx.close()
-    rec = rx.committed.pop()
-    with rx.pool.lock:
-        rx.pool.blocks.free(rec.block_table)
+    release_committed(rx)
 
 
 def _self_signed(tmp_path: Path) -> tuple[str, str]:
@@ -244,9 +249,7 @@ def test_tls(receiver, tmp_path):
         tx.push(rx.address, LayerStream.from_export(_export("r", 5))).result(10)
     finally:
         tx.close()
-    rec = rx.committed.pop()
-    with rx.pool.lock:
-        rx.pool.blocks.free(rec.block_table)
+    release_committed(rx)
 
 
 SENDER_SCRIPT = textwrap.dedent("""
@@ -291,9 +294,7 @@ def test_channels_per_worker_are_bounded(receiver):
             tx.reserve(rx.address, f"r{i}", 10)
             tx.push(rx.address, LayerStream.from_export(_export(f"r{i}", 10))).result(20)
             assert len(tx.channels) == 1
-            rec = rx.committed.pop()
-            with rx.pool.lock:
-                rx.pool.blocks.free(rec.block_table)
+            release_committed(rx)
     finally:
         tx.close()
 
@@ -317,9 +318,7 @@ def test_metrics_are_recorded_on_the_receiving_side(receiver):
         tx.push(rx.address, LayerStream.from_export(_export("ok", 20))).result(10)
     finally:
         tx.close()
-    rec = rx.committed.pop()
-    with rx.pool.lock:
-        rx.pool.blocks.free(rec.block_table)
+    release_committed(rx)
     s, md = stub(rx)
     s.Reserve(pb.ReserveRequest(request_id="bad", num_tokens=20, fingerprint_digest=FP.digest()))
     with pytest.raises(grpc.RpcError):
