@@ -142,6 +142,31 @@ class KVTransferConfig:
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """Fault injection for chaos testing (off by default). Applied by the KV sender on the
+    prefill side, per transfer, with a seeded RNG so runs are repeatable."""
+
+    transfer_fail_rate: float = 0.0  # fraction of transfers that fail before sending anything
+    transfer_drop_rate: float = 0.0  # fraction of transfers that lose one chunk on the way
+    transfer_corrupt_rate: float = 0.0  # fraction of transfers with one chunk's bytes flipped after checksumming
+    transfer_delay_rate: float = 0.0  # fraction of transfers held back by `transfer_delay_s` before sending
+    transfer_delay_s: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("transfer_fail_rate", "transfer_drop_rate", "transfer_corrupt_rate", "transfer_delay_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.transfer_delay_s < 0:
+            raise ValueError("transfer_delay_s must not be negative")
+
+    @property
+    def active(self) -> bool:
+        return any((self.transfer_fail_rate, self.transfer_drop_rate, self.transfer_corrupt_rate,
+                    self.transfer_delay_rate and self.transfer_delay_s))
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """`pdserve serve`: the router, the worker pools and the HTTP API."""
 
@@ -182,6 +207,7 @@ class PdserveConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def replace(self, **sections) -> PdserveConfig:
         """Copy with whole sections or single fields replaced, e.g.
