@@ -56,6 +56,7 @@ class EngineLoop:
         self._stop = False
         self.last_step_time = time.monotonic()  # heartbeat: advances while the loop lives
         self.num_step_errors = 0
+        self._stall_until = 0.0  # chaos: `stall()` freezes the loop thread (a hung kernel, a deadlock)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # -- any thread --------------------------------------------------------------
@@ -87,6 +88,16 @@ class EngineLoop:
             self._aborts.append(request_id)
             self._wake.notify()
 
+    def stall(self, seconds: float) -> None:
+        """Fault injection: the loop thread stops stepping for `seconds` (it stays alive and holds its
+        requests), the way a hung device or a deadlock looks from outside."""
+        self._stall_until = time.monotonic() + seconds
+
+    @property
+    def has_work(self) -> bool:
+        """Requests queued for the loop or in the engine (read without the lock: a hint for health)."""
+        return bool(self._inbox) or bool(self._aborts) or self.engine.has_unfinished()
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -108,6 +119,8 @@ class EngineLoop:
                     break
                 inbox, self._inbox = self._inbox, deque()
                 aborts, self._aborts = self._aborts, deque()
+            while (pause := self._stall_until - time.monotonic()) > 0:
+                time.sleep(min(pause, 0.5))
             for item in inbox:
                 self._admit(item)
             for rid in aborts:

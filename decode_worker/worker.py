@@ -113,13 +113,17 @@ class Worker:
         """Cheap, thread-safe enough snapshot for routing and health (read without locks)."""
         e = self.engine
         bm = e.block_manager
-        busy = e.has_unfinished()
+        busy = self.loop.has_work
         return {"worker_id": self.worker_id, "role": self.role, "alive": self.loop.alive,
                 "step_age_s": time.monotonic() - self.loop.last_step_time, "busy": busy,
                 "num_running": len(e.running), "num_waiting": len(e.waiting),
                 "waiting_tokens": sum(len(s.prompt_token_ids) for s in list(e.waiting)),
                 "free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
                 "max_num_seqs": e.config.scheduler.max_num_seqs, "num_preemptions": e.num_preemptions}
+
+    def debug_stall(self, seconds: float) -> None:
+        """Chaos: freeze this worker's engine loop for `seconds` (see `EngineLoop.stall`)."""
+        self.loop.stall(seconds)
 
     def shutdown(self) -> None:
         self.loop.stop()

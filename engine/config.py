@@ -188,7 +188,22 @@ class ServeConfig:
     metrics_prefix: str = "pdserve_"  # "vllm:" switches to vLLM's exact metric names
     health_interval_s: float = 1.0  # how often the router polls its workers
     health_timeout_s: float = 3.0  # a worker that does not answer in time is out of routing
-    stall_timeout_s: float = 15.0  # an engine loop with work that has not stepped for this long is stalled
+    # An engine loop with work that has not stepped for this long (or a worker that has not answered
+    # health checks for this long) is failed: out of routing, its requests migrated, the actor replaced.
+    stall_timeout_s: float = 10.0
+    # Fault tolerance: a request whose worker fails is re-prefilled (prompt + tokens already streamed) and
+    # continues on another worker, at most `max_migrations` times; with no worker to move to within
+    # `failover_wait_s` it ends with an explicit error.
+    max_migrations: int = 2
+    failover_wait_s: float = 4.0
+    # Graceful drain (SIGTERM, scale-down): in-flight requests get this long to finish; what is left
+    # is migrated (scale-down) or ended with an error (shutdown).
+    drain_timeout_s: float = 30.0
+    # HTTP limits: bodies over this are refused with 413; request headers over this with 431.
+    max_request_body_bytes: int = 4 << 20
+    max_header_bytes: int = 16 << 10
+    # Guards the admin API (/admin/*, e.g. scaling); with no key set the admin API refuses every call.
+    admin_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
@@ -197,6 +212,10 @@ class ServeConfig:
             raise ValueError("need at least one decode worker (and one prefill worker when disaggregated)")
         if self.metrics_prefix not in ("pdserve_", "vllm:"):
             raise ValueError("metrics_prefix must be pdserve_ or vllm:")
+        if self.max_migrations < 0 or self.failover_wait_s < 0 or self.drain_timeout_s < 0:
+            raise ValueError("max_migrations, failover_wait_s and drain_timeout_s must not be negative")
+        if self.max_request_body_bytes < 1024 or self.max_header_bytes < 1024:
+            raise ValueError("max_request_body_bytes and max_header_bytes must be at least 1024")
 
 
 @dataclass(frozen=True)
