@@ -21,8 +21,9 @@ import grpc
 import torch
 import torch.distributed as dist
 
-from engine.config import KVTransferConfig
+from engine.config import FaultConfig, KVTransferConfig
 from engine.platform import keep_freed_memory
+from kv_transfer import faults as fi
 from kv_transfer.channel import SENDER_RANK, ChannelTable, TorchChannel, backend_for, create_group
 from kv_transfer.protocol import (
     AUTH_METADATA_KEY,
@@ -72,8 +73,12 @@ class TransferResult:
 
 
 class KVSender:
+    """`faults` (chaos testing, see `kv_transfer.faults`) may be replaced at run time:
+    `sender.faults = FaultConfig(...)` (or None) applies to the pushes started after it,
+    with a fresh RNG seeded from the new config."""
+
     def __init__(self, config: KVTransferConfig, fingerprint: Fingerprint, *, worker_id: str | None = None,
-                 device=None):
+                 device=None, faults: FaultConfig | None = None):
         if torch.device(device or "cpu").type == "cpu":
             keep_freed_memory()  # chunk buffers are reused from the heap instead of mmapped afresh
         self.config = config
@@ -90,11 +95,20 @@ class KVSender:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, config.max_channels),
                                                                thread_name_prefix="kv-send")
         self._metadata = ((AUTH_METADATA_KEY, f"Bearer {config.auth_token}"),) if config.auth_token else ()
+        self._faults = fi.FaultInjector(faults)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kv-sender", daemon=True)
         self._thread.start()
 
     # -- public API (any thread) -------------------------------------------------------------------
+    @property
+    def faults(self) -> FaultConfig:
+        return self._faults.config
+
+    @faults.setter
+    def faults(self, faults: FaultConfig | None) -> None:
+        self._faults = fi.FaultInjector(faults)
+
     def pair(self, address: str) -> Peer:
         """Connect and compare fingerprints (once per peer); raises `LayoutMismatch` if incompatible."""
         return self._call(self._pair(address))
@@ -108,7 +122,9 @@ class KVSender:
         """Stream `source` into the reservation for `source.request_id`; the future resolves to a
         `TransferResult` on acknowledgement, or raises a `KVTransferError`. On failure the
         reservation is released on both sides."""
-        return asyncio.run_coroutine_threadsafe(self._push(address, source), self._loop)
+        injector = self._faults
+        plan = injector.plan(self.fingerprint.num_layers) if injector.active else None
+        return asyncio.run_coroutine_threadsafe(self._push(address, source, plan), self._loop)
 
     def release(self, address: str, request_id: str, reason: str = "aborted") -> str:
         """Tell the decode worker to give the request up (idempotent). Returns the state it found."""
@@ -220,7 +236,7 @@ class KVSender:
         if peer is not None:
             await peer.channel.close()
 
-    async def _push(self, address: str, source: LayerStream) -> TransferResult:
+    async def _push(self, address: str, source: LayerStream, plan: fi.FaultPlan | None = None) -> TransferResult:
         rid = self._check_source(source)
         self._calls[rid] = (address, asyncio.current_task())
         t0 = time.perf_counter()
@@ -230,18 +246,20 @@ class KVSender:
             # prefill queue, or prefill in chunks, for longer than the receiver's idle timeout.
             batches = source.batches().__aiter__()
             first = await anext(batches)
+            if plan is not None:
+                await self._before_stream(plan, rid)
             if self.plane == "torch":
                 lock = self._chan_locks.setdefault(address, asyncio.Lock())
                 async with lock:  # sends and receives on a channel are matched by order
                     channel = await self._channel(peer)
-                    resp = await self._stream(peer, source, channel, first, batches)
+                    resp = await self._stream(peer, source, channel, first, batches, plan)
             else:
-                resp = await self._stream(peer, source, None, first, batches)
+                resp = await self._stream(peer, source, None, first, batches, plan)
         except asyncio.CancelledError:
             await self._release_quietly(address, rid, "cancelled")
             raise TransferCancelled(f"transfer of {rid} cancelled") from None
-        except KVTransferError:
-            await self._release_quietly(address, rid, "sender_failed")
+        except KVTransferError as e:
+            await self._release_quietly(address, rid, e.reason if isinstance(e, fi.InjectedFault) else "sender_failed")
             raise
         except BaseException as e:  # the source failed (prefill error) or a local bug
             await self._release_quietly(address, rid, "sender_failed")
@@ -253,13 +271,22 @@ class KVSender:
                               {"reserve": t.reserve, "first_byte": t.first_byte, "last_byte": t.last_byte,
                                "ack": t.ack, "total": t.total})
 
+    async def _before_stream(self, plan: fi.FaultPlan, rid: str) -> None:
+        """The injected faults that strike before the stream opens: a delay, then a failure."""
+        if plan.delay_s:
+            fi.count(self.config.kv_transport, fi.DELAY)
+            await asyncio.sleep(plan.delay_s)
+        if plan.fail:
+            fi.count(self.config.kv_transport, fi.FAIL)
+            raise fi.InjectedFault(f"transfer of {rid} failed: injected fault (faults.transfer_fail_rate)")
+
     def _check_source(self, source: LayerStream) -> str:
         if not isinstance(source, LayerStream):
             raise TypeError("push() takes a kv_transfer.source.LayerStream")
         return source.request_id
 
     async def _stream(self, peer: Peer, source: LayerStream, channel: TorchChannel | None, first: list,
-                      batches) -> pb.PushResponse:
+                      batches, plan: fi.FaultPlan | None = None) -> pb.PushResponse:
         fp = self.fingerprint
         limit = min(self.config.chunk_bytes, peer.max_message_bytes // 2)
         loop = asyncio.get_running_loop()
@@ -287,11 +314,18 @@ class KVSender:
                 for run_start, count in _runs([item.layer for item in layers]):
                     for layer, nl, s, e in plan_chunks(run_start, count, source.num_tokens, fp.bytes_per_token_layer,
                                                        limit):
+                        fault = plan.hits(layer, nl, s) if plan is not None else None
+                        if fault == fi.DROP:  # lost on the way: neither its LayerChunk nor its bytes arrive
+                            fi.count(self.config.kv_transport, fault)
+                            continue
                         kvs = [by_layer[i][:, s:e] for i in range(layer, layer + nl)]
                         meta = pb.LayerChunk(layer=layer, num_layers=nl, token_start=s, num_tokens=e - s)
                         if channel is None:
                             data, meta.nbytes, meta.checksum = encode_chunk_data(kvs)
                             meta.checksum_algo = pb.CHECKSUM_ALGO_CRC32C
+                            if fault == fi.CORRUPT:  # after the checksum
+                                fi.count(self.config.kv_transport, fault)
+                                data = fi.corrupt_wire_bytes(data, meta.nbytes)
                             yield pb.PushMessage(chunk=meta)
                             yield data  # already wire bytes
                             continue
@@ -299,6 +333,9 @@ class KVSender:
                         meta.checksum_algo = checksum_algo(part)
                         meta.checksum = checksum(part, meta.checksum_algo)
                         meta.nbytes = part.numel() * part.element_size()
+                        if fault == fi.CORRUPT:  # after the checksum
+                            fi.count(self.config.kv_transport, fault)
+                            part = fi.corrupt_tensor(part)
                         yield pb.PushMessage(chunk=meta)
                         await loop.run_in_executor(self._executor, channel.send, part)
                 if isinstance(batch[-1], CommitInfo):
@@ -308,6 +345,7 @@ class KVSender:
                     return
 
         call = peer.push(messages(), metadata=self._metadata)
+        first_status = _keep_first_status(call)
         try:
             return await call
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
@@ -321,7 +359,7 @@ class KVSender:
             if isinstance(e, asyncio.CancelledError):
                 call.cancel()
                 raise
-            raise error_from_rpc(e) from None
+            raise error_from_rpc(_server_status(e, first_status)) from None
 
     async def _channel(self, peer: Peer) -> TorchChannel:
         ch = self.channels.get(peer.address)
@@ -369,6 +407,51 @@ def _runs(layers: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((layer, 1))
     return runs
+
+
+_CORE_INTERNAL = "Internal error from Core"
+
+
+def _keep_first_status(call: grpc.aio.Call) -> list:
+    """The status `call` ended with as first delivered, once it ends: [an AioRpcError, or None if OK].
+
+    When a receiver refuses a chunk mid-stream, a request write the client issued before its status
+    arrived fails. grpc aio then sets INTERNAL "Internal error from Core" (no trailing metadata) as
+    the call's status; usually the server's status replaces it when it is read, but when that came
+    first, the INTERNAL one replaces the server's (grpc/grpc#36066) and the sender would see an
+    untyped error. Done callbacks run when the first status is set."""
+    kept: list = []
+
+    def on_done(c: grpc.aio.Call) -> None:
+        if kept:
+            return
+        try:
+            code = _completed(c.code())
+            kept.append(None if code == grpc.StatusCode.OK else grpc.aio.AioRpcError(
+                code, grpc.aio.Metadata(), _completed(c.trailing_metadata()), _completed(c.details())))
+        except Exception:  # the accessors suspended (another grpc version): keep what the call raises
+            kept.append(None)
+
+    call.add_done_callback(on_done)
+    return kept
+
+
+def _server_status(err: grpc.aio.AioRpcError, first_status: list) -> grpc.aio.AioRpcError:
+    """`err`, unless it is grpc's own INTERNAL error that replaced the server's status (see above)."""
+    if err.code() == grpc.StatusCode.INTERNAL and err.details() == _CORE_INTERNAL and first_status \
+            and first_status[0] is not None:
+        return first_status[0]
+    return err
+
+
+def _completed(coro):
+    """The value of a coroutine that finishes without suspending (a finished call's status accessors)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("the coroutine suspended")
 
 
 def _serialize(m: pb.PushMessage | bytes) -> bytes:
