@@ -148,13 +148,9 @@ def summary_ms(values: list[float]) -> dict[str, float]:
 
 def parse_goodput(items: list[str] | None) -> dict[str, float]:
     """`ttft:500 tpot:50 e2e:10000` (milliseconds) -> {"ttft": 0.5, ...} seconds."""
-    slos = {}
-    for item in items or []:
-        name, ms = item.split(":")
-        if name not in ("ttft", "tpot", "e2e"):
-            raise ValueError(f"unknown SLO {name!r} (ttft, tpot or e2e)")
-        slos[name] = float(ms) / 1e3
-    return slos
+    from engine.simulator import parse_slos
+
+    return parse_slos(items)
 
 
 def meets(r: Result, slos: dict[str, float]) -> bool:
