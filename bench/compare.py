@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import serve as B
     from engine.config import PdserveConfig
-    from router.server import RouterActor
+    from router.server import launch_router
 
     slos = B.parse_goodput(args.goodput)
     ray.init(namespace="pdserve", include_dashboard=False, log_to_driver=False)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             sections = {k: dict(v) for k, v in CONFIGS[name].items()}
             sections["serve"] = {**sections["serve"], "port": 0}
             cfg = PdserveConfig().replace(model={"model": args.model}, **sections)
-            router = ray.remote(RouterActor).options(num_cpus=0, max_concurrency=10_000).remote(cfg)
+            router = launch_router(cfg)
             url = ray.get(router.start.remote(), timeout=600)
             model = cfg.serve.served_model_name or __import__("httpx").get(f"{url}/v1/models").json()["data"][0]["id"]
             table[name] = {}

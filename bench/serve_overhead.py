@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import PdserveConfig
     from engine.llm_engine import LLMEngine
     from engine.sampling import SamplingParams
-    from router.server import RouterActor
+    from router.server import launch_router
 
     model = args.model
     if model is None:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     del engine
 
     ray.init(namespace="pdserve", include_dashboard=False, log_to_driver=False)
-    router = ray.remote(RouterActor).options(num_cpus=0, max_concurrency=10_000).remote(cfg)
+    router = launch_router(cfg)
     url = ray.get(router.start.remote(), timeout=300)
     body = {"prompt": "measure the overhead of the distributed path", "max_tokens": args.tokens,
             "temperature": 0, "stream": True, "ignore_eos": True}

@@ -117,10 +117,13 @@ class EngineLoop:
                     self._wake.wait(timeout=1.0)
                 if self._stop:
                     break
-                inbox, self._inbox = self._inbox, deque()
-                aborts, self._aborts = self._aborts, deque()
-            while (pause := self._stall_until - time.monotonic()) > 0:
+                pause = self._stall_until - time.monotonic()
+                if pause <= 0:
+                    inbox, self._inbox = self._inbox, deque()
+                    aborts, self._aborts = self._aborts, deque()
+            if pause > 0:  # stalled (chaos): the work stays queued, as behind a hung step
                 time.sleep(min(pause, 0.5))
+                continue
             for item in inbox:
                 self._admit(item)
             for rid in aborts:

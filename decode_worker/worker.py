@@ -116,10 +116,27 @@ class Worker:
         busy = self.loop.has_work
         return {"worker_id": self.worker_id, "role": self.role, "alive": self.loop.alive,
                 "step_age_s": time.monotonic() - self.loop.last_step_time, "busy": busy,
+                # since the loop last stepped or a forward pass last finished a layer (a heartbeat)
+                "progress_age_s": time.monotonic() - max(self.loop.last_step_time, e.last_progress),
                 "num_running": len(e.running), "num_waiting": len(e.waiting),
                 "waiting_tokens": sum(len(s.prompt_token_ids) for s in list(e.waiting)),
                 "free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
                 "max_num_seqs": e.config.scheduler.max_num_seqs, "num_preemptions": e.num_preemptions}
+
+    def abort_all(self) -> int:
+        """Abort every request this worker holds (a restarted router adopting it: the requests'
+        clients went with the old router). Returns how many were aborted."""
+        rids = self._engine_request_ids()
+        for rid in rids:
+            self.loop.abort(rid)
+        return len(rids)
+
+    def _engine_request_ids(self) -> list[str]:
+        while True:  # the loop thread may add or drop one meanwhile
+            try:
+                return list(self.engine.seqs)
+            except RuntimeError:
+                continue
 
     def debug_stall(self, seconds: float) -> None:
         """Chaos: freeze this worker's engine loop for `seconds` (see `EngineLoop.stall`)."""
@@ -162,7 +179,8 @@ class DecodeWorker(Worker):
             aio.call_soon_threadsafe(queue.put_nowait, out)
 
         if spec.get("prompt_token_ids") is not None:  # colocated: this engine prefills
-            self.loop.submit(rid, spec["prompt_token_ids"], params, sink, priority=priority)
+            self.loop.submit(rid, spec["prompt_token_ids"], params, sink, priority=priority,
+                             output_token_ids=spec.get("output_token_ids"))
         else:
             with self._lock:
                 self._expected[rid] = _Expected(params, priority, sink)
@@ -187,6 +205,14 @@ class DecodeWorker(Worker):
         finally:
             if not finished:  # the router stopped reading: abort everywhere on this side
                 self.abort(rid)
+
+    def abort_all(self) -> int:
+        with self._lock:
+            expected = list(self._expected)
+        rids = set(expected) | set(self._engine_request_ids())
+        for rid in rids:
+            self.abort(rid)
+        return len(rids)
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -48,6 +48,12 @@ class IncrementalDetokenizer:
             return self._emit(len(self.text) - self.max_stop_len + 1), None
         return self._emit(len(self.text)), None
 
+    def replay(self, token_ids: list[int]) -> None:
+        """Advance past tokens whose text was already streamed (by another worker, before a handover
+        or a migration), one at a time so the state matches the incremental run's exactly."""
+        for t in token_ids:
+            self.add([t])
+
     def flush(self) -> str:
         """The held-back tail, once the sequence has finished."""
         return self._emit(len(self.text))

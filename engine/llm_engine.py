@@ -110,6 +110,7 @@ class LLMEngine:
         self._generators: dict[str, torch.Generator] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._rng = torch.Generator().manual_seed(config.engine.seed)
+        self.last_progress = time.monotonic()  # the last layer a forward pass finished (see `forward`)
 
     @property
     def waiting(self) -> list[Sequence]:
@@ -137,22 +138,30 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int] | list[dict], params: SamplingParams,
                     *, arrival_time: float | None = None, priority: int = 0, ttft_deadline: float | None = None,
-                    detokenize: bool = True, kv_sink=None) -> Sequence:
+                    detokenize: bool = True, kv_sink=None, output_token_ids: list[int] | None = None) -> Sequence:
         """Queue a request. `priority`: lower runs first; `ttft_deadline`: seconds from arrival
         by which the first token is due (SLA-aware admission). `kv_sink` (a
         `kv_transfer.source.LayerStream`) makes it prefill-only (see the module docstring).
+        `output_token_ids` resumes a request another worker was generating (migration): those
+        tokens count as already generated and already streamed (their text is not emitted again);
+        prompt and outputs are prefilled together, as after a recompute preemption.
         Raises `InvalidRequestError`, or `QueueFullError` when the scheduler's overload
         policy refuses it."""
         ids = self.encode_prompt(prompt)
-        self._validate(request_id, ids)
+        outputs = list(output_token_ids or [])
+        self._validate(request_id, ids, len(outputs))
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", f"{self.source.path} has no tokenizer, so stop strings cannot match")
         now = time.monotonic()
         arrival = now if arrival_time is None else arrival_time
-        seq = Sequence(request_id, ids, params, arrival_time=arrival, priority=priority,
+        if outputs and len(outputs) >= params.max_tokens:
+            raise InvalidRequestError("max_tokens", "the resumed request has already generated max_tokens")
+        seq = Sequence(request_id, ids, params, arrival_time=arrival, priority=priority, output_token_ids=outputs,
                        deadline=None if ttft_deadline is None else arrival + ttft_deadline)
         self.scheduler.add(seq, now)
         self._register(seq, detokenize)
+        if outputs and request_id in self._detok:
+            self._detok[request_id].replay(outputs)  # already streamed: advance past their text silently
         if kv_sink is not None:
             self._kv_sinks[request_id] = kv_sink
         return seq
@@ -201,7 +210,7 @@ class LLMEngine:
         self.scheduler.add_running(seq)
         self._register(seq, detokenize)
         if seq.request_id in self._detok:
-            self._detok[seq.request_id].add(seq.output_token_ids)
+            self._detok[seq.request_id].replay(seq.output_token_ids)
         return seq
 
     def export_kv(self, request_id: str) -> KVExport:
@@ -274,9 +283,13 @@ class LLMEngine:
         dev = self.device
         ship = self._kv_to_ship(plan)
         layerwise = bool(ship) and self.config.kv_transfer.layerwise
+        def on_layer(i: int) -> None:  # a heartbeat finer than a step (stall detection), and layer-wise shipping
+            self.last_progress = time.monotonic()
+            if layerwise:
+                self._ship_layer(ship, i)
+
         hidden = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta,
-                                    self.kv.k, self.kv.v,
-                                    on_layer=(lambda i: self._ship_layer(ship, i)) if layerwise else None)
+                                    self.kv.k, self.kv.v, on_layer=on_layer)
         if ship and not layerwise:
             for i in range(self.arch.num_layers):
                 self._ship_layer(ship, i)
@@ -398,19 +411,19 @@ class LLMEngine:
             g = self._generators[seq.request_id] = make_generator(seed, self.device)
         return g
 
-    def _validate(self, request_id: str, ids: list[int]) -> None:
+    def _validate(self, request_id: str, ids: list[int], num_outputs: int = 0) -> None:
         if request_id in self.seqs:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
         if not ids:
             raise InvalidRequestError("prompt", "the prompt is empty")
-        if len(ids) >= self.max_model_len:
+        if len(ids) + num_outputs >= self.max_model_len:
             raise InvalidRequestError(
-                "prompt", f"the prompt has {len(ids)} tokens; this model's context window is "
+                "prompt", f"the prompt has {len(ids) + num_outputs} tokens; this model's context window is "
                 f"{self.max_model_len} tokens, leaving no room for output")
         vocab = self.arch.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequestError("prompt", f"token ids must be in [0, {vocab})")
-        if self.block_manager.blocks_for(len(ids) + 1) > self.block_manager.num_blocks:
+        if self.block_manager.blocks_for(len(ids) + num_outputs + 1) > self.block_manager.num_blocks:
             raise InvalidRequestError("prompt", f"the prompt has {len(ids)} tokens; the KV cache holds only "
                                       f"{self.block_manager.num_blocks * self.block_manager.block_size}")
 

@@ -66,7 +66,7 @@ def serve_config(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     import ray
 
-    from router.server import RouterActor
+    from router.server import launch_router
 
     cfg = serve_config(args)
     if args.address:
@@ -78,8 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # On this node (the head, where `pdserve serve` runs): an actor that needs no resources would
     # otherwise land on any node, away from the address and port the operator exposes.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    router = ray.remote(RouterActor).options(name=ROUTER_NAME, namespace=NAMESPACE, num_cpus=0,
-                                             max_concurrency=10_000, scheduling_strategy=here).remote(cfg)
+    router = launch_router(cfg, name=ROUTER_NAME, namespace=NAMESPACE, scheduling_strategy=here)
     url = ray.get(router.start.remote())
     s = cfg.serve
     print(f"pdserve is serving on {url} ({s.mode}: {s.prefill_workers if s.mode == 'disaggregated' else 0} "
@@ -93,8 +92,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
-    print("shutting down", file=sys.stderr)
-    ray.get(router.stop.remote(), timeout=30)
+    # Graceful: refuse new requests, let those in flight finish (up to drain_timeout_s), then stop.
+    print(f"draining (up to {s.drain_timeout_s:g}s for requests in flight)", file=sys.stderr, flush=True)
+    left = ray.get(router.drain.remote(), timeout=s.drain_timeout_s + 30)
+    print(f"shutting down ({left} requests still running were cut off)" if left else "shutting down",
+          file=sys.stderr, flush=True)
+    ray.get(router.stop.remote(), timeout=60)
     ray.shutdown()
     return 0
 

@@ -31,7 +31,7 @@ class PrefillWorker(Worker):
         from kv_transfer import KVPool, KVSender
 
         self.sender = KVSender(config.kv_transfer, KVPool.from_engine(self.engine).fingerprint, worker_id=worker_id,
-                               device=self.engine.device)
+                               device=self.engine.device, faults=config.faults)
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "metrics": self.metrics_url, "node_id": _node_id()}
@@ -41,23 +41,26 @@ class PrefillWorker(Worker):
 
         rid = spec["request_id"]
         ids = spec["prompt_token_ids"]
+        resumed = spec.get("output_token_ids") or []  # a migrated request: tokens already streamed
+        num_kv = len(ids) + len(resumed)
         params = SamplingParams(**spec["params"])
         aio = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
-            await self._reserve(decode_address, rid, len(ids))
+            await self._reserve(decode_address, rid, num_kv)
         except KVTransferError as e:
             return {"error": {"status": 503, "message": f"decode worker refused the KV: {e}",
-                              "type": "ServiceUnavailable", "retry_after": 1}}
+                              "type": "ServiceUnavailable", "retry_after": 1, "retryable": True}}
         t_reserved = time.perf_counter()
-        stream = LayerStream(rid, len(ids))
+        stream = LayerStream(rid, num_kv)
         push = asyncio.wrap_future(self.sender.push(decode_address, stream))
         first: asyncio.Future = aio.create_future()
 
         def sink(out):
             aio.call_soon_threadsafe(lambda: first.done() or first.set_result(out))
 
-        self.loop.submit(rid, ids, params, sink, priority=spec.get("priority", 0), kv_sink=stream)
+        self.loop.submit(rid, ids, params, sink, priority=spec.get("priority", 0), kv_sink=stream,
+                         output_token_ids=resumed)
         try:
             out = await first
             t_prefilled = time.perf_counter()
@@ -75,9 +78,9 @@ class PrefillWorker(Worker):
                 return result
             try:
                 transfer = await push
-            except KVTransferError as e:
+            except KVTransferError as e:  # another prefill/decode pair may well succeed: the router retries
                 return {"error": {"status": 503, "message": f"KV transfer failed: {e}", "type": "ServiceUnavailable",
-                                  "retry_after": 1}}
+                                  "retry_after": 1, "retryable": True}}
             queue = out.queue_time or 0.0
             compute = max(0.0, t_prefilled - t_reserved - queue)
             self.metrics.queue.observe(queue)
@@ -109,6 +112,20 @@ class PrefillWorker(Worker):
                     raise
                 await asyncio.sleep(delay)  # blocks free as running requests finish
                 delay = min(delay * 2, 0.1)
+
+    def abort_all(self) -> int:
+        rids = self._engine_request_ids()
+        for rid in rids:
+            self.loop.abort(rid)
+            self.sender.cancel(rid, "aborted")
+        return len(rids)
+
+    def set_faults(self, faults: dict) -> None:
+        """Chaos: change the transfer fault injection of this worker's sender at run time
+        (`FaultConfig` fields)."""
+        from engine.config import FaultConfig
+
+        self.sender.faults = FaultConfig(**faults)
 
     def shutdown(self) -> None:
         self.sender.close()

@@ -54,6 +54,12 @@ class RouterMetrics:
                                 labels + ["reason"], registry=registry)
         self.failed = Counter(f"{p}request_failed", "Admitted requests that failed (a worker failed), by reason",
                               labels + ["reason"], registry=registry)
+        self.migrations = Counter(f"{p}request_migrations", "Request attempts moved to other workers after a "
+                                  "failure (re-prefilled with the tokens already streamed), by reason",
+                                  labels + ["reason"], registry=registry)
+        self.worker_failures = Counter(f"{p}worker_failures", "Workers taken out of their pool and replaced, by "
+                                       "reason (died, stalled, unresponsive)", labels + ["role", "reason"],
+                                       registry=registry)
 
 
 class PoolCollector:

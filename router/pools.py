@@ -24,6 +24,7 @@ class WorkerState:
     draining: bool = False  # being scaled away: no new requests
     inflight_requests: int = 0
     inflight_tokens: int = 0  # prompt tokens dispatched here and not yet done (prefill queue depth)
+    last_ok: float = 0.0  # monotonic time of the last health check it answered
 
     @property
     def routable(self) -> bool:
@@ -34,6 +35,11 @@ class RoutingPolicy(Protocol):
     def pick_prefill(self, workers: list[WorkerState], num_tokens: int) -> WorkerState | None: ...
 
     def pick_decode(self, workers: list[WorkerState], num_tokens: int) -> WorkerState | None: ...
+
+
+def pick_avoiding(pick, workers: list[WorkerState], num_tokens: int, avoid: set[str]) -> WorkerState | None:
+    """`pick` among the workers not in `avoid` (those a failed attempt used), else among all."""
+    return pick([w for w in workers if w.worker_id not in avoid], num_tokens) or pick(workers, num_tokens)
 
 
 class LeastLoadedPolicy:

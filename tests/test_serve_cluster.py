@@ -21,7 +21,7 @@ CLUSTER_SCRIPT = textwrap.dedent("""
     import sys, httpx, ray
     from ray.cluster_utils import Cluster
     from engine.config import PdserveConfig
-    from router.server import RouterActor
+    from router.server import launch_router
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     prefill_node = cluster.add_node(num_cpus=2, resources={"prefill": 1})
@@ -30,7 +30,7 @@ CLUSTER_SCRIPT = textwrap.dedent("""
     cfg = PdserveConfig().replace(model={"model": sys.argv[1]}, cache={"num_kv_blocks": 128},
                                   engine={"num_threads": 1},
                                   serve={"port": 0, "prefill_workers": 2, "decode_workers": 1})
-    router = ray.remote(RouterActor).options(num_cpus=0).remote(cfg)
+    router = launch_router(cfg)
     url = ray.get(router.start.remote(), timeout=180)
     pools = ray.get(router.status.remote())["pools"]
     assert {w["node_id"] for w in pools["prefill"]} == {prefill_node.node_id}, pools

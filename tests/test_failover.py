@@ -1,0 +1,303 @@
+"""Fault tolerance on a live deployment: request migration when a decode worker dies or
+stalls, re-dispatch when a prefill worker dies, self-healing pools, transfer faults,
+the migration limit, a router restart and graceful drain. Every stream is checked
+token for token (as text, byte-level tokenizer) against the bare engine's greedy run,
+and every worker's KV pool is checked to be all free afterwards."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from engine.config import PdserveConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling import SamplingParams
+from tests.test_serve import Server
+
+PROMPT = "Once upon a time, in a land far away"
+MAX_TOKENS = 300
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_text_model_dir):
+    """The uninterrupted greedy text for a max_tokens, from the bare engine."""
+    engine = LLMEngine(PdserveConfig().replace(model={"model": str(tiny_text_model_dir)}))
+    cache: dict[int, str] = {}
+
+    def text(max_tokens: int = MAX_TOKENS) -> str:
+        if max_tokens not in cache:
+            params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+            cache[max_tokens] = engine.generate([PROMPT], params)[0].output_text
+        return cache[max_tokens]
+
+    return text
+
+
+@pytest.fixture(scope="module")
+def reference(expected) -> str:
+    return expected()
+
+
+def body(**kw) -> dict:
+    return {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True, **kw}
+
+
+def stream(url: str, on_chunk=None, **kw) -> tuple[str, dict | None, list[str]]:
+    """Stream a completion: (text, the error chunk or None, raw data lines). `on_chunk(i)` runs
+    after the i-th content chunk (to inject a fault at a known point of the stream)."""
+    text, error, lines = "", None, []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body(**kw), timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        n = 0
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            lines.append(line)
+            if line == "data: [DONE]":
+                break
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                error = obj
+                continue
+            text += obj["choices"][0]["text"]
+            n += 1
+            if on_chunk is not None:
+                on_chunk(n)
+    return text, error, lines
+
+
+def holder(server: Server, role: str) -> str:
+    """The one worker of `role` holding a request (running, waiting or queued for its loop)."""
+    deadline = time.monotonic() + 10
+    while True:
+        busy = [w for w, s in server.stats().items() if w.startswith(role) and s["busy"]]
+        if len(busy) == 1:
+            return busy[0]
+        assert time.monotonic() < deadline, server.stats()
+        time.sleep(0.02)
+
+
+def handle(server: Server, worker_id: str):
+    return server.ray.get(server.actor.worker_handle.remote(worker_id))
+
+
+def wait_pools(server: Server, prefill: int, decode: int, timeout: float = 60) -> dict:
+    """Until the router's pools hold exactly this many healthy workers (self-healing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pools = server.ray.get(server.actor.status.remote())["pools"]
+        healthy = {role: sum(w["healthy"] and not w["draining"] for w in ws) for role, ws in pools.items()}
+        if healthy == {"prefill": prefill, "decode": decode} and all(len(ws) == healthy[r] for r, ws in pools.items()):
+            return pools
+        assert time.monotonic() < deadline, pools
+        time.sleep(0.1)
+
+
+def metric(server: Server, name: str, **labels) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    want = ",".join(f'{k}="{v}"' for k, v in {"model_name": server.model, **labels}.items())
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    assert want  # labels are part of the query
+    return total
+
+
+def kill_after(server: Server, role: str, at_chunk: int, stall_first: bool = True):
+    """An `on_chunk` that, at chunk `at_chunk`, freezes the worker of `role` holding the request
+    (so it cannot finish on its own) and kills its actor."""
+    killed = []
+
+    def on_chunk(n: int) -> None:
+        if n == at_chunk:
+            wid = holder(server, role)
+            h = handle(server, wid)
+            if stall_first:
+                server.ray.get(h.debug_stall.remote(60))
+            server.ray.kill(h)
+            killed.append((wid, time.monotonic()))
+
+    return on_chunk, killed
+
+
+@pytest.fixture(scope="module")
+def disagg(ray_cluster, tiny_text_model_dir):
+    server = Server(ray_cluster, tiny_text_model_dir,
+                    serve={"prefill_workers": 2, "decode_workers": 2, "health_interval_s": 0.2,
+                           "stall_timeout_s": 2.0, "max_migrations": 3, "drain_timeout_s": 0.5})
+    yield server
+    server.stop()
+
+
+def test_decode_worker_killed_mid_stream_migrates_without_losing_a_token(disagg, reference):
+    on_chunk, killed = kill_after(disagg, "decode", 5)
+    before = metric(disagg, "pdserve_request_migrations_total", reason="worker_died")
+    text, error, _ = stream(disagg.url, on_chunk)
+    assert error is None and killed
+    assert text == reference  # nothing lost, nothing repeated
+    assert metric(disagg, "pdserve_request_migrations_total", reason="worker_died") == before + 1
+    pools = wait_pools(disagg, 2, 2)  # the dead worker was replaced
+    assert killed[0][0] not in {w["worker_id"] for w in pools["decode"]}
+    disagg.wait_kv_free()
+
+
+def test_prefill_worker_killed_while_holding_the_request_is_transparent(disagg, reference):
+    wait_pools(disagg, 2, 2)
+    prefills = [w for w in disagg.stats() if w.startswith("prefill")]
+    for w in prefills:  # both frozen: the request sits in one's queue
+        disagg.ray.get(handle(disagg, w).debug_stall.remote(60))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(out=stream(disagg.url)))
+    t.start()
+    victim = holder(disagg, "prefill")
+    disagg.ray.kill(handle(disagg, victim))
+    (other,) = [w for w in prefills if w != victim]
+    disagg.ray.get(handle(disagg, other).debug_stall.remote(0))
+    t.join(60)
+    text, error, _ = result["out"]
+    assert error is None and text == reference
+    wait_pools(disagg, 2, 2)
+    disagg.wait_kv_free()
+
+
+def test_stalled_decode_engine_loop_is_detected_and_its_requests_migrate(disagg, reference):
+    wait_pools(disagg, 2, 2)
+    stalled = []
+
+    def on_chunk(n: int) -> None:
+        if n == 5:
+            wid = holder(disagg, "decode")
+            disagg.ray.get(handle(disagg, wid).debug_stall.remote(60))  # alive, answering, stuck
+            stalled.append((wid, time.monotonic()))
+
+    before = metric(disagg, "pdserve_worker_failures_total", role="decode", reason="stalled")
+    t0 = time.monotonic()
+    text, error, _ = stream(disagg.url, on_chunk)
+    assert error is None and text == reference
+    # detected within stall_timeout_s (2 s) plus a health interval and the migration
+    assert time.monotonic() - stalled[0][1] < 2.0 + 3.0, time.monotonic() - t0
+    assert metric(disagg, "pdserve_worker_failures_total", role="decode", reason="stalled") == before + 1
+    pools = wait_pools(disagg, 2, 2)
+    assert stalled[0][0] not in {w["worker_id"] for w in pools["decode"]}
+    disagg.wait_kv_free()
+
+
+def test_transfer_faults_are_retried_on_another_pair(disagg, expected):
+    """Corrupt or failed transfers (fault injection on one prefill worker's sender at a time): the
+    request is retried on the other pair, the corrupt KV is never decoded, the output is exact."""
+    wait_pools(disagg, 2, 2)
+    a, b = [w for w in disagg.stats() if w.startswith("prefill")]
+    before = metric(disagg, "pdserve_request_migrations_total", reason="transfer_failed")
+    try:
+        for faulty, clean, fault in ((a, b, "transfer_corrupt_rate"), (b, a, "transfer_fail_rate")):
+            disagg.ray.get(handle(disagg, faulty).set_faults.remote({fault: 1.0}))
+            disagg.ray.get(handle(disagg, clean).set_faults.remote({}))
+            for _ in range(3):
+                text, error, _ = stream(disagg.url, max_tokens=20)
+                assert error is None and text == expected(20)
+    finally:
+        for w in (a, b):
+            disagg.ray.get(handle(disagg, w).set_faults.remote({}))
+    # the router sends to the same (least loaded, first) prefill worker each time: in one of the two
+    # rounds that one was the faulty one
+    assert metric(disagg, "pdserve_request_migrations_total", reason="transfer_failed") >= before + 3
+    disagg.wait_kv_free()
+
+
+def test_every_transfer_failing_ends_in_an_explicit_error(disagg):
+    wait_pools(disagg, 2, 2)
+    prefills = [w for w in disagg.stats() if w.startswith("prefill")]
+    try:
+        for w in prefills:
+            disagg.ray.get(handle(disagg, w).set_faults.remote({"transfer_fail_rate": 1.0}))
+        r = httpx.post(f"{disagg.url}/v1/completions", json=body(stream=False), timeout=30)
+        assert r.status_code == 503 and "retry-after" in r.headers
+        assert "4 times" in r.json()["error"]["message"]  # 1 + max_migrations (3) attempts
+    finally:
+        for w in prefills:
+            disagg.ray.get(handle(disagg, w).set_faults.remote({}))
+    disagg.wait_kv_free()
+
+
+def test_scale_down_past_the_drain_timeout_migrates_what_is_left(disagg, reference):
+    """Two streams, one per decode worker, both workers frozen past drain_timeout_s (0.5 s); scaling
+    decode to 1 drains one of them: its request migrates, both streams come out exact."""
+    wait_pools(disagg, 2, 2)
+    results: list = [None, None]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(disagg.url))) for i in (0, 1)]
+    before = metric(disagg, "pdserve_request_migrations_total", reason="worker_died")
+    threads[0].start()
+    holder(disagg, "decode")
+    threads[1].start()
+    deadline = time.monotonic() + 10
+    while sum(s["busy"] for w, s in disagg.stats().items() if w.startswith("decode")) < 2:
+        assert time.monotonic() < deadline, "the two streams did not spread over the two decode workers"
+        time.sleep(0.02)
+    for w in [w for w in disagg.stats() if w.startswith("decode")]:
+        disagg.ray.get(handle(disagg, w).debug_stall.remote(1.5))
+    disagg.ray.get(disagg.actor.scale.remote(None, 1))
+    for t in threads:
+        t.join(60)
+    for text, error, _ in results:
+        assert error is None and text == reference
+    assert metric(disagg, "pdserve_request_migrations_total", reason="worker_died") == before + 1
+    wait_pools(disagg, 2, 1)
+    disagg.ray.get(disagg.actor.scale.remote(None, 2))
+    wait_pools(disagg, 2, 2)
+    disagg.wait_kv_free()
+
+
+def test_colocated_migration_and_the_migration_limit(ray_cluster, tiny_text_model_dir, reference):
+    server = Server(ray_cluster, tiny_text_model_dir,
+                    serve={"mode": "colocated", "decode_workers": 2, "health_interval_s": 0.2, "max_migrations": 1,
+                           "failover_wait_s": 1.0})
+    try:
+        on_chunk, killed = kill_after(server, "decode", 5)
+        text, error, _ = stream(server.url, on_chunk)
+        assert error is None and text == reference and killed
+        wait_pools(server, 0, 2)
+
+        # killed twice: past max_migrations (1) the client gets an explicit error chunk, promptly
+        kills = []
+
+        def twice(n: int) -> None:
+            if n in (5, 10):
+                wid = holder(server, "decode")
+                h = handle(server, wid)
+                server.ray.get(h.debug_stall.remote(60))
+                server.ray.kill(h)
+                kills.append(time.monotonic())
+
+        text, error, lines = stream(server.url, twice)
+        assert len(kills) == 2 and error is not None
+        assert error["error"]["code"] == 503 and "giving up after 1 migrations" in error["error"]["message"]
+        assert time.monotonic() - kills[-1] < 5
+        assert lines[-1] == "data: [DONE]" and text and len(text) < len(reference)
+        wait_pools(server, 0, 2)
+        server.wait_kv_free()
+    finally:
+        server.stop()
+
+
+def test_no_decode_worker_left_gives_an_error_chunk_within_5s_then_the_pool_heals(ray_cluster, tiny_text_model_dir,
+                                                                                   expected):
+    server = Server(ray_cluster, tiny_text_model_dir, serve={"health_interval_s": 0.2, "failover_wait_s": 0.5})
+    try:
+        on_chunk, killed = kill_after(server, "decode", 4)
+        text, error, lines = stream(server.url, on_chunk)
+        assert error is not None and error["error"]["code"] == 503
+        assert "no healthy worker is available to move the request to" in error["error"]["message"]
+        assert time.monotonic() - killed[0][1] < 5
+        assert lines[-1] == "data: [DONE]" and text and len(text) < len(expected())
+        pools = wait_pools(server, 1, 1)
+        assert pools["decode"][0]["worker_id"] != killed[0][0]
+        r = httpx.post(f"{server.url}/v1/completions", json=body(stream=False, max_tokens=8), timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected(8)
+        server.wait_kv_free()
+    finally:
+        server.stop()
