@@ -180,7 +180,7 @@ class DecodeWorker(Worker):
 
         if spec.get("prompt_token_ids") is not None:  # colocated: this engine prefills
             self.loop.submit(rid, spec["prompt_token_ids"], params, sink, priority=priority,
-                             output_token_ids=spec.get("output_token_ids"))
+                             output_token_ids=spec.get("output_token_ids"), ttft_deadline=spec.get("ttft_deadline"))
         else:
             with self._lock:
                 self._expected[rid] = _Expected(params, priority, sink)

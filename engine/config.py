@@ -179,6 +179,10 @@ class ServeConfig:
     served_model_name: str | None = None  # default: the model's id
     max_num_queued_requests: int | None = None  # router-wide bound on requests not yet decoding (503 beyond)
     default_max_tokens: int = 256  # when a request names none (capped by the context window)
+    # SLA-aware admission: a request whose first token cannot come within this many seconds of its
+    # arrival (the prefill engine's estimate, from its measured step times) is refused at once with
+    # 503 + Retry-After instead of queueing past its deadline. None: no deadline.
+    ttft_deadline_s: float | None = None
     # Ray resources per worker; GPUs are requested when the cluster has them.
     worker_num_cpus: float = 0.5
     worker_num_gpus: float | None = None  # None: 1 if the cluster has GPUs, else 0

@@ -36,7 +36,7 @@ from engine.model_source import ModelSource, resolve_model
 from engine.platform import keep_freed_memory
 from engine.sampler import make_generator, sample
 from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import MeasuredStepCost, Scheduler
 from engine.sequence import FinishReason, RequestOutput, Sequence
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ class LLMEngine:
         swap_blocks = config.scheduler.swap_space_blocks
         self.swap_kv = PagedKVCache(arch.num_layers, swap_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
                                     self.dtype, torch.device("cpu")) if swap_blocks else None
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.step_cost = MeasuredStepCost()  # learns this machine's step times (TTFT-deadline admission)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.step_cost)
         # Held while blocks are allocated or freed: the KV receiver reserves from this pool on its
         # own thread. Never held across a forward pass.
         self.kv_lock = threading.RLock()
@@ -236,7 +237,7 @@ class LLMEngine:
         if config.swap_space_blocks != self.config.scheduler.swap_space_blocks:
             raise ValueError("the swap pool size is fixed when the engine starts")
         self.config = self.config.replace(scheduler=config)
-        self.scheduler = Scheduler(config, self.block_manager)
+        self.scheduler = Scheduler(config, self.block_manager, self.step_cost)
 
     # -- one iteration -------------------------------------------------------
     def step(self, now: float | None = None) -> list[RequestOutput]:
@@ -250,7 +251,13 @@ class LLMEngine:
             self.kv.copy_blocks_to(self.swap_kv, out.swap_out)
         if out.swap_in:
             self.swap_kv.copy_blocks_to(self.kv, out.swap_in)
-        return self.execute(out.scheduled) if out.scheduled else []
+        if not out.scheduled:
+            return []
+        t0 = time.perf_counter()
+        outputs = self.execute(out.scheduled)
+        decode = sum(1 for _, n in out.scheduled if n == 1)
+        self.step_cost.observe(sum(n for _, n in out.scheduled) - decode, decode, time.perf_counter() - t0)
+        return outputs
 
     def execute(self, plan: list[tuple[Sequence, int]]) -> list[RequestOutput]:
         """Run `plan` (sequence, number of its next tokens to compute) as one forward pass,

@@ -75,6 +75,25 @@ def default_step_cost(prefill_tokens: int, decode_tokens: int) -> float:
     return 2e-3 * prefill_tokens + 5e-3 * decode_tokens + 0.03
 
 
+class MeasuredStepCost:
+    """A `StepCost` that learns this machine's speed: the default model scaled by an exponential
+    moving average of measured / predicted step time (the engine reports each step). SLA-aware
+    admission then estimates TTFT in this machine's seconds, on any hardware."""
+
+    def __init__(self, base: StepCost = default_step_cost, alpha: float = 0.1):
+        self.base = base
+        self.alpha = alpha
+        self.scale = 1.0
+
+    def __call__(self, prefill_tokens: int, decode_tokens: int) -> float:
+        return self.scale * self.base(prefill_tokens, decode_tokens)
+
+    def observe(self, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:
+        predicted = self.base(prefill_tokens, decode_tokens)
+        if predicted > 0 and seconds > 0:
+            self.scale += self.alpha * (seconds / predicted - self.scale)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, step_cost: StepCost = default_step_cost):
         self.config = config

@@ -60,7 +60,7 @@ class PrefillWorker(Worker):
             aio.call_soon_threadsafe(lambda: first.done() or first.set_result(out))
 
         self.loop.submit(rid, ids, params, sink, priority=spec.get("priority", 0), kv_sink=stream,
-                         output_token_ids=resumed)
+                         output_token_ids=resumed, ttft_deadline=spec.get("ttft_deadline"))
         try:
             out = await first
             t_prefilled = time.perf_counter()

@@ -352,6 +352,8 @@ class Router:
             "stop_token_ids": params.stop_token_ids, "ignore_eos": params.ignore_eos}, "priority": parsed.priority}
         if streamed:
             spec["output_token_ids"] = list(streamed)
+        elif self.serve.ttft_deadline_s is not None and why is None:
+            spec["ttft_deadline"] = self.serve.ttft_deadline_s - (time.monotonic() - t.arrival)
         disagg = self.serve.mode == "disaggregated"
         num_tokens = len(ids) + len(streamed)
         retry = why is not None

@@ -301,3 +301,17 @@ def test_no_decode_worker_left_gives_an_error_chunk_within_5s_then_the_pool_heal
         server.wait_kv_free()
     finally:
         server.stop()
+
+
+def test_unmeetable_ttft_deadline_is_refused_at_once_and_frees_everything(ray_cluster, tiny_text_model_dir):
+    """SLA-aware admission across the deployment: the prefill engine estimates the TTFT from its
+    measured step times and refuses a request that cannot make `ttft_deadline_s` (503 +
+    Retry-After), releasing the KV the decode worker had reserved for it."""
+    server = Server(ray_cluster, tiny_text_model_dir, serve={"ttft_deadline_s": 1e-4})
+    try:
+        r = httpx.post(f"{server.url}/v1/completions", json=body(stream=False, max_tokens=4), timeout=30)
+        assert r.status_code == 503 and "retry-after" in r.headers
+        assert "TTFT deadline cannot be met" in r.json()["error"]["message"]
+        server.wait_kv_free()
+    finally:
+        server.stop()

@@ -270,3 +270,20 @@ def test_scheduler_is_pure_policy_without_torch():
     code = "import sys, engine.scheduler, engine.simulator; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_measured_step_cost_learns_the_machine_and_deadline_admission_follows():
+    from engine.scheduler import MeasuredStepCost, default_step_cost
+
+    cost = MeasuredStepCost()
+    assert cost(100, 4) == default_step_cost(100, 4)
+    for _ in range(100):  # this machine runs steps 4x slower than the default model predicts
+        cost.observe(100, 4, 4 * default_step_cost(100, 4))
+    assert cost.scale == pytest.approx(4.0, rel=0.01)
+    slow = Scheduler(SchedulerConfig(), BlockManager(1000, 4), cost)
+    fast = make()
+    # ~0.23 s of prefill at the default speed, ~0.92 s measured: only the fast machine can meet 0.5 s
+    fast.add(req("a", prompt=100, deadline=0.5), now=0)
+    with pytest.raises(QueueFullError) as err:
+        slow.add(req("a", prompt=100, deadline=0.5), now=0)
+    assert err.value.reason == "deadline"
