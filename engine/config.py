@@ -200,6 +200,9 @@ class ServeConfig:
     # `failover_wait_s` it ends with an explicit error.
     max_migrations: int = 2
     failover_wait_s: float = 4.0
+    # A worker that is not up (placed by Ray, model loaded) within this long is given up (and retried by
+    # self-healing): a scale request the cluster cannot place does not hang.
+    worker_start_timeout_s: float = 600.0
     # Graceful drain (SIGTERM, scale-down): in-flight requests get this long to finish; what is left
     # is migrated (scale-down) or ended with an error (shutdown).
     drain_timeout_s: float = 30.0

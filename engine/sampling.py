@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
 
+# The sampler computes in float32: below MIN_TEMPERATURE a temperature is greedy (as in vLLM; logits divided
+# by a tiny temperature overflow to inf), and a top_p below MIN_TOP_P is raised to it (a top_p that rounds to
+# 0 in float32 would drop every token; any top_p this small keeps just the most likely one anyway).
+MIN_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-8
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # torch generators take 64-bit seeds
+
 
 class InvalidSamplingParams(InvalidRequestError):
     """A sampling parameter is out of range; `param` names it."""
@@ -36,6 +43,12 @@ class SamplingParams:
             raise InvalidSamplingParams("top_p", f"top_p must be in (0, 1], got {p}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise InvalidSamplingParams("top_k", f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not INT64_MIN <= self.seed <= INT64_MAX):
+            raise InvalidSamplingParams("seed", f"seed must be a 64-bit integer, got {self.seed}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
+        if self.top_p < MIN_TOP_P:
+            self.top_p = MIN_TOP_P
         if any(not s for s in self.stop):
             raise InvalidSamplingParams("stop", "stop strings must be non-empty")
 

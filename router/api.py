@@ -1,5 +1,12 @@
 """The HTTP layer: FastAPI routes over a `router.server.Router` (OpenAI-compatible API,
-health, metrics, Prometheus service discovery)."""
+health, metrics, Prometheus service discovery, the admin API) and the limits every request
+passes first (`_Guard`: header and body sizes, API and admin keys).
+
+Every error, ours or the framework's (404, 405, an unexpected exception), is answered with
+the OpenAI-style body `{"error": {"message", "type", "param", "code"}}`. The routes parse their
+raw bodies themselves (so a bad body is our 400, never FastAPI's 422); the OpenAPI schema at
+/openapi.json still describes the bodies, generated from the pydantic models in `router.protocol`.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +17,18 @@ import time
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router import protocol as P
 
 if TYPE_CHECKING:
+    from engine.config import ServeConfig
     from router.server import Router
 
 logger = logging.getLogger(__name__)
@@ -32,27 +44,180 @@ def _sse(obj: dict) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
+def _error_bytes(err: P.APIError) -> bytes:
+    return json.dumps(err.body(), separators=(",", ":")).encode()  # ASCII-escaped: any message encodes
+
+
+def _error_response(err: P.APIError) -> Response:
+    return Response(_error_bytes(err), status_code=err.status, headers=err.headers, media_type="application/json")
+
+
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+                404: "NotFoundError", 405: "MethodNotAllowed", 413: "RequestTooLarge",
+                431: "RequestHeaderFieldsTooLarge"}
+
+
+class BodyTooLarge(P.APIError):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than this server's limit of {limit} bytes",
+                         type="RequestTooLarge", headers={"Connection": "close"})
+
+
+class _Guard:
+    """Pure ASGI middleware, outermost, run before any route reads anything, in this order:
+
+    - a request line and headers over `max_header_bytes` -> 431 (a header block still incomplete
+      past uvicorn's `h11_max_incomplete_event_size` never gets here: h11 answers its own 400);
+    - /v1/* without `Authorization: Bearer <api_key>` (when one is set) -> 401;
+    - /admin/*: 403 while `admin_key` is unset, 401 without `Authorization: Bearer <admin_key>`;
+    - a body over `max_request_body_bytes` -> 413: refused unread when Content-Length says so, else
+      (chunked) counted while the route reads it; the read fails once over, so nothing is buffered
+      past the limit, and the 413 closes the connection so the rest is never read either.
+
+    Keys are compared in constant time (`hmac.compare_digest`)."""
+
+    def __init__(self, app: ASGIApp, serve: ServeConfig):
+        self.app = app
+        self.max_body = serve.max_request_body_bytes
+        self.max_headers = serve.max_header_bytes
+        self.api_key = serve.api_key.encode() if serve.api_key else None
+        self.admin_key = serve.admin_key.encode() if serve.admin_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = scope["headers"]
+        # what the HTTP server buffered: "METHOD target HTTP/1.1\r\n" and "name: value\r\n" per header
+        size = len(scope["method"]) + len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 12
+        size += sum(len(k) + len(v) + 4 for k, v in headers)
+        if size > self.max_headers:
+            return await self._refuse(send, P.APIError(
+                431, f"the request line and headers total {size} bytes; this server's limit is {self.max_headers}",
+                type="RequestHeaderFieldsTooLarge"))
+        path = scope["path"]
+        if path.startswith("/admin/") or path == "/admin":
+            if self.admin_key is None:
+                return await self._refuse(send, P.APIError(
+                    403, "the admin API is disabled: set serve.admin_key", type="PermissionDeniedError"))
+            if not _key_matches(headers, self.admin_key):
+                return await self._refuse(send, P.APIError(401, "invalid or missing admin key",
+                                                           type="AuthenticationError",
+                                                           headers={"WWW-Authenticate": "Bearer"}))
+        elif self.api_key is not None and path.startswith("/v1/") and not _key_matches(headers, self.api_key):
+            return await self._refuse(send, P.APIError(401, "invalid or missing API key", type="AuthenticationError",
+                                                       headers={"WWW-Authenticate": "Bearer"}))
+        length = _content_length(headers)
+        if length is not None and length > self.max_body:
+            return await self._refuse(send, BodyTooLarge(self.max_body))
+
+        received = 0
+        limit = self.max_body
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)  # the route's read fails; the exception handler answers 413
+            return message
+
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as e:  # read outside a route (the exception handlers did not see it)
+            if started:
+                raise
+            await self._refuse(send, e)
+
+    @staticmethod
+    async def _refuse(send: Send, err: P.APIError) -> None:
+        body = _error_bytes(err)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+        await send({"type": "http.response.start", "status": err.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _key_matches(headers: list[tuple[bytes, bytes]], key: bytes) -> bool:
+    """`Authorization: Bearer <key>` (the scheme is case-insensitive); the key is compared in constant time."""
+    scheme, _, token = next((v for k, v in headers if k == b"authorization"), b"").partition(b" ")
+    return hmac.compare_digest(token.strip(), key) and scheme.lower() == b"bearer"
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    raw = next((v for k, v in headers if k == b"content-length"), None)
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:  # the HTTP server validates it; unparsable here means no usable length
+        return None
+
+
+async def _json_body(request: Request):
+    raw = await request.body()  # bounded by _Guard
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, too deep, an int of > 4300 digits
+        raise P.bad_request(f"the request body is not valid JSON: {e}") from None
+
+
+def _json_content(schema: str) -> dict:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+
+
+def _openapi(body: str | None, *errors: int) -> dict:
+    """An operation's request body and error responses, for `openapi_extra`."""
+    extra: dict = {"responses": {str(s): {"description": _ERROR_TYPES.get(s, "error"), "content": _json_content(
+        "ErrorResponse")} for s in errors}}
+    if body:
+        extra["requestBody"] = {"required": True, "content": _json_content(body)}
+    return extra
+
+
 def build_app(router: Router) -> FastAPI:
-    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
     serve = router.serve
+    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)  # /openapi.json stays on
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                 description="OpenAI-compatible completions and chat, health, metrics, admin")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(P.openapi_schemas())
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.add_middleware(_Guard, serve=serve)
 
     @app.exception_handler(P.APIError)
     async def _api_error_handler(request: Request, exc: P.APIError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return _error_response(exc)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if serve.api_key and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {serve.api_key}".encode()):
-                err = P.APIError(401, "invalid or missing API key", type="AuthenticationError")
-                return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error_handler(request: Request, exc: StarletteHTTPException):
+        return _error_response(P.APIError(exc.status_code, str(exc.detail), type=_ERROR_TYPES.get(
+            exc.status_code, "error"), headers=dict(exc.headers or {})))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error_handler(request: Request, exc: RequestValidationError):
+        return _error_response(P.bad_request(str(exc)))  # no route declares parameters; never FastAPI's 422
+
+    @app.exception_handler(Exception)
+    async def _unexpected_error_handler(request: Request, exc: Exception):
+        logger.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return _error_response(P.APIError(500, f"internal error ({type(exc).__name__})", type="InternalServerError"))
 
     @app.get("/health")
     async def health():
         ok = router.healthy()
-        return JSONResponse({"status": "ok" if ok else "unavailable", "workers": router.status()},
+        status = "ok" if ok else "draining" if not router.accepting else "unavailable"
+        return JSONResponse({"status": status, "workers": router.status()},
                             status_code=200 if ok else 503)
 
     @app.get("/version")
@@ -82,15 +247,15 @@ def build_app(router: Router) -> FastAPI:
 
     async def handle(request: Request, kind: str):
         arrival = time.monotonic()
+        if not router.accepting:  # draining for shutdown
+            router.metrics.rejected.labels(router.model_name, "draining").inc()
+            raise P.APIError(503, "the server is shutting down; retry on another replica", type="ServiceUnavailable",
+                             headers={"Retry-After": "1"})
         if serve.max_num_queued_requests is not None and router.queued >= serve.max_num_queued_requests:
             router.metrics.rejected.labels(router.model_name, "queue_full").inc()
             raise P.APIError(503, f"the server is at its limit of {serve.max_num_queued_requests} queued "
                              "requests; retry later", type="ServiceUnavailable", headers={"Retry-After": "1"})
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise P.bad_request(f"the request body is not valid JSON: {e}") from None
-        parsed = P.parse_request(body, kind, serve.default_max_tokens)
+        parsed = P.parse_request(await _json_body(request), kind, serve.default_max_tokens)
         if parsed.model is not None and parsed.model != router.model_name:
             raise P.APIError(404, f"the model {parsed.model!r} does not exist; this server serves "
                              f"{router.model_name!r}", type="NotFoundError", param="model")
@@ -158,13 +323,28 @@ def build_app(router: Router) -> FastAPI:
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/completions")
+    v1_errors = (400, 401, 404, 413, 431, 503)
+
+    @app.post("/v1/completions", openapi_extra=_openapi("CompletionRequest", *v1_errors))
     async def completions(request: Request):
         return await handle(request, "completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_openapi("ChatCompletionRequest", *v1_errors))
     async def chat(request: Request):
         return await handle(request, "chat")
+
+    @app.post("/admin/scale", openapi_extra=_openapi("ScaleRequest", 400, 401, 403, 413, 431))
+    async def admin_scale(request: Request):
+        """Grow or shrink the pools (`Authorization: Bearer <serve.admin_key>`); answers the new status."""
+        req = P.validate(P.ScaleRequest, await _json_body(request))
+        try:
+            return await router.scale(req.prefill, req.decode)
+        except ValueError as e:  # a size the mode cannot run with
+            raise P.bad_request(str(e)) from None
+
+    @app.get("/admin/status", openapi_extra=_openapi(None, 401, 403, 431))
+    async def admin_status():
+        return router.status()
 
     return app
 

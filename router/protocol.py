@@ -4,6 +4,7 @@ SSE chunk bodies, and vLLM-style error bodies. No HTTP server and no Ray here.
 Validation happens in two layers: pydantic checks shapes and types (unknown fields
 are ignored, as OpenAI and vLLM do), then `SamplingParams` checks ranges; both
 surface as `APIError` (HTTP 4xx with `{"error": {"message", "type", "param", "code"}}`).
+The same pydantic models publish the request bodies in the OpenAPI schema (`openapi_schemas`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
 
 from engine.errors import InvalidRequestError
-from engine.sampling import SamplingParams
+from engine.sampling import INT64_MAX, INT64_MIN, SamplingParams
 
 
 class APIError(Exception):
@@ -39,6 +41,8 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, type="BadRequestError", param=param)
 
 
+
+
 class _Base(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -53,7 +57,7 @@ class _Sampling(_Base):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # torch generators take 64-bit seeds
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -68,14 +72,93 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
 
 
+class ContentPart(_Base):
+    type: str
+    text: str = ""
+
+
 class ChatMessage(_Base):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+
+
+class ScaleRequest(BaseModel):
+    """`POST /admin/scale`: the wanted pool sizes; a pool left out (or null) keeps its size."""
+
+    model_config = ConfigDict(extra="forbid")
+    prefill: int | None = Field(None, ge=0, le=64, strict=True)
+    decode: int | None = Field(None, ge=0, le=64, strict=True)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def openapi_schemas() -> dict[str, Any]:
+    """JSON schemas of the request and error bodies, keyed by model name, for `components.schemas`."""
+    _, top = models_json_schema([(m, "validation") for m in (CompletionRequest, ChatCompletionRequest,
+                                                              ScaleRequest, ErrorResponse)],
+                                ref_template="#/components/schemas/{model}")
+    return top["$defs"]
+
+
+def check_strings(body: Any) -> None:
+    """Every string in a parsed JSON body must be encodable (JSON escapes allow lone UTF-16 surrogates,
+    which the tokenizer and the UTF-8 responses cannot take)."""
+    stack = [body]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode()
+            except UnicodeEncodeError:
+                raise bad_request("the request contains a string that is not valid Unicode "
+                                  "(an unpaired surrogate escape)") from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+def validate(model_cls: type[BaseModel], body: Any) -> Any:
+    """`model_cls.model_validate(body)`, or `APIError` (400) naming the first offending field."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    check_strings(body)
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as e:
+        # the first error; among a union's alternatives, the one that got deepest into the value
+        located = [(_param(err["loc"], body, err["type"] == "missing"), err) for err in e.errors()]
+        first = located[0][0] or ""
+        param, err = max(located, key=lambda pe: len(pe[0] or "") if (pe[0] or "").startswith(first) else -1)
+        raise bad_request(f"{param}: {err['msg']}" if param else err["msg"], param) from None
+
+
+def _param(loc: tuple, body: Any, missing: bool) -> str | None:
+    """The dotted path of an error's location in the request body, without pydantic's union tags
+    (`prompt.str` -> `prompt`, `messages.0.content.list[ContentPart].0.text` -> `messages.0.content.0.text`)."""
+    path, v = [], body
+    for i, part in enumerate(loc):
+        if isinstance(v, dict) and part in v or isinstance(v, list) and isinstance(part, int) and 0 <= part < len(v):
+            path.append(str(part))
+            v = v[part]
+        elif missing and i == len(loc) - 1:  # a required field that is absent
+            path.append(str(part))
+    return ".".join(path) or None
 
 
 @dataclass
@@ -92,15 +175,7 @@ class ParsedRequest:
 
 def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_tokens: int) -> ParsedRequest:
     """Validate a JSON body; raises `APIError` (400) naming the offending field."""
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    model_cls = CompletionRequest if kind == "completion" else ChatCompletionRequest
-    try:
-        req = model_cls.model_validate(body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise bad_request(f"{param}: {err['msg']}" if param else err["msg"], param) from None
+    req = validate(CompletionRequest if kind == "completion" else ChatCompletionRequest, body)
     if req.n != 1:
         raise bad_request("n > 1 is not supported; send several requests", "n")
     max_tokens = req.max_tokens
@@ -131,10 +206,9 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         for m in messages:
             if isinstance(m.get("content"), list):  # text parts only
-                texts = [p.get("text", "") for p in m["content"] if p.get("type") == "text"]
-                if len(texts) != len(m["content"]):
+                if any(p["type"] != "text" for p in m["content"]):
                     raise bad_request("only text content parts are supported", "messages")
-                m["content"] = "".join(texts)
+                m["content"] = "".join(p["text"] for p in m["content"])
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return ParsedRequest(kind, req.model, prompt, messages, params, req.stream, include_usage, req.priority)
 

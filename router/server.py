@@ -99,9 +99,10 @@ class Router:
             handle = ray.remote(cls).options(name=f"pdserve-{self.instance}-{worker_id}", namespace="pdserve",
                                              lifetime="detached", **self._actor_options(role)
                                              ).remote(self.config, worker_id)
-            info = await handle.info.remote()
+            # a worker the cluster cannot place (no resources) or that cannot load its model gives up
+            info = await asyncio.wait_for(handle.info.remote(), self.serve.worker_start_timeout_s)
             stats = await handle.stats.remote()
-        except Exception as e:
+        except Exception as e:  # TimeoutError included
             logger.error("could not start %s: %s", worker_id, e)
             if handle is not None:
                 with contextlib.suppress(Exception):
@@ -463,8 +464,10 @@ class Router:
             self._tasks.append(asyncio.create_task(self._health_loop()))
             from router.api import build_app
 
+            # h11 explicitly (httptools, when installed, ignores the header limit)
             config = uvicorn.Config(build_app(self), host=s.host, port=s.port, log_level="warning", lifespan="off",
-                                    timeout_graceful_shutdown=2)
+                                    timeout_graceful_shutdown=2, http="h11",
+                                    h11_max_incomplete_event_size=s.max_header_bytes)
             self._server = uvicorn.Server(config)
             serving = asyncio.create_task(self._server.serve())
             self._tasks.append(serving)

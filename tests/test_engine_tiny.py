@@ -243,3 +243,15 @@ def test_priority_orders_admission_on_the_engine(make_engine, tiny_model_dir):
             if out.finished and first_done is None:
                 first_done = out.request_id
     assert first_done == "urgent"
+
+
+def test_sampling_params_guard_the_float32_sampler():
+    """Values the float32 sampler cannot run (found by the API fuzzer) are normalised or refused here,
+    for every caller: a tiny temperature is greedy, a vanishing top_p keeps the top token, seeds are 64-bit."""
+    from engine.sampling import InvalidSamplingParams
+
+    assert SamplingParams(temperature=1e-300).greedy
+    assert SamplingParams(top_p=1e-323).top_p == 1e-8
+    with pytest.raises(InvalidSamplingParams) as err:
+        SamplingParams(seed=2**64)
+    assert err.value.param == "seed"
