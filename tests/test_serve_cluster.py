@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -123,7 +125,35 @@ def test_pdserve_serve_and_scale_commands(tiny_text_model_dir):
         pools = json.loads(scaled.stdout[scaled.stdout.index("{"):])
         assert len(pools["decode"]) == 2 and len(pools["prefill"]) == 1
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
-        serve.send_signal(signal.SIGINT)
+
+        # SIGTERM drains: a stream in flight finishes whole, new requests get 503, then the process exits 0
+        done: dict = {}
+
+        def long_stream() -> None:
+            body = {"prompt": "hi", "max_tokens": 900, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        done.setdefault("first", True)
+                        obj = json.loads(line[6:])
+                        done["usage"] = obj.get("usage") or done.get("usage")
+                        done["error"] = obj.get("error") or done.get("error")
+
+        t = threading.Thread(target=long_stream)
+        t.start()
+        deadline = time.monotonic() + 60
+        while "first" not in done:
+            assert time.monotonic() < deadline and t.is_alive()
+            time.sleep(0.01)
+        serve.send_signal(signal.SIGTERM)
+        while httpx.get(f"{url}/health").status_code != 503:  # draining: load balancers move away
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        refused = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert refused.status_code == 503 and "retry-after" in refused.headers
+        t.join(120)
+        assert done.get("error") is None and done["usage"]["completion_tokens"] == 900
         assert serve.wait(120) == 0
     finally:
         if serve.poll() is None:
