@@ -315,3 +315,41 @@ def test_unmeetable_ttft_deadline_is_refused_at_once_and_frees_everything(ray_cl
         server.wait_kv_free()
     finally:
         server.stop()
+
+
+def test_router_killed_comes_back_adopts_its_workers_and_frees_their_kv(ray_cluster, tiny_text_model_dir, expected):
+    """Ray restarts the router actor; the new incarnation serves on the same address within 20 s,
+    keeps the same workers and frees the KV of the requests the old one had in flight."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = Server(ray_cluster, tiny_text_model_dir, serve={"port": port, "health_interval_s": 0.2})
+    try:
+        workers = set(server.stats())
+        broken: list = []
+
+        def on_chunk(n: int) -> None:
+            if n == 3:  # requests in flight hold KV on the decode worker
+                assert any(s["num_running"] for s in server.stats().values())
+                server.ray.kill(server.actor, no_restart=False)
+                broken.append(time.monotonic())
+
+        with pytest.raises(httpx.HTTPError):  # the client's connection breaks with the router
+            stream(server.url, on_chunk, max_tokens=900)
+        t0 = broken[0]
+        while True:
+            try:
+                if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() - t0 < 20, "the router did not come back within 20 s"
+            time.sleep(0.1)
+        assert set(server.stats()) == workers  # adopted, not replaced
+        server.wait_kv_free()
+        r = httpx.post(f"{server.url}/v1/completions", json=body(stream=False, max_tokens=8), timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected(8)
+    finally:
+        server.stop()
