@@ -10,6 +10,8 @@ raw bodies themselves (so a bad body is our 400, never FastAPI's 422); the OpenA
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -279,17 +281,34 @@ def build_app(router: Router) -> FastAPI:
 
         if not parsed.stream:
             text, n_out, reason = first["text"], len(first["token_ids"]), first["finish_reason"]
-            try:
+
+            async def collect() -> None:
+                nonlocal text, n_out, reason
                 async for item in events:
                     text += item["text"]
                     n_out += len(item["token_ids"])
                     reason = item["finish_reason"]
+
+            consume = asyncio.create_task(collect())
+            gone = asyncio.create_task(_client_gone(request))
+            try:
+                await asyncio.wait({consume, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not consume.done():  # the client went away: stop generating, free the KV everywhere
+                    consume.cancel()
+                    with contextlib.suppress(BaseException):
+                        await consume
+                    await events.aclose()
+                    router.metrics.failed.labels(router.model_name, "client_disconnected").inc()
+                    return Response(status_code=499)
+                consume.result()
             except P.APIError:
                 router.metrics.failed.labels(router.model_name, "worker_error").inc()
                 raise
             except Exception as e:
                 router.metrics.failed.labels(router.model_name, "worker_failed").inc()
                 raise _worker_failed(e) from e
+            finally:
+                gone.cancel()
             router.metrics.success.labels(router.model_name, reason or "stop").inc()
             return JSONResponse(P.full_response(kind, rid, router.model_name, created, text, reason, len(ids),
                                                 n_out))
@@ -347,6 +366,12 @@ def build_app(router: Router) -> FastAPI:
         return router.status()
 
     return app
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _chain(first, rest):

@@ -175,6 +175,28 @@ def test_client_disconnect_mid_stream_frees_kv_everywhere(servers):
         server.wait_kv_free()
 
 
+def test_client_disconnect_without_streaming_stops_the_generation(servers):
+    """A non-streaming client that gives up: the router notices the disconnect, aborts the request
+    everywhere and frees its KV instead of generating all 900 tokens for no one."""
+    def generated(server) -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("pdserve_generation_tokens_total{"))
+
+    for name, server in servers.items():
+        before = generated(server)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/completions", timeout=httpx.Timeout(30, read=0.5),
+                       json={"prompt": "tell me a story", "max_tokens": 900, "ignore_eos": True})
+        server.wait_kv_free()
+        deadline = time.monotonic() + 5
+        while (gen := generated(server) - before) == 0:  # counted when the request ends
+            assert time.monotonic() < deadline, name
+            time.sleep(0.02)
+        assert 0 < gen < 900, (name, gen)
+        assert 'reason="client_disconnected"' in httpx.get(f"{server.url}/metrics").text, name
+
+
 def test_requests_finishing_on_the_prefill_side(servers):
     """max_tokens=1: the prefill worker's first token ends the request; nothing is left on the decode side."""
     for server in servers.values():
