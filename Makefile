@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install proto serve test lint bench clean
+.PHONY: install proto serve test lint bench chaos clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ test: lint
 # results: docs/benchmarks.md. The engine, scheduling and transfer benchmarks: `pdserve bench --help`.
 bench: install proto
 	$(BIN)/pdserve bench compare --plot docs/compare
+
+# The chaos suite on the default model: kill, stall, corrupt, disconnect, scale down and overload a live
+# deployment under load; results: docs/reliability.md. A short version (tiny model) runs in `make test`.
+chaos: install proto
+	$(BIN)/pdserve chaos --markdown docs/reliability-table.md --json docs/reliability.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info kv_transfer/v1/*_pb2* kv_transfer/v1/.generated

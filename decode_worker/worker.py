@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ class Worker:
     def __init__(self, config: PdserveConfig, worker_id: str):
         if config.engine.num_threads:
             torch.set_num_threads(config.engine.num_threads)
+        if config.serve.worker_nice > 0:  # below the router (see ServeConfig.worker_nice); never above 19
+            os.nice(max(0, min(config.serve.worker_nice, 19 - os.nice(0))))
         self.config = config
         self.worker_id = worker_id
         self.engine = LLMEngine(config)

@@ -81,9 +81,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench.serve import main as bench_main
     elif args.what == "compare":
         from bench.compare import main as bench_main
+    elif args.what == "project":
+        from bench.project import main as bench_main
     else:
         from bench.schedule import main as bench_main
     return bench_main(args.rest)
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from bench.chaos import run
+
+    return run(args, args.parser)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,9 +125,16 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = sub.add_parser("bench", help="benchmarks (pdserve bench WHAT --help)")
     bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise", "overhead", "serve",
-                                          "compare"])
+                                          "compare", "project"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+
+    from bench.chaos import add_arguments as add_chaos_args
+
+    chaos = sub.add_parser("chaos", help="the chaos suite: faults injected into a live deployment under load, what "
+                           "every client saw (docs/reliability.md)")
+    add_chaos_args(chaos)
+    chaos.set_defaults(func=cmd_chaos, parser=chaos)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -200,6 +200,10 @@ class ServeConfig:
     # `failover_wait_s` it ends with an explicit error.
     max_migrations: int = 2
     failover_wait_s: float = 4.0
+    # Workers lower their CPU priority by this much (os.nice) below the router's, so the control plane
+    # (routing, 503s under overload, health checks, streaming) keeps answering while the cores are saturated
+    # by model compute. Matters where workers share CPUs with the router (CPU serving, small nodes).
+    worker_nice: int = 4
     # A worker that is not up (placed by Ray, model loaded) within this long is given up (and retried by
     # self-healing): a scale request the cluster cannot place does not hang.
     worker_start_timeout_s: float = 600.0

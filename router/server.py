@@ -18,6 +18,7 @@ import logging
 import math
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -567,7 +568,9 @@ class RouterActor:
         logging.basicConfig(level=logging.INFO)
         self.router = Router(config, instance=instance)
         ctx = ray.get_runtime_context()
-        self.restarted = ctx.was_current_actor_reconstructed
+        with warnings.catch_warnings():  # Ray 2.60 reads it through a deprecated state API; still supported
+            warnings.simplefilter("ignore")
+            self.restarted = ctx.was_current_actor_reconstructed
         if self.restarted:  # Ray brought this actor back after its process died: serve again unasked
             logger.warning("router restarted: adopting the workers of instance %s", self.router.instance)
             ctx.current_actor.start.remote()

@@ -1,0 +1,99 @@
+"""The chaos suite (`pdserve chaos`, bench/chaos.py) at its CI size: every scenario on a fresh live
+deployment of the tiny model under steady load, once per session (a few minutes on 2 cores), then
+what each client saw is checked: nothing lost, no token lost or repeated (every completed text
+equals the bare engine's greedy run), no KV block left on any worker, migration hiding worker
+failures, a restarted router within 20 s, and fast rejections under overload."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.chaos import ALL, Settings, run_suite
+
+pytestmark = pytest.mark.slow  # ~4 minutes: ten deployments of four workers each
+
+# failures these scenarios inject are hidden from the clients by migration (or draining)
+HIDDEN = ["baseline", "kill-decode", "kill-prefill", "stall-decode", "transfer-fail-5pct", "corrupt-chunks",
+          "disconnect-50pct", "scale-down"]
+
+
+@pytest.fixture(scope="module")
+def results(ray_cluster, tiny_text_model_dir) -> dict[str, dict]:
+    s = Settings(model=str(tiny_text_model_dir), requests=48, concurrency=6, max_tokens=48, stall_timeout_s=3.0,
+                 request_timeout_s=60.0, quick=True)
+    report = run_suite(s, ALL)
+    return {r["scenario"]: r for r in report["results"]}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_nothing_lost_repeated_or_leaked(results, name):
+    r = results[name]
+    assert not r["harness_error"], r["harness_error"]
+    assert r["sent"] >= 48 and r["accounted"], r  # every request ended in exactly one outcome
+    assert r["lost"] == 0, r["errors"]
+    assert r["mismatched"] == 0, r["mismatches"]  # duplicated or missing tokens
+    assert r["leaked_blocks"] == 0 and r["stuck_requests"] == 0, r
+    assert r["workers_checked"] == r["workers_expected"], r  # every worker of the final pools was read
+    if name != "kill-router":
+        assert r["conn_errors"] == 0, r["errors"]
+
+
+@pytest.mark.parametrize("name", HIDDEN)
+def test_injected_failures_are_invisible_to_clients(results, name):
+    r = results[name]
+    assert r["failed"] == 0, r["errors"]
+    assert r["completed"] + r["disconnected"] == r["sent"]
+
+
+@pytest.mark.parametrize("name, failure", [("kill-decode", "decode/died"), ("kill-prefill", "prefill/died"),
+                                           ("stall-decode", "decode/stalled")])
+def test_failed_worker_is_replaced_and_its_requests_migrate(results, name, failure):
+    r = results[name]
+    assert r["fault"]["inflight"] > 0, r["fault"]  # the fault hit a worker holding requests
+    assert r["worker_failures"] == {failure: 1}, r["worker_failures"]
+    assert r["recovery_s"] is not None, r["errors"]  # pools back at full size without it, a probe answered
+    if name != "kill-prefill":  # a prefill is over in milliseconds; a decode worker holds its requests to the end
+        # (those still being prefilled for it fail their KV transfer: reason transfer_failed)
+        assert r["migrations"] >= 1, r["migrations_by_reason"]
+
+
+@pytest.mark.parametrize("name", ["transfer-fail-5pct", "corrupt-chunks"])
+def test_every_injected_transfer_fault_migrates_its_request_once(results, name):
+    r = results[name]
+    want = {"transfer_failed": r["injected_faults"]} if r["injected_faults"] else {}
+    assert r["migrations_by_reason"] == want
+    assert r["worker_failures"] == {}
+
+
+def test_router_restarts_within_20s(results):
+    r = results["kill-router"]
+    assert r["fault"].get("counters_reset"), r["fault"]  # a new router process served the rest
+    assert r["recovery_s"] is not None and r["recovery_s"] < 20, r["recovery_s"]
+    assert r["conn_errors"] >= 1  # requests in flight when it died see the connection break: explicit
+    assert r["completed"] >= 1 and r["completed"] + r["failed"] + r["conn_errors"] == r["sent"]
+
+
+def test_scale_down_drains_to_the_new_pool_sizes(results):
+    r = results["scale-down"]
+    assert r["workers_expected"] == 2 and r["recovery_s"] is not None, r
+    assert r["worker_failures"] == {}  # drained, not failed
+
+
+def test_disconnected_clients_free_their_kv(results):
+    r = results["disconnect-50pct"]
+    assert r["disconnected"] >= 1 and r["completed"] >= 1, r
+    assert r["leaked_blocks"] == 0 and r["stuck_requests"] == 0
+
+
+def test_overload_rejects_fast_and_serves_the_rest(results):
+    r = results["overload-10x"]
+    o = r["overload"]
+    assert r["rejected"] >= 1 and r["completed"] >= 1, r
+    assert r["failed"] == r["rejected"], r["errors"]  # every failure is a 503 with Retry-After
+    # The requirement (p99 < 100 ms at 10x) is measured on the default model by `make chaos` (docs/reliability.md:
+    # 13 ms). Here the tiny model's sustainable rate is ~20 req/s, so 10x is ~200 new connections/s while the
+    # accepted streams flood the router with tokens, and the load generator, Ray's raylet/GCS, the router and four
+    # workers share 2 cores: the tail measures those stalls (16-290 ms p99 over repeated runs). CI therefore holds
+    # the median to the requirement and the tail to a bound that still catches rejections queueing behind work.
+    assert o["rejection_p50_ms"] < 100 and o["rejection_p99_ms"] < 500, o
+    assert o["offered_rps"] >= 9.9 * o["sustainable_rps"] > 0, o
