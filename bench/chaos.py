@@ -580,10 +580,21 @@ async def _closed_loop(name: str, dep: Deployment, client, s: Settings, referenc
             res.fault = {"what": name, "worker": wid, "inflight": inflight, "started": load.started}
             recovery["s"] = await recovered(dep, client, t, want, wid, 120)
         elif name == "kill-router":
-            ray.kill(dep.actor, no_restart=False)
+            old_pid = await dep.call("pid")
+            t = time.monotonic()
+            ray.kill(dep.actor, no_restart=False)  # asynchronous: the old process may answer for a moment
             res.fault = {"what": "router killed (Ray restarts it)", "started": load.started}
-            ok = await wait_healthy(client, dep.url, 120)
+            deadline = t + 120
+            ok = False
+            while not ok and time.monotonic() < deadline:  # recovered: a new router process serving /health
+                ok = await healthy(client, dep.url)
+                if ok:
+                    with contextlib.suppress(Exception):
+                        ok = await dep.call("pid", timeout=5) != old_pid
+                if not ok:
+                    await asyncio.sleep(0.1)
             recovery["s"] = time.monotonic() - t if ok else None
+            res.fault["router_pid_changed"] = ok
         elif name == "scale-down":
             pools = await dep.pools()
             want.update(prefill=1, decode=1)
