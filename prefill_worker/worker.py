@@ -48,9 +48,12 @@ class PrefillWorker(Worker):
         t0 = time.perf_counter()
         try:
             await self._reserve(decode_address, rid, num_kv)
-        except KVTransferError as e:
+        except KVTransferError as e:  # full for reserve_wait_s, or gone: another decode worker may have room
+            from kv_transfer import ReservationTooLarge
+
             return {"error": {"status": 503, "message": f"decode worker refused the KV: {e}",
-                              "type": "ServiceUnavailable", "retry_after": 1, "retryable": True}}
+                              "type": "ServiceUnavailable", "retry_after": 1,
+                              "retryable": not isinstance(e, ReservationTooLarge)}}
         t_reserved = time.perf_counter()
         stream = LayerStream(rid, num_kv)
         push = asyncio.wrap_future(self.sender.push(decode_address, stream))

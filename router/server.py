@@ -7,6 +7,13 @@ which reserves blocks on that decode worker, prefills, ships the KV and returns 
 first token; then relay the decode worker's per-step items. Colocated: the decode
 worker's `generate` gets the prompt and prefills it itself. A client that goes away
 cancels the Ray calls in flight, which abort the request on every worker.
+
+Fault tolerance: a request runs as attempts; when a worker dies, stalls or a KV transfer
+fails, the next attempt re-prefills the prompt plus the tokens already streamed on other
+workers and the stream continues (`Router.generate`). The health loop fails dead, stalled
+or silent workers and starts replacements up to the pools' target sizes (`fail_worker`,
+`_heal`). Workers are detached actors named after the router's instance, so a router
+that Ray restarts adopts them (`RouterActor`).
 """
 
 from __future__ import annotations
