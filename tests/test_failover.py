@@ -224,32 +224,37 @@ def test_every_transfer_failing_ends_in_an_explicit_error(disagg):
     disagg.wait_kv_free()
 
 
-def test_scale_down_past_the_drain_timeout_migrates_what_is_left(disagg, reference):
-    """Two streams, one per decode worker, both workers frozen past drain_timeout_s (0.5 s); scaling
-    decode to 1 drains one of them: its request migrates, both streams come out exact."""
-    wait_pools(disagg, 2, 2)
-    results: list = [None, None]
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(disagg.url))) for i in (0, 1)]
-    before = metric(disagg, "pdserve_request_migrations_total", reason="worker_died")
-    threads[0].start()
-    holder(disagg, "decode")
-    threads[1].start()
-    deadline = time.monotonic() + 10
-    while sum(s["busy"] for w, s in disagg.stats().items() if w.startswith("decode")) < 2:
-        assert time.monotonic() < deadline, "the two streams did not spread over the two decode workers"
-        time.sleep(0.02)
-    for w in [w for w in disagg.stats() if w.startswith("decode")]:
-        disagg.ray.get(handle(disagg, w).debug_stall.remote(1.5))
-    disagg.ray.get(disagg.actor.scale.remote(None, 1))
-    for t in threads:
-        t.join(60)
-    for text, error, _ in results:
-        assert error is None and text == reference
-    assert metric(disagg, "pdserve_request_migrations_total", reason="worker_died") == before + 1
-    wait_pools(disagg, 2, 1)
-    disagg.ray.get(disagg.actor.scale.remote(None, 2))
-    wait_pools(disagg, 2, 2)
-    disagg.wait_kv_free()
+def test_scale_down_past_the_drain_timeout_migrates_what_is_left(ray_cluster, tiny_text_model_dir, reference):
+    """Two streams, one held by each decode worker, both workers frozen; scaling decode to 1 drains one
+    of them, which is still busy after drain_timeout_s (0.5 s): it is stopped and its request migrates
+    to the other. Both streams come out exact."""
+    server = Server(ray_cluster, tiny_text_model_dir,
+                    serve={"decode_workers": 2, "health_interval_s": 0.2, "drain_timeout_s": 0.5})
+    try:
+        decodes = [w for w in server.stats() if w.startswith("decode")]
+        for w in decodes:  # frozen (well within stall_timeout_s): each keeps the request it is given
+            server.ray.get(handle(server, w).debug_stall.remote(30))
+        results: list = [None, None]
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(server.url))) for i in (0, 1)]
+        before = metric(server, "pdserve_request_migrations_total", reason="worker_died")
+        threads[0].start()
+        holder(server, "decode")
+        threads[1].start()  # the router sends it to the other decode worker (fewer requests in flight there)
+        deadline = time.monotonic() + 8
+        while sum(s["busy"] for w, s in server.stats().items() if w.startswith("decode")) < 2:
+            assert time.monotonic() < deadline, server.stats()
+            time.sleep(0.02)
+        server.ray.get(server.actor.scale.remote(None, 1))
+        (kept,) = [w["worker_id"] for w in wait_pools(server, 1, 1)["decode"]]
+        server.ray.get(handle(server, kept).debug_stall.remote(0))
+        for t in threads:
+            t.join(60)
+        for text, error, _ in results:
+            assert error is None and text == reference
+        assert metric(server, "pdserve_request_migrations_total", reason="worker_died") == before + 1
+        server.wait_kv_free()
+    finally:
+        server.stop()
 
 
 def test_colocated_migration_and_the_migration_limit(ray_cluster, tiny_text_model_dir, reference):
