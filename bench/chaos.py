@@ -394,10 +394,11 @@ async def healthy(client, url: str) -> bool:
         return False
 
 
-async def wait_healthy(client, url: str, timeout: float) -> bool:
+async def wait_healthy(client, url: str, timeout: float, also=None) -> bool:
+    """Until /health answers 200 (and the coroutine function `also`, if given, returns true)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if await healthy(client, url):
+        if await healthy(client, url) and (also is None or await also()):
             return True
         await asyncio.sleep(0.1)
     return False
@@ -584,15 +585,13 @@ async def _closed_loop(name: str, dep: Deployment, client, s: Settings, referenc
             t = time.monotonic()
             ray.kill(dep.actor, no_restart=False)  # asynchronous: the old process may answer for a moment
             res.fault = {"what": "router killed (Ray restarts it)", "started": load.started}
-            deadline = t + 120
-            ok = False
-            while not ok and time.monotonic() < deadline:  # recovered: a new router process serving /health
-                ok = await healthy(client, dep.url)
-                if ok:
-                    with contextlib.suppress(Exception):
-                        ok = await dep.call("pid", timeout=5) != old_pid
-                if not ok:
-                    await asyncio.sleep(0.1)
+
+            async def new_process() -> bool:
+                with contextlib.suppress(Exception):
+                    return await dep.call("pid", timeout=5) != old_pid
+                return False
+
+            ok = await wait_healthy(client, dep.url, 120, also=new_process)  # recovered: a new router serving
             recovery["s"] = time.monotonic() - t if ok else None
             res.fault["router_pid_changed"] = ok
         elif name == "scale-down":

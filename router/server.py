@@ -104,7 +104,7 @@ class Router:
         handle = None
         try:
             # Detached, so that the workers outlive a router that dies: its restart adopts them.
-            handle = ray.remote(cls).options(name=f"pdserve-{self.instance}-{worker_id}", namespace="pdserve",
+            handle = ray.remote(cls).options(name=self._name_prefix + worker_id, namespace="pdserve",
                                              lifetime="detached", **self._actor_options(role)
                                              ).remote(self.config, worker_id)
             # a worker the cluster cannot place (no resources) or that cannot load its model gives up
@@ -113,15 +113,23 @@ class Router:
         except Exception as e:  # TimeoutError included
             logger.error("could not start %s: %s", worker_id, e)
             if handle is not None:
-                with contextlib.suppress(Exception):
-                    ray.kill(handle, no_restart=True)
+                _kill(handle)
             return None
         finally:
             self.spawning[role] -= 1
+        state = self._join(role, worker_id, handle, info, stats)  # joins routing only now, ready
+        logger.info("%s ready: %s", worker_id, info)
+        return state
+
+    @property
+    def _name_prefix(self) -> str:
+        """Worker actor names: this prefix + the worker id (how a restarted router finds them)."""
+        return f"pdserve-{self.instance}-"
+
+    def _join(self, role: str, worker_id: str, handle, info: dict, stats: dict) -> WorkerState:
         state = WorkerState(worker_id, role, handle, info=info, stats=stats, healthy=stats["alive"],
                             last_ok=time.monotonic())
-        self.pools[role][worker_id] = state  # joins routing only now, ready
-        logger.info("%s ready: %s", worker_id, info)
+        self.pools[role][worker_id] = state
         return state
 
     async def _adopt(self) -> None:
@@ -131,7 +139,7 @@ class Router:
         import ray
         from ray.util import list_named_actors
 
-        prefix = f"pdserve-{self.instance}-"
+        prefix = self._name_prefix
         names = [a["name"] for a in list_named_actors(all_namespaces=True)
                  if a.get("namespace") == "pdserve" and a["name"].startswith(prefix)]
 
@@ -146,10 +154,9 @@ class Router:
             except Exception as e:
                 logger.warning("not adopting %s: %s", name, e)
                 with contextlib.suppress(Exception):
-                    ray.kill(ray.get_actor(name, namespace="pdserve"), no_restart=True)
+                    _kill(ray.get_actor(name, namespace="pdserve"))
                 return
-            self.pools[role][worker_id] = WorkerState(worker_id, role, handle, info=info, stats=stats,
-                                                      healthy=stats["alive"], last_ok=time.monotonic())
+            self._join(role, worker_id, handle, info, stats)
             logger.info("adopted %s (aborted %d requests of the previous router)", worker_id, aborted)
 
         await asyncio.gather(*(adopt(n) for n in names))
@@ -186,17 +193,13 @@ class Router:
         while w.inflight_requests and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self._remove(w)
-        import ray
-
         if w.inflight_requests:  # killed outright: its requests see it die and migrate
             logger.warning("%s: %d requests still running after the drain timeout; migrating them",
                            w.worker_id, w.inflight_requests)
         else:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(w.handle.shutdown.remote(), 10)
-
-        with contextlib.suppress(Exception):
-            ray.kill(w.handle, no_restart=True)
+        _kill(w.handle)
 
     def _remove(self, w: WorkerState) -> None:
         w.healthy = False
@@ -211,10 +214,7 @@ class Router:
         logger.error("%s failed (%s): replacing it", w.worker_id, reason)
         self._remove(w)
         self.metrics.worker_failures.labels(self.model_name, w.role, reason).inc()
-        import ray
-
-        with contextlib.suppress(Exception):
-            ray.kill(w.handle, no_restart=True)
+        _kill(w.handle)
         self._heal()
 
     def _heal(self) -> None:
@@ -502,8 +502,6 @@ class Router:
         self.accepting = False
         if getattr(self, "_server", None):
             self._server.should_exit = True
-        import ray
-
         for t in self._tasks:
             t.cancel()
         self.target = {"prefill": 0, "decode": 0}
@@ -511,8 +509,7 @@ class Router:
             for w in list(pool.values()):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(w.handle.shutdown.remote(), 10)
-                with contextlib.suppress(Exception):
-                    ray.kill(w.handle, no_restart=True)
+                _kill(w.handle)
             pool.clear()
 
 
@@ -547,6 +544,14 @@ class _Timing:
                 m.itl.labels(model).observe((now - self.last_at) / k)
         self.last_at = now
         self.n_out += k
+
+
+def _kill(handle) -> None:
+    """End a worker actor for good (detached: nothing else would), whatever state it is in."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        ray.kill(handle, no_restart=True)
 
 
 def _api_error(err: dict) -> P.APIError:
