@@ -41,7 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.serve import chunk_text, parse_sse_line, percentile
+from pdserve.bench.serve import chunk_text, parse_sse_line, percentile
+from pdserve.engine.config import FaultConfig
 
 SCENARIOS: dict[str, str] = {
     "baseline": "no fault: the control run (its throughput is the sustainable rate overload-10x multiplies)",
@@ -153,19 +154,16 @@ class Result:
 # -- the model and its reference texts ------------------------------------------------------------------------
 def tiny_model(directory: Path) -> str:
     """The test suite's tiny random model with a byte-level tokenizer (fast enough for CI)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.conftest import save_tiny_model, save_tiny_tokenizer
+    from pdserve.engine.tiny_models import save_tiny_text_model
 
-    save_tiny_model(directory, max_positions=1024)
-    save_tiny_tokenizer(directory)
-    return str(directory)
+    return str(save_tiny_text_model(directory))
 
 
 def reference_texts(model: str | None, max_tokens: int) -> list[str]:
     """Each prompt's uninterrupted greedy text, from the bare engine (one prompt at a time)."""
-    from engine.config import PdserveConfig
-    from engine.llm_engine import LLMEngine
-    from engine.sampling import SamplingParams
+    from pdserve.engine.config import PdserveConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.sampling import SamplingParams
 
     engine = LLMEngine(PdserveConfig().replace(model={"model": model}, cache={"num_kv_blocks": 512}))
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -272,7 +270,7 @@ class Deployment:
     """A router actor with its pools on a fixed free port, driven from asyncio."""
 
     def __init__(self, s: Settings, **serve):
-        from engine.config import PdserveConfig
+        from pdserve.engine.config import PdserveConfig
 
         self.serve = {"mode": "disaggregated", "prefill_workers": 2, "decode_workers": 2, "port": free_port(),
                       "health_interval_s": 0.25, "stall_timeout_s": s.stall_timeout_s, "max_migrations": 3,
@@ -283,7 +281,7 @@ class Deployment:
         self.actor = None
 
     async def start(self, timeout: float = 300) -> None:
-        from router.server import launch_router
+        from pdserve.router.actor import launch_router
 
         self.actor = launch_router(self.config)
         self.url = await asyncio.wait_for(_future(self.actor.start.remote()), timeout)
@@ -410,8 +408,8 @@ async def quiesce(dep: Deployment, timeout: float) -> tuple[int, int, dict]:
     deadline = time.monotonic() + timeout
     while True:
         stats = await dep.worker_stats()
-        held = sum(st["num_blocks"] - st["free_blocks"] for st in stats.values())
-        stuck = sum(st["num_running"] + st["num_waiting"] for st in stats.values())
+        held = sum(st.num_blocks - st.free_blocks for st in stats.values())
+        stuck = sum(st.num_running + st.num_waiting for st in stats.values())
         if (not held and not stuck) or time.monotonic() > deadline:
             return held, stuck, stats
         await asyncio.sleep(0.1)
@@ -562,7 +560,7 @@ async def _closed_loop(name: str, dep: Deployment, client, s: Settings, referenc
         pools = await dep.pools()
         for k, w in enumerate(pools["prefill"]):
             h = await dep.handle(w["worker_id"])
-            await _future(h.set_faults.remote({rates[name]: 0.05, "seed": s.seed * 100 + k}))
+            await _future(h.set_faults.remote(FaultConfig(**{rates[name]: 0.05, "seed": s.seed * 100 + k})))
         res.fault = {"what": f"{rates[name]}=0.05", "on": [w["worker_id"] for w in pools["prefill"]]}
     recovery: dict[str, Any] = {}
 

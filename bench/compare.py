@@ -40,7 +40,7 @@ CONFIGS = {
 
 
 def _load_args(args: argparse.Namespace, base_url: str, model: str, rate: float, seed: int) -> argparse.Namespace:
-    from bench import serve as B
+    from pdserve.bench import serve as B
 
     p = argparse.ArgumentParser()
     B.add_arguments(p)
@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from bench import serve as B
-    from engine.config import PdserveConfig
-    from router.server import launch_router
+    from pdserve.bench import serve as B
+    from pdserve.engine.config import PdserveConfig
+    from pdserve.router.actor import launch_router
 
     slos = B.parse_goodput(args.goodput)
     ray.init(namespace="pdserve", include_dashboard=False, log_to_driver=False)

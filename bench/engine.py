@@ -26,9 +26,9 @@ from typing import Any, TextIO, TypeVar
 
 import torch
 
-from engine.config import PdserveConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
+from pdserve.engine.config import PdserveConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampling import SamplingParams
 
 T = TypeVar("T")
 _request_ids = itertools.count()

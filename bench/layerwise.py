@@ -25,8 +25,8 @@ import torch
 
 def _receiver_main(conn, fp_fields: dict, transport: str, num_blocks: int) -> None:
     torch.set_num_threads(1)
-    from engine.config import KVTransferConfig
-    from kv_transfer import Fingerprint, KVPool, KVReceiver
+    from pdserve.engine.config import KVTransferConfig
+    from pdserve.kv_transfer import Fingerprint, KVPool, KVReceiver
 
     pool = KVPool.standalone(Fingerprint(**fp_fields), num_blocks)
 
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     log = sys.stderr
 
-    from engine.config import PdserveConfig
-    from engine.llm_engine import LLMEngine
-    from engine.sampling import SamplingParams
-    from kv_transfer import KVPool, KVSender, LayerStream
+    from pdserve.engine.config import PdserveConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.sampling import SamplingParams
+    from pdserve.kv_transfer import KVPool, KVSender, LayerStream
 
     cfg = PdserveConfig().replace(model={"model": args.model}, engine={"num_threads": args.threads})
     engine = LLMEngine(cfg)

@@ -33,9 +33,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench import compare
-from engine.config import SchedulerConfig
-from engine.simulator import CalibratedCost, Cluster, SimRequest, parse_slos, simulate
+from pdserve.bench import compare
+from pdserve.engine.config import SchedulerConfig
+from pdserve.engine.simulator import CalibratedCost, Cluster, SimRequest, parse_slos, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 MEASURED = ROOT / "docs" / "compare" / "results.json"
@@ -72,7 +72,7 @@ def configs() -> dict[str, tuple[Cluster, SchedulerConfig]]:
 def mixed_workload(wl: argparse.Namespace, rate: float, seed: int) -> list[SimRequest]:
     """Exactly the requests and arrival times `pdserve bench serve` sends for bench compare at this rate and
     seed; a prompt of N words is N tokens (SmolLM2's tokenizer: 64 -> 64 or 65, 1,500 -> 1,500)."""
-    from bench import serve as B
+    from pdserve.bench import serve as B
 
     la = compare._load_args(wl, "", "", rate, seed)
     rng = random.Random(seed)

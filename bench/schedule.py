@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import PdserveConfig, SchedulerConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
+from pdserve.engine.config import PdserveConfig, SchedulerConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampling import SamplingParams
 
 POLICIES = ("static", "dynamic", "continuous", "chunked")
 

@@ -148,7 +148,7 @@ def summary_ms(values: list[float]) -> dict[str, float]:
 
 def parse_goodput(items: list[str] | None) -> dict[str, float]:
     """`ttft:500 tpot:50 e2e:10000` (milliseconds) -> {"ttft": 0.5, ...} seconds."""
-    from engine.simulator import parse_slos
+    from pdserve.engine.simulator import parse_slos
 
     return parse_slos(items)
 

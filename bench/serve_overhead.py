@@ -53,19 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from engine.config import PdserveConfig
-    from engine.llm_engine import LLMEngine
-    from engine.sampling import SamplingParams
-    from router.server import launch_router
+    from pdserve.engine.config import PdserveConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.sampling import SamplingParams
+    from pdserve.router.actor import launch_router
 
     model = args.model
     if model is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from tests.conftest import save_tiny_model, save_tiny_tokenizer
+        from pdserve.engine.tiny_models import save_tiny_text_model
 
-        model = str(Path(tempfile.mkdtemp(prefix="pdserve-overhead-")))
-        save_tiny_model(Path(model), max_positions=1024)
-        save_tiny_tokenizer(Path(model))
+        model = str(save_tiny_text_model(Path(tempfile.mkdtemp(prefix="pdserve-overhead-"))))
     cfg = PdserveConfig().replace(model={"model": model}, engine={"num_threads": 1}, cache={"num_kv_blocks": 512},
                                   serve={"port": 0})
     torch.set_num_threads(1)

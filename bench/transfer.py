@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from engine.config import KVTransferConfig
-from kv_transfer import Fingerprint, KVPool, KVReceiver, KVSender, LayerStream
+from pdserve.engine.config import KVTransferConfig
+from pdserve.kv_transfer import Fingerprint, KVPool, KVReceiver, KVSender, LayerStream
 
 TRANSPORTS = ("grpc", "nccl")
 LABELS = {"grpc": "gRPC", "nccl": "nccl (gloo)"}

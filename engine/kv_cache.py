@@ -43,25 +43,12 @@ class PagedKVCache:
         return table[pos // bs] * bs + pos % bs
 
     def export(self, block_table: list[int], num_tokens: int) -> list[torch.Tensor]:
-        """A sequence's KV as one contiguous `[2, num_tokens, kv_heads, head_dim]` tensor per layer."""
+        """A sequence's KV as one contiguous `[2, num_tokens, kv_heads, head_dim]` tensor per layer (a copy:
+        tests read what a transfer wrote with it)."""
         self._check_table(block_table, num_tokens)
         slots = self.slots(block_table, 0, num_tokens).to(self.device)
         return [self.data[layer].view(2, -1, self.num_kv_heads, self.head_dim).index_select(1, slots)
                 for layer in range(self.num_layers)]
-
-    def import_(self, block_table: list[int], layers: list[torch.Tensor]) -> None:
-        """Write exported KV (see `export`) into this pool under `block_table`."""
-        if len(layers) != self.num_layers:
-            raise ValueError(f"KV has {len(layers)} layers, this cache has {self.num_layers}")
-        num_tokens = layers[0].shape[1]
-        expected = (2, num_tokens, self.num_kv_heads, self.head_dim)
-        for i, t in enumerate(layers):
-            if tuple(t.shape) != expected:
-                raise ValueError(f"layer {i}: KV shape {tuple(t.shape)}, expected {expected}")
-        self._check_table(block_table, num_tokens)
-        slots = self.slots(block_table, 0, num_tokens).to(self.device)
-        for layer, t in enumerate(layers):
-            self.write_layer(layer, slots, t)
 
     def write_layer(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Write one layer's `[2, n, kv_heads, head_dim]` KV at `slots` (layer-wise transfer uses this)."""

@@ -13,7 +13,7 @@ KV hand-over between engines (disaggregated serving, see `kv_transfer`):
     reason `prefilled` and its blocks are freed here;
   * decode side: `add_received_request` adopts blocks a transfer wrote into this
     engine's pool (`kv_lock` guards the block manager against the receiver's
-    thread), and `add_imported_request` copies KV in from contiguous tensors.
+    thread).
 """
 
 from __future__ import annotations
@@ -21,40 +21,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engine.block_manager import BlockManager, NoFreeBlocksError
-from engine.config import PdserveConfig, SchedulerConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import InvalidRequestError
-from engine.kv_cache import PagedKVCache
-from engine.model import AttentionMetadata, load_model
-from engine.model_source import ModelSource, resolve_model
-from engine.platform import keep_freed_memory
-from engine.sampler import make_generator, sample
-from engine.sampling import SamplingParams
-from engine.scheduler import MeasuredStepCost, Scheduler
-from engine.sequence import FinishReason, RequestOutput, Sequence
+from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
+from pdserve.engine.config import PdserveConfig, SchedulerConfig
+from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.errors import InvalidRequestError
+from pdserve.engine.kv_cache import PagedKVCache
+from pdserve.engine.model import AttentionMetadata, load_model
+from pdserve.engine.model_source import ModelSource, load_tokenizer, resolve_model
+from pdserve.engine.platform import keep_freed_memory
+from pdserve.engine.sampler import make_generator, sample
+from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.scheduler import MeasuredStepCost, Scheduler
+from pdserve.engine.sequence import FinishReason, RequestOutput, Sequence
 
 logger = logging.getLogger(__name__)
 
 # Decode rows attended together (sorted by context length); 4-8 measured best
 # on 32 mixed-length sequences (64..512 tokens) on a 2-core CPU.
 DECODE_GROUP_SIZE = 8
-
-
-@dataclass
-class KVExport:
-    """One sequence's KV, contiguous per layer: `[2, num_tokens, kv_heads, head_dim]`."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    num_tokens: int  # tokens covered by `layers`
-    layers: list[torch.Tensor]
 
 
 def pick_device(name: str) -> torch.device:
@@ -83,7 +71,7 @@ class LLMEngine:
             keep_freed_memory()
         t0 = time.perf_counter()
         self.model, self.hf_config = load_model(self.source.path, self.device, self.dtype)
-        self.tokenizer = _load_tokenizer(self.source.path)
+        self.tokenizer = load_tokenizer(self.source.path)
         arch = self.arch = self.model.arch
         logger.info("loaded %s in %.1fs", self.source.model_id, time.perf_counter() - t0)
 
@@ -167,22 +155,6 @@ class LLMEngine:
             self._kv_sinks[request_id] = kv_sink
         return seq
 
-    def add_imported_request(self, request_id: str, kv: KVExport, params: SamplingParams,
-                             *, priority: int = 0, detokenize: bool = True) -> Sequence:
-        """Admit a request whose prompt KV was computed elsewhere. All-or-nothing:
-        raises `NoFreeBlocksError` (nothing allocated) when the pool is short."""
-        seq = self._handed_over(request_id, kv.prompt_token_ids, kv.output_token_ids, kv.num_tokens, params,
-                                priority)
-        with self.kv_lock:
-            seq.block_table = self.block_manager.allocate(self.block_manager.blocks_for(kv.num_tokens))
-        try:
-            self.kv.import_(seq.block_table, kv.layers)
-        except Exception:
-            with self.kv_lock:
-                self.block_manager.free(seq.block_table)
-            raise
-        return self._adopt(seq, kv.num_tokens, detokenize)
-
     def add_received_request(self, request_id: str, received, params: SamplingParams,
                              *, priority: int = 0, detokenize: bool = True) -> Sequence:
         """Admit a request whose KV a transfer already wrote into this engine's pool:
@@ -213,12 +185,6 @@ class LLMEngine:
         if seq.request_id in self._detok:
             self._detok[seq.request_id].replay(seq.output_token_ids)
         return seq
-
-    def export_kv(self, request_id: str) -> KVExport:
-        seq = self.seqs[request_id]
-        n = seq.num_computed_tokens
-        return KVExport(request_id, list(seq.prompt_token_ids), list(seq.output_token_ids), n,
-                        self.kv.export(seq.block_table, n))
 
     def abort(self, request_id: str) -> bool:
         seq = self.seqs.get(request_id)
@@ -455,12 +421,4 @@ class LLMEngine:
         return [final[r] for r in rids]
 
 
-def _load_tokenizer(path: Path):
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return None  # id-only model (e.g. a test model): prompts must be token ids
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-__all__ = ["LLMEngine", "KVExport", "InvalidRequestError", "NoFreeBlocksError"]
+__all__ = ["LLMEngine", "InvalidRequestError", "NoFreeBlocksError"]

@@ -160,3 +160,13 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"))
     config.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out_dir)
+
+
+def load_tokenizer(path: Path):
+    """The model directory's tokenizer, or None for an id-only model (e.g. a test model: prompts are
+    token ids then)."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampling import SamplingParams
+from pdserve.engine.sampling import SamplingParams
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:

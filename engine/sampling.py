@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from engine.errors import InvalidRequestError
+from pdserve.engine.errors import InvalidRequestError
 
 # The sampler computes in float32: below MIN_TEMPERATURE a temperature is greedy (as in vLLM; logits divided
 # by a tiny temperature overflow to inf), and a top_p below MIN_TOP_P is raised to it (a top_p that rounds to

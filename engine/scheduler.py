@@ -35,9 +35,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
-from engine.config import SchedulerConfig
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.config import SchedulerConfig
+from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
 class QueueFullError(RuntimeError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engine.sampling import SamplingParams
+from pdserve.engine.sampling import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

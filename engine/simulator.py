@@ -33,11 +33,11 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine.block_manager import BlockManager
-from engine.config import SchedulerConfig
-from engine.sampling import SamplingParams
-from engine.scheduler import QueueFullError, Scheduler, SchedulerOutput
-from engine.sequence import FinishReason, Sequence
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.config import SchedulerConfig
+from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.scheduler import QueueFullError, Scheduler, SchedulerOutput
+from pdserve.engine.sequence import FinishReason, Sequence
 
 
 @dataclass

@@ -59,9 +59,9 @@ and sends Release; the decode side fails the push, which the sender sees as a ty
 error. Every notice is idempotent, so all of them may arrive.
 """
 
-from kv_transfer.client import KVSender, ReservationInfo, TransferResult
-from kv_transfer.pool import KVPool, ReceivedKV
-from kv_transfer.protocol import (
+from pdserve.kv_transfer.client import KVSender, ReservationInfo, TransferResult
+from pdserve.kv_transfer.pool import KVPool, ReceivedKV
+from pdserve.kv_transfer.protocol import (
     AuthenticationFailed,
     ChecksumMismatch,
     DuplicateRequest,
@@ -78,8 +78,8 @@ from kv_transfer.protocol import (
     TransferTimeout,
     UnknownRequest,
 )
-from kv_transfer.server import KVReceiver
-from kv_transfer.source import LayerStream
+from pdserve.kv_transfer.server import KVReceiver
+from pdserve.kv_transfer.source import LayerStream
 
 __all__ = [
     "AuthenticationFailed", "ChecksumMismatch", "DuplicateRequest", "Fingerprint", "KVPool", "KVReceiver",

@@ -21,11 +21,11 @@ import grpc
 import torch
 import torch.distributed as dist
 
-from engine.config import FaultConfig, KVTransferConfig
-from engine.platform import keep_freed_memory
-from kv_transfer import faults as fi
-from kv_transfer.channel import SENDER_RANK, ChannelTable, TorchChannel, backend_for, create_group
-from kv_transfer.protocol import (
+from pdserve.engine.config import FaultConfig, KVTransferConfig
+from pdserve.engine.platform import keep_freed_memory
+from pdserve.kv_transfer import faults as fi
+from pdserve.kv_transfer.channel import SENDER_RANK, ChannelTable, TorchChannel, backend_for, create_group
+from pdserve.kv_transfer.protocol import (
     AUTH_METADATA_KEY,
     Fingerprint,
     KVTransferError,
@@ -39,9 +39,9 @@ from kv_transfer.protocol import (
     error_from_rpc,
     plan_chunks,
 )
-from kv_transfer.source import CommitInfo, LayerKV, LayerStream
-from kv_transfer.v1 import kv_transfer_pb2 as pb
-from kv_transfer.v1 import kv_transfer_pb2_grpc as pb_grpc
+from pdserve.kv_transfer.source import CommitInfo, LayerKV, LayerStream
+from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
+from pdserve.kv_transfer.v1 import kv_transfer_pb2_grpc as pb_grpc
 
 
 @dataclass

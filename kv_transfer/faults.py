@@ -32,8 +32,8 @@ import grpc
 import torch
 from prometheus_client import Counter
 
-from engine.config import FaultConfig
-from kv_transfer.protocol import KVTransferError
+from pdserve.engine.config import FaultConfig
+from pdserve.kv_transfer.protocol import KVTransferError
 
 INJECTED_FAULTS = Counter(
     "pdserve_injected_faults", "Faults injected into KV transfers on the sending side (chaos testing), by kind",

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.block_manager import BlockManager, NoFreeBlocksError
-from engine.kv_cache import PagedKVCache
-from kv_transfer.protocol import (
+from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
+from pdserve.engine.kv_cache import PagedKVCache
+from pdserve.kv_transfer.protocol import (
     DuplicateRequest,
     Fingerprint,
     MalformedTransfer,

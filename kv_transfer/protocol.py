@@ -7,14 +7,14 @@ import hashlib
 import hmac
 import warnings
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 
 import google_crc32c
 import grpc
 import numpy as np
 import torch
 
-from kv_transfer.v1 import kv_transfer_pb2 as pb
+from pdserve.engine import pdserve_version
+from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
 
 # Bumped when the meaning of an existing wire field changes (fields are only ever added otherwise).
 WIRE_VERSION = 1
@@ -22,13 +22,6 @@ AUTH_METADATA_KEY = "authorization"
 REASON_METADATA_KEY = "pdserve-reason"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pdserve_version() -> str:
-    try:
-        return version("pdserve")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "0+unknown"
 
 
 def advertised_host(bind_host: str) -> str:

@@ -23,12 +23,12 @@ import grpc
 import torch
 import torch.distributed as dist
 
-from engine.config import KVTransferConfig
-from engine.platform import keep_freed_memory
-from kv_transfer import metrics
-from kv_transfer.channel import RECEIVER_RANK, ChannelTable, TorchChannel, backend_for, create_group
-from kv_transfer.pool import KVPool, ReceivedKV, ReservationTable
-from kv_transfer.protocol import (
+from pdserve.engine.config import KVTransferConfig
+from pdserve.engine.platform import keep_freed_memory
+from pdserve.kv_transfer import metrics
+from pdserve.kv_transfer.channel import RECEIVER_RANK, ChannelTable, TorchChannel, backend_for, create_group
+from pdserve.kv_transfer.pool import KVPool, ReceivedKV, ReservationTable
+from pdserve.kv_transfer.protocol import (
     AUTH_METADATA_KEY,
     REASON_METADATA_KEY,
     AuthenticationFailed,
@@ -47,7 +47,7 @@ from kv_transfer.protocol import (
     kv_from_bytes,
     secret_matches,
 )
-from kv_transfer.v1 import kv_transfer_pb2 as pb
+from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,8 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
@@ -27,19 +29,19 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from router import protocol as P
+from pdserve.engine.messages import StepItem
+from pdserve.router import protocol as P
 
 if TYPE_CHECKING:
-    from engine.config import ServeConfig
-    from router.server import Router
+    from pdserve.engine.config import ServeConfig
+    from pdserve.router.server import Router
 
 logger = logging.getLogger(__name__)
 
 
 def _worker_failed(e: BaseException) -> P.APIError:
     logger.warning("request failed in a worker: %s", e)
-    return P.APIError(503, f"a worker failed while serving the request ({type(e).__name__}); retry",
-                      type="ServiceUnavailable", headers={"Retry-After": "1"})
+    return P.unavailable(f"a worker failed while serving the request ({type(e).__name__}); retry")
 
 
 def _sse(obj: dict) -> bytes:
@@ -224,7 +226,7 @@ def build_app(router: Router) -> FastAPI:
 
     @app.get("/version")
     async def version():
-        from kv_transfer.protocol import pdserve_version
+        from pdserve.engine import pdserve_version
 
         return {"version": pdserve_version()}
 
@@ -244,103 +246,16 @@ def build_app(router: Router) -> FastAPI:
         groups = [{"targets": [host], "labels": {"role": "router"}}]
         for role, pool in router.pools.items():
             for w in pool.values():
-                groups.append({"targets": [w.info["metrics"]], "labels": {"role": role, "engine": w.worker_id}})
+                groups.append({"targets": [w.info.metrics_url], "labels": {"role": role, "engine": w.worker_id}})
         return groups
 
     async def handle(request: Request, kind: str):
-        arrival = time.monotonic()
-        if not router.accepting:  # draining for shutdown
-            router.metrics.rejected.labels(router.model_name, "draining").inc()
-            raise P.APIError(503, "the server is shutting down; retry on another replica", type="ServiceUnavailable",
-                             headers={"Retry-After": "1"})
-        if serve.max_num_queued_requests is not None and router.queued >= serve.max_num_queued_requests:
-            router.metrics.rejected.labels(router.model_name, "queue_full").inc()
-            raise P.APIError(503, f"the server is at its limit of {serve.max_num_queued_requests} queued "
-                             "requests; retry later", type="ServiceUnavailable", headers={"Retry-After": "1"})
-        parsed = P.parse_request(await _json_body(request), kind, serve.default_max_tokens)
-        if parsed.model is not None and parsed.model != router.model_name:
-            raise P.APIError(404, f"the model {parsed.model!r} does not exist; this server serves "
-                             f"{router.model_name!r}", type="NotFoundError", param="model")
-        ids = router.encode(parsed)
-        router.queued += 1
-        rid, created = P.new_id(kind), P.now()
-        events = router.generate(parsed, ids, arrival)
-        try:
-            first = await anext(events)  # errors before the first token get a proper status
-        except StopAsyncIteration:
-            first = {"text": "", "token_ids": [], "finished": True, "finish_reason": "stop"}
-        except P.APIError as e:
-            if e.status >= 500:
-                router.metrics.rejected.labels(router.model_name, "unavailable").inc()
-            raise
-        except Exception as e:  # a worker died or vanished before the first token
-            router.metrics.rejected.labels(router.model_name, "worker_failed").inc()
-            raise _worker_failed(e) from e
-        finally:
-            router.queued -= 1
-
-        if not parsed.stream:
-            text, n_out, reason = first["text"], len(first["token_ids"]), first["finish_reason"]
-
-            async def collect() -> None:
-                nonlocal text, n_out, reason
-                async for item in events:
-                    text += item["text"]
-                    n_out += len(item["token_ids"])
-                    reason = item["finish_reason"]
-
-            consume = asyncio.create_task(collect())
-            gone = asyncio.create_task(_client_gone(request))
-            try:
-                await asyncio.wait({consume, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not consume.done():  # the client went away: stop generating, free the KV everywhere
-                    consume.cancel()
-                    with contextlib.suppress(BaseException):
-                        await consume
-                    await events.aclose()
-                    router.metrics.failed.labels(router.model_name, "client_disconnected").inc()
-                    return Response(status_code=499)
-                consume.result()
-            except P.APIError:
-                router.metrics.failed.labels(router.model_name, "worker_error").inc()
-                raise
-            except Exception as e:
-                router.metrics.failed.labels(router.model_name, "worker_failed").inc()
-                raise _worker_failed(e) from e
-            finally:
-                gone.cancel()
-            router.metrics.success.labels(router.model_name, reason or "stop").inc()
-            return JSONResponse(P.full_response(kind, rid, router.model_name, created, text, reason, len(ids),
-                                                n_out))
-
-        async def sse():
-            n_out = 0
-            reason = None
-            try:
-                is_first = True
-                items = _chain(first, events)
-                async for item in items:
-                    n_out += len(item["token_ids"])
-                    reason = item["finish_reason"] if item["finished"] else None
-                    if item["text"] or item["finished"] or is_first:
-                        yield _sse(P.stream_chunk(kind, rid, router.model_name, created, item["text"], reason,
-                                                  first=is_first))
-                        is_first = False
-                router.metrics.success.labels(router.model_name, reason or "stop").inc()
-                if parsed.include_usage:
-                    yield _sse(P.usage_chunk(kind, rid, router.model_name, created, len(ids), n_out))
-            except P.APIError as e:
-                router.metrics.failed.labels(router.model_name, "worker_error").inc()
-                yield _sse(e.body())
-            except Exception as e:  # a worker died mid-stream: the client gets an explicit error chunk
-                router.metrics.failed.labels(router.model_name, "worker_failed").inc()
-                yield _sse(_worker_failed(e).body())
-            finally:
-                await events.aclose()  # client gone: cancels the Ray calls, frees the KV everywhere
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        call = await _admit(router, request, kind)
+        first = await _first_item(router, call)
+        if call.parsed.stream:
+            return StreamingResponse(_sse_stream(router, call, first), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _whole_response(router, request, call, first)
 
     v1_errors = (400, 401, 404, 413, 431, 503)
 
@@ -378,3 +293,117 @@ async def _chain(first, rest):
     yield first
     async for item in rest:
         yield item
+
+
+@dataclass
+class _Call:
+    """One completion call on its way through the router."""
+
+    kind: str  # "completion" or "chat"
+    parsed: P.ParsedRequest
+    ids: list[int]
+    events: AsyncIterator[StepItem]  # the router's stream of items for it
+    rid: str
+    created: int
+
+
+async def _admit(router: Router, request: Request, kind: str) -> _Call:
+    """The checks before a call runs (draining, the queue bound, the body, the model), then tokenizing."""
+    arrival = time.monotonic()
+    serve, m = router.serve, router.metrics
+    if not router.accepting:  # draining for shutdown
+        m.rejected.labels(router.model_name, "draining").inc()
+        raise P.unavailable("the server is shutting down; retry on another replica")
+    if serve.max_num_queued_requests is not None and router.queued >= serve.max_num_queued_requests:
+        m.rejected.labels(router.model_name, "queue_full").inc()
+        raise P.unavailable(f"the server is at its limit of {serve.max_num_queued_requests} queued requests; "
+                            "retry later")
+    parsed = P.parse_request(await _json_body(request), kind, serve.default_max_tokens)
+    if parsed.model is not None and parsed.model != router.model_name:
+        raise P.APIError(404, f"the model {parsed.model!r} does not exist; this server serves "
+                         f"{router.model_name!r}", type="NotFoundError", param="model")
+    ids = await router.tokenize(parsed)
+    return _Call(kind, parsed, ids, router.generate(parsed, ids, arrival), P.new_id(kind), P.now())
+
+
+async def _first_item(router: Router, call: _Call) -> StepItem:
+    """The call's first item: an error before it still gets a proper HTTP status."""
+    router.queued += 1
+    try:
+        return await anext(call.events)
+    except StopAsyncIteration:
+        return StepItem(finished=True, finish_reason="stop")
+    except P.APIError as e:
+        if e.status >= 500:
+            router.metrics.rejected.labels(router.model_name, "unavailable").inc()
+        raise
+    except Exception as e:  # a worker died or vanished before the first token
+        router.metrics.rejected.labels(router.model_name, "worker_failed").inc()
+        raise _worker_failed(e) from e
+    finally:
+        router.queued -= 1
+
+
+async def _whole_response(router: Router, request: Request, call: _Call, first: StepItem) -> Response:
+    """A non-streaming answer; a client that disconnects meanwhile stops the generation everywhere."""
+    text, n_out, reason = first.text, len(first.token_ids), first.finish_reason
+
+    async def collect() -> None:
+        nonlocal text, n_out, reason
+        async for item in call.events:
+            text += item.text
+            n_out += len(item.token_ids)
+            reason = item.finish_reason
+
+    consume = asyncio.create_task(collect())
+    gone = asyncio.create_task(_client_gone(request))
+    try:
+        await asyncio.wait({consume, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not consume.done():  # the client went away: stop generating, free the KV everywhere
+            consume.cancel()
+            with contextlib.suppress(BaseException):
+                await consume
+            await call.events.aclose()
+            router.metrics.failed.labels(router.model_name, "client_disconnected").inc()
+            return Response(status_code=499)
+        consume.result()
+    except P.APIError:
+        router.metrics.failed.labels(router.model_name, "worker_error").inc()
+        raise
+    except Exception as e:
+        router.metrics.failed.labels(router.model_name, "worker_failed").inc()
+        raise _worker_failed(e) from e
+    finally:
+        gone.cancel()
+    router.metrics.success.labels(router.model_name, reason or "stop").inc()
+    return JSONResponse(P.full_response(call.kind, call.rid, router.model_name, call.created, text, reason,
+                                        len(call.ids), n_out))
+
+
+async def _sse_stream(router: Router, call: _Call, first: StepItem):
+    """The SSE body: a chunk per item with text (and the first and last), usage if asked, an error chunk
+    if a worker fails mid-stream, then [DONE]."""
+    n_out = 0
+    reason = None
+    model = router.model_name
+    try:
+        is_first = True
+        async for item in _chain(first, call.events):
+            n_out += len(item.token_ids)
+            reason = item.finish_reason if item.finished else None
+            if item.text or item.finished or is_first:
+                yield _sse(P.stream_chunk(call.kind, call.rid, model, call.created, item.text, reason,
+                                          first=is_first))
+                is_first = False
+        router.metrics.success.labels(model, reason or "stop").inc()
+        if call.parsed.include_usage:
+            yield _sse(P.usage_chunk(call.kind, call.rid, model, call.created, len(call.ids), n_out))
+    except P.APIError as e:
+        router.metrics.failed.labels(model, "worker_error").inc()
+        yield _sse(e.body())
+    except Exception as e:  # a worker died mid-stream: the client gets an explicit error chunk
+        router.metrics.failed.labels(model, "worker_failed").inc()
+        yield _sse(_worker_failed(e).body())
+    finally:
+        await call.events.aclose()  # client gone: cancels the Ray calls, frees the KV everywhere
+    yield b"data: [DONE]\n\n"

@@ -9,8 +9,10 @@ below their running limit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
+
+from pdserve.engine.messages import WorkerInfo, WorkerStats
 
 
 @dataclass
@@ -18,8 +20,8 @@ class WorkerState:
     worker_id: str
     role: str
     handle: Any
-    info: dict = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
+    info: WorkerInfo
+    stats: WorkerStats
     healthy: bool = False  # answered its last health check with a live engine loop
     draining: bool = False  # being scaled away: no new requests
     inflight_requests: int = 0
@@ -49,5 +51,5 @@ class LeastLoadedPolicy:
 
     def pick_decode(self, workers: list[WorkerState], num_tokens: int) -> WorkerState | None:
         live = [w for w in workers if w.routable]
-        below = [w for w in live if w.inflight_requests < w.stats.get("max_num_seqs", 1 << 30)] or live
-        return max(below, key=lambda w: (w.stats.get("free_blocks", 0), -w.inflight_requests), default=None)
+        below = [w for w in live if w.inflight_requests < w.stats.max_num_seqs] or live
+        return max(below, key=lambda w: (w.stats.free_blocks, -w.inflight_requests), default=None)

@@ -9,6 +9,7 @@ The same pydantic models publish the request bodies in the OpenAPI schema (`open
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from engine.errors import InvalidRequestError
-from engine.sampling import INT64_MAX, INT64_MIN, SamplingParams
+from pdserve.engine.errors import InvalidRequestError
+from pdserve.engine.messages import WorkerError
+from pdserve.engine.sampling import INT64_MAX, INT64_MIN, SamplingParams
 
 
 class APIError(Exception):
@@ -39,6 +41,19 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, type="BadRequestError", param=param)
+
+
+def unavailable(message: str, retry_after: float | None = 1) -> APIError:
+    """A 503 with `Retry-After` (whole seconds, at least 1): overload, draining, no worker to run on."""
+    return APIError(503, message, type="ServiceUnavailable",
+                    headers={"Retry-After": str(max(1, math.ceil(retry_after or 1)))})
+
+
+def from_worker(err: WorkerError) -> APIError:
+    """The one place a worker's error becomes an HTTP answer."""
+    if err.status == 503:
+        return unavailable(err.message, err.retry_after)
+    return APIError(err.status, err.message, type=err.type, param=err.param)
 
 
 

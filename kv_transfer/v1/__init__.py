@@ -1,1 +1,1 @@
-"""Stubs generated from proto/kv_transfer/v1/kv_transfer.proto (`make proto`; see proto/generate.py)."""
+"""Stubs generated from proto/pdserve/kv_transfer/v1/kv_transfer.proto (`make proto`; see proto/generate.py)."""

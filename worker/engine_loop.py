@@ -22,9 +22,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.llm_engine import KVExport, LLMEngine
-from engine.sampling import SamplingParams
-from engine.sequence import FinishReason, RequestOutput
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sequence import FinishReason, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ class _Submit:
     sink: Sink
     prompt: object = None
     params: SamplingParams | None = None
-    kv: KVExport | None = None
     received: object = None  # a kv_transfer.pool.ReceivedKV
     options: dict = field(default_factory=dict)
 
@@ -73,10 +72,6 @@ class EngineLoop:
     def submit(self, request_id: str, prompt, params: SamplingParams, sink: Sink, **options) -> None:
         """Queue a request: `options` are `add_request`'s keywords (priority, ttft_deadline, detokenize)."""
         self._post(_Submit(request_id, sink, prompt, params, options=options))
-
-    def submit_imported(self, request_id: str, kv: KVExport, params: SamplingParams, sink: Sink, **options) -> None:
-        """Queue a request whose prompt KV was computed elsewhere (disaggregated decode)."""
-        self._post(_Submit(request_id, sink, None, params, kv=kv, options=options))
 
     def submit_received(self, request_id: str, received, params: SamplingParams, sink: Sink, **options) -> None:
         """Queue a request whose KV a transfer wrote into this engine's pool (`kv_transfer`).
@@ -142,9 +137,7 @@ class EngineLoop:
 
     def _admit(self, item: _Submit) -> None:
         try:
-            if item.kv is not None:
-                self.engine.add_imported_request(item.request_id, item.kv, item.params, **item.options)
-            elif item.received is not None:
+            if item.received is not None:
                 self._admit_received(item)
             else:
                 self.engine.add_request(item.request_id, item.prompt, item.params, **item.options)

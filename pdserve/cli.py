@@ -21,7 +21,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace):
-    from engine.config import CacheConfig, EngineConfig, ModelConfig, PdserveConfig, SchedulerConfig
+    from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, PdserveConfig, SchedulerConfig
 
     return PdserveConfig(
         model=ModelConfig(model=args.model, device=args.device, dtype=args.dtype),
@@ -49,8 +49,8 @@ def _stream(engine, request_id: str, prompt, params) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from engine.llm_engine import LLMEngine
-    from engine.sampling import SamplingParams
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.sampling import SamplingParams
 
     engine = LLMEngine(engine_config(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -70,26 +70,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "engine":
-        from bench.engine import main as bench_main
+        from pdserve.bench.engine import main as bench_main
     elif args.what == "transfer":
-        from bench.transfer import main as bench_main
+        from pdserve.bench.transfer import main as bench_main
     elif args.what == "layerwise":
-        from bench.layerwise import main as bench_main
+        from pdserve.bench.layerwise import main as bench_main
     elif args.what == "overhead":
-        from bench.serve_overhead import main as bench_main
+        from pdserve.bench.serve_overhead import main as bench_main
     elif args.what == "serve":
-        from bench.serve import main as bench_main
+        from pdserve.bench.serve import main as bench_main
     elif args.what == "compare":
-        from bench.compare import main as bench_main
+        from pdserve.bench.compare import main as bench_main
     elif args.what == "project":
-        from bench.project import main as bench_main
+        from pdserve.bench.project import main as bench_main
     else:
-        from bench.schedule import main as bench_main
+        from pdserve.bench.schedule import main as bench_main
     return bench_main(args.rest)
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
-    from bench.chaos import run
+    from pdserve.bench.chaos import run
 
     return run(args, args.parser)
 
@@ -109,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     chat.set_defaults(func=cmd_chat)
 
     sim = sub.add_parser("simulate", help="drive the scheduler with a cost model (toy, file or Poisson workload)")
-    from engine.simulator import add_arguments, run_cli
+    from pdserve.engine.simulator import add_arguments, run_cli
 
     add_arguments(sim)
     sim.set_defaults(func=run_cli)
 
-    from engine.serve_cli import add_scale_args, add_serve_args, cmd_scale, cmd_serve
+    from pdserve.serve import add_scale_args, add_serve_args, cmd_scale, cmd_serve
 
     serve = sub.add_parser("serve", help="the distributed deployment: router + prefill and decode pools on Ray")
     add_serve_args(serve)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 
-    from bench.chaos import add_arguments as add_chaos_args
+    from pdserve.bench.chaos import add_arguments as add_chaos_args
 
     chaos = sub.add_parser("chaos", help="the chaos suite: faults injected into a live deployment under load, what "
                            "every client saw (docs/reliability.md)")

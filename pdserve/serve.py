@@ -45,7 +45,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def serve_config(args: argparse.Namespace):
-    from engine.config import PdserveConfig
+    from pdserve.engine.config import PdserveConfig
 
     sections: dict[str, dict] = {}
     if args.config:
@@ -66,7 +66,7 @@ def serve_config(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     import ray
 
-    from router.server import launch_router
+    from pdserve.router.actor import launch_router
 
     cfg = serve_config(args)
     if args.address:

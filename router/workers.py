@@ -1,0 +1,263 @@
+"""The router's worker pools: their lifecycle and health (no request path here).
+
+Workers are detached Ray actors named after the router's instance (`pdserve-<instance>-<role>-<n>`),
+so a router that Ray restarts finds and adopts them (`adopt`). A worker joins routing only once it
+has loaded its model and answered (`_spawn`). The health loop fails dead, stalled or silent workers
+and starts replacements up to each pool's target size (`fail_worker`, `_heal`); `scale` changes
+the targets and drains what it removes. A decode worker that leaves is forgotten by every prefill
+worker's KV sender (its connection and channel closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from typing import Any
+
+from pdserve.engine.config import PdserveConfig
+from pdserve.engine.messages import WorkerInfo, WorkerStats
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.pools import WorkerState
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerPools:
+    """The prefill and decode pools of one router; runs on the router actor's event loop."""
+
+    def __init__(self, config: PdserveConfig, metrics: RouterMetrics, model_name: str, instance: str):
+        self.config = config
+        self.serve = config.serve
+        self.metrics = metrics
+        self.model_name = model_name
+        # Worker actor names carry it: unique when several routers share a cluster, and stable across a
+        # router restart (the restarted router finds its workers by it).
+        self.instance = instance
+        self.pools: dict[str, dict[str, WorkerState]] = {"prefill": {}, "decode": {}}
+        self.target = {"prefill": 0, "decode": 0}  # pool sizes self-healing restores
+        self.spawning = {"prefill": 0, "decode": 0}
+        self._seq = itertools.count()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self, adopt: bool = False) -> None:
+        """Adopt a previous incarnation's workers (`adopt`), fill the pools to their configured sizes and
+        start the health loop."""
+        s = self.serve
+        if adopt:
+            await self._adopt()
+        want_prefill = s.prefill_workers if s.mode == "disaggregated" else 0
+        await self.scale(prefill=max(want_prefill, self.target["prefill"]),
+                         decode=max(s.decode_workers, self.target["decode"]))
+        self._tasks.append(asyncio.create_task(self._health_loop()))
+
+    def ready(self) -> bool:
+        """Every pool the mode needs has a routable worker."""
+        need = ["decode"] + (["prefill"] if self.serve.mode == "disaggregated" else [])
+        return all(any(w.routable for w in self.pools[role].values()) for role in need)
+
+    async def stop(self) -> None:
+        """Stop healing and end every worker."""
+        for t in self._tasks:
+            t.cancel()
+        self.target = {"prefill": 0, "decode": 0}
+        for pool in self.pools.values():
+            for w in list(pool.values()):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(w.handle.shutdown.remote(), 10)
+                _kill(w.handle)
+            pool.clear()
+
+    # -- pools --------------------------------------------------------------------------------------
+    def _actor_options(self, role: str) -> dict:
+        import ray
+
+        res = ray.cluster_resources()
+        gpus = self.serve.worker_num_gpus
+        if gpus is None:
+            gpus = 1 if res.get("GPU", 0) >= 1 else 0
+        opts: dict[str, Any] = {"num_cpus": self.serve.worker_num_cpus, "num_gpus": gpus, "max_concurrency": 1000}
+        custom = self.serve.prefill_resource if role == "prefill" else self.serve.decode_resource
+        if res.get(custom, 0) > 0:  # the cluster dedicates nodes to this pool
+            opts["resources"] = {custom: 0.001}
+        return opts
+
+    async def _spawn(self, role: str) -> WorkerState | None:
+        """Start one worker; it joins routing only once it has loaded its model and answered."""
+        import ray
+
+        from pdserve.decode_worker.worker import DecodeWorker
+        from pdserve.prefill_worker.worker import PrefillWorker
+
+        n = next(self._seq)
+        worker_id = f"{role}-{n}"
+        cls = PrefillWorker if role == "prefill" else DecodeWorker
+        self.spawning[role] += 1
+        handle = None
+        try:
+            # Detached, so that the workers outlive a router that dies: its restart adopts them.
+            handle = ray.remote(cls).options(name=self._name_prefix + worker_id, namespace="pdserve",
+                                             lifetime="detached", **self._actor_options(role)
+                                             ).remote(self.config, worker_id)
+            # a worker the cluster cannot place (no resources) or that cannot load its model gives up
+            info = await asyncio.wait_for(handle.info.remote(), self.serve.worker_start_timeout_s)
+            stats = await handle.stats.remote()
+        except Exception as e:  # TimeoutError included
+            logger.error("could not start %s: %s", worker_id, e)
+            if handle is not None:
+                _kill(handle)
+            return None
+        finally:
+            self.spawning[role] -= 1
+        state = self._join(role, worker_id, handle, info, stats)  # joins routing only now, ready
+        logger.info("%s ready: %s", worker_id, info)
+        return state
+
+    @property
+    def _name_prefix(self) -> str:
+        """Worker actor names: this prefix + the worker id (how a restarted router finds them)."""
+        return f"pdserve-{self.instance}-"
+
+    def _join(self, role: str, worker_id: str, handle, info: WorkerInfo, stats: WorkerStats) -> WorkerState:
+        state = WorkerState(worker_id, role, handle, info=info, stats=stats, healthy=stats.alive,
+                            last_ok=time.monotonic())
+        self.pools[role][worker_id] = state
+        return state
+
+    async def _adopt(self) -> None:
+        """A restarted router takes over the workers its previous incarnation started (they are
+        detached and named after this router's instance id) and aborts what they still hold: the
+        clients of those requests went with the old router."""
+        import ray
+        from ray.util import list_named_actors
+
+        prefix = self._name_prefix
+        names = [a["name"] for a in list_named_actors(all_namespaces=True)
+                 if a.get("namespace") == "pdserve" and a["name"].startswith(prefix)]
+
+        async def adopt(name: str) -> None:
+            worker_id = name[len(prefix):]
+            role = worker_id.split("-", 1)[0]
+            try:
+                handle = ray.get_actor(name, namespace="pdserve")
+                info = await asyncio.wait_for(handle.info.remote(), self.serve.health_timeout_s)
+                aborted = await handle.abort_all.remote()
+                stats = await handle.stats.remote()
+            except Exception as e:
+                logger.warning("not adopting %s: %s", name, e)
+                with contextlib.suppress(Exception):
+                    _kill(ray.get_actor(name, namespace="pdserve"))
+                return
+            self._join(role, worker_id, handle, info, stats)
+            logger.info("adopted %s (aborted %d requests of the previous router)", worker_id, aborted)
+
+        await asyncio.gather(*(adopt(n) for n in names))
+        highest = max((int(w.split("-")[-1]) for pool in self.pools.values() for w in pool), default=-1)
+        self._seq = itertools.count(highest + 1)
+        for role, pool in self.pools.items():  # the pool sizes the previous incarnation was scaled to
+            self.target[role] = max(self.target[role], len(pool))
+
+    async def scale(self, prefill: int | None = None, decode: int | None = None) -> dict:
+        """Grow or shrink the pools; removed workers drain (finish what they hold, within
+        `drain_timeout_s`; what is left migrates) and exit. The sizes become the targets that
+        self-healing restores."""
+        jobs = []
+        for role, want in (("prefill", prefill), ("decode", decode)):
+            if want is None:
+                continue
+            if role == "decode" and want < 1 or role == "prefill" and want < (
+                    1 if self.serve.mode == "disaggregated" else 0):
+                raise ValueError(f"cannot scale {role} to {want}")
+            self.target[role] = want
+            live = self._live(role)
+            jobs += [self._spawn(role) for _ in range(want - len(live) - self.spawning[role])]
+            for w in live[want:] if want < len(live) else []:
+                w.draining = True
+                self._tasks.append(asyncio.create_task(self._drain(w)))
+        await asyncio.gather(*jobs)
+        return self.status()
+
+    def _live(self, role: str) -> list[WorkerState]:
+        return [w for w in self.pools[role].values() if not w.draining]
+
+    async def _drain(self, w: WorkerState) -> None:
+        deadline = time.monotonic() + self.serve.drain_timeout_s
+        while w.inflight_requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._remove(w)
+        if w.inflight_requests:  # killed outright: its requests see it die and migrate
+            logger.warning("%s: %d requests still running after the drain timeout; migrating them",
+                           w.worker_id, w.inflight_requests)
+        else:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(w.handle.shutdown.remote(), 10)
+        _kill(w.handle)
+
+    def _remove(self, w: WorkerState) -> None:
+        w.healthy = False
+        if self.pools[w.role].get(w.worker_id) is w:
+            del self.pools[w.role][w.worker_id]
+        if w.role == "decode" and w.info.kv_address:  # its KV address is dead: senders close what they hold
+            for p in list(self.pools["prefill"].values()):
+                p.handle.forget_peer.remote(w.info.kv_address)
+
+    def fail_worker(self, w: WorkerState, reason: str) -> None:
+        """Take a worker that died, stalled or stopped answering out of the pool, kill it (its
+        in-flight requests then fail over to other workers) and start a replacement."""
+        if self.pools[w.role].get(w.worker_id) is not w:
+            return  # already handled
+        logger.error("%s failed (%s): replacing it", w.worker_id, reason)
+        self._remove(w)
+        self.metrics.worker_failures.labels(self.model_name, w.role, reason).inc()
+        _kill(w.handle)
+        self._heal()
+
+    def _heal(self) -> None:
+        """Start workers until every pool (live + starting) is back at its target size."""
+        for role, want in self.target.items():
+            for _ in range(want - len(self._live(role)) - self.spawning[role]):
+                self._tasks.append(asyncio.create_task(self._spawn(role)))
+        self._tasks = [t for t in self._tasks if not t.done()]
+
+    def status(self) -> dict:
+        return {role: [{"worker_id": w.worker_id, "healthy": w.healthy, "draining": w.draining,
+                        "inflight": w.inflight_requests, "node_id": w.info.node_id} for w in pool.values()]
+                for role, pool in self.pools.items()}
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.serve.health_interval_s)
+            await asyncio.gather(*(self._check(w) for pool in self.pools.values() for w in list(pool.values())))
+            self._heal()
+
+    async def _check(self, w: WorkerState) -> None:
+        """A worker is routable while it answers in time and its engine loop lives and makes progress.
+        Dead, stalled (work queued, no progress for `stall_timeout_s`) or silent for that long: failed."""
+        import ray
+
+        s = self.serve
+        try:
+            w.stats = await asyncio.wait_for(w.handle.stats.remote(), s.health_timeout_s)
+        except ray.exceptions.RayActorError:
+            return self.fail_worker(w, "died")
+        except Exception:
+            w.healthy = False
+            if time.monotonic() - w.last_ok > s.stall_timeout_s:
+                self.fail_worker(w, "unresponsive")
+            return
+        w.last_ok = time.monotonic()
+        if not w.stats.alive:
+            return self.fail_worker(w, "engine_loop_died")
+        if w.stats.busy and w.stats.progress_age_s > s.stall_timeout_s:
+            return self.fail_worker(w, "stalled")
+        w.healthy = True
+
+
+def _kill(handle) -> None:
+    """End a worker actor for good (detached: nothing else would), whatever state it is in."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        ray.kill(handle, no_restart=True)

@@ -1,0 +1,112 @@
+"""The part of a worker actor both kinds share: the engine on its loop thread, health and load
+stats, a metrics endpoint, abort and shutdown.
+
+Threads in a worker process: the actor's event loop (Ray calls: `generate`, `prefill`,
+`stats`, ...), the engine loop thread (`EngineLoop`: the only one that touches the
+engine), and the KV plane's own loop thread (`KVSender` or `KVReceiver`). Nothing
+on the actor's event loop waits on the other two: it posts to them and awaits futures.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from pdserve.engine.config import PdserveConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.messages import WorkerInfo, WorkerStats
+from pdserve.worker.engine_loop import EngineLoop
+
+
+def node_id() -> str | None:
+    """The Ray node this worker runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # not inside Ray
+        return None
+
+
+class Worker:
+    """What both worker kinds share: the engine on its loop thread, stats, a metrics endpoint."""
+
+    role = "worker"
+
+    def __init__(self, config: PdserveConfig, worker_id: str):
+        if config.engine.num_threads:
+            torch.set_num_threads(config.engine.num_threads)
+        if config.serve.worker_nice > 0:  # below the router (see ServeConfig.worker_nice); never above 19
+            os.nice(max(0, min(config.serve.worker_nice, 19 - os.nice(0))))
+        self.config = config
+        self.worker_id = worker_id
+        self.engine = LLMEngine(config)
+        self.loop = EngineLoop(self.engine, name=f"{self.role}-loop").start()
+        self.started = time.monotonic()
+        self.model_name = config.serve.served_model_name or self.engine.source.model_id
+        self.metrics_url = self._serve_metrics()
+
+    def _serve_metrics(self) -> str:
+        """This worker's own /metrics (engine gauges, KV-transfer series), listed by the router's http_sd."""
+        from prometheus_client import REGISTRY, start_http_server
+
+        from pdserve.kv_transfer.protocol import advertised_host, host_port
+        from pdserve.worker.metrics import EngineCollector, WorkerMetrics
+
+        prefix = self.config.serve.metrics_prefix
+        REGISTRY.register(EngineCollector(prefix, self.model_name, self.role, self.worker_id, self.engine))
+        self.metrics = WorkerMetrics(prefix, self.model_name, self.role, self.worker_id)
+        host = self.config.serve.host
+        server, _ = start_http_server(0, addr=host)
+        self._metrics_server = server
+        return host_port(advertised_host(host), server.server_port)  # what Prometheus dials
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.worker_id, self.role, self.metrics_url, node_id(),
+                          num_blocks=self.engine.block_manager.num_blocks)
+
+    def ping(self) -> str:
+        return self.worker_id
+
+    def stats(self) -> WorkerStats:
+        """Cheap, thread-safe enough snapshot for routing and health (read without locks)."""
+        e = self.engine
+        bm = e.block_manager
+        now = time.monotonic()
+        return WorkerStats(
+            worker_id=self.worker_id, role=self.role, alive=self.loop.alive, busy=self.loop.has_work,
+            step_age_s=now - self.loop.last_step_time,
+            # since the loop last stepped or a forward pass last finished a layer (a heartbeat)
+            progress_age_s=now - max(self.loop.last_step_time, e.last_progress),
+            num_running=len(e.running), num_waiting=len(e.waiting),
+            waiting_tokens=sum(len(s.prompt_token_ids) for s in list(e.waiting)),
+            free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks,
+            max_num_seqs=e.config.scheduler.max_num_seqs, num_preemptions=e.num_preemptions)
+
+    def abort_all(self) -> int:
+        """Abort every request this worker holds (a restarted router adopting it: the requests'
+        clients went with the old router). Returns how many were aborted."""
+        rids = self._engine_request_ids()
+        for rid in rids:
+            self.abort(rid)
+        return len(rids)
+
+    def abort(self, request_id: str) -> None:
+        self.loop.abort(request_id)
+
+    def _engine_request_ids(self) -> list[str]:
+        while True:  # the loop thread may add or drop one meanwhile
+            try:
+                return list(self.engine.seqs)
+            except RuntimeError:
+                continue
+
+    def debug_stall(self, seconds: float) -> None:
+        """Chaos: freeze this worker's engine loop for `seconds` (see `EngineLoop.stall`)."""
+        self.loop.stall(seconds)
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+        self._metrics_server.shutdown()
