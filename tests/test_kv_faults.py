@@ -11,9 +11,9 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from engine.config import FaultConfig, KVTransferConfig
-from engine.llm_engine import KVExport
-from kv_transfer import (
+from pdserve.engine.config import FaultConfig, KVTransferConfig
+from pdserve.engine.llm_engine import KVExport
+from pdserve.kv_transfer import (
     ChecksumMismatch,
     Fingerprint,
     KVPool,
@@ -24,7 +24,7 @@ from kv_transfer import (
     MalformedTransfer,
     TransferCancelled,
 )
-from kv_transfer.faults import FaultInjector, InjectedFault
+from pdserve.kv_transfer.faults import FaultInjector, InjectedFault
 from tests.test_kv_transfer import wait_for
 
 FP = Fingerprint("test/model", "ab" * 32, num_layers=4, num_kv_heads=2, head_dim=16, dtype="float32", block_size=16,
@@ -239,9 +239,9 @@ def test_injector_decisions_follow_the_rates():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_corrupted_chunk_fails_either_checksum_and_leaves_the_source_alone(dtype):
-    from kv_transfer.faults import corrupt_tensor, corrupt_wire_bytes
-    from kv_transfer.protocol import bytes_checksum, checksum, encode_chunk_data
-    from kv_transfer.v1 import kv_transfer_pb2 as pb
+    from pdserve.kv_transfer.faults import corrupt_tensor, corrupt_wire_bytes
+    from pdserve.kv_transfer.protocol import bytes_checksum, checksum, encode_chunk_data
+    from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
 
     kv = torch.randn(2, 5, 2, 16).to(dtype)
     original = kv.clone()

@@ -20,9 +20,9 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from engine.config import KVTransferConfig
-from engine.llm_engine import KVExport
-from kv_transfer import (
+from pdserve.engine.config import KVTransferConfig
+from pdserve.engine.llm_engine import KVExport
+from pdserve.kv_transfer import (
     AuthenticationFailed,
     Fingerprint,
     KVPool,
@@ -31,9 +31,9 @@ from kv_transfer import (
     LayerStream,
     PeerUnavailable,
 )
-from kv_transfer.protocol import REASON_METADATA_KEY
-from kv_transfer.v1 import kv_transfer_pb2 as pb
-from kv_transfer.v1 import kv_transfer_pb2_grpc as pb_grpc
+from pdserve.kv_transfer.protocol import REASON_METADATA_KEY
+from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
+from pdserve.kv_transfer.v1 import kv_transfer_pb2_grpc as pb_grpc
 from tests.test_kv_transfer import wait_for
 
 FP = Fingerprint("test/model", "ab" * 32, num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", block_size=16,
@@ -254,8 +254,8 @@ def test_tls(receiver, tmp_path):
 
 SENDER_SCRIPT = textwrap.dedent("""
     import json, sys, threading, torch
-    from engine.config import KVTransferConfig
-    from kv_transfer import Fingerprint, KVSender, LayerStream
+    from pdserve.engine.config import KVTransferConfig
+    from pdserve.kv_transfer import Fingerprint, KVSender, LayerStream
     args = json.loads(sys.argv[1])
     tx = KVSender(KVTransferConfig(kv_transport=args["transport"]), Fingerprint(**args["fp"]))
     tx.reserve(args["address"], "victim", 40)

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from engine.config import KVTransferConfig
-from engine.sampling import SamplingParams
-from engine.sequence import FinishReason
-from kv_transfer import (
+from pdserve.engine.config import KVTransferConfig
+from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sequence import FinishReason
+from pdserve.kv_transfer import (
     KVPool,
     KVReceiver,
     KVSender,
@@ -157,7 +157,7 @@ def test_chunked_prefill_ships_the_whole_prompt(transfer_env):
 def test_decode_side_without_room_refuses_up_front(transfer_env):
     env = transfer_env("grpc", num_blocks=8)
     free0 = env.dec.block_manager.num_free_blocks
-    from kv_transfer import ReservationTooLarge
+    from pdserve.kv_transfer import ReservationTooLarge
 
     with pytest.raises(ReservationTooLarge, match="need 9 blocks"):  # could never fit: no point waiting
         env.tx.reserve(env.rx.address, "big", 9 * 16)
@@ -233,7 +233,7 @@ def test_decode_side_abort_fails_the_push(transfer_env, transport):
     assert env.dec.block_manager.num_free_blocks == free0
     stream.put_layer(1, torch.zeros(2, 40, 2, 16))
     stream.commit(list(range(40)), [1])
-    from kv_transfer import RequestReleased
+    from pdserve.kv_transfer import RequestReleased
 
     with pytest.raises(RequestReleased, match="client_disconnected"):
         fut.result(10)
@@ -262,7 +262,7 @@ def test_lease_expires_when_the_prefill_side_never_pushes(transfer_env):
     took = wait_for(lambda: env.dec.block_manager.num_free_blocks == free0, 5, "the lease to expire")
     assert took < 2.0
     assert env.rx.state_of("r") == "released"
-    from kv_transfer import RequestReleased
+    from pdserve.kv_transfer import RequestReleased
 
     with pytest.raises(RequestReleased, match="lease_expired"):
         env.tx.push(env.rx.address, LayerStream.from_export(env.pre.__class__ and _zeros_export("r", 100))).result(5)
@@ -275,7 +275,7 @@ def test_stalled_sender_times_out(transfer_env):
     stream = LayerStream("r", 40)
     stream.put_layer(0, torch.zeros(2, 40, 2, 16))
     fut = env.tx.push(env.rx.address, stream)
-    from kv_transfer import TransferTimeout
+    from pdserve.kv_transfer import TransferTimeout
 
     with pytest.raises(TransferTimeout):
         fut.result(10)
@@ -306,7 +306,7 @@ def test_release_overtaking_reserve_refuses_it(transfer_env):
     env = transfer_env("grpc")
     free0 = env.dec.block_manager.num_free_blocks
     assert env.tx.release(env.rx.address, "r", "client_disconnected") == "unknown"
-    from kv_transfer import RequestReleased
+    from pdserve.kv_transfer import RequestReleased
 
     with pytest.raises(RequestReleased):
         env.tx.reserve(env.rx.address, "r", 10)
@@ -324,7 +324,7 @@ def test_on_commit_refusal_frees_the_blocks(make_engine, long_model_dir):
     tx = KVSender(dec.config.kv_transfer, pool.fingerprint)
     try:
         tx.reserve(rx.address, "r", 30)
-        from kv_transfer import KVTransferError
+        from pdserve.kv_transfer import KVTransferError
 
         with pytest.raises(KVTransferError, match="draining"):
             tx.push(rx.address, LayerStream.from_export(_zeros_export("r", 30))).result(10)
@@ -336,7 +336,7 @@ def test_on_commit_refusal_frees_the_blocks(make_engine, long_model_dir):
 
 def test_engine_loop_decodes_received_requests(transfer_env):
     """The decode worker's path: on_commit hands the blocks to the engine loop, tokens stream out."""
-    from decode_worker.engine_loop import EngineLoop
+    from pdserve.decode_worker.engine_loop import EngineLoop
 
     env = transfer_env("grpc")
     loop = EngineLoop(env.dec).start()
@@ -372,7 +372,7 @@ def test_non_loopback_server_needs_a_secret():
 
 
 def _zeros_export(rid: str, n: int, layers: int = 2):
-    from engine.llm_engine import KVExport
+    from pdserve.engine.llm_engine import KVExport
 
     return KVExport(rid, list(range(n)), [0], n, [torch.zeros(2, n, 2, 16) for _ in range(layers)])
 
@@ -380,7 +380,7 @@ def _zeros_export(rid: str, n: int, layers: int = 2):
 def test_wildcard_binds_are_advertised_as_a_dialable_address():
     import ipaddress
 
-    from kv_transfer.protocol import advertised_host, host_port
+    from pdserve.kv_transfer.protocol import advertised_host, host_port
 
     for wildcard in ("0.0.0.0", "::"):
         ip = ipaddress.ip_address(advertised_host(wildcard))

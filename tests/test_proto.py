@@ -5,7 +5,7 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
-import kv_transfer.v1.kv_transfer_pb2 as pb
+import pdserve.kv_transfer.v1.kv_transfer_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def test_hand_encoded_chunk_bytes_are_the_protobuf_message():
     import google_crc32c
     import torch
 
-    from kv_transfer.protocol import decode_push_message, encode_chunk_data
+    from pdserve.kv_transfer.protocol import decode_push_message, encode_chunk_data
 
     kvs = [torch.randn(2, 300, 3, 64)[:, 17:250] for _ in range(2)]  # token slices: K, V halves not adjacent
     wire, n, crc = encode_chunk_data(kvs)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_transfer import DuplicateRequest, MalformedTransfer, RequestReleased, ReservationRefused, UnknownRequest
-from kv_transfer.pool import KVPool, ReservationTable, State
+from pdserve.kv_transfer import DuplicateRequest, MalformedTransfer, RequestReleased, ReservationRefused, UnknownRequest
+from pdserve.kv_transfer.pool import KVPool, ReservationTable, State
 from tests.test_kv_plane_hardening import FP
 
 
@@ -128,7 +128,7 @@ def test_chunks_are_checked_before_they_touch_the_pool(table):
                                                      (30, 1, 1536, 4 << 20), (7, 100, 100, 999), (3, 5, 64, 64),
                                                      (30, 22, 1536, 1 << 30)])
 def test_chunk_plan_covers_every_layer_and_token_once_within_the_limit(layers, tokens, bpt, limit):
-    from kv_transfer.protocol import plan_chunks
+    from pdserve.kv_transfer.protocol import plan_chunks
 
     seen = torch.zeros(layers, tokens, dtype=torch.int32)
     chunks = plan_chunks(0, layers, tokens, bpt, limit)

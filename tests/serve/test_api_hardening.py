@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from schemathesis import GenerationMode
 
-from engine.config import ServeConfig
-from router import protocol as P
-from tests.test_serve import Server
+from pdserve.engine.config import ServeConfig
+from pdserve.router import protocol as P
+from tests.helpers import Server
 
 MAX_BODY = 64 << 10
 MAX_HEADERS = 8 << 10
@@ -170,7 +170,7 @@ def _app(**serve):
     """The FastAPI app in-process over a stub router (the guard answers before any route runs)."""
     from fastapi.testclient import TestClient
 
-    from router.api import build_app
+    from pdserve.router.api import build_app
 
     stub = SimpleNamespace(serve=ServeConfig(**serve), status=lambda: {"prefill": [], "decode": []})
     return TestClient(build_app(stub))
@@ -179,7 +179,6 @@ def _app(**serve):
 def test_keys_are_compared_in_constant_time(monkeypatch):
     import hmac
 
-    import router.api
 
     calls = []
     compare = hmac.compare_digest
@@ -188,7 +187,9 @@ def test_keys_are_compared_in_constant_time(monkeypatch):
         calls.append((a, b))
         return compare(a, b)
 
-    monkeypatch.setattr(router.api.hmac, "compare_digest", spy)
+    from pdserve.router import api
+
+    monkeypatch.setattr(api.hmac, "compare_digest", spy)
     client = _app(api_key="k1", admin_key="k2")
     assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/admin/status", headers={"Authorization": "Bearer k1"}).status_code == 401

@@ -13,58 +13,10 @@ import time
 import httpx
 import pytest
 
-from engine.config import PdserveConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
-
-MODES = {"disagg-grpc": {"serve": {"mode": "disaggregated"}, "kv_transfer": {"kv_transport": "grpc"}},
-         "disagg-nccl": {"serve": {"mode": "disaggregated"}, "kv_transfer": {"kv_transport": "nccl"}},
-         "colocated": {"serve": {"mode": "colocated"}}}
-
-
-class Server:
-    def __init__(self, ray, model_dir, **sections):
-        from router.server import launch_router
-
-        serve = {"port": 0, **sections.pop("serve", {})}
-        cache = {"num_kv_blocks": 256, **sections.pop("cache", {})}
-        self.config = PdserveConfig().replace(model={"model": str(model_dir) if model_dir else None}, cache=cache,
-                                              engine={"num_threads": 1}, serve=serve, **sections)
-        self.ray = ray
-        self.actor = launch_router(self.config)
-        self.url = ray.get(self.actor.start.remote(), timeout=120)
-        self.model = ray.get(self.actor.status.remote())["url"] and self.served_model()
-
-    def served_model(self) -> str:
-        return httpx.get(f"{self.url}/v1/models", headers=self.auth()).json()["data"][0]["id"]
-
-    def auth(self) -> dict:
-        key = self.config.serve.api_key
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    def client(self):
-        from openai import OpenAI
-
-        return OpenAI(base_url=f"{self.url}/v1", api_key=self.config.serve.api_key or "none", max_retries=0)
-
-    def stats(self) -> dict:
-        return self.ray.get(self.actor.worker_stats.remote())
-
-    def wait_kv_free(self, timeout: float = 15.0) -> None:
-        """Every worker's KV pool back to all free, no request left (polling, with a deadline)."""
-        t0 = time.monotonic()
-        while True:
-            stats = self.stats()
-            if all(s["free_blocks"] == s["num_blocks"] and not s["num_running"] and not s["num_waiting"]
-                   for s in stats.values()):
-                return
-            if time.monotonic() - t0 > timeout:
-                pytest.fail(f"KV not freed within {timeout}s: {stats}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.ray.get(self.actor.stop.remote(), timeout=60)
-        self.ray.kill(self.actor)
+from pdserve.engine.config import PdserveConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampling import SamplingParams
+from tests.helpers import MODES, Server
 
 
 @pytest.fixture(scope="module")

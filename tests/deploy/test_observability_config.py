@@ -19,10 +19,10 @@ import httpx
 import pytest
 import yaml
 
-from router.metrics import ITL_BUCKETS, TTFT_BUCKETS
-from tests.test_serve import Server
+from pdserve.router.metrics import ITL_BUCKETS, TTFT_BUCKETS
+from tests.helpers import Server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD_JSON = GRAFANA / "pdserve-dashboard.json"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.chaos import ALL, Settings, run_suite
+from pdserve.bench.chaos import ALL, Settings, run_suite
 
 pytestmark = pytest.mark.slow  # ~4 minutes: ten deployments of four workers each
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from engine.block_manager import BlockManager
-from engine.config import SchedulerConfig
-from engine.sampling import SamplingParams
-from engine.scheduler import QueueFullError, Scheduler
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.config import SchedulerConfig
+from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.scheduler import QueueFullError, Scheduler
+from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
 def make(num_blocks: int = 1000, block_size: int = 4, **cfg) -> Scheduler:
@@ -273,7 +273,7 @@ def test_scheduler_is_pure_policy_without_torch():
 
 
 def test_measured_step_cost_learns_the_machine_and_deadline_admission_follows():
-    from engine.scheduler import MeasuredStepCost, default_step_cost
+    from pdserve.engine.scheduler import MeasuredStepCost, default_step_cost
 
     cost = MeasuredStepCost()
     assert cost(100, 4) == default_step_cost(100, 4)

@@ -13,10 +13,10 @@ import time
 import httpx
 import pytest
 
-from engine.config import PdserveConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
-from tests.test_serve import Server
+from pdserve.engine.config import FaultConfig, PdserveConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampling import SamplingParams
+from tests.helpers import Server
 
 PROMPT = "Once upon a time, in a land far away"
 MAX_TOKENS = 300
@@ -74,7 +74,7 @@ def holder(server: Server, role: str) -> str:
     """The one worker of `role` holding a request (running, waiting or queued for its loop)."""
     deadline = time.monotonic() + 10
     while True:
-        busy = [w for w, s in server.stats().items() if w.startswith(role) and s["busy"]]
+        busy = [w for w, s in server.stats().items() if w.startswith(role) and s.busy]
         if len(busy) == 1:
             return busy[0]
         assert time.monotonic() < deadline, server.stats()
@@ -195,14 +195,14 @@ def test_transfer_faults_are_retried_on_another_pair(disagg, expected):
     before = metric(disagg, "pdserve_request_migrations_total", reason="transfer_failed")
     try:
         for faulty, clean, fault in ((a, b, "transfer_corrupt_rate"), (b, a, "transfer_fail_rate")):
-            disagg.ray.get(handle(disagg, faulty).set_faults.remote({fault: 1.0}))
-            disagg.ray.get(handle(disagg, clean).set_faults.remote({}))
+            disagg.ray.get(handle(disagg, faulty).set_faults.remote(FaultConfig(**{fault: 1.0})))
+            disagg.ray.get(handle(disagg, clean).set_faults.remote(FaultConfig()))
             for _ in range(3):
                 text, error, _ = stream(disagg.url, max_tokens=20)
                 assert error is None and text == expected(20)
     finally:
         for w in (a, b):
-            disagg.ray.get(handle(disagg, w).set_faults.remote({}))
+            disagg.ray.get(handle(disagg, w).set_faults.remote(FaultConfig()))
     # the router sends to the same (least loaded, first) prefill worker each time: in one of the two
     # rounds that one was the faulty one
     assert metric(disagg, "pdserve_request_migrations_total", reason="transfer_failed") >= before + 3
@@ -214,13 +214,13 @@ def test_every_transfer_failing_ends_in_an_explicit_error(disagg):
     prefills = [w for w in disagg.stats() if w.startswith("prefill")]
     try:
         for w in prefills:
-            disagg.ray.get(handle(disagg, w).set_faults.remote({"transfer_fail_rate": 1.0}))
+            disagg.ray.get(handle(disagg, w).set_faults.remote(FaultConfig(transfer_fail_rate=1.0)))
         r = httpx.post(f"{disagg.url}/v1/completions", json=body(stream=False), timeout=30)
         assert r.status_code == 503 and "retry-after" in r.headers
         assert "4 times" in r.json()["error"]["message"]  # 1 + max_migrations (3) attempts
     finally:
         for w in prefills:
-            disagg.ray.get(handle(disagg, w).set_faults.remote({}))
+            disagg.ray.get(handle(disagg, w).set_faults.remote(FaultConfig()))
     disagg.wait_kv_free()
 
 
@@ -241,7 +241,7 @@ def test_scale_down_past_the_drain_timeout_migrates_what_is_left(ray_cluster, ti
         holder(server, "decode")
         threads[1].start()  # the router sends it to the other decode worker (fewer requests in flight there)
         deadline = time.monotonic() + 8
-        while sum(s["busy"] for w, s in server.stats().items() if w.startswith("decode")) < 2:
+        while sum(s.busy for w, s in server.stats().items() if w.startswith("decode")) < 2:
             assert time.monotonic() < deadline, server.stats()
             time.sleep(0.02)
         server.ray.get(server.actor.scale.remote(None, 1))
@@ -337,7 +337,7 @@ def test_router_killed_comes_back_adopts_its_workers_and_frees_their_kv(ray_clus
 
         def on_chunk(n: int) -> None:
             if n == 3:  # requests in flight hold KV on the decode worker
-                assert any(s["num_running"] for s in server.stats().values())
+                assert any(s.num_running for s in server.stats().values())
                 server.ray.kill(server.actor, no_restart=False)
                 broken.append(time.monotonic())
 

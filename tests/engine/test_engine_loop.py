@@ -7,11 +7,11 @@ import threading
 
 import pytest
 
-from decode_worker.engine_loop import EngineLoop, EngineStepError
-from engine.llm_engine import InvalidRequestError
-from engine.sampling import SamplingParams
-from engine.sequence import FinishReason
-from tests.conftest import GREEDY, prompts
+from pdserve.decode_worker.engine_loop import EngineLoop, EngineStepError
+from pdserve.engine.llm_engine import InvalidRequestError
+from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sequence import FinishReason
+from tests.helpers import GREEDY, prompts
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -29,7 +30,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBERAY = DEPLOY / "kuberay"
 LAUNCHER = DEPLOY / "ray-cluster"
@@ -275,7 +276,7 @@ def test_rayjob_command_gets_the_secrets_on_the_head_and_builds_a_valid_config(t
     argv[argv.index("--config") + 1] = str(local)
 
     # pdserve's own argument parser and config tree accept the command line and the file.
-    from engine.serve_cli import add_serve_args, serve_config
+    from pdserve.engine.serve_cli import add_serve_args, serve_config
 
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
@@ -313,7 +314,7 @@ def test_launcher_serve_command_builds_a_valid_config(tmp_path, source):
     subprocess.run(["bash", "-c", command], env={"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin"},
                    check=True, timeout=30)
     argv = json.loads((tmp_path / "argv.json").read_text())
-    from engine.serve_cli import add_serve_args, serve_config
+    from pdserve.engine.serve_cli import add_serve_args, serve_config
 
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
@@ -325,7 +326,7 @@ def test_launcher_serve_command_builds_a_valid_config(tmp_path, source):
 
 
 def test_launcher_config_file_builds_a_valid_config():
-    from engine.config import PdserveConfig
+    from pdserve.engine.config import PdserveConfig
 
     sections = json.loads((LAUNCHER / "pdserve.json").read_text())
     sections["kv_transfer"]["auth_token"] = "given by --kv-auth-token"  # a non-loopback KV host needs one
@@ -440,8 +441,9 @@ def test_dockerfile_copies_only_what_exists_and_its_ignore_file_lets_through(doc
             assert src.rstrip("/") in allowed, f"{src} is not let through {dockerfile.name}.dockerignore"
     copied = {s.rstrip("/") for op, a in instructions(dockerfile) if op == "COPY" and not a.startswith("--from")
               for s in a.split()[:-1]}
-    # Every package the project builds (pyproject's packages.find include list) is in the context.
-    assert {"engine", "router", "prefill_worker", "decode_worker", "kv_transfer", "bench", "proto"} <= copied
+    # Every folder the project's packages map onto (pyproject's package-dir) is in the context.
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    assert folders | {"proto"} <= copied, folders - copied
 
 
 def test_the_images_package_build_works_on_exactly_what_they_copy(tmp_path):
@@ -470,10 +472,12 @@ def test_the_images_package_build_works_on_exactly_what_they_copy(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("pdserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"kv_transfer/v1/kv_transfer_pb2.py", "kv_transfer/v1/kv_transfer_pb2_grpc.py",
-            "engine/serve_cli.py", "router/server.py"} <= names
+    assert {"pdserve/kv_transfer/v1/kv_transfer_pb2.py", "pdserve/kv_transfer/v1/kv_transfer_pb2_grpc.py",
+            "pdserve/cli.py", "pdserve/serve.py", "pdserve/router/server.py", "pdserve/engine/tiny_models.py"} <= names
+    # one import namespace: nothing installs a bare `engine` or `router`
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"pdserve"}, names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "pdserve = engine.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "pdserve = pdserve.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 # -- the docs point at files that exist -------------------------------------------------------------

@@ -11,8 +11,8 @@ from collections import defaultdict
 
 import pytest
 
-from engine.config import SchedulerConfig
-from engine.simulator import (
+from pdserve.engine.config import SchedulerConfig
+from pdserve.engine.simulator import (
     CalibratedCost,
     Cluster,
     SimRequest,
@@ -108,7 +108,7 @@ def test_long_prompts_during_decode_chunked_keeps_tpot():
 
 def test_cli_json_and_gantt(tmp_path):
     png = tmp_path / "gantt.png"
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", "simulate", "--workload", "toy", "--policy",
+    proc = subprocess.run([sys.executable, "-m", "pdserve.cli", "simulate", "--workload", "toy", "--policy",
                            "continuous", "--max-num-seqs", "4", "--json", "--plot", str(png)],
                           capture_output=True, text=True, check=True, timeout=120)
     data = json.loads(proc.stdout)
@@ -124,7 +124,7 @@ def test_jsonl_workload(tmp_path):
     f = tmp_path / "w.jsonl"
     f.write_text("\n".join(json.dumps({"arrival": i, "prompt_tokens": 100, "output_tokens": 5, "priority": i % 2})
                            for i in range(6)))
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", "simulate", "--workload", str(f), "--policy",
+    proc = subprocess.run([sys.executable, "-m", "pdserve.cli", "simulate", "--workload", str(f), "--policy",
                            "chunked", "--json"], capture_output=True, text=True, check=True, timeout=120)
     assert len(json.loads(proc.stdout)["requests"]) == 6
 

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from engine.block_manager import BlockManager, NoFreeBlocksError
+from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
 
 
 def test_allocate_grow_free_roundtrip():

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from engine.model_source import ModelNotFoundError, resolve_model
-from engine.sampling import SamplingParams
-from engine.sequence import FinishReason
+from pdserve.engine.model_source import ModelNotFoundError, resolve_model
+from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sequence import FinishReason
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,9 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
-    from engine.config import PdserveConfig
-    from engine.llm_engine import LLMEngine
-    from tests.conftest import check_no_leak
+    from pdserve.engine.config import PdserveConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from tests.helpers import check_no_leak
 
     e = LLMEngine(PdserveConfig().replace(cache={"num_kv_blocks": 256}))
     yield e
@@ -112,7 +112,7 @@ def test_missing_model_errors_are_clear(tmp_path):
 
 def test_cli_chat_streams_an_answer(default_model_dir):
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "chat", "--threads", "1", "--max-tokens", "16",
+        [sys.executable, "-m", "pdserve.cli", "chat", "--threads", "1", "--max-tokens", "16",
          "--num-kv-blocks", "64", "--prompt", QUESTIONS[0]],
         capture_output=True, text=True, timeout=300, check=True,
     )
@@ -122,7 +122,7 @@ def test_cli_chat_streams_an_answer(default_model_dir):
 
 def test_gguf_conversion_from_scratch_matches_shared_cache(default_model_dir, tmp_path):
     """The conversion path itself (a fresh machine takes it once): GGUF -> safetensors + tokenizer."""
-    from engine.model_source import file_sha256
+    from pdserve.engine.model_source import file_sha256
 
     fresh = resolve_model(None, tmp_path)
     assert fresh.path.parent == tmp_path / "models"

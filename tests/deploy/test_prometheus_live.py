@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.test_serve import Server
+from tests.helpers import Server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

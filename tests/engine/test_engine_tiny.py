@@ -1,16 +1,17 @@
 """The engine against HF transformers on tiny random-weight models: ragged and
-chunked prefill, block sizes, mixed steps, preemption, KV export/import."""
+chunked prefill, block sizes, mixed steps, preemption, KV handed over from another engine."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.block_manager import NoFreeBlocksError
-from engine.llm_engine import InvalidRequestError
-from engine.sampling import SamplingParams
-from engine.sequence import FinishReason
-from tests.conftest import GREEDY, PROMPT_LENS, hf_greedy, prompts, save_tiny_model
+from pdserve.engine.llm_engine import InvalidRequestError
+from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sequence import FinishReason
+from pdserve.engine.tiny_models import save_tiny_model
+from pdserve.kv_transfer.pool import ReceivedKV
+from tests.helpers import GREEDY, PROMPT_LENS, hf_greedy, prompts
 
 
 @pytest.mark.parametrize("block_size", [1, 16])
@@ -90,8 +91,26 @@ def test_qwen2_style_qkv_bias_matches_hf(make_engine, tmp_path):
     assert [o.output_token_ids for o in outs] == [hf_greedy(hf, p, GREEDY.max_tokens) for p in ps]
 
 
+def _hand_over(src, dst, rid: str) -> list[int]:
+    """What the KV plane does, in one process: `rid`'s KV from `src`'s pool into blocks allocated in
+    `dst`'s pool, adopted by `dst` as a received request. Returns the blocks."""
+    seq = src.seqs[rid]
+    n = seq.num_computed_tokens
+    layers = src.kv.export(seq.block_table, n)
+    with dst.kv_lock:
+        table = dst.block_manager.allocate(dst.block_manager.blocks_for(n))
+    slots = dst.kv.slots(table, 0, n)
+    for layer, kv in enumerate(layers):
+        dst.kv.write_layer(layer, slots, kv)
+    dst.add_received_request(rid, ReceivedKV(rid, list(seq.prompt_token_ids), list(seq.output_token_ids), n, table),
+                             GREEDY)
+    return table
+
+
 @pytest.mark.parametrize("block_sizes", [(16, 16), (1, 16), (16, 4)])
-def test_kv_export_import_continues_identically(make_engine, tiny_model_dir, hf_reference, block_sizes):
+def test_received_kv_continues_identically(make_engine, tiny_model_dir, hf_reference, block_sizes):
+    """A decode engine adopting KV another engine computed (any block sizes on either side) continues
+    exactly as HF does."""
     src = make_engine(tiny_model_dir, cache={"block_size": block_sizes[0]})
     dst = make_engine(tiny_model_dir, cache={"block_size": block_sizes[1]})
     ps = prompts()
@@ -100,9 +119,7 @@ def test_kv_export_import_continues_identically(make_engine, tiny_model_dir, hf_
     first = {o.request_id: o for o in src.step()}  # prefill + first token
     assert len(first) == len(ps)
     for i in range(len(ps)):
-        kv = src.export_kv(f"r{i}")
-        assert kv.num_tokens == len(ps[i]) and len(kv.layers) == src.arch.num_layers
-        dst.add_imported_request(f"r{i}", kv, GREEDY)
+        _hand_over(src, dst, f"r{i}")
         src.abort(f"r{i}")  # the prefill side releases once the decode side holds the KV
     results = {}
     while dst.has_unfinished():
@@ -112,33 +129,21 @@ def test_kv_export_import_continues_identically(make_engine, tiny_model_dir, hf_
     assert [results[f"r{i}"] for i in range(len(ps))] == hf_reference
 
 
-def test_import_without_room_is_refused_and_changes_nothing(make_engine, tiny_model_dir):
+def test_received_kv_with_a_wrong_block_table_is_refused(make_engine, tiny_model_dir):
+    """A block table that does not cover the token count is refused; the blocks stay the caller's."""
     src = make_engine(tiny_model_dir)
-    dst = make_engine(tiny_model_dir, cache={"block_size": 16, "num_kv_blocks": 4})
-    src.add_request("big", prompts(lens=[63])[0], GREEDY)
-    src.step()
-    kv = src.export_kv("big")
-    dst.add_request("hog", prompts(lens=[40])[0], GREEDY)
-    dst.step()  # holds 3 of the 4 blocks
-    free = dst.block_manager.num_free_blocks
-    with pytest.raises(NoFreeBlocksError):
-        dst.add_imported_request("big", kv, GREEDY)
-    assert dst.block_manager.num_free_blocks == free and "big" not in dst.seqs
-    src.abort("big")
-    dst.abort("hog")
-
-
-def test_import_rejects_wrong_layout(make_engine, tiny_model_dir, tmp_path):
-    src = make_engine(tiny_model_dir)
-    src.add_request("a", prompts(lens=[20])[0], GREEDY)
-    src.step()
-    kv = src.export_kv("a")
-    src.abort("a")
     dst = make_engine(tiny_model_dir)
-    kv.layers = kv.layers[:1]
-    with pytest.raises(ValueError, match="layers"):
-        dst.add_imported_request("a", kv, GREEDY)
-    assert dst.block_manager.num_free_blocks == dst.block_manager.num_blocks
+    src.add_request("a", prompts(lens=[40])[0], GREEDY)
+    src.step()
+    seq = src.seqs["a"]
+    with dst.kv_lock:
+        table = dst.block_manager.allocate(1)  # 40 tokens need 3 blocks of 16
+    with pytest.raises(InvalidRequestError, match="block table"):
+        dst.add_received_request("a", ReceivedKV("a", list(seq.prompt_token_ids), list(seq.output_token_ids),
+                                                 seq.num_computed_tokens, table), GREEDY)
+    assert "a" not in dst.seqs and dst.block_manager.num_free_blocks == dst.block_manager.num_blocks - 1
+    dst.block_manager.free(table)
+    src.abort("a")
 
 
 def test_seeded_sampling_is_reproducible(make_engine, tiny_model_dir):
@@ -248,7 +253,7 @@ def test_priority_orders_admission_on_the_engine(make_engine, tiny_model_dir):
 def test_sampling_params_guard_the_float32_sampler():
     """Values the float32 sampler cannot run (found by the API fuzzer) are normalised or refused here,
     for every caller: a tiny temperature is greedy, a vanishing top_p keeps the top token, seeds are 64-bit."""
-    from engine.sampling import InvalidSamplingParams
+    from pdserve.engine.sampling import InvalidSamplingParams
 
     assert SamplingParams(temperature=1e-300).greedy
     assert SamplingParams(top_p=1e-323).top_p == 1e-8

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from engine.sampling import InvalidSamplingParams, SamplingParams
+from pdserve.engine.sampling import InvalidSamplingParams, SamplingParams
 
 
 @pytest.mark.parametrize("kw,param", [

@@ -13,17 +13,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.config import PdserveConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
+from pdserve.engine.config import PdserveConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampling import SamplingParams
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CLUSTER_SCRIPT = textwrap.dedent("""
     import sys, httpx, ray
     from ray.cluster_utils import Cluster
-    from engine.config import PdserveConfig
-    from router.server import launch_router
+    from pdserve.engine.config import PdserveConfig
+    from pdserve.router.actor import launch_router
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     prefill_node = cluster.add_node(num_cpus=2, resources={"prefill": 1})
@@ -69,7 +69,7 @@ COMPLETION = "The three primary colors are"
 
 @pytest.mark.slow
 def test_default_model_greedy_identical_across_modes_and_the_bare_engine(ray_cluster, default_model_dir):
-    from tests.test_serve import MODES, Server
+    from tests.helpers import MODES, Server
 
     engine = LLMEngine(PdserveConfig())
     params = SamplingParams(max_tokens=24, temperature=0)
@@ -104,7 +104,7 @@ def test_pdserve_serve_and_scale_commands(tiny_text_model_dir):
     import signal
 
     env = {**{k: v for k, v in _env().items() if k != "RAY_AUTH_MODE"}, "PYTHONPATH": str(ROOT)}
-    serve = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model", str(tiny_text_model_dir),
+    serve = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", "--model", str(tiny_text_model_dir),
                               "--port", "0", "--num-kv-blocks", "128", "--threads", "1"],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -119,7 +119,7 @@ def test_pdserve_serve_and_scale_commands(tiny_text_model_dir):
         r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                           "max_tokens": 4, "ignore_eos": True}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-        scaled = subprocess.run([sys.executable, "-m", "engine.cli", "scale", "--address", address, "--decode", "2"],
+        scaled = subprocess.run([sys.executable, "-m", "pdserve.cli", "scale", "--address", address, "--decode", "2"],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert scaled.returncode == 0, scaled.stderr[-2000:]
         pools = json.loads(scaled.stdout[scaled.stdout.index("{"):])

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import serve as B
-from tests.test_serve import Server
+from pdserve.bench import serve as B
+from tests.helpers import Server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("burstiness", [1.0, 0.25, 4.0])
@@ -116,7 +116,7 @@ def test_live_run_counts_match_and_failures_are_counted(ray_cluster, tiny_text_m
         rows.append({"prompt": "x" * 2000, "output_len": 4})  # over the context window: a 400, counted failed
         dataset.write_text("\n".join(json.dumps(r) for r in rows))
         out = subprocess.run(
-            [sys.executable, "-m", "engine.cli", "bench", "serve", "--base-url", server.url, "--dataset-name",
+            [sys.executable, "-m", "pdserve.cli", "bench", "serve", "--base-url", server.url, "--dataset-name",
              "jsonl", "--dataset-path", str(dataset), "--num-prompts", "20", "--request-rate", "50",
              "--max-concurrency", "8", "--seed", "1", "--goodput", "ttft:60000", "--json", "--plot",
              str(tmp_path / "plots")], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,100 @@
+"""What several test files share (one module, instead of test files importing each other):
+prompts and the HF reference for the tiny models, the engine leak check, polling with a
+deadline, and `Server`, a live `pdserve serve` deployment on the session's Ray cluster."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+import torch
+
+from pdserve.engine.config import PdserveConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.messages import WorkerStats
+from pdserve.engine.sampling import SamplingParams
+
+torch.set_num_threads(2)
+
+PROMPT_LENS = [3, 17, 40, 5, 64, 1]
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+def prompts(seed: int = 1, lens=PROMPT_LENS) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lens]
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def check_no_leak(engine: LLMEngine) -> None:
+    bm = engine.block_manager
+    bm.check_invariants()
+    assert not engine.seqs and not engine.running and not engine.waiting
+    assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_blocks - bm.num_free_blocks} KV blocks leaked"
+
+
+def wait_for(predicate, timeout: float, what: str) -> float:
+    """Poll `predicate` until it holds (returns the seconds it took) or fail after `timeout`."""
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+MODES = {"disagg-grpc": {"serve": {"mode": "disaggregated"}, "kv_transfer": {"kv_transport": "grpc"}},
+         "disagg-nccl": {"serve": {"mode": "disaggregated"}, "kv_transfer": {"kv_transport": "nccl"}},
+         "colocated": {"serve": {"mode": "colocated"}}}
+
+
+class Server:
+    def __init__(self, ray, model_dir, **sections):
+        from pdserve.router.actor import launch_router
+
+        serve = {"port": 0, **sections.pop("serve", {})}
+        cache = {"num_kv_blocks": 256, **sections.pop("cache", {})}
+        self.config = PdserveConfig().replace(model={"model": str(model_dir) if model_dir else None}, cache=cache,
+                                              engine={"num_threads": 1}, serve=serve, **sections)
+        self.ray = ray
+        self.actor = launch_router(self.config)
+        self.url = ray.get(self.actor.start.remote(), timeout=120)
+        self.model = ray.get(self.actor.status.remote())["url"] and self.served_model()
+
+    def served_model(self) -> str:
+        return httpx.get(f"{self.url}/v1/models", headers=self.auth()).json()["data"][0]["id"]
+
+    def auth(self) -> dict:
+        key = self.config.serve.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=self.config.serve.api_key or "none", max_retries=0)
+
+    def stats(self) -> dict[str, WorkerStats]:
+        return self.ray.get(self.actor.worker_stats.remote())
+
+    def wait_kv_free(self, timeout: float = 15.0) -> None:
+        """Every worker's KV pool back to all free, no request left (polling, with a deadline)."""
+        t0 = time.monotonic()
+        while True:
+            stats = self.stats()
+            if all(s.free_blocks == s.num_blocks and not s.num_running and not s.num_waiting
+                   for s in stats.values()):
+                return
+            if time.monotonic() - t0 > timeout:
+                pytest.fail(f"KV not freed within {timeout}s: {stats}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.ray.get(self.actor.stop.remote(), timeout=60)
+        self.ray.kill(self.actor)
