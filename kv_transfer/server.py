@@ -43,6 +43,7 @@ from kv_transfer.protocol import (
     bytes_checksum,
     checksum,
     decode_push_message,
+    grpc_status,
     host_port,
     kv_from_bytes,
     secret_matches,
@@ -379,7 +380,7 @@ class _Servicer:
 
 async def _abort(context, e: KVTransferError):
     context.set_trailing_metadata(((REASON_METADATA_KEY, e.reason),))
-    await context.abort(e.code, str(e))
+    await context.abort(grpc_status(e), str(e))
 
 
 class _AuthInterceptor(grpc.aio.ServerInterceptor):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kv_transfer.protocol import TransferCancelled
+from kv_transfer.errors import TransferCancelled
 
 
 @dataclass

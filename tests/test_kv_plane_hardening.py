@@ -325,3 +325,22 @@ def test_metrics_are_recorded_on_the_receiving_side(receiver):
         s.Push(iter(flat([header("bad", 20), chunk(0, 0, 20, corrupt=True)])))
     delta = [_sample(*k) - b for k, b in zip(keys, before, strict=True)]
     assert delta == [1, 20 * 512, 20 * 512 + 20 * 256, 1, 1]
+
+
+def test_every_error_names_a_grpc_status_and_comes_back_as_itself():
+    """Errors carry their status as a plain name (kv_transfer.errors needs no gRPC); the name must be
+    a real status, and a failed call carrying it (with its reason) must raise the same class."""
+    from kv_transfer import errors
+    from kv_transfer.faults import InjectedFault
+    from kv_transfer.protocol import error_from_rpc, grpc_status
+
+    classes = [getattr(errors, n) for n in errors.__all__ if n != "error_class"]
+    assert len(classes) == 14
+    for cls in classes:
+        code = grpc_status(cls("x"))
+        assert isinstance(code, grpc.StatusCode) and code.name == cls.code
+        md = grpc.aio.Metadata((REASON_METADATA_KEY, cls.reason))
+        assert type(error_from_rpc(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), md, "details"))) is cls
+    assert grpc_status(InjectedFault("x")) == grpc.StatusCode.UNAVAILABLE  # retryable, like a lost peer
+    unnamed = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+    assert type(error_from_rpc(unnamed)) is PeerUnavailable  # gRPC's own status, no reason: by code
