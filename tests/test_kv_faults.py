@@ -12,7 +12,6 @@ import torch
 from prometheus_client import REGISTRY
 
 from engine.config import FaultConfig, KVTransferConfig
-from engine.llm_engine import KVExport
 from kv_transfer import (
     ChecksumMismatch,
     Fingerprint,
@@ -63,8 +62,8 @@ class Side:
                 stream.put_layer(i, kv)
             stream.commit(list(range(N)), [7])
         else:
-            export = KVExport(rid, list(range(N)), [7], N, [layers[i] for i in range(FP.num_layers)])
-            fut = self.tx.push(self.rx.address, LayerStream.from_export(export))
+            stream = LayerStream.complete(rid, [layers[i] for i in range(FP.num_layers)], list(range(N)), [7])
+            fut = self.tx.push(self.rx.address, stream)
         return rid, layers, fut
 
     def take_committed(self, rid: str, layers: dict[int, torch.Tensor]) -> None:

@@ -21,7 +21,6 @@ import torch
 from prometheus_client import REGISTRY
 
 from engine.config import KVTransferConfig
-from engine.llm_engine import KVExport
 from kv_transfer import (
     AuthenticationFailed,
     Fingerprint,
@@ -183,9 +182,10 @@ def test_reserve_with_another_layout_is_refused(receiver):
     assert rx.pool.num_free_blocks == 32
 
 
-def _export(rid, n, fp=FP):
-    return KVExport(rid, list(range(n)), [7], n, [torch.randn(2, n, fp.num_kv_heads, fp.head_dim)
-                                                    for _ in range(fp.num_layers)])
+def _stream(rid, n, fp=FP) -> LayerStream:
+    """A complete push of random KV for `n` tokens."""
+    return LayerStream.complete(rid, [torch.randn(2, n, fp.num_kv_heads, fp.head_dim) for _ in range(fp.num_layers)],
+                                list(range(n)), [7])
 
 
 def test_shared_secret_is_required(receiver):
@@ -204,7 +204,7 @@ def test_shared_secret_is_required(receiver):
     tx = KVSender(KVTransferConfig(auth_token="s3cret"), FP)
     try:
         tx.reserve(rx.address, "r", 20)
-        assert tx.push(rx.address, LayerStream.from_export(_export("r", 20))).result(10).bytes == 20 * 256 * 2
+        assert tx.push(rx.address, _stream("r", 20)).result(10).bytes == 20 * 256 * 2
     finally:
         tx.close()
     release_committed(rx)
@@ -246,7 +246,7 @@ def test_tls(receiver, tmp_path):
     tx = KVSender(KVTransferConfig(auth_token="s3cret", tls_ca_file=cert, tls_server_name="pdserve-decode"), FP)
     try:
         tx.reserve(rx.address, "r", 5)
-        tx.push(rx.address, LayerStream.from_export(_export("r", 5))).result(10)
+        tx.push(rx.address, _stream("r", 5)).result(10)
     finally:
         tx.close()
     release_committed(rx)
@@ -292,7 +292,7 @@ def test_channels_per_worker_are_bounded(receiver):
     try:
         for i, rx in enumerate([rx1, rx2, rx1]):
             tx.reserve(rx.address, f"r{i}", 10)
-            tx.push(rx.address, LayerStream.from_export(_export(f"r{i}", 10))).result(20)
+            tx.push(rx.address, _stream(f"r{i}", 10)).result(20)
             assert len(tx.channels) == 1
             release_committed(rx)
     finally:
@@ -315,7 +315,7 @@ def test_metrics_are_recorded_on_the_receiving_side(receiver):
     tx = KVSender(KVTransferConfig(), FP)
     try:
         tx.reserve(rx.address, "ok", 20)
-        tx.push(rx.address, LayerStream.from_export(_export("ok", 20))).result(10)
+        tx.push(rx.address, _stream("ok", 20)).result(10)
     finally:
         tx.close()
     release_committed(rx)

@@ -265,7 +265,7 @@ def test_lease_expires_when_the_prefill_side_never_pushes(transfer_env):
     from kv_transfer import RequestReleased
 
     with pytest.raises(RequestReleased, match="lease_expired"):
-        env.tx.push(env.rx.address, LayerStream.from_export(env.pre.__class__ and _zeros_export("r", 100))).result(5)
+        env.tx.push(env.rx.address, _zeros_stream("r", 100)).result(5)
 
 
 def test_stalled_sender_times_out(transfer_env):
@@ -327,7 +327,7 @@ def test_on_commit_refusal_frees_the_blocks(make_engine, long_model_dir):
         from kv_transfer import KVTransferError
 
         with pytest.raises(KVTransferError, match="draining"):
-            tx.push(rx.address, LayerStream.from_export(_zeros_export("r", 30))).result(10)
+            tx.push(rx.address, _zeros_stream("r", 30)).result(10)
         assert dec.block_manager.num_free_blocks == dec.block_manager.num_blocks
     finally:
         tx.close()
@@ -371,10 +371,9 @@ def test_non_loopback_server_needs_a_secret():
     KVTransferConfig(host="0.0.0.0", auth_token="s3cret")
 
 
-def _zeros_export(rid: str, n: int, layers: int = 2):
-    from engine.llm_engine import KVExport
-
-    return KVExport(rid, list(range(n)), [0], n, [torch.zeros(2, n, 2, 16) for _ in range(layers)])
+def _zeros_stream(rid: str, n: int, layers: int = 2) -> LayerStream:
+    """A complete push of all-zero KV for `n` tokens (the tiny model's layout: 2 KV heads x 16)."""
+    return LayerStream.complete(rid, [torch.zeros(2, n, 2, 16) for _ in range(layers)], list(range(n)), [0])
 
 
 def test_wildcard_binds_are_advertised_as_a_dialable_address():
