@@ -6,7 +6,8 @@ pair (NCCL on CUDA, gloo on CPU) with the same control messages on gRPC. Both
 share one protocol and one pair of classes: `KVSender` (prefill side, in
 `client`) and `KVReceiver` (decode side, in `server`); the data plane is the
 only thing that differs (`LayerChunk.data` inline, or out of band on a
-`channel.TorchChannel`), so another one (RDMA: NIXL, Mooncake) slots in there.
+`channel.TorchChannel`): one interface with one class per transport in
+`data_plane`, so another one (RDMA: NIXL, Mooncake) slots in there.
 
 Protocol: Pair (compare fingerprints, once per peer) -> Reserve (decode side
 allocates blocks under a lease, or refuses: `ReservationRefused`, nothing is

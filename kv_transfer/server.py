@@ -10,9 +10,8 @@ torch data plane) land in a staging buffer on a worker thread first.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import datetime
+import functools
 import logging
 import threading
 import time
@@ -20,32 +19,25 @@ import uuid
 from collections.abc import Callable
 
 import grpc
-import torch
-import torch.distributed as dist
 
 from engine.config import KVTransferConfig
 from engine.platform import keep_freed_memory
-from kv_transfer import metrics
-from kv_transfer.channel import RECEIVER_RANK, ChannelTable, TorchChannel, backend_for, create_group
+from kv_transfer import data_plane, metrics
+from kv_transfer.data_plane import ReceiverPlane
 from kv_transfer.pool import KVPool, ReceivedKV, ReservationTable
 from kv_transfer.protocol import (
     AUTH_METADATA_KEY,
     REASON_METADATA_KEY,
     AuthenticationFailed,
-    ChecksumMismatch,
     Fingerprint,
     KVTransferError,
     LayoutMismatch,
     MalformedTransfer,
-    PeerUnavailable,
     TransferTimeout,
     advertised_host,
-    bytes_checksum,
-    checksum,
     decode_push_message,
     grpc_status,
     host_port,
-    kv_from_bytes,
     secret_matches,
 )
 from kv_transfer.v1 import kv_transfer_pb2 as pb
@@ -71,11 +63,8 @@ class KVReceiver:
         self.on_commit = on_commit
         self.worker_id = worker_id or f"decode-{uuid.uuid4().hex[:8]}"
         self.table = ReservationTable(pool, lease_s=config.lease_s, tombstone_ttl_s=config.tombstone_ttl_s)
-        self.channels = ChannelTable(config.max_channels)
-        self._pending_channels: dict[str, concurrent.futures.Future] = {}
-        self._store: dist.TCPStore | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, config.max_channels),
-                                                               thread_name_prefix="kv-recv")
+        # Every plane's receiving half: a sender picks its plane, named in each push's header.
+        self.planes: dict[str, ReceiverPlane] = {p.wire_name: p.receiver(pool, config) for p in data_plane.PLANES}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kv-receiver", daemon=True)
         self._server: grpc.aio.Server | None = None
@@ -101,8 +90,8 @@ class KVReceiver:
         self._call(self._stop(grace))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self.channels.close_all()
+        for plane in self.planes.values():
+            plane.close()
 
     # -- local API (any thread): the decode worker and router use these too ------------------
     def release(self, request_id: str, reason: str = "aborted") -> str:
@@ -173,43 +162,14 @@ class KVReceiver:
                 logger.warning("KV reservation for %s expired before its push completed; blocks reclaimed", rid)
                 metrics.TRANSFER_FAILURES.labels(self.config.kv_transport, "lease_expired").inc()
 
-    # -- torch data plane -------------------------------------------------------------------------
+    # -- data planes ------------------------------------------------------------------------------
+    def plane(self, wire_name: str) -> ReceiverPlane:
+        """The receiving half of the plane a push's header names (`MalformedTransfer` if none)."""
+        return self.planes[data_plane.for_wire(wire_name).wire_name]
+
     def open_channel(self, channel_id: str, backend: str) -> tuple[str, int]:
-        """Start the receiving end of a channel (on the loop thread); returns the store address."""
-        if backend != backend_for(self.pool.kv.device):
-            raise MalformedTransfer(f"backend {backend} cannot reach a pool on {self.pool.kv.device}")
-        if not self.channels.make_room():
-            raise KVTransferError(f"all {self.config.max_channels} channels are busy")
-        if self._store is None:
-            self._store = dist.TCPStore(self.config.host, 0, None, True,
-                                        timeout=datetime.timedelta(seconds=self.config.channel_timeout_s),
-                                        wait_for_workers=False)
-        store, t = self._store, self.config.channel_timeout_s
-
-        host = advertised_host(self.config.host)  # what the peer dials, and the interface gloo binds
-
-        def build() -> TorchChannel:
-            group = create_group(store, channel_id, RECEIVER_RANK, backend, t, host)
-            ch = TorchChannel(channel_id, group, backend, t)
-            self.channels.put(channel_id, ch)
-            return ch
-
-        fut = self._executor.submit(build)
-        self._pending_channels[channel_id] = fut
-        fut.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self._pending_channels.pop, channel_id, None))
-        return host, self._store.port
-
-    async def channel(self, channel_id: str) -> TorchChannel:
-        fut = self._pending_channels.get(channel_id)
-        if fut is not None:
-            try:
-                return await asyncio.wrap_future(fut)
-            except Exception as e:
-                raise PeerUnavailable(f"channel {channel_id} never connected: {e}") from e
-        ch = self.channels.get(channel_id)
-        if ch is None:
-            raise PeerUnavailable(f"no open channel {channel_id!r}")
-        return ch
+        """The OpenChannel call (on the loop thread), answered by the plane with `backend` channels."""
+        return self.planes[data_plane.for_backend(backend).wire_name].open_channel(channel_id, backend)
 
 
 def _handlers(servicer) -> grpc.GenericRpcHandler:
@@ -289,7 +249,8 @@ class _Servicer:
             self._check_digest(h.fingerprint_digest)
             r = table.begin(h.request_id, h.num_tokens)
             timings.reserve = r.reserve_seconds
-            channel = await rx.channel(h.channel_id) if h.data_plane == "torch" else None
+            link = await rx.plane(h.data_plane).attach(h)
+            next_message = functools.partial(self._next, request_iterator, r)  # for planes with bytes inline
             while True:
                 msg = await self._next(request_iterator, r)
                 if msg is None:
@@ -299,7 +260,7 @@ class _Servicer:
                     c = msg.chunk
                     nl = c.num_layers or 1
                     table.check_chunk(r, c.layer, nl, c.token_start, c.num_tokens, c.nbytes)
-                    kv = await self._chunk_kv(c, nl, channel, request_iterator, r)
+                    kv = await link.chunk_kv(c, nl, next_message)
                     table.write(r, c.layer, c.token_start, kv)
                     nbytes += c.nbytes
                     if not timings.first_byte:
@@ -346,30 +307,6 @@ class _Servicer:
             return None
         except TimeoutError:
             raise TransferTimeout("the sender went quiet (idle timeout or lease expired)") from None
-
-    async def _chunk_kv(self, c, num_layers: int, channel: TorchChannel | None, it, r) -> torch.Tensor:
-        fp = self.fp
-        if channel is None:
-            data = await self._next(it, r)  # the chunk's bytes: a memoryview, in place (decode_push_message)
-            if isinstance(data, pb.PushMessage) and data.WhichOneof("kind") == "chunk_data":
-                data = data.chunk_data
-            elif not isinstance(data, memoryview):
-                raise MalformedTransfer("a chunk's bytes must follow its LayerChunk")
-            if len(data) != c.nbytes:
-                raise MalformedTransfer(f"chunk says {c.nbytes} bytes, carries {len(data)}")
-            metrics.TRANSFER_BYTES_TOTAL.inc(self.rx.config.kv_transport, c.nbytes)
-            if c.checksum_algo != pb.CHECKSUM_ALGO_CRC32C or bytes_checksum(data) != c.checksum:
-                raise ChecksumMismatch(f"layer {c.layer} tokens [{c.token_start}, {c.token_start + c.num_tokens}): "
-                                       "checksum mismatch")
-            return kv_from_bytes(data, num_layers, c.num_tokens, fp)
-        buf = channel.staging((num_layers, 2, c.num_tokens, fp.num_kv_heads, fp.head_dim), fp.torch_dtype,
-                              self.rx.pool.kv.device)
-        await asyncio.get_running_loop().run_in_executor(self.rx._executor, channel.recv, buf)
-        metrics.TRANSFER_BYTES_TOTAL.inc(self.rx.config.kv_transport, c.nbytes)
-        if checksum(buf, c.checksum_algo) != c.checksum:
-            raise ChecksumMismatch(f"layer {c.layer} tokens [{c.token_start}, {c.token_start + c.num_tokens}): "
-                                   "checksum mismatch")
-        return buf
 
     def _fail(self, r, reason: str) -> None:
         transport = self.rx.config.kv_transport

@@ -28,6 +28,7 @@ from kv_transfer import (
     KVReceiver,
     KVSender,
     LayerStream,
+    MalformedTransfer,
     PeerUnavailable,
 )
 from kv_transfer.protocol import REASON_METADATA_KEY
@@ -90,9 +91,9 @@ def flat(messages):
     return out
 
 
-def header(rid, n, fp=FP):
+def header(rid, n, fp=FP, data_plane="grpc"):
     return pb.PushMessage(header=pb.TransferHeader(request_id=rid, fingerprint_digest=fp.digest(), num_tokens=n,
-                                                   data_plane="grpc"))
+                                                   data_plane=data_plane))
 
 
 def reason_of(err: grpc.RpcError) -> str:
@@ -124,6 +125,8 @@ BAD_PUSHES = {
     "bytes first": (lambda: [chunk(0, 0, 20)[1]], grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
     "token count differs from the reservation": (lambda: [header("r", 19)], grpc.StatusCode.INVALID_ARGUMENT,
                                                  "malformed"),
+    "unknown data plane": (lambda: [header("r", 20, data_plane="nixl"), chunk(0, 0, 20)],
+                           grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
     "other layout": (lambda: [header("r", 20, dataclasses.replace(FP, dtype="float16"))],
                      grpc.StatusCode.FAILED_PRECONDITION, "layout_mismatch"),
     "oversized message": (lambda: [header("r", 20), chunk(0, 0, 1, data=b"\0" * (80 << 10), nbytes=256)],
@@ -293,7 +296,7 @@ def test_channels_per_worker_are_bounded(receiver):
         for i, rx in enumerate([rx1, rx2, rx1]):
             tx.reserve(rx.address, f"r{i}", 10)
             tx.push(rx.address, _stream(f"r{i}", 10)).result(20)
-            assert len(tx.channels) == 1
+            assert len(tx.plane.channels) == 1
             release_committed(rx)
     finally:
         tx.close()
@@ -344,3 +347,22 @@ def test_every_error_names_a_grpc_status_and_comes_back_as_itself():
     assert grpc_status(InjectedFault("x")) == grpc.StatusCode.UNAVAILABLE  # retryable, like a lost peer
     unnamed = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
     assert type(error_from_rpc(unnamed)) is PeerUnavailable  # gRPC's own status, no reason: by code
+
+
+def test_data_planes_are_picked_by_config_and_by_header():
+    from kv_transfer import data_plane
+
+    assert data_plane.for_transport("grpc").wire_name == "grpc"
+    assert data_plane.for_transport("nccl").wire_name == "torch"
+    assert data_plane.for_wire("") is data_plane.for_wire("grpc")  # a header that names none: inline
+    assert data_plane.for_backend("gloo") is data_plane.for_backend("nccl") is data_plane.for_wire("torch")
+    with pytest.raises(MalformedTransfer):
+        data_plane.for_wire("nixl")
+    with pytest.raises(MalformedTransfer):
+        data_plane.for_backend("ucx")
+    for transport, plane in (("grpc", data_plane.InlineSender), ("nccl", data_plane.TorchSender)):
+        tx = KVSender(KVTransferConfig(kv_transport=transport), FP)
+        try:
+            assert type(tx.plane) is plane
+        finally:
+            tx.close()
