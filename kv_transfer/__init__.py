@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "KVSender": "client", "ReservationInfo": "client", "TransferResult": "client",
     "KVPool": "pool",
-    "ReceivedKV": "reservations",
+    "LocalReservation": "reservations", "ReceivedKV": "reservations",
     "Fingerprint": "protocol",
     "KVReceiver": "server",
     "LayerStream": "source",
@@ -82,9 +82,9 @@ _EXPORTS = {
 
 __all__ = [
     "AuthenticationFailed", "ChecksumMismatch", "DuplicateRequest", "Fingerprint", "KVPool", "KVReceiver",
-    "KVSender", "KVTransferError", "LayerStream", "LayoutMismatch", "MalformedTransfer", "OversizedMessage",
-    "PeerUnavailable", "ReceivedKV", "RequestReleased", "ReservationInfo", "ReservationRefused", "ReservationTooLarge",
-    "TransferCancelled", "TransferResult", "TransferTimeout", "UnknownRequest",
+    "KVSender", "KVTransferError", "LayerStream", "LayoutMismatch", "LocalReservation", "MalformedTransfer",
+    "OversizedMessage", "PeerUnavailable", "ReceivedKV", "RequestReleased", "ReservationInfo", "ReservationRefused",
+    "ReservationTooLarge", "TransferCancelled", "TransferResult", "TransferTimeout", "UnknownRequest",
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` provides the names
@@ -107,7 +107,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
     )
     from kv_transfer.pool import KVPool
     from kv_transfer.protocol import Fingerprint
-    from kv_transfer.reservations import ReceivedKV
+    from kv_transfer.reservations import LocalReservation, ReceivedKV
     from kv_transfer.server import KVReceiver
     from kv_transfer.source import LayerStream
 

@@ -129,7 +129,9 @@ class KVSender:
         self._loop.call_soon_threadsafe(self._cancel, request_id, reason)
 
     def forget(self, address: str) -> None:
-        """A decode worker left: close its connection and channel."""
+        """A decode worker left: cancel the pushes in flight to it (each releases its reservation,
+        best effort, as a cancelled push does), then close its connection and channel. Safe for an
+        address this sender never paired with."""
         self._call(self._forget(address))
 
     def close(self) -> None:
@@ -210,11 +212,15 @@ class KVSender:
         address, task = entry
         task.cancel(reason)
 
-    async def _shutdown(self) -> None:
-        tasks = [task for _, task in self._calls.values()]
+    async def _cancel_pushes(self, reason: str, address: str | None = None) -> None:
+        """Cancel the pushes in flight (to `address`, or all) and wait until each has released."""
+        tasks = [task for addr, task in self._calls.values() if address is None or addr == address]
         for task in tasks:
-            task.cancel("sender closing")
+            task.cancel(reason)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _shutdown(self) -> None:
+        await self._cancel_pushes("sender closing")
         for address in list(self._peers):
             await self._forget(address)
         rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -223,6 +229,8 @@ class KVSender:
         await asyncio.gather(*rest, return_exceptions=True)
 
     async def _forget(self, address: str) -> None:
+        # First the pushes: while they unwind they still use the peer (to send Release).
+        await self._cancel_pushes(f"decode worker {address} forgotten", address)
         peer = self._peers.pop(address, None)
         self.plane.forget(address)
         if peer is not None:

@@ -15,7 +15,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.kv_cache import PagedKVCache
 from kv_transfer.protocol import Fingerprint
-from kv_transfer.reservations import ReceivedKV, Reservation, ReservationTable, State
+from kv_transfer.reservations import LocalReservation, ReceivedKV, Reservation, ReservationTable, State
 
 
 @dataclass
@@ -50,4 +50,4 @@ class KVPool:
             return self.blocks.num_free_blocks
 
 
-__all__ = ["KVPool", "ReceivedKV", "Reservation", "ReservationTable", "State"]
+__all__ = ["KVPool", "LocalReservation", "ReceivedKV", "Reservation", "ReservationTable", "State"]

@@ -64,6 +64,7 @@ class Reservation:
     bytes_received: int = 0
     reserve_seconds: float = 0.0  # the Reserve handler's time, reported with the push's stage timings
     release_reason: str | None = None
+    lease_s: float = 0.0  # the lease granted, exactly (`lease_deadline - reserved_at` carries float error)
     _slots: torch.Tensor | None = None
 
     def slots(self, pool: KVPool) -> torch.Tensor:
@@ -129,7 +130,7 @@ class ReservationTable:
         now = self.clock()
         lease = self.lease_s if not lease_s else min(lease_s, self.lease_s)
         r = Reservation(request_id, num_tokens, blocks, now + lease, now,
-                        received=[0] * self.pool.fingerprint.num_layers)
+                        received=[0] * self.pool.fingerprint.num_layers, lease_s=lease)
         self.live[request_id] = r
         return r
 
@@ -237,3 +238,16 @@ class ReservationTable:
         while len(self._tombstones) > self.max_tombstones:
             self._tombstones.popitem(last=False)
 
+
+@dataclass(frozen=True)
+class LocalReservation:
+    """A reservation the decode worker made on its own receiver (`KVReceiver.reserve`): the prefill
+    side pushes straight into it, with no Reserve call of its own."""
+
+    request_id: str
+    num_blocks: int
+    lease_s: float  # the lease granted: the one asked for, capped at the receiver's `lease_s`
+
+    @classmethod
+    def of(cls, r: Reservation) -> LocalReservation:
+        return cls(r.request_id, len(r.blocks), r.lease_s)

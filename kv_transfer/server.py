@@ -5,11 +5,16 @@ test) drives it with plain method calls. All reservation state changes and
 every write into the pool happen on that loop's thread, so a release can never
 free blocks while a write into them is still landing; blocking receives (the
 torch data plane) land in a staging buffer on a worker thread first.
+
+The decode worker uses the receiver directly, too: `reserve` (or `reserve_future`
+from another event loop) makes a reservation for a request it is about to
+receive, and `release_soon` gives one up without waiting for the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -24,7 +29,7 @@ from engine.config import KVTransferConfig
 from engine.platform import keep_freed_memory
 from kv_transfer import data_plane, metrics
 from kv_transfer.data_plane import ReceiverPlane
-from kv_transfer.pool import KVPool, ReceivedKV, ReservationTable
+from kv_transfer.pool import KVPool, LocalReservation, ReceivedKV, Reservation, ReservationTable
 from kv_transfer.protocol import (
     AUTH_METADATA_KEY,
     REASON_METADATA_KEY,
@@ -33,6 +38,7 @@ from kv_transfer.protocol import (
     KVTransferError,
     LayoutMismatch,
     MalformedTransfer,
+    PeerUnavailable,
     TransferTimeout,
     advertised_host,
     decode_push_message,
@@ -94,9 +100,32 @@ class KVReceiver:
             plane.close()
 
     # -- local API (any thread): the decode worker and router use these too ------------------
+    def reserve(self, request_id: str, num_tokens: int, lease_s: float | None = None) -> LocalReservation:
+        """Reserve blocks for `num_tokens` tokens of a request's KV here, as a Reserve call would: the
+        prefill side then pushes into it with no Reserve of its own. Raises `ReservationRefused`
+        (`ReservationTooLarge` if it could never fit). Waits for the loop; see `reserve_future`."""
+        return self.reserve_future(request_id, num_tokens, lease_s).result(30)
+
+    def reserve_future(self, request_id: str, num_tokens: int,
+                       lease_s: float | None = None) -> concurrent.futures.Future[LocalReservation]:
+        """`reserve` without waiting: from an event loop, `await asyncio.wrap_future(fut)`."""
+        if not self._thread.is_alive():
+            return _failed(PeerUnavailable(f"the KV receiver {self.worker_id} is not running"))
+        return asyncio.run_coroutine_threadsafe(self._reserve_local(request_id, num_tokens, lease_s), self._loop)
+
     def release(self, request_id: str, reason: str = "aborted") -> str:
-        """Abort a request's transfer from this side; idempotent. Returns the state it was in."""
-        return self._call(self._release(request_id, reason))
+        """Abort a request's transfer from this side; idempotent. Returns the state it was in.
+        Waits (up to 30 s) for the receiver's loop: from an event loop, use `release_soon`."""
+        return self.release_soon(request_id, reason).result(30)
+
+    def release_soon(self, request_id: str, reason: str = "aborted") -> concurrent.futures.Future[str]:
+        """`release`, scheduled on the receiver's loop; returns at once (a busy receiver loop must not
+        stall the caller's). The future resolves to the state the request was in."""
+        if not self._thread.is_alive():  # not started, or stopped: no loop thread touches the table now
+            done: concurrent.futures.Future[str] = concurrent.futures.Future()
+            done.set_result(self.table.release(request_id, reason))
+            return done
+        return asyncio.run_coroutine_threadsafe(self._release(request_id, reason), self._loop)
 
     def state_of(self, request_id: str) -> str:
         return self._call(self._run(lambda: self.table.state_of(request_id)))
@@ -114,6 +143,7 @@ class KVReceiver:
 
     # -- on the loop -----------------------------------------------------------------------------
     async def _start(self) -> None:
+        self._reap_wake = asyncio.Event()  # first: a reservation made while the server starts wakes it
         c = self.config
         opts = [("grpc.max_receive_message_length", c.max_message_bytes),
                 ("grpc.max_send_message_length", c.max_message_bytes),
@@ -131,7 +161,6 @@ class KVReceiver:
         if not self.port:
             raise OSError(f"cannot bind the KV server to {bind}")
         await self._server.start()
-        self._reap_wake = asyncio.Event()
         self._reaper = asyncio.create_task(self._reap())
         logger.info("KV receiver %s listening on %s", self.worker_id, self.address)
 
@@ -143,6 +172,22 @@ class KVReceiver:
         for t in rest:
             t.cancel()
         await asyncio.gather(*rest, return_exceptions=True)
+
+    def _reserve_now(self, request_id: str, num_tokens: int, lease_s: float | None, started: float) -> Reservation:
+        """A reservation (on the loop thread), for the Reserve call and `reserve` alike: timed, and the
+        lease reaper woken so that it sees the new deadline. Its caller counts a refusal."""
+        r = self.table.reserve(request_id, num_tokens, lease_s)
+        self._reap_wake.set()
+        r.reserve_seconds = time.perf_counter() - started
+        metrics.TRANSFER_STAGE.labels(self.config.kv_transport, "reserve").observe(r.reserve_seconds)
+        return r
+
+    async def _reserve_local(self, request_id: str, num_tokens: int, lease_s: float | None) -> LocalReservation:
+        try:
+            return LocalReservation.of(self._reserve_now(request_id, num_tokens, lease_s, time.perf_counter()))
+        except KVTransferError as e:
+            metrics.TRANSFER_FAILURES.labels(self.config.kv_transport, e.reason).inc()
+            raise
 
     async def _release(self, request_id: str, reason: str) -> str:
         found = self.table.release(request_id, reason)
@@ -170,6 +215,12 @@ class KVReceiver:
     def open_channel(self, channel_id: str, backend: str) -> tuple[str, int]:
         """The OpenChannel call (on the loop thread), answered by the plane with `backend` channels."""
         return self.planes[data_plane.for_backend(backend).wire_name].open_channel(channel_id, backend)
+
+
+def _failed(e: BaseException) -> concurrent.futures.Future:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_exception(e)
+    return fut
 
 
 def _handlers(servicer) -> grpc.GenericRpcHandler:
@@ -211,14 +262,11 @@ class _Servicer:
         t0 = time.perf_counter()
         try:
             self._check_digest(request.fingerprint_digest)
-            r = self.rx.table.reserve(request.request_id, request.num_tokens,
-                                      request.lease_ms / 1000 if request.lease_ms else None)
+            r = self.rx._reserve_now(request.request_id, request.num_tokens,
+                                    request.lease_ms / 1000 if request.lease_ms else None, t0)
         except KVTransferError as e:
             metrics.TRANSFER_FAILURES.labels(self.rx.config.kv_transport, e.reason).inc()
             await _abort(context, e)
-        self.rx._reap_wake.set()
-        r.reserve_seconds = time.perf_counter() - t0
-        metrics.TRANSFER_STAGE.labels(self.rx.config.kv_transport, "reserve").observe(r.reserve_seconds)
         return pb.ReserveResponse(request_id=r.request_id, num_blocks=len(r.blocks),
                                   lease_ms=int((r.lease_deadline - r.reserved_at) * 1000))
 

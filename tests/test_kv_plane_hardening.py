@@ -1,10 +1,12 @@
 """The KV plane against a hostile or broken peer, through raw gRPC stubs: every bad
 message is refused with a typed status, and the pool (free blocks and contents) is
 exactly as it was. Plus authentication, TLS, a sender process killed mid-stream,
-channel bounds and the metrics."""
+channel bounds, the metrics, and the receiver's local API the decode worker uses
+(reserve, reserve_future, release_soon)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -12,6 +14,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import google_crc32c
@@ -28,8 +32,12 @@ from kv_transfer import (
     KVReceiver,
     KVSender,
     LayerStream,
+    LocalReservation,
     MalformedTransfer,
     PeerUnavailable,
+    RequestReleased,
+    ReservationRefused,
+    ReservationTooLarge,
 )
 from kv_transfer.protocol import REASON_METADATA_KEY
 from kv_transfer.v1 import kv_transfer_pb2 as pb
@@ -366,3 +374,76 @@ def test_data_planes_are_picked_by_config_and_by_header():
             assert type(tx.plane) is plane
         finally:
             tx.close()
+
+
+def test_local_reservation_takes_a_push_with_no_reserve_call(receiver):
+    rx = receiver(lease_s=30)
+    got = rx.reserve("r", 20, lease_s=5)
+    assert got == LocalReservation("r", num_blocks=2, lease_s=5.0)
+    assert rx.pool.num_free_blocks == 30 and rx.state_of("r") == "reserved"
+    tx = KVSender(KVTransferConfig(), FP)
+    try:
+        assert tx.push(rx.address, _stream("r", 20)).result(10).bytes == 20 * 256 * 2  # no tx.reserve
+    finally:
+        tx.close()
+    assert rx.committed[0].request_id == "r" and rx.state_of("r") == "committed"
+    release_committed(rx)
+    assert rx.reserve("capped", 1, lease_s=999).lease_s == 30.0  # never more than the receiver grants
+    assert rx.release("capped") == "reserved" and rx.pool.num_free_blocks == 32
+
+
+def test_reserve_future_from_another_event_loop_refuses_like_the_rpc(receiver):
+    rx = receiver(num_blocks=4)
+
+    async def reserve(rid: str, n: int):
+        return await asyncio.wrap_future(rx.reserve_future(rid, n))
+
+    too_large0 = _sample("pdserve_kv_transfer_failures_total", {"transport": "grpc", "reason": "too_large"})
+    assert asyncio.run(reserve("a", 48)) == LocalReservation("a", 3, rx.config.lease_s)
+    with pytest.raises(ReservationTooLarge):
+        asyncio.run(reserve("huge", 5 * 16))
+    with pytest.raises(ReservationRefused):
+        asyncio.run(reserve("b", 2 * 16))  # fits the pool, not what is free of it
+    assert _sample("pdserve_kv_transfer_failures_total", {"transport": "grpc", "reason": "too_large"}) == too_large0 + 1
+    assert rx.pool.num_free_blocks == 1 and rx.state_of("b") == "unknown"
+    assert rx.release("a") == "reserved" and rx.pool.num_free_blocks == 4
+
+
+def test_local_reservation_lease_expires(receiver):
+    """The reaper is woken by a local reserve as by a Reserve call: with no other reservation it has no
+    deadline to wake for, so without the wake-up this lease would never be reclaimed."""
+    rx = receiver(lease_s=0.3)
+    rx.reserve("r", 20)
+    assert rx.pool.num_free_blocks == 30
+    assert wait_for(lambda: rx.pool.num_free_blocks == 32, 5, "the lease to expire") < 2.0
+    tx = KVSender(KVTransferConfig(), FP)
+    try:
+        with pytest.raises(RequestReleased, match="lease_expired"):
+            tx.push(rx.address, _stream("r", 20)).result(10)
+    finally:
+        tx.close()
+
+
+def test_release_soon_does_not_wait_for_a_busy_receiver_loop(receiver):
+    rx = receiver()
+    rx.reserve("r", 20)
+    entered, unblock = threading.Event(), threading.Event()
+
+    async def hog():  # the receiver's loop busy (a long write, a slow on_commit): it runs nothing else
+        entered.set()
+        unblock.wait(30)
+
+    hogging = asyncio.run_coroutine_threadsafe(hog(), rx._loop)
+    try:
+        assert entered.wait(10)
+        t0 = time.perf_counter()
+        fut = rx.release_soon("r", "client_disconnected")
+        took = time.perf_counter() - t0
+        assert took < 0.1, f"release_soon took {took:.3f}s"
+        assert not fut.done() and rx.pool.num_free_blocks == 30  # scheduled, not done: the loop is held
+    finally:
+        unblock.set()
+    hogging.result(10)
+    assert fut.result(10) == "reserved"
+    assert rx.pool.num_free_blocks == 32 and rx.state_of("r") == "released"
+    assert rx.release_soon("r", "again").result(10) == "released"  # idempotent, like release()

@@ -239,6 +239,67 @@ def test_decode_side_abort_fails_the_push(transfer_env, transport):
         fut.result(10)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_push_into_a_reservation_the_decode_side_made(transfer_env, transport):
+    """The decode worker reserves locally when a request opens; the prefill worker pushes straight into
+    it (no Reserve call of its own), and the blocks come back after decoding and after a release."""
+    env = transfer_env(transport)
+    free0 = env.dec.block_manager.num_free_blocks
+    prompt = list(range(7, 50))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    local = env.rx.reserve("r", len(prompt))
+    assert (local.request_id, local.num_blocks) == ("r", 3)
+    assert env.dec.block_manager.num_free_blocks == free0 - 3
+    stream = LayerStream("r", len(prompt))
+    fut = env.tx.push(env.rx.address, stream)
+    env.pre.add_request("r", prompt, params, kv_sink=stream)
+    while env.pre.has_unfinished():
+        env.pre.step()
+    assert fut.result(30).bytes == len(prompt) * env.rx.pool.fingerprint.bytes_per_token_layer * env.pre.arch.num_layers
+    received = env.got.get(timeout=10)
+    assert decode_to_end(env.dec, "r", received, params) == env.pre.generate([prompt], params)[0].output_token_ids
+    assert env.dec.block_manager.num_free_blocks == free0  # committed, decoded, freed by the engine
+    env.rx.reserve("gone", len(prompt))
+    assert env.rx.release("gone", "client_disconnected") == "reserved"
+    assert env.dec.block_manager.num_free_blocks == free0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_forget_cancels_pushes_to_that_worker_only(transfer_env, transport):
+    env = transfer_env(transport)
+    other = transfer_env(transport)  # a second decode worker the same sender keeps pushing to
+    free0 = env.dec.block_manager.num_free_blocks
+    env.tx.reserve(env.rx.address, "r", 40)
+    stream = LayerStream("r", 40)
+    stream.put_layer(0, torch.zeros(2, 40, 2, 16))  # one layer, then the producer stalls: a push in flight
+    fut = env.tx.push(env.rx.address, stream)
+    wait_for(lambda: env.rx.state_of("r") == "receiving", 5, "the push to start")
+    env.tx.reserve(other.rx.address, "o", 40)
+    kept = LayerStream("o", 40)
+    kept.put_layer(0, torch.zeros(2, 40, 2, 16))
+    kept_fut = env.tx.push(other.rx.address, kept)
+    wait_for(lambda: other.rx.state_of("o") == "receiving", 5, "the other push to start")
+
+    env.tx.forget(env.rx.address)  # returns once its pushes have ended
+    with pytest.raises(TransferCancelled):
+        fut.result(0)
+    assert not kept_fut.done()
+    wait_for(lambda: env.dec.block_manager.num_free_blocks == free0, 5, "the reservation to be released")
+    assert env.rx.state_of("r") == "released"
+    env.tx.forget("127.0.0.1:1")  # never paired: nothing to do, no error
+
+    kept.put_layer(1, torch.zeros(2, 40, 2, 16))
+    kept.commit(list(range(40)), [1])
+    assert kept_fut.result(10).bytes == 40 * 256 * 2
+    env.tx.reserve(env.rx.address, "again", 40)  # the forgotten worker can be paired with afresh
+    assert env.tx.push(env.rx.address, _zeros_stream("again", 40)).result(10).bytes == 40 * 256 * 2
+    for e, rid in ((other, "o"), (env, "again")):
+        received = e.got.get(timeout=5)
+        assert received.request_id == rid
+        with e.dec.kv_lock:
+            e.dec.block_manager.free(received.block_table)
+
+
 def test_incompatible_pair_is_refused_before_any_request(transfer_env):
     env = transfer_env("grpc")
     fp = env.tx.fingerprint
