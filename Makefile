@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install proto serve test lint bench chaos clean
+.PHONY: install proto system-deps serve test lint bench chaos clean
 
 install: $(STAMP)
 
@@ -34,7 +34,15 @@ serve: install proto
 lint: install proto
 	$(BIN)/ruff check .
 
-test: lint
+# System packages the tests need, from Debian (as root, or through sudo): prometheus, for `promtool`
+# (metrics lint, config and rule checks) and the real Prometheus the live-scrape tests start.
+system-deps:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: lint system-deps
 	$(BIN)/python -m pytest -q
 
 # The serving comparison (disaggregated vs colocated vs request-level batching) on the default model;

@@ -279,10 +279,7 @@ class KVPoint:
     def once(self, payload: memoryview, layers: list[torch.Tensor], tokens: int) -> float:
         self._ids += 1
         rid = f"bench-{self.name}-{tokens}-{self._ids}"
-        stream = LayerStream(rid, tokens)  # consumed by one push: a fresh one per transfer
-        for i, kv in enumerate(layers):
-            stream.put_layer(i, kv)
-        stream.commit([1] * tokens, [2])
+        stream = LayerStream.complete(rid, layers, [1] * tokens, [2])  # consumed by one push: one per transfer
         t0 = time.perf_counter()
         self.sender.reserve(self.address, rid, tokens)
         result = self.sender.push(self.address, stream).result(PUSH_TIMEOUT_S)

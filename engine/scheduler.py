@@ -44,6 +44,8 @@ class QueueFullError(RuntimeError):
     """The request was refused (waiting queue full, or its TTFT deadline cannot be met).
     `retry_after` is the scheduler's estimate, in seconds, of when to try again."""
 
+    http_status = 503  # how it reaches the client (engine.messages.WorkerError.of)
+
     def __init__(self, message: str, retry_after: float, reason: str):
         super().__init__(message)
         self.retry_after = retry_after

@@ -6,7 +6,8 @@ pair (NCCL on CUDA, gloo on CPU) with the same control messages on gRPC. Both
 share one protocol and one pair of classes: `KVSender` (prefill side, in
 `client`) and `KVReceiver` (decode side, in `server`); the data plane is the
 only thing that differs (`LayerChunk.data` inline, or out of band on a
-`channel.TorchChannel`), so another one (RDMA: NIXL, Mooncake) slots in there.
+`channel.TorchChannel`): one interface with one class per transport in
+`data_plane`, so another one (RDMA: NIXL, Mooncake) slots in there.
 
 Protocol: Pair (compare fingerprints, once per peer) -> Reserve (decode side
 allocates blocks under a lease, or refuses: `ReservationRefused`, nothing is
@@ -19,7 +20,7 @@ unless configured otherwise.
 
 Ownership: at every moment each KV block belongs to exactly one party.
 
-Decode side, per request (`pool.ReservationTable`, on the receiver's loop thread):
+Decode side, per request (`reservations.ReservationTable`, on the receiver's loop thread):
 
       Reserve ok              first message          every layer of every token + Commit
     ------------> RESERVED -------------> RECEIVING -----------------------------------> COMMITTED
@@ -59,31 +60,66 @@ and sends Release; the decode side fails the push, which the sender sees as a ty
 error. Every notice is idempotent, so all of them may arrive.
 """
 
-from pdserve.kv_transfer.client import KVSender, ReservationInfo, TransferResult
-from pdserve.kv_transfer.pool import KVPool, ReceivedKV
-from pdserve.kv_transfer.protocol import (
-    AuthenticationFailed,
-    ChecksumMismatch,
-    DuplicateRequest,
-    Fingerprint,
-    KVTransferError,
-    LayoutMismatch,
-    MalformedTransfer,
-    OversizedMessage,
-    PeerUnavailable,
-    RequestReleased,
-    ReservationRefused,
-    ReservationTooLarge,
-    TransferCancelled,
-    TransferTimeout,
-    UnknownRequest,
-)
-from pdserve.kv_transfer.server import KVReceiver
-from pdserve.kv_transfer.source import LayerStream
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Names are imported on first use (PEP 562), not here: `import pdserve.kv_transfer.reservations` or
+# `kv_transfer.errors` must not pull in torch and gRPC with the sender and the receiver.
+_EXPORTS = {
+    "KVSender": "client", "ReservationInfo": "client", "TransferResult": "client",
+    "KVPool": "pool",
+    "LocalReservation": "reservations", "ReceivedKV": "reservations",
+    "Fingerprint": "protocol",
+    "KVReceiver": "server",
+    "LayerStream": "source",
+    **dict.fromkeys(("AuthenticationFailed", "ChecksumMismatch", "DuplicateRequest", "KVTransferError",
+                     "LayoutMismatch", "MalformedTransfer", "OversizedMessage", "PeerUnavailable", "RequestReleased",
+                     "ReservationRefused", "ReservationTooLarge", "TransferCancelled", "TransferTimeout",
+                     "UnknownRequest"), "errors"),
+}
 
 __all__ = [
     "AuthenticationFailed", "ChecksumMismatch", "DuplicateRequest", "Fingerprint", "KVPool", "KVReceiver",
-    "KVSender", "KVTransferError", "LayerStream", "LayoutMismatch", "MalformedTransfer", "OversizedMessage",
-    "PeerUnavailable", "ReceivedKV", "RequestReleased", "ReservationInfo", "ReservationRefused", "ReservationTooLarge",
-    "TransferCancelled", "TransferResult", "TransferTimeout", "UnknownRequest",
+    "KVSender", "KVTransferError", "LayerStream", "LayoutMismatch", "LocalReservation", "MalformedTransfer",
+    "OversizedMessage", "PeerUnavailable", "ReceivedKV", "RequestReleased", "ReservationInfo", "ReservationRefused",
+    "ReservationTooLarge", "TransferCancelled", "TransferResult", "TransferTimeout", "UnknownRequest",
 ]
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` provides the names
+    from pdserve.kv_transfer.client import KVSender, ReservationInfo, TransferResult
+    from pdserve.kv_transfer.errors import (
+        AuthenticationFailed,
+        ChecksumMismatch,
+        DuplicateRequest,
+        KVTransferError,
+        LayoutMismatch,
+        MalformedTransfer,
+        OversizedMessage,
+        PeerUnavailable,
+        RequestReleased,
+        ReservationRefused,
+        ReservationTooLarge,
+        TransferCancelled,
+        TransferTimeout,
+        UnknownRequest,
+    )
+    from pdserve.kv_transfer.pool import KVPool
+    from pdserve.kv_transfer.protocol import Fingerprint
+    from pdserve.kv_transfer.reservations import LocalReservation, ReceivedKV
+    from pdserve.kv_transfer.server import KVReceiver
+    from pdserve.kv_transfer.source import LayerStream
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:  # AttributeError, so that `from pdserve.kv_transfer import faults` still finds the submodule
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

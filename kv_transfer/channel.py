@@ -27,7 +27,7 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
-from pdserve.kv_transfer.protocol import PeerUnavailable, TransferTimeout
+from pdserve.kv_transfer.errors import PeerUnavailable, TransferTimeout
 
 logger = logging.getLogger(__name__)
 

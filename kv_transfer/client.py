@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import datetime
 import threading
 import time
 import uuid
@@ -19,12 +18,12 @@ from pathlib import Path
 
 import grpc
 import torch
-import torch.distributed as dist
 
 from pdserve.engine.config import FaultConfig, KVTransferConfig
 from pdserve.engine.platform import keep_freed_memory
+from pdserve.kv_transfer import data_plane
 from pdserve.kv_transfer import faults as fi
-from pdserve.kv_transfer.channel import SENDER_RANK, ChannelTable, TorchChannel, backend_for, create_group
+from pdserve.kv_transfer.data_plane import SenderLink
 from pdserve.kv_transfer.protocol import (
     AUTH_METADATA_KEY,
     Fingerprint,
@@ -32,10 +31,6 @@ from pdserve.kv_transfer.protocol import (
     LayoutMismatch,
     MalformedTransfer,
     TransferCancelled,
-    advertised_host,
-    checksum,
-    checksum_algo,
-    encode_chunk_data,
     error_from_rpc,
     plan_chunks,
 )
@@ -86,14 +81,12 @@ class KVSender:
         self.digest = fingerprint.digest()
         self.worker_id = worker_id or f"prefill-{uuid.uuid4().hex[:8]}"
         self.device = torch.device(device or "cpu")
-        self.plane = "torch" if config.kv_transport == "nccl" else "grpc"
-        self.channels = ChannelTable(config.max_channels)
+        plane = data_plane.for_transport(config.kv_transport)
+        self.plane = plane.sender(config, device=self.device, worker_id=self.worker_id)
+        self._wire_name = plane.wire_name  # names the plane in each push's header
         self._peers: dict[str, Peer] = {}
         self._pair_lock: asyncio.Lock | None = None
-        self._chan_locks: dict[str, asyncio.Lock] = {}
-        self._calls: dict[str, tuple[str, object]] = {}  # request id -> (address, the Push call)
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, config.max_channels),
-                                                               thread_name_prefix="kv-send")
+        self._calls: dict[str, tuple[str, asyncio.Task]] = {}  # request id -> (address, the push's task)
         self._metadata = ((AUTH_METADATA_KEY, f"Bearer {config.auth_token}"),) if config.auth_token else ()
         self._faults = fi.FaultInjector(faults)
         self._loop = asyncio.new_event_loop()
@@ -136,7 +129,9 @@ class KVSender:
         self._loop.call_soon_threadsafe(self._cancel, request_id, reason)
 
     def forget(self, address: str) -> None:
-        """A decode worker left: close its connection and channel."""
+        """A decode worker left: cancel the pushes in flight to it (each releases its reservation,
+        best effort, as a cancelled push does), then close its connection and channel. Safe for an
+        address this sender never paired with."""
         self._call(self._forget(address))
 
     def close(self) -> None:
@@ -146,8 +141,7 @@ class KVSender:
         self._call(self._shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self.channels.close_all()
+        self.plane.close()
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -218,11 +212,15 @@ class KVSender:
         address, task = entry
         task.cancel(reason)
 
-    async def _shutdown(self) -> None:
-        tasks = [task for _, task in self._calls.values()]
+    async def _cancel_pushes(self, reason: str, address: str | None = None) -> None:
+        """Cancel the pushes in flight (to `address`, or all) and wait until each has released."""
+        tasks = [task for addr, task in self._calls.values() if address is None or addr == address]
         for task in tasks:
-            task.cancel("sender closing")
+            task.cancel(reason)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _shutdown(self) -> None:
+        await self._cancel_pushes("sender closing")
         for address in list(self._peers):
             await self._forget(address)
         rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -231,8 +229,10 @@ class KVSender:
         await asyncio.gather(*rest, return_exceptions=True)
 
     async def _forget(self, address: str) -> None:
+        # First the pushes: while they unwind they still use the peer (to send Release).
+        await self._cancel_pushes(f"decode worker {address} forgotten", address)
         peer = self._peers.pop(address, None)
-        self.channels.pop(address)
+        self.plane.forget(address)
         if peer is not None:
             await peer.channel.close()
 
@@ -248,13 +248,8 @@ class KVSender:
             first = await anext(batches)
             if plan is not None:
                 await self._before_stream(plan, rid)
-            if self.plane == "torch":
-                lock = self._chan_locks.setdefault(address, asyncio.Lock())
-                async with lock:  # sends and receives on a channel are matched by order
-                    channel = await self._channel(peer)
-                    resp = await self._stream(peer, source, channel, first, batches, plan)
-            else:
-                resp = await self._stream(peer, source, None, first, batches, plan)
+            async with self.plane.link(peer, self._metadata) as link:
+                resp = await self._stream(peer, source, link, first, batches, plan)
         except asyncio.CancelledError:
             await self._release_quietly(address, rid, "cancelled")
             raise TransferCancelled(f"transfer of {rid} cancelled") from None
@@ -285,11 +280,8 @@ class KVSender:
             raise TypeError("push() takes a kv_transfer.source.LayerStream")
         return source.request_id
 
-    async def _stream(self, peer: Peer, source: LayerStream, channel: TorchChannel | None, first: list,
+    async def _stream(self, peer: Peer, source: LayerStream, link: SenderLink, first: list,
                       batches, plan: fi.FaultPlan | None = None) -> pb.PushResponse:
-        fp = self.fingerprint
-        limit = min(self.config.chunk_bytes, peer.max_message_bytes // 2)
-        loop = asyncio.get_running_loop()
         source_error: list[BaseException] = []  # grpc reports a failing request iterator as a cancellation
 
         async def messages():
@@ -303,41 +295,10 @@ class KVSender:
         async def _messages():
             yield pb.PushMessage(header=pb.TransferHeader(
                 request_id=source.request_id, fingerprint_digest=self.digest, num_tokens=source.num_tokens,
-                data_plane=self.plane, channel_id=channel.channel_id if channel else ""))
+                data_plane=self._wire_name, channel_id=link.channel_id))
             async for batch in _chain(first, batches):
-                layers = [item for item in batch if isinstance(item, LayerKV)]
-                for item in layers:
-                    if item.kv.shape[1] != source.num_tokens:
-                        raise MalformedTransfer(f"layer {item.layer} has KV for {item.kv.shape[1]} tokens, "
-                                                f"the transfer is for {source.num_tokens}")
-                by_layer = {item.layer: item.kv for item in layers}
-                for run_start, count in _runs([item.layer for item in layers]):
-                    for layer, nl, s, e in plan_chunks(run_start, count, source.num_tokens, fp.bytes_per_token_layer,
-                                                       limit):
-                        fault = plan.hits(layer, nl, s) if plan is not None else None
-                        if fault == fi.DROP:  # lost on the way: neither its LayerChunk nor its bytes arrive
-                            fi.count(self.config.kv_transport, fault)
-                            continue
-                        kvs = [by_layer[i][:, s:e] for i in range(layer, layer + nl)]
-                        meta = pb.LayerChunk(layer=layer, num_layers=nl, token_start=s, num_tokens=e - s)
-                        if channel is None:
-                            data, meta.nbytes, meta.checksum = encode_chunk_data(kvs)
-                            meta.checksum_algo = pb.CHECKSUM_ALGO_CRC32C
-                            if fault == fi.CORRUPT:  # after the checksum
-                                fi.count(self.config.kv_transport, fault)
-                                data = fi.corrupt_wire_bytes(data, meta.nbytes)
-                            yield pb.PushMessage(chunk=meta)
-                            yield data  # already wire bytes
-                            continue
-                        part = torch.stack(kvs) if nl > 1 else kvs[0].contiguous()
-                        meta.checksum_algo = checksum_algo(part)
-                        meta.checksum = checksum(part, meta.checksum_algo)
-                        meta.nbytes = part.numel() * part.element_size()
-                        if fault == fi.CORRUPT:  # after the checksum
-                            fi.count(self.config.kv_transport, fault)
-                            part = fi.corrupt_tensor(part)
-                        yield pb.PushMessage(chunk=meta)
-                        await loop.run_in_executor(self._executor, channel.send, part)
+                async for m in self._batch_messages(source, batch, link, peer, plan):
+                    yield m
                 if isinstance(batch[-1], CommitInfo):
                     c = batch[-1]
                     yield pb.PushMessage(commit=pb.Commit(prompt_token_ids=c.prompt_token_ids,
@@ -349,8 +310,6 @@ class KVSender:
         try:
             return await call
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
-            if channel is not None:
-                channel.close()  # a send may be half done: the channel's state is unknown
             if source_error:
                 err = source_error[0]
                 if isinstance(err, KVTransferError):
@@ -361,30 +320,28 @@ class KVSender:
                 raise
             raise error_from_rpc(_server_status(e, first_status)) from None
 
-    async def _channel(self, peer: Peer) -> TorchChannel:
-        ch = self.channels.get(peer.address)
-        if ch is not None:
-            return ch
-        if not self.channels.make_room():
-            raise KVTransferError(f"all {self.config.max_channels} channels are busy")
-        channel_id = f"{self.worker_id}-{uuid.uuid4().hex[:12]}"
-        backend = backend_for(self.device)
-        try:
-            resp = await peer.stub.OpenChannel(pb.OpenChannelRequest(channel_id=channel_id, backend=backend),
-                                               timeout=self.config.rpc_timeout_s, metadata=self._metadata)
-        except grpc.aio.AioRpcError as e:
-            raise error_from_rpc(e) from None
-        t = self.config.channel_timeout_s
-
-        def build() -> TorchChannel:
-            store = dist.TCPStore(resp.store_host, resp.store_port, None, False,
-                                  timeout=datetime.timedelta(seconds=t))
-            return TorchChannel(channel_id, create_group(store, channel_id, SENDER_RANK, backend,
-                                                         t, advertised_host(self.config.host)), backend, t)
-
-        ch = await asyncio.get_running_loop().run_in_executor(self._executor, build)
-        self.channels.put(peer.address, ch)
-        return ch
+    async def _batch_messages(self, source: LayerStream, batch: list, link: SenderLink, peer: Peer,
+                              plan: fi.FaultPlan | None):
+        """The chunks of the layers in one batch, each turned into wire messages by the data plane."""
+        fp = self.fingerprint
+        limit = min(self.config.chunk_bytes, peer.max_message_bytes // 2)
+        layers = [item for item in batch if isinstance(item, LayerKV)]
+        for item in layers:
+            if item.kv.shape[1] != source.num_tokens:
+                raise MalformedTransfer(f"layer {item.layer} has KV for {item.kv.shape[1]} tokens, "
+                                        f"the transfer is for {source.num_tokens}")
+        by_layer = {item.layer: item.kv for item in layers}
+        for run_start, count in _runs([item.layer for item in layers]):
+            for layer, nl, s, e in plan_chunks(run_start, count, source.num_tokens, fp.bytes_per_token_layer, limit):
+                fault = plan.hits(layer, nl, s) if plan is not None else None
+                if fault is not None:
+                    fi.count(self.config.kv_transport, fault)
+                if fault == fi.DROP:  # lost on the way: neither its LayerChunk nor its bytes arrive
+                    continue
+                kvs = [by_layer[i][:, s:e] for i in range(layer, layer + nl)]
+                meta = pb.LayerChunk(layer=layer, num_layers=nl, token_start=s, num_tokens=e - s)
+                async for m in link.messages(kvs, meta, corrupt=fault == fi.CORRUPT):  # corrupt: after the checksum
+                    yield m
 
     async def _release_quietly(self, address: str, request_id: str, reason: str) -> None:
         """Best effort: the lease reclaims the reservation if this does not arrive."""

@@ -28,12 +28,11 @@ import random
 import threading
 from dataclasses import dataclass
 
-import grpc
 import torch
 from prometheus_client import Counter
 
 from pdserve.engine.config import FaultConfig
-from pdserve.kv_transfer.protocol import KVTransferError
+from pdserve.kv_transfer.errors import KVTransferError
 
 INJECTED_FAULTS = Counter(
     "pdserve_injected_faults", "Faults injected into KV transfers on the sending side (chaos testing), by kind",
@@ -46,7 +45,7 @@ class InjectedFault(KVTransferError):
     """A KV transfer failed on purpose (`faults.transfer_fail_rate`): nothing was sent, the
     reservation was released. Retryable, like any other `KVTransferError`."""
 
-    reason, code = "injected_fault", grpc.StatusCode.UNAVAILABLE
+    reason, code = "injected_fault", "UNAVAILABLE"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""What both ends of the KV plane agree on: the layout fingerprint, typed errors,
-chunking and checksums. No gRPC server or client here (see `server`, `client`)."""
+"""What both ends of the KV plane agree on: the layout fingerprint, typed errors (defined in
+`errors`, re-exported here), chunking and checksums. No gRPC server or client here (see
+`server`, `client`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,23 @@ import numpy as np
 import torch
 
 from pdserve.engine import pdserve_version
+from pdserve.kv_transfer.errors import (
+    AuthenticationFailed,
+    ChecksumMismatch,
+    DuplicateRequest,
+    KVTransferError,
+    LayoutMismatch,
+    MalformedTransfer,
+    OversizedMessage,
+    PeerUnavailable,
+    RequestReleased,
+    ReservationRefused,
+    ReservationTooLarge,
+    TransferCancelled,
+    TransferTimeout,
+    UnknownRequest,
+    error_class,
+)
 from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
 
 # Bumped when the meaning of an existing wire field changes (fields are only ever added otherwise).
@@ -99,105 +117,16 @@ class Fingerprint:
         return [f"{k}: {mine[k]!r} here, {theirs[k]!r} on the peer" for k in mine if mine[k] != theirs[k]]
 
 
-# -- typed errors -----------------------------------------------------------------------------------
-class KVTransferError(RuntimeError):
-    """A KV transfer failed; `reason` is the metrics label and travels in gRPC trailing metadata."""
-
-    reason = "error"
-    code = grpc.StatusCode.INTERNAL
-
-
-class ReservationRefused(KVTransferError):
-    """The decode side has no room for the request's KV; nothing was reserved or sent."""
-
-    reason, code = "no_room", grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class ReservationTooLarge(ReservationRefused):
-    """The request's KV would not fit even in the decode worker's empty pool: waiting cannot help."""
-
-    reason = "too_large"
-
-
-class LayoutMismatch(KVTransferError):
-    """The peers' fingerprints differ (model, weights, layout, dtype, block size or version)."""
-
-    reason, code = "layout_mismatch", grpc.StatusCode.FAILED_PRECONDITION
-
-
-class ChecksumMismatch(KVTransferError):
-    """A chunk's bytes do not match its checksum: nothing of it was written."""
-
-    reason, code = "checksum", grpc.StatusCode.DATA_LOSS
-
-
-class MalformedTransfer(KVTransferError):
-    """A message out of bounds, out of order, of the wrong size, or a push left incomplete."""
-
-    reason, code = "malformed", grpc.StatusCode.INVALID_ARGUMENT
-
-
-class OversizedMessage(KVTransferError):
-    """A message over the receiver's `max_message_bytes`."""
-
-    reason, code = "oversized", grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class UnknownRequest(KVTransferError):
-    """No reservation exists for this request id (never reserved, or forgotten long ago)."""
-
-    reason, code = "unknown_request", grpc.StatusCode.NOT_FOUND
-
-
-class RequestReleased(KVTransferError):
-    """The request was released (aborted, lease expired, failed) before the push completed."""
-
-    reason, code = "released", grpc.StatusCode.ABORTED
-
-
-class DuplicateRequest(KVTransferError):
-    """A reservation or push for this request id is already under way."""
-
-    reason, code = "duplicate", grpc.StatusCode.ALREADY_EXISTS
-
-
-class TransferTimeout(KVTransferError):
-    """A deadline passed: a stalled peer, a send/recv that never matched, an expired lease."""
-
-    reason, code = "timeout", grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-class TransferCancelled(KVTransferError):
-    """The transfer was cancelled by its own side (abort)."""
-
-    reason, code = "cancelled", grpc.StatusCode.CANCELLED
-
-
-class PeerUnavailable(KVTransferError):
-    """The peer cannot be reached, or the connection dropped."""
-
-    reason, code = "unavailable", grpc.StatusCode.UNAVAILABLE
-
-
-class AuthenticationFailed(KVTransferError):
-    """The peer did not present the shared secret."""
-
-    reason, code = "unauthenticated", grpc.StatusCode.UNAUTHENTICATED
-
-
-_BY_REASON = {c.reason: c for c in (
-    ReservationRefused, ReservationTooLarge, LayoutMismatch, ChecksumMismatch, MalformedTransfer, OversizedMessage,
-    UnknownRequest, RequestReleased, DuplicateRequest, TransferTimeout, TransferCancelled, PeerUnavailable,
-    AuthenticationFailed)}
-_BY_CODE = {grpc.StatusCode.DEADLINE_EXCEEDED: TransferTimeout, grpc.StatusCode.UNAVAILABLE: PeerUnavailable,
-            grpc.StatusCode.CANCELLED: TransferCancelled, grpc.StatusCode.UNAUTHENTICATED: AuthenticationFailed,
-            grpc.StatusCode.RESOURCE_EXHAUSTED: OversizedMessage}
+# -- typed errors (defined in `errors`, torch- and gRPC-free; re-exported here) ----------------------
+def grpc_status(e: KVTransferError) -> grpc.StatusCode:
+    """The gRPC status an error is answered with (errors name it as a string)."""
+    return grpc.StatusCode[e.code]
 
 
 def error_from_rpc(err: grpc.aio.AioRpcError) -> KVTransferError:
     """The typed error a failed call stands for (the server names it in trailing metadata)."""
     reason = dict(err.trailing_metadata() or ()).get(REASON_METADATA_KEY)
-    cls = _BY_REASON.get(reason) or _BY_CODE.get(err.code(), KVTransferError)
+    cls = error_class(reason, err.code().name)
     exc = cls(f"{err.code().name}: {err.details()}")
     exc.__cause__ = err
     return exc
@@ -307,3 +236,13 @@ def kv_from_bytes(data: bytes | memoryview, num_layers: int, num_tokens: int, fp
 
 # torch.frombuffer warns (once) that `bytes` are read-only; the receiver only ever reads them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+# The typed errors are defined in `errors` (torch- and gRPC-free) and stay importable from here.
+__all__ = [
+    "AUTH_METADATA_KEY", "REASON_METADATA_KEY", "WIRE_VERSION", "Fingerprint", "advertised_host", "bytes_checksum",
+    "checksum", "checksum_algo", "decode_push_message", "dtype_name", "encode_chunk_data", "error_from_rpc",
+    "grpc_status", "host_port", "kv_from_bytes", "pdserve_version", "plan_chunks", "secret_matches",
+    "AuthenticationFailed", "ChecksumMismatch", "DuplicateRequest", "KVTransferError", "LayoutMismatch",
+    "MalformedTransfer", "OversizedMessage", "PeerUnavailable", "RequestReleased", "ReservationRefused",
+    "ReservationTooLarge", "TransferCancelled", "TransferTimeout", "UnknownRequest",
+]

@@ -5,6 +5,10 @@ test) drives it with plain method calls. All reservation state changes and
 every write into the pool happen on that loop's thread, so a release can never
 free blocks while a write into them is still landing; blocking receives (the
 torch data plane) land in a staging buffer on a worker thread first.
+
+The decode worker uses the receiver directly, too: `reserve` (or `reserve_future`
+from another event loop) makes a reservation for a request it is about to
+receive, and `release_soon` gives one up without waiting for the loop.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import datetime
+import functools
 import logging
 import threading
 import time
@@ -20,19 +24,16 @@ import uuid
 from collections.abc import Callable
 
 import grpc
-import torch
-import torch.distributed as dist
 
 from pdserve.engine.config import KVTransferConfig
 from pdserve.engine.platform import keep_freed_memory
-from pdserve.kv_transfer import metrics
-from pdserve.kv_transfer.channel import RECEIVER_RANK, ChannelTable, TorchChannel, backend_for, create_group
-from pdserve.kv_transfer.pool import KVPool, ReceivedKV, ReservationTable
+from pdserve.kv_transfer import data_plane, metrics
+from pdserve.kv_transfer.data_plane import ReceiverPlane
+from pdserve.kv_transfer.pool import KVPool, LocalReservation, ReceivedKV, Reservation, ReservationTable
 from pdserve.kv_transfer.protocol import (
     AUTH_METADATA_KEY,
     REASON_METADATA_KEY,
     AuthenticationFailed,
-    ChecksumMismatch,
     Fingerprint,
     KVTransferError,
     LayoutMismatch,
@@ -40,11 +41,9 @@ from pdserve.kv_transfer.protocol import (
     PeerUnavailable,
     TransferTimeout,
     advertised_host,
-    bytes_checksum,
-    checksum,
     decode_push_message,
+    grpc_status,
     host_port,
-    kv_from_bytes,
     secret_matches,
 )
 from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
@@ -70,11 +69,8 @@ class KVReceiver:
         self.on_commit = on_commit
         self.worker_id = worker_id or f"decode-{uuid.uuid4().hex[:8]}"
         self.table = ReservationTable(pool, lease_s=config.lease_s, tombstone_ttl_s=config.tombstone_ttl_s)
-        self.channels = ChannelTable(config.max_channels)
-        self._pending_channels: dict[str, concurrent.futures.Future] = {}
-        self._store: dist.TCPStore | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, config.max_channels),
-                                                               thread_name_prefix="kv-recv")
+        # Every plane's receiving half: a sender picks its plane, named in each push's header.
+        self.planes: dict[str, ReceiverPlane] = {p.wire_name: p.receiver(pool, config) for p in data_plane.PLANES}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kv-receiver", daemon=True)
         self._server: grpc.aio.Server | None = None
@@ -100,13 +96,36 @@ class KVReceiver:
         self._call(self._stop(grace))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self.channels.close_all()
+        for plane in self.planes.values():
+            plane.close()
 
     # -- local API (any thread): the decode worker and router use these too ------------------
+    def reserve(self, request_id: str, num_tokens: int, lease_s: float | None = None) -> LocalReservation:
+        """Reserve blocks for `num_tokens` tokens of a request's KV here, as a Reserve call would: the
+        prefill side then pushes into it with no Reserve of its own. Raises `ReservationRefused`
+        (`ReservationTooLarge` if it could never fit). Waits for the loop; see `reserve_future`."""
+        return self.reserve_future(request_id, num_tokens, lease_s).result(30)
+
+    def reserve_future(self, request_id: str, num_tokens: int,
+                       lease_s: float | None = None) -> concurrent.futures.Future[LocalReservation]:
+        """`reserve` without waiting: from an event loop, `await asyncio.wrap_future(fut)`."""
+        if not self._thread.is_alive():
+            return _failed(PeerUnavailable(f"the KV receiver {self.worker_id} is not running"))
+        return asyncio.run_coroutine_threadsafe(self._reserve_local(request_id, num_tokens, lease_s), self._loop)
+
     def release(self, request_id: str, reason: str = "aborted") -> str:
-        """Abort a request's transfer from this side; idempotent. Returns the state it was in."""
-        return self._call(self._release(request_id, reason))
+        """Abort a request's transfer from this side; idempotent. Returns the state it was in.
+        Waits (up to 30 s) for the receiver's loop: from an event loop, use `release_soon`."""
+        return self.release_soon(request_id, reason).result(30)
+
+    def release_soon(self, request_id: str, reason: str = "aborted") -> concurrent.futures.Future[str]:
+        """`release`, scheduled on the receiver's loop; returns at once (a busy receiver loop must not
+        stall the caller's). The future resolves to the state the request was in."""
+        if not self._thread.is_alive():  # not started, or stopped: no loop thread touches the table now
+            done: concurrent.futures.Future[str] = concurrent.futures.Future()
+            done.set_result(self.table.release(request_id, reason))
+            return done
+        return asyncio.run_coroutine_threadsafe(self._release(request_id, reason), self._loop)
 
     def state_of(self, request_id: str) -> str:
         return self._call(self._run(lambda: self.table.state_of(request_id)))
@@ -124,6 +143,7 @@ class KVReceiver:
 
     # -- on the loop -----------------------------------------------------------------------------
     async def _start(self) -> None:
+        self._reap_wake = asyncio.Event()  # first: a reservation made while the server starts wakes it
         c = self.config
         opts = [("grpc.max_receive_message_length", c.max_message_bytes),
                 ("grpc.max_send_message_length", c.max_message_bytes),
@@ -141,7 +161,6 @@ class KVReceiver:
         if not self.port:
             raise OSError(f"cannot bind the KV server to {bind}")
         await self._server.start()
-        self._reap_wake = asyncio.Event()
         self._reaper = asyncio.create_task(self._reap())
         logger.info("KV receiver %s listening on %s", self.worker_id, self.address)
 
@@ -153,6 +172,22 @@ class KVReceiver:
         for t in rest:
             t.cancel()
         await asyncio.gather(*rest, return_exceptions=True)
+
+    def _reserve_now(self, request_id: str, num_tokens: int, lease_s: float | None, started: float) -> Reservation:
+        """A reservation (on the loop thread), for the Reserve call and `reserve` alike: timed, and the
+        lease reaper woken so that it sees the new deadline. Its caller counts a refusal."""
+        r = self.table.reserve(request_id, num_tokens, lease_s)
+        self._reap_wake.set()
+        r.reserve_seconds = time.perf_counter() - started
+        metrics.TRANSFER_STAGE.labels(self.config.kv_transport, "reserve").observe(r.reserve_seconds)
+        return r
+
+    async def _reserve_local(self, request_id: str, num_tokens: int, lease_s: float | None) -> LocalReservation:
+        try:
+            return LocalReservation.of(self._reserve_now(request_id, num_tokens, lease_s, time.perf_counter()))
+        except KVTransferError as e:
+            metrics.TRANSFER_FAILURES.labels(self.config.kv_transport, e.reason).inc()
+            raise
 
     async def _release(self, request_id: str, reason: str) -> str:
         found = self.table.release(request_id, reason)
@@ -172,43 +207,20 @@ class KVReceiver:
                 logger.warning("KV reservation for %s expired before its push completed; blocks reclaimed", rid)
                 metrics.TRANSFER_FAILURES.labels(self.config.kv_transport, "lease_expired").inc()
 
-    # -- torch data plane -------------------------------------------------------------------------
+    # -- data planes ------------------------------------------------------------------------------
+    def plane(self, wire_name: str) -> ReceiverPlane:
+        """The receiving half of the plane a push's header names (`MalformedTransfer` if none)."""
+        return self.planes[data_plane.for_wire(wire_name).wire_name]
+
     def open_channel(self, channel_id: str, backend: str) -> tuple[str, int]:
-        """Start the receiving end of a channel (on the loop thread); returns the store address."""
-        if backend != backend_for(self.pool.kv.device):
-            raise MalformedTransfer(f"backend {backend} cannot reach a pool on {self.pool.kv.device}")
-        if not self.channels.make_room():
-            raise KVTransferError(f"all {self.config.max_channels} channels are busy")
-        if self._store is None:
-            self._store = dist.TCPStore(self.config.host, 0, None, True,
-                                        timeout=datetime.timedelta(seconds=self.config.channel_timeout_s),
-                                        wait_for_workers=False)
-        store, t = self._store, self.config.channel_timeout_s
+        """The OpenChannel call (on the loop thread), answered by the plane with `backend` channels."""
+        return self.planes[data_plane.for_backend(backend).wire_name].open_channel(channel_id, backend)
 
-        host = advertised_host(self.config.host)  # what the peer dials, and the interface gloo binds
 
-        def build() -> TorchChannel:
-            group = create_group(store, channel_id, RECEIVER_RANK, backend, t, host)
-            ch = TorchChannel(channel_id, group, backend, t)
-            self.channels.put(channel_id, ch)
-            return ch
-
-        fut = self._executor.submit(build)
-        self._pending_channels[channel_id] = fut
-        fut.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self._pending_channels.pop, channel_id, None))
-        return host, self._store.port
-
-    async def channel(self, channel_id: str) -> TorchChannel:
-        fut = self._pending_channels.get(channel_id)
-        if fut is not None:
-            try:
-                return await asyncio.wrap_future(fut)
-            except Exception as e:
-                raise PeerUnavailable(f"channel {channel_id} never connected: {e}") from e
-        ch = self.channels.get(channel_id)
-        if ch is None:
-            raise PeerUnavailable(f"no open channel {channel_id!r}")
-        return ch
+def _failed(e: BaseException) -> concurrent.futures.Future:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_exception(e)
+    return fut
 
 
 def _handlers(servicer) -> grpc.GenericRpcHandler:
@@ -250,14 +262,11 @@ class _Servicer:
         t0 = time.perf_counter()
         try:
             self._check_digest(request.fingerprint_digest)
-            r = self.rx.table.reserve(request.request_id, request.num_tokens,
-                                      request.lease_ms / 1000 if request.lease_ms else None)
+            r = self.rx._reserve_now(request.request_id, request.num_tokens,
+                                    request.lease_ms / 1000 if request.lease_ms else None, t0)
         except KVTransferError as e:
             metrics.TRANSFER_FAILURES.labels(self.rx.config.kv_transport, e.reason).inc()
             await _abort(context, e)
-        self.rx._reap_wake.set()
-        r.reserve_seconds = time.perf_counter() - t0
-        metrics.TRANSFER_STAGE.labels(self.rx.config.kv_transport, "reserve").observe(r.reserve_seconds)
         return pb.ReserveResponse(request_id=r.request_id, num_blocks=len(r.blocks),
                                   lease_ms=int((r.lease_deadline - r.reserved_at) * 1000))
 
@@ -288,7 +297,8 @@ class _Servicer:
             self._check_digest(h.fingerprint_digest)
             r = table.begin(h.request_id, h.num_tokens)
             timings.reserve = r.reserve_seconds
-            channel = await rx.channel(h.channel_id) if h.data_plane == "torch" else None
+            link = await rx.plane(h.data_plane).attach(h)
+            next_message = functools.partial(self._next, request_iterator, r)  # for planes with bytes inline
             while True:
                 msg = await self._next(request_iterator, r)
                 if msg is None:
@@ -298,7 +308,7 @@ class _Servicer:
                     c = msg.chunk
                     nl = c.num_layers or 1
                     table.check_chunk(r, c.layer, nl, c.token_start, c.num_tokens, c.nbytes)
-                    kv = await self._chunk_kv(c, nl, channel, request_iterator, r)
+                    kv = await link.chunk_kv(c, nl, next_message)
                     table.write(r, c.layer, c.token_start, kv)
                     nbytes += c.nbytes
                     if not timings.first_byte:
@@ -346,30 +356,6 @@ class _Servicer:
         except TimeoutError:
             raise TransferTimeout("the sender went quiet (idle timeout or lease expired)") from None
 
-    async def _chunk_kv(self, c, num_layers: int, channel: TorchChannel | None, it, r) -> torch.Tensor:
-        fp = self.fp
-        if channel is None:
-            data = await self._next(it, r)  # the chunk's bytes: a memoryview, in place (decode_push_message)
-            if isinstance(data, pb.PushMessage) and data.WhichOneof("kind") == "chunk_data":
-                data = data.chunk_data
-            elif not isinstance(data, memoryview):
-                raise MalformedTransfer("a chunk's bytes must follow its LayerChunk")
-            if len(data) != c.nbytes:
-                raise MalformedTransfer(f"chunk says {c.nbytes} bytes, carries {len(data)}")
-            metrics.TRANSFER_BYTES_TOTAL.inc(self.rx.config.kv_transport, c.nbytes)
-            if c.checksum_algo != pb.CHECKSUM_ALGO_CRC32C or bytes_checksum(data) != c.checksum:
-                raise ChecksumMismatch(f"layer {c.layer} tokens [{c.token_start}, {c.token_start + c.num_tokens}): "
-                                       "checksum mismatch")
-            return kv_from_bytes(data, num_layers, c.num_tokens, fp)
-        buf = channel.staging((num_layers, 2, c.num_tokens, fp.num_kv_heads, fp.head_dim), fp.torch_dtype,
-                              self.rx.pool.kv.device)
-        await asyncio.get_running_loop().run_in_executor(self.rx._executor, channel.recv, buf)
-        metrics.TRANSFER_BYTES_TOTAL.inc(self.rx.config.kv_transport, c.nbytes)
-        if checksum(buf, c.checksum_algo) != c.checksum:
-            raise ChecksumMismatch(f"layer {c.layer} tokens [{c.token_start}, {c.token_start + c.num_tokens}): "
-                                   "checksum mismatch")
-        return buf
-
     def _fail(self, r, reason: str) -> None:
         transport = self.rx.config.kv_transport
         metrics.TRANSFER_FAILURES.labels(transport, reason).inc()
@@ -379,7 +365,7 @@ class _Servicer:
 
 async def _abort(context, e: KVTransferError):
     context.set_trailing_metadata(((REASON_METADATA_KEY, e.reason),))
-    await context.abort(e.code, str(e))
+    await context.abort(grpc_status(e), str(e))
 
 
 class _AuthInterceptor(grpc.aio.ServerInterceptor):

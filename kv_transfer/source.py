@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.kv_transfer.protocol import TransferCancelled
+from pdserve.kv_transfer.errors import TransferCancelled
 
 
 @dataclass
@@ -44,12 +44,16 @@ class LayerStream:
         self._closed = False
 
     @classmethod
-    def from_export(cls, kv) -> LayerStream:
-        """A complete stream from an `engine.llm_engine.KVExport`."""
-        s = cls(kv.request_id, kv.num_tokens)
-        for i, t in enumerate(kv.layers):
-            s.put_layer(i, t)
-        s.commit(kv.prompt_token_ids, kv.output_token_ids)
+    def complete(cls, request_id: str, layers: list[torch.Tensor], prompt_token_ids: list[int],
+                 output_token_ids: list[int]) -> LayerStream:
+        """A stream whose KV is all here already (tests, benchmarks): layer i is `layers[i]`, each
+        `[2, num_tokens, kv_heads, head_dim]`, then the commit. Its token count is the layers'."""
+        if not layers:
+            raise ValueError("a stream needs at least one layer of KV")
+        s = cls(request_id, layers[0].shape[1])
+        for i, kv in enumerate(layers):
+            s.put_layer(i, kv)
+        s.commit(prompt_token_ids, output_token_ids)
         return s
 
     # -- producer (any thread) ------------------------------------------------------------------

@@ -87,9 +87,10 @@ class PrefillWorker(Worker):
         self.loop.abort(request_id)
         self.sender.cancel(request_id, "aborted")
 
-    def forget_peer(self, address: str) -> None:
-        """A decode worker left the pool: close this worker's connection and channel to it."""
-        self.sender.forget(address)
+    async def forget_peer(self, address: str) -> None:
+        """A decode worker left the pool: cancel pushes to it, close the connection and channel (on an
+        executor thread: it waits for the cancelled pushes, and the actor's event loop must not)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.sender.forget, address)
 
     def set_faults(self, faults: FaultConfig | None) -> None:
         """Chaos: change the transfer fault injection of this worker's sender at run time."""

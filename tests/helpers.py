@@ -98,3 +98,11 @@ class Server:
     def stop(self) -> None:
         self.ray.get(self.actor.stop.remote(), timeout=60)
         self.ray.kill(self.actor)
+
+
+def kv_fingerprint(num_layers: int = 2):
+    """The KV layout of the transfer-layer tests (no model behind it): 2 KV heads of 16 floats, blocks of 16."""
+    from pdserve.kv_transfer.protocol import Fingerprint
+
+    return Fingerprint("test/model", "ab" * 32, num_layers=num_layers, num_kv_heads=2, head_dim=16, dtype="float32",
+                       block_size=16, pdserve_version="0.1.0")

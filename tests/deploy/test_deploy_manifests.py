@@ -276,7 +276,7 @@ def test_rayjob_command_gets_the_secrets_on_the_head_and_builds_a_valid_config(t
     argv[argv.index("--config") + 1] = str(local)
 
     # pdserve's own argument parser and config tree accept the command line and the file.
-    from pdserve.engine.serve_cli import add_serve_args, serve_config
+    from pdserve.serve import add_serve_args, serve_config
 
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
@@ -314,7 +314,7 @@ def test_launcher_serve_command_builds_a_valid_config(tmp_path, source):
     subprocess.run(["bash", "-c", command], env={"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin"},
                    check=True, timeout=30)
     argv = json.loads((tmp_path / "argv.json").read_text())
-    from pdserve.engine.serve_cli import add_serve_args, serve_config
+    from pdserve.serve import add_serve_args, serve_config
 
     parser = argparse.ArgumentParser()
     add_serve_args(parser)

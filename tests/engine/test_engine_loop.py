@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from pdserve.decode_worker.engine_loop import EngineLoop, EngineStepError
 from pdserve.engine.llm_engine import InvalidRequestError
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import FinishReason
+from pdserve.worker.engine_loop import EngineLoop, EngineStepError
 from tests.helpers import GREEDY, prompts
 
 

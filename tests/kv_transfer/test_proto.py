@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pdserve.kv_transfer.v1.kv_transfer_pb2 as pb
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_stubs_in_use_match_the_committed_proto(tmp_path):

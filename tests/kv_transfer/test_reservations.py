@@ -1,14 +1,21 @@
-"""The decode side's ownership state machine (kv_transfer.pool.ReservationTable), driven
-directly with a fake clock: every path returns each block exactly once."""
+"""The decode side's ownership state machine (kv_transfer.reservations.ReservationTable), driven
+directly with a fake clock: every path returns each block exactly once. It and the typed errors
+import without torch, gRPC or numpy."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from pdserve.kv_transfer import DuplicateRequest, MalformedTransfer, RequestReleased, ReservationRefused, UnknownRequest
-from pdserve.kv_transfer.pool import KVPool, ReservationTable, State
-from tests.test_kv_plane_hardening import FP
+from pdserve.kv_transfer.pool import KVPool
+from pdserve.kv_transfer.reservations import ReservationTable, State
+from tests.helpers import kv_fingerprint
+
+FP = kv_fingerprint(num_layers=2)
 
 
 class Clock:
@@ -138,3 +145,22 @@ def test_chunk_plan_covers_every_layer_and_token_once_within_the_limit(layers, t
     assert bool((seen == 1).all())
     if tokens * bpt <= limit:  # small layers are packed: as few messages as the limit allows
         assert len(chunks) == -(-layers // (limit // (tokens * bpt)))
+
+
+def test_reservations_and_errors_import_without_torch_grpc_or_numpy():
+    """A fresh interpreter (this one has torch loaded already); the package's own names stay lazily
+    importable from it, and the old homes re-export the moved classes."""
+    code = ("import sys; import pdserve.kv_transfer.reservations, pdserve.kv_transfer.errors; "
+            "heavy = {'torch', 'grpc', 'numpy'} & set(sys.modules); assert not heavy, sorted(heavy); "
+            "from pdserve.kv_transfer import ReservationRefused, KVSender; "
+            "assert 'torch' in sys.modules and 'grpc' in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    from pdserve import kv_transfer
+    from pdserve.kv_transfer import errors, pool, protocol, reservations
+
+    assert pool.ReservationTable is reservations.ReservationTable and pool.ReceivedKV is reservations.ReceivedKV
+    assert protocol.ReservationRefused is errors.ReservationRefused is kv_transfer.ReservationRefused
+    assert all(getattr(kv_transfer, name) is not None for name in kv_transfer.__all__)
+    with pytest.raises(AttributeError):
+        kv_transfer.NoSuchName  # noqa: B018

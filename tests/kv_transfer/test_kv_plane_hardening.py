@@ -1,10 +1,12 @@
 """The KV plane against a hostile or broken peer, through raw gRPC stubs: every bad
 message is refused with a typed status, and the pool (free blocks and contents) is
 exactly as it was. Plus authentication, TLS, a sender process killed mid-stream,
-channel bounds and the metrics."""
+channel bounds, the metrics, and the receiver's local API the decode worker uses
+(reserve, reserve_future, release_soon)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -12,6 +14,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import google_crc32c
@@ -21,24 +25,26 @@ import torch
 from prometheus_client import REGISTRY
 
 from pdserve.engine.config import KVTransferConfig
-from pdserve.engine.llm_engine import KVExport
 from pdserve.kv_transfer import (
     AuthenticationFailed,
-    Fingerprint,
     KVPool,
     KVReceiver,
     KVSender,
     LayerStream,
+    LocalReservation,
+    MalformedTransfer,
     PeerUnavailable,
+    RequestReleased,
+    ReservationRefused,
+    ReservationTooLarge,
 )
 from pdserve.kv_transfer.protocol import REASON_METADATA_KEY
 from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
 from pdserve.kv_transfer.v1 import kv_transfer_pb2_grpc as pb_grpc
-from tests.test_kv_transfer import wait_for
+from tests.helpers import kv_fingerprint, wait_for
 
-FP = Fingerprint("test/model", "ab" * 32, num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", block_size=16,
-                 pdserve_version="0.1.0")
-ROOT = Path(__file__).resolve().parents[1]
+FP = kv_fingerprint(num_layers=2)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -91,9 +97,9 @@ def flat(messages):
     return out
 
 
-def header(rid, n, fp=FP):
+def header(rid, n, fp=FP, data_plane="grpc"):
     return pb.PushMessage(header=pb.TransferHeader(request_id=rid, fingerprint_digest=fp.digest(), num_tokens=n,
-                                                   data_plane="grpc"))
+                                                   data_plane=data_plane))
 
 
 def reason_of(err: grpc.RpcError) -> str:
@@ -125,6 +131,8 @@ BAD_PUSHES = {
     "bytes first": (lambda: [chunk(0, 0, 20)[1]], grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
     "token count differs from the reservation": (lambda: [header("r", 19)], grpc.StatusCode.INVALID_ARGUMENT,
                                                  "malformed"),
+    "unknown data plane": (lambda: [header("r", 20, data_plane="nixl"), chunk(0, 0, 20)],
+                           grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
     "other layout": (lambda: [header("r", 20, dataclasses.replace(FP, dtype="float16"))],
                      grpc.StatusCode.FAILED_PRECONDITION, "layout_mismatch"),
     "oversized message": (lambda: [header("r", 20), chunk(0, 0, 1, data=b"\0" * (80 << 10), nbytes=256)],
@@ -183,9 +191,10 @@ def test_reserve_with_another_layout_is_refused(receiver):
     assert rx.pool.num_free_blocks == 32
 
 
-def _export(rid, n, fp=FP):
-    return KVExport(rid, list(range(n)), [7], n, [torch.randn(2, n, fp.num_kv_heads, fp.head_dim)
-                                                    for _ in range(fp.num_layers)])
+def _stream(rid, n, fp=FP) -> LayerStream:
+    """A complete push of random KV for `n` tokens."""
+    return LayerStream.complete(rid, [torch.randn(2, n, fp.num_kv_heads, fp.head_dim) for _ in range(fp.num_layers)],
+                                list(range(n)), [7])
 
 
 def test_shared_secret_is_required(receiver):
@@ -204,7 +213,7 @@ def test_shared_secret_is_required(receiver):
     tx = KVSender(KVTransferConfig(auth_token="s3cret"), FP)
     try:
         tx.reserve(rx.address, "r", 20)
-        assert tx.push(rx.address, LayerStream.from_export(_export("r", 20))).result(10).bytes == 20 * 256 * 2
+        assert tx.push(rx.address, _stream("r", 20)).result(10).bytes == 20 * 256 * 2
     finally:
         tx.close()
     release_committed(rx)
@@ -246,7 +255,7 @@ def test_tls(receiver, tmp_path):
     tx = KVSender(KVTransferConfig(auth_token="s3cret", tls_ca_file=cert, tls_server_name="pdserve-decode"), FP)
     try:
         tx.reserve(rx.address, "r", 5)
-        tx.push(rx.address, LayerStream.from_export(_export("r", 5))).result(10)
+        tx.push(rx.address, _stream("r", 5)).result(10)
     finally:
         tx.close()
     release_committed(rx)
@@ -292,8 +301,8 @@ def test_channels_per_worker_are_bounded(receiver):
     try:
         for i, rx in enumerate([rx1, rx2, rx1]):
             tx.reserve(rx.address, f"r{i}", 10)
-            tx.push(rx.address, LayerStream.from_export(_export(f"r{i}", 10))).result(20)
-            assert len(tx.channels) == 1
+            tx.push(rx.address, _stream(f"r{i}", 10)).result(20)
+            assert len(tx.plane.channels) == 1
             release_committed(rx)
     finally:
         tx.close()
@@ -315,7 +324,7 @@ def test_metrics_are_recorded_on_the_receiving_side(receiver):
     tx = KVSender(KVTransferConfig(), FP)
     try:
         tx.reserve(rx.address, "ok", 20)
-        tx.push(rx.address, LayerStream.from_export(_export("ok", 20))).result(10)
+        tx.push(rx.address, _stream("ok", 20)).result(10)
     finally:
         tx.close()
     release_committed(rx)
@@ -325,3 +334,114 @@ def test_metrics_are_recorded_on_the_receiving_side(receiver):
         s.Push(iter(flat([header("bad", 20), chunk(0, 0, 20, corrupt=True)])))
     delta = [_sample(*k) - b for k, b in zip(keys, before, strict=True)]
     assert delta == [1, 20 * 512, 20 * 512 + 20 * 256, 1, 1]
+
+
+def test_every_error_names_a_grpc_status_and_comes_back_as_itself():
+    """Errors carry their status as a plain name (kv_transfer.errors needs no gRPC); the name must be
+    a real status, and a failed call carrying it (with its reason) must raise the same class."""
+    from pdserve.kv_transfer import errors
+    from pdserve.kv_transfer.faults import InjectedFault
+    from pdserve.kv_transfer.protocol import error_from_rpc, grpc_status
+
+    classes = [getattr(errors, n) for n in errors.__all__ if n != "error_class"]
+    assert len(classes) == 14
+    for cls in classes:
+        code = grpc_status(cls("x"))
+        assert isinstance(code, grpc.StatusCode) and code.name == cls.code
+        md = grpc.aio.Metadata((REASON_METADATA_KEY, cls.reason))
+        assert type(error_from_rpc(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), md, "details"))) is cls
+    assert grpc_status(InjectedFault("x")) == grpc.StatusCode.UNAVAILABLE  # retryable, like a lost peer
+    unnamed = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+    assert type(error_from_rpc(unnamed)) is PeerUnavailable  # gRPC's own status, no reason: by code
+
+
+def test_data_planes_are_picked_by_config_and_by_header():
+    from pdserve.kv_transfer import data_plane
+
+    assert data_plane.for_transport("grpc").wire_name == "grpc"
+    assert data_plane.for_transport("nccl").wire_name == "torch"
+    assert data_plane.for_wire("") is data_plane.for_wire("grpc")  # a header that names none: inline
+    assert data_plane.for_backend("gloo") is data_plane.for_backend("nccl") is data_plane.for_wire("torch")
+    with pytest.raises(MalformedTransfer):
+        data_plane.for_wire("nixl")
+    with pytest.raises(MalformedTransfer):
+        data_plane.for_backend("ucx")
+    for transport, plane in (("grpc", data_plane.InlineSender), ("nccl", data_plane.TorchSender)):
+        tx = KVSender(KVTransferConfig(kv_transport=transport), FP)
+        try:
+            assert type(tx.plane) is plane
+        finally:
+            tx.close()
+
+
+def test_local_reservation_takes_a_push_with_no_reserve_call(receiver):
+    rx = receiver(lease_s=30)
+    got = rx.reserve("r", 20, lease_s=5)
+    assert got == LocalReservation("r", num_blocks=2, lease_s=5.0)
+    assert rx.pool.num_free_blocks == 30 and rx.state_of("r") == "reserved"
+    tx = KVSender(KVTransferConfig(), FP)
+    try:
+        assert tx.push(rx.address, _stream("r", 20)).result(10).bytes == 20 * 256 * 2  # no tx.reserve
+    finally:
+        tx.close()
+    assert rx.committed[0].request_id == "r" and rx.state_of("r") == "committed"
+    release_committed(rx)
+    assert rx.reserve("capped", 1, lease_s=999).lease_s == 30.0  # never more than the receiver grants
+    assert rx.release("capped") == "reserved" and rx.pool.num_free_blocks == 32
+
+
+def test_reserve_future_from_another_event_loop_refuses_like_the_rpc(receiver):
+    rx = receiver(num_blocks=4)
+
+    async def reserve(rid: str, n: int):
+        return await asyncio.wrap_future(rx.reserve_future(rid, n))
+
+    too_large0 = _sample("pdserve_kv_transfer_failures_total", {"transport": "grpc", "reason": "too_large"})
+    assert asyncio.run(reserve("a", 48)) == LocalReservation("a", 3, rx.config.lease_s)
+    with pytest.raises(ReservationTooLarge):
+        asyncio.run(reserve("huge", 5 * 16))
+    with pytest.raises(ReservationRefused):
+        asyncio.run(reserve("b", 2 * 16))  # fits the pool, not what is free of it
+    assert _sample("pdserve_kv_transfer_failures_total", {"transport": "grpc", "reason": "too_large"}) == too_large0 + 1
+    assert rx.pool.num_free_blocks == 1 and rx.state_of("b") == "unknown"
+    assert rx.release("a") == "reserved" and rx.pool.num_free_blocks == 4
+
+
+def test_local_reservation_lease_expires(receiver):
+    """The reaper is woken by a local reserve as by a Reserve call: with no other reservation it has no
+    deadline to wake for, so without the wake-up this lease would never be reclaimed."""
+    rx = receiver(lease_s=0.3)
+    rx.reserve("r", 20)
+    assert rx.pool.num_free_blocks == 30
+    assert wait_for(lambda: rx.pool.num_free_blocks == 32, 5, "the lease to expire") < 2.0
+    tx = KVSender(KVTransferConfig(), FP)
+    try:
+        with pytest.raises(RequestReleased, match="lease_expired"):
+            tx.push(rx.address, _stream("r", 20)).result(10)
+    finally:
+        tx.close()
+
+
+def test_release_soon_does_not_wait_for_a_busy_receiver_loop(receiver):
+    rx = receiver()
+    rx.reserve("r", 20)
+    entered, unblock = threading.Event(), threading.Event()
+
+    async def hog():  # the receiver's loop busy (a long write, a slow on_commit): it runs nothing else
+        entered.set()
+        unblock.wait(30)
+
+    hogging = asyncio.run_coroutine_threadsafe(hog(), rx._loop)
+    try:
+        assert entered.wait(10)
+        t0 = time.perf_counter()
+        fut = rx.release_soon("r", "client_disconnected")
+        took = time.perf_counter() - t0
+        assert took < 0.1, f"release_soon took {took:.3f}s"
+        assert not fut.done() and rx.pool.num_free_blocks == 30  # scheduled, not done: the loop is held
+    finally:
+        unblock.set()
+    hogging.result(10)
+    assert fut.result(10) == "reserved"
+    assert rx.pool.num_free_blocks == 32 and rx.state_of("r") == "released"
+    assert rx.release_soon("r", "again").result(10) == "released"  # idempotent, like release()

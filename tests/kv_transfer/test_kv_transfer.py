@@ -5,7 +5,6 @@ leaving both pools' free-block counts where they started."""
 from __future__ import annotations
 
 import queue
-import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from pdserve.engine.config import KVTransferConfig
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import FinishReason
+from pdserve.engine.tiny_models import save_tiny_model
 from pdserve.kv_transfer import (
     KVPool,
     KVReceiver,
@@ -23,7 +23,7 @@ from pdserve.kv_transfer import (
     ReservationRefused,
     TransferCancelled,
 )
-from tests.conftest import check_no_leak, save_tiny_model
+from tests.helpers import check_no_leak, wait_for
 
 TRANSPORTS = ["grpc", "nccl"]
 
@@ -44,16 +44,6 @@ class RecordingStream(LayerStream):
     def put_layer(self, layer, kv):
         self.shipped[layer] = kv.clone()
         super().put_layer(layer, kv)
-
-
-def wait_for(predicate, timeout: float, what: str) -> float:
-    """Poll a condition until it holds (returns the seconds it took) or fail after `timeout`."""
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-    return time.monotonic() - t0
 
 
 @dataclass
@@ -239,6 +229,67 @@ def test_decode_side_abort_fails_the_push(transfer_env, transport):
         fut.result(10)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_push_into_a_reservation_the_decode_side_made(transfer_env, transport):
+    """The decode worker reserves locally when a request opens; the prefill worker pushes straight into
+    it (no Reserve call of its own), and the blocks come back after decoding and after a release."""
+    env = transfer_env(transport)
+    free0 = env.dec.block_manager.num_free_blocks
+    prompt = list(range(7, 50))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    local = env.rx.reserve("r", len(prompt))
+    assert (local.request_id, local.num_blocks) == ("r", 3)
+    assert env.dec.block_manager.num_free_blocks == free0 - 3
+    stream = LayerStream("r", len(prompt))
+    fut = env.tx.push(env.rx.address, stream)
+    env.pre.add_request("r", prompt, params, kv_sink=stream)
+    while env.pre.has_unfinished():
+        env.pre.step()
+    assert fut.result(30).bytes == len(prompt) * env.rx.pool.fingerprint.bytes_per_token_layer * env.pre.arch.num_layers
+    received = env.got.get(timeout=10)
+    assert decode_to_end(env.dec, "r", received, params) == env.pre.generate([prompt], params)[0].output_token_ids
+    assert env.dec.block_manager.num_free_blocks == free0  # committed, decoded, freed by the engine
+    env.rx.reserve("gone", len(prompt))
+    assert env.rx.release("gone", "client_disconnected") == "reserved"
+    assert env.dec.block_manager.num_free_blocks == free0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_forget_cancels_pushes_to_that_worker_only(transfer_env, transport):
+    env = transfer_env(transport)
+    other = transfer_env(transport)  # a second decode worker the same sender keeps pushing to
+    free0 = env.dec.block_manager.num_free_blocks
+    env.tx.reserve(env.rx.address, "r", 40)
+    stream = LayerStream("r", 40)
+    stream.put_layer(0, torch.zeros(2, 40, 2, 16))  # one layer, then the producer stalls: a push in flight
+    fut = env.tx.push(env.rx.address, stream)
+    wait_for(lambda: env.rx.state_of("r") == "receiving", 5, "the push to start")
+    env.tx.reserve(other.rx.address, "o", 40)
+    kept = LayerStream("o", 40)
+    kept.put_layer(0, torch.zeros(2, 40, 2, 16))
+    kept_fut = env.tx.push(other.rx.address, kept)
+    wait_for(lambda: other.rx.state_of("o") == "receiving", 5, "the other push to start")
+
+    env.tx.forget(env.rx.address)  # returns once its pushes have ended
+    with pytest.raises(TransferCancelled):
+        fut.result(0)
+    assert not kept_fut.done()
+    wait_for(lambda: env.dec.block_manager.num_free_blocks == free0, 5, "the reservation to be released")
+    assert env.rx.state_of("r") == "released"
+    env.tx.forget("127.0.0.1:1")  # never paired: nothing to do, no error
+
+    kept.put_layer(1, torch.zeros(2, 40, 2, 16))
+    kept.commit(list(range(40)), [1])
+    assert kept_fut.result(10).bytes == 40 * 256 * 2
+    env.tx.reserve(env.rx.address, "again", 40)  # the forgotten worker can be paired with afresh
+    assert env.tx.push(env.rx.address, _zeros_stream("again", 40)).result(10).bytes == 40 * 256 * 2
+    for e, rid in ((other, "o"), (env, "again")):
+        received = e.got.get(timeout=5)
+        assert received.request_id == rid
+        with e.dec.kv_lock:
+            e.dec.block_manager.free(received.block_table)
+
+
 def test_incompatible_pair_is_refused_before_any_request(transfer_env):
     env = transfer_env("grpc")
     fp = env.tx.fingerprint
@@ -265,7 +316,7 @@ def test_lease_expires_when_the_prefill_side_never_pushes(transfer_env):
     from pdserve.kv_transfer import RequestReleased
 
     with pytest.raises(RequestReleased, match="lease_expired"):
-        env.tx.push(env.rx.address, LayerStream.from_export(env.pre.__class__ and _zeros_export("r", 100))).result(5)
+        env.tx.push(env.rx.address, _zeros_stream("r", 100)).result(5)
 
 
 def test_stalled_sender_times_out(transfer_env):
@@ -327,7 +378,7 @@ def test_on_commit_refusal_frees_the_blocks(make_engine, long_model_dir):
         from pdserve.kv_transfer import KVTransferError
 
         with pytest.raises(KVTransferError, match="draining"):
-            tx.push(rx.address, LayerStream.from_export(_zeros_export("r", 30))).result(10)
+            tx.push(rx.address, _zeros_stream("r", 30)).result(10)
         assert dec.block_manager.num_free_blocks == dec.block_manager.num_blocks
     finally:
         tx.close()
@@ -336,7 +387,7 @@ def test_on_commit_refusal_frees_the_blocks(make_engine, long_model_dir):
 
 def test_engine_loop_decodes_received_requests(transfer_env):
     """The decode worker's path: on_commit hands the blocks to the engine loop, tokens stream out."""
-    from pdserve.decode_worker.engine_loop import EngineLoop
+    from pdserve.worker.engine_loop import EngineLoop
 
     env = transfer_env("grpc")
     loop = EngineLoop(env.dec).start()
@@ -371,10 +422,9 @@ def test_non_loopback_server_needs_a_secret():
     KVTransferConfig(host="0.0.0.0", auth_token="s3cret")
 
 
-def _zeros_export(rid: str, n: int, layers: int = 2):
-    from pdserve.engine.llm_engine import KVExport
-
-    return KVExport(rid, list(range(n)), [0], n, [torch.zeros(2, n, 2, 16) for _ in range(layers)])
+def _zeros_stream(rid: str, n: int, layers: int = 2) -> LayerStream:
+    """A complete push of all-zero KV for `n` tokens (the tiny model's layout: 2 KV heads x 16)."""
+    return LayerStream.complete(rid, [torch.zeros(2, n, 2, 16) for _ in range(layers)], list(range(n)), [0])
 
 
 def test_wildcard_binds_are_advertised_as_a_dialable_address():

@@ -12,10 +12,8 @@ import torch
 from prometheus_client import REGISTRY
 
 from pdserve.engine.config import FaultConfig, KVTransferConfig
-from pdserve.engine.llm_engine import KVExport
 from pdserve.kv_transfer import (
     ChecksumMismatch,
-    Fingerprint,
     KVPool,
     KVReceiver,
     KVSender,
@@ -25,10 +23,9 @@ from pdserve.kv_transfer import (
     TransferCancelled,
 )
 from pdserve.kv_transfer.faults import FaultInjector, InjectedFault
-from tests.test_kv_transfer import wait_for
+from tests.helpers import kv_fingerprint, wait_for
 
-FP = Fingerprint("test/model", "ab" * 32, num_layers=4, num_kv_heads=2, head_dim=16, dtype="float32", block_size=16,
-                 pdserve_version="0.1.0")
+FP = kv_fingerprint(num_layers=4)
 N = 20  # tokens per transfer: 20 x 256 bytes per layer, split into 3 chunks of at most 2 KiB
 TRANSPORTS = ["grpc", "nccl"]
 EXPECTED = {  # fault -> (error on the prefill side, reason of the receiver's failure metric)
@@ -63,8 +60,8 @@ class Side:
                 stream.put_layer(i, kv)
             stream.commit(list(range(N)), [7])
         else:
-            export = KVExport(rid, list(range(N)), [7], N, [layers[i] for i in range(FP.num_layers)])
-            fut = self.tx.push(self.rx.address, LayerStream.from_export(export))
+            stream = LayerStream.complete(rid, [layers[i] for i in range(FP.num_layers)], list(range(N)), [7])
+            fut = self.tx.push(self.rx.address, stream)
         return rid, layers, fut
 
     def take_committed(self, rid: str, layers: dict[int, torch.Tensor]) -> None:

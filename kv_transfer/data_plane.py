@@ -1,0 +1,385 @@
+"""How a push's KV bytes travel: one interface, one entry per transport.
+
+The control plane is the same for every transport (Pair, Reserve, the Push stream
+of TransferHeader -> LayerChunk... -> Commit, Release, on gRPC; see `client`,
+`server`). The data plane is the part that differs, and it has two halves:
+
+  * `SenderPlane` (in the `KVSender`): per push, `link(peer)` opens or reuses its way
+    to that peer and holds it for the push; per chunk, `SenderLink.messages(kvs, meta)`
+    fills the `LayerChunk`'s size and checksum and yields what goes on the Push
+    stream, moving the bytes itself where they travel out of band.
+  * `ReceiverPlane` (in the `KVReceiver`): per push, `attach(header)` finds the way
+    the sender named; per chunk, `ReceiverLink.chunk_kv(chunk, ...)` produces that
+    chunk's KV tensor, checked against its checksum. The receiver bounds-checks the
+    `LayerChunk` before asking, and writes the tensor into the reserved blocks after.
+
+Two implementations, picked through `DataPlane` registry entries by the wire's
+`TransferHeader.data_plane` (receiver) or the config's `kv_transport` (sender):
+
+  * "grpc" (`kv_transport: grpc`, `InlineSender`/`InlineReceiver`): the bytes follow
+    their `LayerChunk` as a `chunk_data` message on the same stream, CRC32C. They are
+    encoded straight from the tensors and read in place (`protocol.encode_chunk_data`,
+    `decode_push_message`): a measured optimisation, keep it.
+  * "torch" (`kv_transport: nccl`, `TorchSender`/`TorchReceiver`): the bytes go on a
+    torch.distributed channel per worker pair (`channel.TorchChannel`: NCCL on CUDA,
+    gloo on CPU), opened through the OpenChannel RPC; a channel carries one push at a
+    time, and one that fails mid-push is torn down.
+
+A third transport is one more pair of halves and one `DataPlane(...)` line in
+`PLANES`; nothing in `KVSender` or `KVReceiver` changes. NIXL (RDMA), for example:
+
+  * `NixlReceiver.__init__` registers the pool's KV tensors with a NIXL agent, and
+    `attach(header)` checks that the header's agent is one it has exchanged metadata
+    with (that exchange would ride on Pair, or a new control call, as OpenChannel
+    does for torch). `chunk_kv` waits for the sender's completion notification for
+    that chunk, verifies the checksum over the slots it landed in and returns them;
+    `ReservationTable.write` would then skip its copy for planes that write in place
+    (the one change outside this module), and a bad chunk is handled as today: the
+    reservation is released, so the blocks it scribbled on are never read.
+  * `NixlSender.link(peer)` loads the peer's agent metadata (once per peer) and learns
+    the reservation's block addresses (the Reserve answer would carry them; a sender
+    may only ever write inside the blocks reserved for its request); per chunk,
+    `messages` computes the checksum, RDMA-writes the layer KV into those blocks'
+    slots, and yields only the `LayerChunk`: metadata and checksum, no bytes.
+
+Fault injection (`faults`) applies on every plane: the sender drops a chunk before its
+plane sees it, and asks the plane to corrupt one after its checksum (`corrupt=True`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+import torch
+import torch.distributed as dist
+
+from pdserve.kv_transfer import faults as fi
+from pdserve.kv_transfer import metrics
+from pdserve.kv_transfer.channel import (
+    RECEIVER_RANK,
+    SENDER_RANK,
+    ChannelTable,
+    TorchChannel,
+    backend_for,
+    create_group,
+)
+from pdserve.kv_transfer.errors import ChecksumMismatch, KVTransferError, MalformedTransfer, PeerUnavailable
+from pdserve.kv_transfer.protocol import (
+    advertised_host,
+    bytes_checksum,
+    checksum,
+    checksum_algo,
+    encode_chunk_data,
+    error_from_rpc,
+    kv_from_bytes,
+)
+from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
+
+if TYPE_CHECKING:
+    from pdserve.engine.config import KVTransferConfig
+    from pdserve.kv_transfer.client import Peer
+    from pdserve.kv_transfer.pool import KVPool
+
+Message = pb.PushMessage | bytes  # bytes: a message already in wire format (see `encode_chunk_data`)
+NextMessage = Callable[[], Awaitable["pb.PushMessage | memoryview | None"]]
+
+
+# -- the interface --------------------------------------------------------------------------------
+class SenderLink(ABC):
+    """One push's way to its peer (held for the whole push)."""
+
+    channel_id = ""  # for the TransferHeader: what the receiver's `attach` looks up
+
+    @abstractmethod
+    def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool) -> AsyncIterator[Message]:
+        """What one chunk puts on the Push stream: its `meta` (size and checksum filled in here),
+        then anything else the chunk needs. `kvs` are the chunk's layers, each `[2, n, heads, dim]`;
+        `corrupt`: flip a byte after the checksum (fault injection)."""
+
+
+class SenderPlane(ABC):
+    """A `KVSender`'s half of a data plane."""
+
+    def __init__(self, config: KVTransferConfig, *, device: torch.device, worker_id: str):
+        self.config = config
+        self.device = device
+        self.worker_id = worker_id
+
+    @abstractmethod
+    def link(self, peer: Peer, metadata: tuple) -> contextlib.AbstractAsyncContextManager[SenderLink]:
+        """Open (or reuse) the way to `peer` and hold it for one push; an error leaving the
+        block means the push failed midway. `metadata`: what control calls must present."""
+
+    def forget(self, address: str) -> None:  # noqa: B027 (optional: a plane that keeps nothing per peer)
+        """The peer at `address` left: drop what is kept for it."""
+
+    def close(self) -> None:  # noqa: B027 (optional: a plane that holds no resources)
+        """The sender is closing (its loop has stopped)."""
+
+
+class ReceiverLink(ABC):
+    """Where one push's chunk bytes come from."""
+
+    @abstractmethod
+    async def chunk_kv(self, chunk: pb.LayerChunk, num_layers: int, next_message: NextMessage) -> torch.Tensor:
+        """The chunk's KV, `[num_layers, 2, chunk.num_tokens, heads, dim]`, checked against its
+        checksum (`ChecksumMismatch`) and size (`MalformedTransfer`). `next_message` reads the
+        Push stream (bounded by the idle timeout and the lease) for planes that carry bytes on it."""
+
+
+class ReceiverPlane(ABC):
+    """A `KVReceiver`'s half of a data plane. Called on the receiver's loop thread."""
+
+    def __init__(self, pool: KVPool, config: KVTransferConfig):
+        self.pool = pool
+        self.config = config
+
+    @abstractmethod
+    async def attach(self, header: pb.TransferHeader) -> ReceiverLink:
+        """The way the push under `header` brings its bytes (`PeerUnavailable` if it is gone)."""
+
+    def open_channel(self, channel_id: str, backend: str) -> tuple[str, int]:
+        """The OpenChannel call, for planes with channels: start the receiving end, return where the
+        sender meets it."""
+        raise MalformedTransfer(f"the {backend} backend opens no channels here")
+
+    def close(self) -> None:  # noqa: B027 (optional: a plane that holds no resources)
+        """The receiver has stopped."""
+
+    def _received(self, nbytes: int) -> None:
+        """Count bytes that arrived, before they are checked (`pdserve_kv_transfer_bytes_total`)."""
+        metrics.TRANSFER_BYTES_TOTAL.inc(self.config.kv_transport, nbytes)
+
+
+def _check_sum(chunk: pb.LayerChunk, ok: bool) -> None:
+    if not ok:
+        raise ChecksumMismatch(f"layer {chunk.layer} tokens [{chunk.token_start}, "
+                               f"{chunk.token_start + chunk.num_tokens}): checksum mismatch")
+
+
+# -- "grpc": the bytes inline on the Push stream -----------------------------------------------------
+class InlineSender(SenderPlane, SenderLink):
+    """Stateless: the Push stream itself is the way, so the plane is its own link."""
+
+    @contextlib.asynccontextmanager
+    async def link(self, peer: Peer, metadata: tuple) -> AsyncIterator[SenderLink]:
+        yield self
+
+    async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool) -> AsyncIterator[Message]:
+        data, meta.nbytes, meta.checksum = encode_chunk_data(kvs)
+        meta.checksum_algo = pb.CHECKSUM_ALGO_CRC32C
+        if corrupt:
+            data = fi.corrupt_wire_bytes(data, meta.nbytes)
+        yield pb.PushMessage(chunk=meta)
+        yield data  # already wire bytes
+
+
+class InlineReceiver(ReceiverPlane, ReceiverLink):
+    async def attach(self, header: pb.TransferHeader) -> ReceiverLink:
+        return self
+
+    async def chunk_kv(self, chunk: pb.LayerChunk, num_layers: int, next_message: NextMessage) -> torch.Tensor:
+        data = await next_message()  # the chunk's bytes: a memoryview, in place (decode_push_message)
+        if isinstance(data, pb.PushMessage) and data.WhichOneof("kind") == "chunk_data":
+            data = data.chunk_data
+        elif not isinstance(data, memoryview):
+            raise MalformedTransfer("a chunk's bytes must follow its LayerChunk")
+        if len(data) != chunk.nbytes:
+            raise MalformedTransfer(f"chunk says {chunk.nbytes} bytes, carries {len(data)}")
+        self._received(chunk.nbytes)
+        _check_sum(chunk, chunk.checksum_algo == pb.CHECKSUM_ALGO_CRC32C and bytes_checksum(data) == chunk.checksum)
+        return kv_from_bytes(data, num_layers, chunk.num_tokens, self.pool.fingerprint)
+
+
+# -- "torch": the bytes on a torch.distributed channel -----------------------------------------------
+class _TorchLink(SenderLink):
+    def __init__(self, channel: TorchChannel, executor: concurrent.futures.Executor):
+        self.channel = channel
+        self.channel_id = channel.channel_id
+        self._executor = executor
+
+    async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool) -> AsyncIterator[Message]:
+        part = torch.stack(kvs) if len(kvs) > 1 else kvs[0].contiguous()
+        meta.checksum_algo = checksum_algo(part)  # SUM64 on a GPU: computed there, no copy to the host
+        meta.checksum = checksum(part, meta.checksum_algo)
+        meta.nbytes = part.numel() * part.element_size()
+        if corrupt:
+            part = fi.corrupt_tensor(part)
+        yield pb.PushMessage(chunk=meta)  # first: the receiver posts its recv when it reads this
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.channel.send, part)
+
+
+class TorchSender(SenderPlane):
+    def __init__(self, config: KVTransferConfig, *, device: torch.device, worker_id: str):
+        super().__init__(config, device=device, worker_id=worker_id)
+        self.channels = ChannelTable(config.max_channels)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, config.max_channels),
+                                                               thread_name_prefix="kv-send")
+
+    @contextlib.asynccontextmanager
+    async def link(self, peer: Peer, metadata: tuple) -> AsyncIterator[SenderLink]:
+        async with self._locks.setdefault(peer.address, asyncio.Lock()):  # sends and recvs match by order
+            channel = await self._channel(peer, metadata)
+            try:
+                yield _TorchLink(channel, self._executor)
+            except BaseException:
+                channel.close()  # a send may be half done: the channel's state is unknown
+                raise
+
+    def forget(self, address: str) -> None:
+        self.channels.pop(address)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.channels.close_all()
+
+    async def _channel(self, peer: Peer, metadata: tuple) -> TorchChannel:
+        ch = self.channels.get(peer.address)
+        if ch is not None:
+            return ch
+        if not self.channels.make_room():
+            raise KVTransferError(f"all {self.config.max_channels} channels are busy")
+        channel_id = f"{self.worker_id}-{uuid.uuid4().hex[:12]}"
+        backend = backend_for(self.device)
+        try:
+            resp = await peer.stub.OpenChannel(pb.OpenChannelRequest(channel_id=channel_id, backend=backend),
+                                               timeout=self.config.rpc_timeout_s, metadata=metadata)
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from None
+        t, host = self.config.channel_timeout_s, advertised_host(self.config.host)
+
+        def build() -> TorchChannel:  # blocks until the receiver joins: off the loop
+            store = dist.TCPStore(resp.store_host, resp.store_port, None, False,
+                                  timeout=datetime.timedelta(seconds=t))
+            return TorchChannel(channel_id, create_group(store, channel_id, SENDER_RANK, backend, t, host), backend, t)
+
+        ch = await asyncio.get_running_loop().run_in_executor(self._executor, build)
+        self.channels.put(peer.address, ch)
+        return ch
+
+
+class _TorchReceiveLink(ReceiverLink):
+    def __init__(self, plane: TorchReceiver, channel: TorchChannel):
+        self.plane = plane
+        self.channel = channel
+
+    async def chunk_kv(self, chunk: pb.LayerChunk, num_layers: int, next_message: NextMessage) -> torch.Tensor:
+        fp, pool = self.plane.pool.fingerprint, self.plane.pool
+        # A blocking recv cannot land in the pool: a release on the loop could free the blocks meanwhile.
+        buf = self.channel.staging((num_layers, 2, chunk.num_tokens, fp.num_kv_heads, fp.head_dim), fp.torch_dtype,
+                                   pool.kv.device)
+        await asyncio.get_running_loop().run_in_executor(self.plane.executor, self.channel.recv, buf)
+        self.plane._received(chunk.nbytes)
+        _check_sum(chunk, checksum(buf, chunk.checksum_algo) == chunk.checksum)
+        return buf
+
+
+class TorchReceiver(ReceiverPlane):
+    def __init__(self, pool: KVPool, config: KVTransferConfig):
+        super().__init__(pool, config)
+        self.channels = ChannelTable(config.max_channels)
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, config.max_channels),
+                                                              thread_name_prefix="kv-recv")
+        self._pending: dict[str, concurrent.futures.Future] = {}  # channel id -> its group being built
+        self._store: dist.TCPStore | None = None
+
+    async def attach(self, header: pb.TransferHeader) -> ReceiverLink:
+        channel_id = header.channel_id
+        fut = self._pending.get(channel_id)
+        if fut is not None:
+            try:
+                return _TorchReceiveLink(self, await asyncio.wrap_future(fut))
+            except Exception as e:
+                raise PeerUnavailable(f"channel {channel_id} never connected: {e}") from e
+        ch = self.channels.get(channel_id)
+        if ch is None:
+            raise PeerUnavailable(f"no open channel {channel_id!r}")
+        return _TorchReceiveLink(self, ch)
+
+    def open_channel(self, channel_id: str, backend: str) -> tuple[str, int]:
+        """Start the receiving end of a channel (its group is built on a worker thread, as joining
+        blocks until the sender joins); returns the store address the sender rendezvouses at."""
+        if backend != backend_for(self.pool.kv.device):
+            raise MalformedTransfer(f"backend {backend} cannot reach a pool on {self.pool.kv.device}")
+        if not self.channels.make_room():
+            raise KVTransferError(f"all {self.config.max_channels} channels are busy")
+        if self._store is None:
+            self._store = dist.TCPStore(self.config.host, 0, None, True,
+                                        timeout=datetime.timedelta(seconds=self.config.channel_timeout_s),
+                                        wait_for_workers=False)
+        store, t = self._store, self.config.channel_timeout_s
+        host = advertised_host(self.config.host)  # what the peer dials, and the interface gloo binds
+
+        def build() -> TorchChannel:
+            ch = TorchChannel(channel_id, create_group(store, channel_id, RECEIVER_RANK, backend, t, host), backend, t)
+            self.channels.put(channel_id, ch)
+            return ch
+
+        loop = asyncio.get_running_loop()
+        fut = self.executor.submit(build)
+        self._pending[channel_id] = fut
+        fut.add_done_callback(lambda _: loop.call_soon_threadsafe(self._pending.pop, channel_id, None))
+        return host, self._store.port
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.channels.close_all()
+
+
+# -- the registry --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataPlane:
+    """A transport's data plane: its names and its two halves."""
+
+    wire_name: str  # TransferHeader.data_plane
+    transport: str  # KVTransferConfig.kv_transport that makes a sender use it
+    sender: type[SenderPlane]
+    receiver: type[ReceiverPlane]
+    channel_backends: tuple[str, ...] = ()  # the OpenChannel backends it serves
+
+
+PLANES = (
+    DataPlane("grpc", "grpc", InlineSender, InlineReceiver),
+    DataPlane("torch", "nccl", TorchSender, TorchReceiver, channel_backends=("nccl", "gloo")),
+)
+# A header that names no plane: proto3's empty string, from a sender older than the field.
+_DEFAULT_WIRE_NAME = "grpc"
+
+
+def for_transport(kv_transport: str) -> DataPlane:
+    """The plane a sender configured with `kv_transport` pushes on."""
+    for plane in PLANES:
+        if plane.transport == kv_transport:
+            return plane
+    raise ValueError(f"no data plane for kv_transport {kv_transport!r}")
+
+
+def for_wire(data_plane: str) -> DataPlane:
+    """The plane a push's header names; `MalformedTransfer` for one this receiver does not know."""
+    name = data_plane or _DEFAULT_WIRE_NAME
+    for plane in PLANES:
+        if plane.wire_name == name:
+            return plane
+    raise MalformedTransfer(f"unknown data plane {data_plane!r}")
+
+
+def for_backend(backend: str) -> DataPlane:
+    """The plane whose channels an OpenChannel call with `backend` asks for."""
+    for plane in PLANES:
+        if backend in plane.channel_backends:
+            return plane
+    raise MalformedTransfer(f"no data plane opens {backend!r} channels")
+
+
+__all__ = ["PLANES", "DataPlane", "ReceiverLink", "ReceiverPlane", "SenderLink", "SenderPlane", "for_backend",
+           "for_transport", "for_wire"]

@@ -1,0 +1,103 @@
+"""The decode worker actor's own event loop, driven directly (the class Ray runs, without Ray): a
+request that opens reserves its KV room and answers `Ready` with the reservation, and aborting
+a request never blocks the loop that relays every other stream's tokens, even while the KV
+receiver's loop is stuck."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.config import PdserveConfig
+from pdserve.engine.messages import GenerateRequest, Ready, StepItem
+from pdserve.engine.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model_dir):
+    """One per module: a worker registers its metrics in the process's Prometheus registry, once."""
+    cfg = PdserveConfig().replace(model={"model": str(tiny_model_dir)}, cache={"num_kv_blocks": 64},
+                                  engine={"num_threads": 1}, serve={"mode": "disaggregated", "worker_nice": 0},
+                                  kv_transfer={"reserve_wait_s": 0.2})
+    w = DecodeWorker(cfg, "decode-test")
+    yield w
+    w.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_leak(worker):
+    """Every test ends with every block back in the pool (polling: aborts land on the engine loop)."""
+    yield
+    bm = worker.engine.block_manager
+    deadline = time.monotonic() + 10
+    while bm.num_free_blocks != bm.num_blocks or worker.engine.seqs:
+        assert time.monotonic() < deadline, f"{bm.num_blocks - bm.num_free_blocks} KV blocks leaked"
+        time.sleep(0.01)
+
+
+def _request(rid: str, n_prompt: int, max_tokens: int, remote: bool) -> GenerateRequest:
+    return GenerateRequest(rid, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                           tuple(range(1, n_prompt + 1)), remote_prefill=remote)
+
+
+def test_generate_reserves_and_answers_ready_with_the_reservation(worker):
+    async def run():
+        stream = worker.generate(_request("r", 40, 8, remote=True))
+        ready = await anext(stream)
+        assert isinstance(ready, Ready) and ready.reservation is not None
+        r = ready.reservation
+        assert r.request_id == "r" and r.address == worker.receiver.address and r.num_blocks == 3  # 40 / 16
+        assert worker.receiver.table.state_of("r") == "reserved"
+        assert worker.engine.block_manager.num_free_blocks == 64 - 3
+        await stream.aclose()  # the router stops reading: the reservation is released
+        await asyncio.wrap_future(worker.receiver.release_soon("r"))  # ordered after the abort's release
+        assert worker.receiver.table.state_of("r") == "released"
+
+    asyncio.run(run())
+
+
+def test_a_request_that_can_never_fit_is_refused_with_a_typed_error(worker):
+    async def run():
+        stream = worker.generate(_request("big", 64 * 16 + 1, 4, remote=True))
+        item = await anext(stream)
+        assert isinstance(item, StepItem) and item.finished and item.error is not None
+        assert item.error.status == 503 and not item.error.retryable, item.error  # too large for any wait
+
+    asyncio.run(run())
+
+
+def test_an_abort_while_the_kv_receiver_is_stuck_does_not_stall_other_streams(worker):
+    """The receiver's loop is blocked (a release that takes as long as the test wants); a request on it is
+    abandoned; a colocated stream on the same worker keeps getting its tokens meanwhile."""
+    stuck, unstick = threading.Event(), threading.Event()
+
+    async def block():  # runs on the receiver's loop thread and holds it
+        stuck.set()
+        unstick.wait(60)
+
+    async def run():
+        busy = worker.generate(_request("busy", 8, 400, remote=False))
+        assert isinstance(await anext(busy), Ready)
+        waiting = worker.generate(_request("waiting", 20, 8, remote=True))
+        assert isinstance(await anext(waiting), Ready)
+        asyncio.run_coroutine_threadsafe(block(), worker.receiver._loop)
+        assert await asyncio.to_thread(stuck.wait, 10)
+        t0 = time.monotonic()
+        await waiting.aclose()  # aborts: posts a release to the stuck receiver loop
+        closed_in = time.monotonic() - t0
+        got = 0
+        while got < 20:  # the other stream goes on while the receiver is still stuck
+            item = await asyncio.wait_for(anext(busy), 10)
+            got += len(item.token_ids)
+        assert not unstick.is_set() and worker.receiver.table.state_of("waiting") == "reserved"
+        unstick.set()
+        await asyncio.wrap_future(worker.receiver.release_soon("waiting"))  # after the abort's release
+        assert worker.receiver.table.state_of("waiting") == "released"
+        await busy.aclose()
+        return closed_in
+
+    assert asyncio.run(run()) < 0.5
