@@ -1,3 +1,3 @@
-"""Decode workers (Ray actors): KV received into the paged pool, iteration-level
-continuous batching with priority queues and preemption, tokens streamed back.
-Built by the scheduling and distributed-system issues; empty until then."""
+"""Decode workers (Ray actors, `worker.DecodeWorker`): KV room reserved when a request opens, the KV
+received into the paged pool, iteration-level continuous batching with priorities and preemption,
+tokens streamed back to the router."""

@@ -11,7 +11,9 @@ only thing that differs (`LayerChunk.data` inline, or out of band on a
 
 Protocol: Pair (compare fingerprints, once per peer) -> Reserve (decode side
 allocates blocks under a lease, or refuses: `ReservationRefused`, nothing is
-sent) -> Push (header, per-layer chunks with checksums, commit with the token
+sent; a decode worker reserves locally with `KVReceiver.reserve_future` when a
+request opens on it, and the prefill side pushes into that reservation with no
+Reserve call of its own) -> Push (header, per-layer chunks with checksums, commit with the token
 ids) -> acknowledgement. Release (idempotent) gives a request up from any side.
 The KV plane never unpickles: every message is protobuf, peer-supplied sizes
 and positions are bounds-checked before use, peers present a shared secret

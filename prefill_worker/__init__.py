@@ -1,3 +1,2 @@
-"""Prefill workers (Ray actors): ragged-batched prefill of queued prompts with
-`engine.LLMEngine`, first token sampled, KV shipped to a decode worker.
-Built by the distributed-system issue; empty until then."""
+"""Prefill workers (Ray actors, `worker.PrefillWorker`): ragged-batched prefill of queued prompts,
+the first token sampled, the KV pushed layer by layer into the room a decode worker reserved."""

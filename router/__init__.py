@@ -1,3 +1,3 @@
-"""The router: the OpenAI-compatible HTTP front door (a Ray actor) that sends each
-request to a prefill worker, then a decode worker, and streams tokens back.
-Built by the distributed-system issue; empty until then."""
+"""The router: the OpenAI-compatible HTTP front door (a Ray actor, `actor`) that sends each request
+to a decode worker and, disaggregated, a prefill worker, relays the tokens back, and keeps the
+worker pools (`workers`). It imports the worker kinds only to spawn them."""

@@ -41,7 +41,7 @@ _ids = itertools.count()
 
 
 class Router:
-    """Pools, routing and the request path; runs on the router actor's event loop."""
+    """The request path over the worker pools; runs on the router actor's event loop."""
 
     def __init__(self, config: PdserveConfig, policy: RoutingPolicy | None = None, instance: str | None = None):
         from pdserve.engine.model_source import load_tokenizer, resolve_model
