@@ -325,6 +325,9 @@ class LLMEngine:
 
     # -- bookkeeping -----------------------------------------------------------
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+        # The heartbeat covers the work after the forward pass too (detokenizing, stop checks): a step
+        # that is slow there is told apart from a hung one.
+        self.last_progress = time.monotonic()
         p = seq.params
         seq.output_token_ids.append(token)
         new_text = ""
@@ -335,7 +338,7 @@ class LLMEngine:
             if hit is not None:
                 reason, seq.stop_reason = FinishReason.STOP, hit
         if reason is None:
-            if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_set:
                 reason, seq.stop_reason = FinishReason.STOP, token
             elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = FinishReason.LENGTH

@@ -13,6 +13,12 @@ from pdserve.engine.errors import InvalidRequestError
 MIN_TEMPERATURE = 1e-5
 MIN_TOP_P = 1e-8
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # torch generators take 64-bit seeds
+# Every list a request carries is bounded: each generated token is checked against them on the engine
+# loop thread, in the step every other request shares. The detokenizer also holds back up to the longest
+# stop string's length of text, so a long one delays streaming.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
 
 
 class InvalidSamplingParams(InvalidRequestError):
@@ -29,6 +35,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    stop_token_set: frozenset[int] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -49,8 +56,21 @@ class SamplingParams:
             self.temperature = 0.0
         if self.top_p < MIN_TOP_P:
             self.top_p = MIN_TOP_P
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            raise InvalidSamplingParams("stop", "stop must be a string or a list of strings")
         if any(not s for s in self.stop):
             raise InvalidSamplingParams("stop", "stop strings must be non-empty")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise InvalidSamplingParams("stop", f"stop takes at most {MAX_STOP_STRINGS} strings of at most "
+                                        f"{MAX_STOP_STRING_CHARS} characters each (got {len(self.stop)} strings, "
+                                        f"the longest {max(map(len, self.stop))} characters)")
+        if not isinstance(self.stop_token_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+            raise InvalidSamplingParams("stop_token_ids", "stop_token_ids must be a list of integers")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidSamplingParams("stop_token_ids", f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids "
+                                        f"(got {len(self.stop_token_ids)})")
+        self.stop_token_set = frozenset(self.stop_token_ids)  # checked for every generated token
 
     @property
     def greedy(self) -> bool:

@@ -260,3 +260,40 @@ def test_sampling_params_guard_the_float32_sampler():
     with pytest.raises(InvalidSamplingParams) as err:
         SamplingParams(seed=2**64)
     assert err.value.param == "seed"
+
+
+def test_the_heartbeat_covers_the_work_after_the_forward_pass(make_engine, tiny_text_model_dir, monkeypatch):
+    """Detokenizing and stop checks run after the forward pass; a step slow there keeps its heartbeat
+    (`last_progress`, what the router's stall detection reads) fresh, so it is not taken for a hang."""
+    import threading
+    import time
+
+    from pdserve.engine.detokenizer import IncrementalDetokenizer
+
+    engine = make_engine(tiny_text_model_dir)
+    for i in range(8):
+        engine.add_request(f"r{i}", [5 + i] * 4, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    slow_add = IncrementalDetokenizer.add
+
+    def add(self, tokens):  # 50 ms of post-processing per request: 0.4 s for the step's 8
+        time.sleep(0.05)
+        return slow_add(self, tokens)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "add", add)
+    done, worst = threading.Event(), [0.0]
+
+    def watch():
+        while not done.is_set():
+            worst[0] = max(worst[0], time.monotonic() - engine.last_progress)
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    t0 = time.monotonic()
+    watcher.start()
+    try:
+        outs = engine.step()
+    finally:
+        done.set()
+        watcher.join()
+    assert time.monotonic() - t0 > 0.35 and len(outs) == 8 and all(o.finished for o in outs)
+    assert worst[0] < 0.2, f"the heartbeat went {worst[0]:.2f} s without a beat during a step"
