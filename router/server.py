@@ -56,6 +56,11 @@ class Router:
                                  hf.max_position_embeddings)
         self.vocab_size = hf.vocab_size
         self.tokenizer = load_tokenizer(self.source.path)
+        # No token covers more characters than its vocabulary entry has (byte-level entries spell one
+        # character per byte), so a prompt longer than this many characters cannot fit the context
+        # window: it is refused before the tokenizer spends seconds on it.
+        self.max_prompt_chars = self.max_model_len * max(
+            (len(piece) for piece in self.tokenizer.get_vocab()), default=1) if self.tokenizer else None
         # Tokenizing and chat-templating a large prompt takes long: it runs here, off the event loop that
         # relays every client's tokens, one at a time (a tokenizer is not safe to share between threads).
         self._tokenize = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
@@ -92,6 +97,7 @@ class Router:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize, self.encode, parsed)
 
     def encode(self, parsed: P.ParsedRequest) -> list[int]:
+        self._check_prompt_chars(parsed)
         if parsed.kind == "chat":
             if self.tokenizer is None:
                 raise P.bad_request("this model has no tokenizer, so chat is unavailable", "messages")
@@ -116,6 +122,19 @@ class Router:
         if (parsed.params.stop or parsed.kind == "chat") and self.tokenizer is None:
             raise P.bad_request("stop strings need a tokenizer", "stop")
         return ids
+
+    def _check_prompt_chars(self, parsed: P.ParsedRequest) -> None:
+        if self.max_prompt_chars is None:
+            return
+        if parsed.kind == "chat":
+            chars = sum(len(m.get("content") or "") for m in parsed.messages)
+        else:
+            chars = len(parsed.prompt) if isinstance(parsed.prompt, str) else 0
+        if chars > self.max_prompt_chars:
+            param = "messages" if parsed.kind == "chat" else "prompt"
+            raise P.bad_request(f"the prompt has {chars} characters, more than the {self.max_model_len}-token context "
+                                f"window can hold (at most {self.max_prompt_chars} characters with this tokenizer)",
+                                param)
 
     async def generate(self, parsed: P.ParsedRequest, ids: list[int], arrival: float) -> AsyncIterator[StepItem]:
         """`StepItem`s (text, token ids, finished, finish reason); raises `APIError` before the first one.
