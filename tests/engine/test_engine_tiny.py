@@ -297,3 +297,15 @@ def test_the_heartbeat_covers_the_work_after_the_forward_pass(make_engine, tiny_
         watcher.join()
     assert time.monotonic() - t0 > 0.35 and len(outs) == 8 and all(o.finished for o in outs)
     assert worst[0] < 0.2, f"the heartbeat went {worst[0]:.2f} s without a beat during a step"
+
+
+def test_received_kv_with_out_of_range_output_tokens_is_refused(make_engine, tiny_model_dir):
+    """Token ids that arrive with a KV commit come from another process: range-checked like a prompt."""
+    dst = make_engine(tiny_model_dir)
+    with dst.kv_lock:
+        table = dst.block_manager.allocate(1)
+    bad = ReceivedKV("a", [1, 2, 3], [dst.arch.vocab_size + 7], 3, table)
+    with pytest.raises(InvalidRequestError, match=r"token ids must be in \[0, 256\)"):
+        dst.add_received_request("a", bad, GREEDY)
+    assert "a" not in dst.seqs
+    dst.block_manager.free(table)
