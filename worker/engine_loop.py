@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +29,7 @@ from pdserve.engine.sequence import FinishReason, RequestOutput
 logger = logging.getLogger(__name__)
 
 Sink = Callable[[RequestOutput | BaseException], None]
+_EARLY_ABORTS = 4096  # aborts of unknown requests remembered
 
 
 class EngineStepError(RuntimeError):
@@ -50,6 +51,9 @@ class EngineLoop:
         self.engine = engine
         self._inbox: deque[_Submit] = deque()
         self._aborts: deque[str] = deque()
+        # Aborts of requests the loop does not hold (yet): a submit that an abort overtook is refused when it
+        # comes. Request ids are never reused, so remembering the last few thousand is enough.
+        self._early_aborts: OrderedDict[str, None] = OrderedDict()
         self._sinks: dict[str, Sink] = {}
         self._wake = threading.Condition()
         self._stop = False
@@ -136,6 +140,12 @@ class EngineLoop:
                     engine.block_manager.free(item.received.block_table)
 
     def _admit(self, item: _Submit) -> None:
+        if self._early_aborts.pop(item.request_id, 0) is None:  # aborted before it arrived
+            if item.received is not None:
+                with self.engine.kv_lock:
+                    self.engine.block_manager.free(item.received.block_table)
+            item.sink(RequestOutput(item.request_id, [], "", True, FinishReason.ABORT, 0, 0))
+            return
         try:
             if item.received is not None:
                 self._admit_received(item)
@@ -158,6 +168,9 @@ class EngineLoop:
         sink = self._sinks.pop(request_id, None)
         seq = self.engine.seqs.get(request_id)
         if seq is None:
+            self._early_aborts[request_id] = None
+            while len(self._early_aborts) > _EARLY_ABORTS:
+                self._early_aborts.popitem(last=False)
             return
         self.engine.abort(request_id)
         if sink is not None:

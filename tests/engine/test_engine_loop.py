@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import pytest
 
@@ -108,3 +109,20 @@ def test_loop_under_kv_pressure_preempts_and_keeps_outputs(make_engine, tiny_mod
     assert engine.num_preemptions > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert engine.scheduler.cpu_blocks.num_free_blocks == engine.scheduler.cpu_blocks.num_blocks
+
+
+def test_an_abort_that_overtakes_its_submit_refuses_the_request(loop):
+    """An abort can reach the loop before the request it aborts (a decode worker's abort racing the KV commit
+    that submits it): the request is refused when it comes, instead of running to the end unread."""
+    loop.abort("late")
+    deadline = time.monotonic() + 10
+    while "late" not in loop._early_aborts:  # the loop has seen the abort (and found nothing to abort)
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    q: queue.Queue = queue.Queue()
+    loop.submit("late", prompts(lens=[30])[0], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True), q.put)
+    (out,) = collect(q)
+    assert out.finished and out.finish_reason is FinishReason.ABORT and not out.new_token_ids
+    assert "late" not in loop.engine.seqs
+    bm = loop.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
