@@ -8,7 +8,8 @@ Lifecycle of a request here:
   4. it ends in its final output (finish reason stop/length), in an abort
      (`abort()`, from any thread: its blocks are freed on the loop thread), or in an
      error: a step that raises fails every request in flight, frees all their
-     blocks, and the loop keeps serving.
+     blocks, and the loop keeps serving. An abort that arrives before its request
+     is remembered, and the request is refused when it comes.
 The engine is touched only by the loop thread; sinks are called on it too, so
 they must be quick (e.g. `loop.call_soon_threadsafe` into asyncio).
 """
