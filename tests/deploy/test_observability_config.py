@@ -5,6 +5,7 @@ shipped config pointed at that server's http_sd list, then evaluates the rules a
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import math
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 from pdserve.router.metrics import ITL_BUCKETS, TTFT_BUCKETS
-from tests.helpers import Server
+from tests.helpers import Server, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -300,12 +301,33 @@ def prometheus(live, tmp_path_factory):
             time.sleep(0.2)
         for prompt in ("after the first scrape", "so rates move"):
             live.complete(prompt)
-        time.sleep(3)  # a few more scrapes and rule evaluations
-        yield url
+        traffic = time.time()
+        # Two scrapes of every target after that traffic (rates then see it), polled instead of slept for.
+        # The rules' evaluations are waited for by the test that checks them, from the same moment.
+        scraped = traffic + 1.0  # scrape_interval: a scrape at or after this one had one before it, after traffic
+
+        def scraped_after() -> bool:
+            active = httpx.get(f"{url}/api/v1/targets").json()["data"]["activeTargets"]
+            return all(t["health"] == "up" and prom_time(t["lastScrape"]) >= scraped for t in active)
+
+        wait_for(scraped_after, 30, "every target scraped twice after the traffic")
+        yield Prometheus(url, fresh_after=scraped)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+@dataclass
+class Prometheus:
+    url: str
+    fresh_after: float  # wall-clock time by which every target had been scraped after the test traffic
+
+
+def prom_time(stamp: str) -> float:
+    """Prometheus's RFC 3339 timestamps (nanoseconds, 'Z') as seconds since the epoch."""
+    stamp = re.sub(r"(\.\d{6})\d+", r"\1", stamp.replace("Z", "+00:00"))
+    return datetime.datetime.fromisoformat(stamp).timestamp()
 
 
 def query(url: str, expr: str) -> list[dict]:
@@ -315,6 +337,7 @@ def query(url: str, expr: str) -> list[dict]:
 
 
 def test_prometheus_scrapes_every_target_with_the_exposed_labels(live, prometheus):
+    prometheus = prometheus.url
     active = httpx.get(f"{prometheus}/api/v1/targets").json()["data"]["activeTargets"]
     assert sorted(t["labels"]["role"] for t in active) == ["decode", "prefill", "router"]
     pools = query(prometheus, "pdserve_pool_workers")
@@ -324,13 +347,15 @@ def test_prometheus_scrapes_every_target_with_the_exposed_labels(live, prometheu
 
 
 def test_rules_evaluate_and_record_a_value_for_the_live_server(live, prometheus):
-    deadline = time.monotonic() + 30
-    while True:
+    fresh, prometheus = prometheus.fresh_after, prometheus.url
+    evaluated: list[dict] = []
+
+    def evaluated_after_the_traffic() -> bool:  # an evaluation from before the traffic would see none of it
         groups = httpx.get(f"{prometheus}/api/v1/rules").json()["data"]["groups"]
-        evaluated = [r for g in groups for r in g["rules"]]
-        if all(r.get("lastEvaluation", "").startswith("20") for r in evaluated) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+        evaluated[:] = [r for g in groups for r in g["rules"]]
+        return bool(evaluated) and all(prom_time(r["lastEvaluation"]) >= fresh for r in evaluated)
+
+    wait_for(evaluated_after_the_traffic, 30, "every rule group evaluated after the traffic's scrapes")
     assert len(evaluated) == len(rules())
     bad = [(r["name"], r.get("lastError")) for r in evaluated if r["health"] != "ok"]
     assert not bad, bad
@@ -345,6 +370,7 @@ def test_rules_evaluate_and_record_a_value_for_the_live_server(live, prometheus)
 
 
 def test_every_dashboard_query_runs_and_has_data_where_pdserve_exports_samples(live, prometheus):
+    prometheus = prometheus.url
     model = live.server.model
     unsampled = live.exposition.unsampled  # e.g. rejections and failures: none happened
     empty = []

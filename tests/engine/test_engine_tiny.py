@@ -309,3 +309,24 @@ def test_received_kv_with_out_of_range_output_tokens_is_refused(make_engine, tin
         dst.add_received_request("a", bad, GREEDY)
     assert "a" not in dst.seqs
     dst.block_manager.free(table)
+
+
+@pytest.fixture(scope="module")
+def long_context_model(tmp_path_factory):
+    """The tiny model with room for long prompts (the session's has 512 positions)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-long"), max_positions=4096)
+
+
+@pytest.mark.parametrize("chunk", [None, 256])
+def test_a_2000_token_prompt_matches_hf(make_engine, long_context_model, chunk):
+    """The other comparisons stop at 64-token prompts; this one runs RoPE, the paged KV and chunked
+    prefill over ~2,000 positions (125 blocks of 16), whole and in 256-token chunks."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(long_context_model).eval()
+    prompt = prompts(seed=3, lens=[2000])[0]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    engine = make_engine(long_context_model, cache={"block_size": 16},
+                         scheduler={"max_prefill_chunk": chunk, "max_num_batched_tokens": 2048})
+    (out,) = engine.generate([prompt], params)
+    assert out.output_token_ids == hf_greedy(hf, prompt, 16)

@@ -19,7 +19,7 @@ from schemathesis import GenerationMode
 
 from pdserve.engine.config import ServeConfig
 from pdserve.router import protocol as P
-from tests.helpers import Server
+from tests.helpers import Server, wait_for
 
 MAX_BODY = 64 << 10
 MAX_HEADERS = 8 << 10
@@ -35,6 +35,21 @@ def server(ray_cluster, tiny_text_model_dir):
                       "max_request_body_bytes": MAX_BODY, "max_header_bytes": MAX_HEADERS})
     yield s
     s.stop()
+
+
+def settled_pools(server: Server) -> dict:
+    """The pools once no worker is draining (a scale-down elsewhere in this module may still be draining
+    one), at the fixture's sizes: 1 prefill + 1 decode. Each test that reads or changes the sizes starts
+    from here, so none depends on another having restored them."""
+    got = {}
+
+    def settled() -> bool:
+        got["pools"] = server.ray.get(server.actor.status.remote())["pools"]
+        return not any(w["draining"] for ws in got["pools"].values() for w in ws)
+
+    wait_for(settled, 60, "no worker draining")
+    assert [len(got["pools"][role]) for role in ("prefill", "decode")] == [1, 1], got["pools"]
+    return got["pools"]
 
 
 def api(key: str = API_KEY) -> dict:
@@ -210,10 +225,10 @@ def test_admin_api_needs_the_admin_key(server):
     for headers in ({}, api(), api(ADMIN_KEY + "x"), {"Authorization": ADMIN_KEY}):
         assert_error(httpx.get(f"{server.url}/admin/status", headers=headers), 401)
         assert_error(httpx.post(f"{server.url}/admin/scale", json={"decode": 3}, headers=headers), 401)
+    pools = settled_pools(server)
     status = httpx.get(f"{server.url}/admin/status", headers=api(ADMIN_KEY))
     assert status.status_code == 200
-    assert status.json() == server.ray.get(server.actor.status.remote())["pools"]
-    assert [len(status.json()[role]) for role in ("prefill", "decode")] == [1, 1]  # nothing scaled behind our back
+    assert status.json() == pools
 
 
 @pytest.mark.parametrize("body, param", [
@@ -234,6 +249,7 @@ def test_admin_scale_grows_and_shrinks_the_decode_pool(server):
         return [w for w in pools[role] if not w["draining"]]
 
     url, key = f"{server.url}/admin/scale", api(ADMIN_KEY)
+    settled_pools(server)
     try:
         grown = httpx.post(url, json={"decode": 2}, headers=key, timeout=120)
         assert grown.status_code == 200, grown.text
@@ -248,6 +264,7 @@ def test_admin_scale_grows_and_shrinks_the_decode_pool(server):
     assert shrunk.status_code == 200, shrunk.text
     assert len(live(shrunk.json(), "decode")) == 1
     assert len(live(httpx.get(f"{server.url}/admin/status", headers=key).json(), "decode")) == 1
+    settled_pools(server)  # the removed worker drains and leaves
 
 
 # -- 5. the OpenAPI schema ---------------------------------------------------------------------------

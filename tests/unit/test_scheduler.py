@@ -250,17 +250,22 @@ def test_every_policy_drains_and_frees_everything(policy):
 
 
 def test_schedule_cost_stays_small_with_1000_requests():
-    """schedule() on 1,000 queued requests: a micro-benchmark kept visible (not a timed assertion)."""
+    """schedule() on 1,000 queued requests stays small: ~4 ms on the 2 shared CI cores, bound at 50 ms,
+    so work quadratic in the queue length (re-sorting the queue per request: ~90 ms) fails it. Best of
+    three fresh schedulers: one co-tenant burst on a shared machine does not decide it."""
     import time
 
-    s = make(num_blocks=100_000, policy="chunked", max_num_seqs=256)
-    for i in range(1000):
-        s.add(req(f"r{i}", t=i * 0.001, prio=i % 3), now=1.0)
-    t0 = time.perf_counter()
-    out = s.schedule(1.0)
-    elapsed = time.perf_counter() - t0
-    assert len(out.scheduled) == 256
-    print(f"schedule() with 1000 waiting: {elapsed * 1e3:.2f} ms")
+    costs = []
+    for _ in range(3):
+        s = make(num_blocks=100_000, policy="chunked", max_num_seqs=256)
+        for i in range(1000):
+            s.add(req(f"r{i}", t=i * 0.001, prio=i % 3), now=1.0)
+        t0 = time.perf_counter()
+        out = s.schedule(1.0)
+        costs.append(time.perf_counter() - t0)
+        assert len(out.scheduled) == 256
+    print(f"schedule() with 1000 waiting: best {min(costs) * 1e3:.2f} ms")
+    assert min(costs) < 0.050, costs
 
 
 def test_scheduler_is_pure_policy_without_torch():
