@@ -23,6 +23,7 @@ A request's life here (the numbers are the hops of docs/architecture.md):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from pdserve.engine.config import PdserveConfig
 from pdserve.engine.messages import GenerateRequest, KVReservation, Ready, StepItem, WorkerError, WorkerInfo
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import RequestOutput
-from pdserve.worker.base import Worker, node_id
+from pdserve.worker.base import Worker
 
 
 @dataclass
@@ -73,10 +74,7 @@ class DecodeWorker(Worker):
 
     def info(self) -> WorkerInfo:
         info = super().info()
-        if self.receiver is None:
-            return info
-        return WorkerInfo(info.worker_id, info.role, info.metrics_url, node_id(), self.receiver.address,
-                          info.num_blocks)
+        return info if self.receiver is None else dataclasses.replace(info, kv_address=self.receiver.address)
 
     async def generate(self, request: GenerateRequest):
         """Stream the request: `Ready` first (or a `StepItem` with the error that refused it), then one
