@@ -278,7 +278,7 @@ class Deployment:
 
         self.serve = {"mode": "disaggregated", "prefill_workers": 2, "decode_workers": 2, "port": free_port(),
                       "health_interval_s": 0.25, "stall_timeout_s": s.stall_timeout_s, "max_migrations": 3,
-                      "drain_timeout_s": 5.0, **serve}
+                      "drain_timeout_s": 5.0, "min_client_priority": -1, "max_client_priority": 1, **serve}
         self.config = PdserveConfig().replace(model={"model": s.model}, cache={"num_kv_blocks": 512},
                                               engine={"num_threads": 1}, serve=self.serve)
         self.url = f"http://127.0.0.1:{self.serve['port']}"

@@ -215,6 +215,11 @@ class ServeConfig:
     max_header_bytes: int = 16 << 10
     # Guards the admin API (/admin/*, e.g. scaling); with no key set the admin API refuses every call.
     admin_key: str | None = None
+    # The request priorities clients may ask for (lower runs first and may preempt others): the operator's
+    # to grant. By default only 0, so no client can jump the queue or preempt another; a priority outside
+    # the range is a 400.
+    min_client_priority: int = 0
+    max_client_priority: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
@@ -227,6 +232,8 @@ class ServeConfig:
             raise ValueError("max_migrations, failover_wait_s and drain_timeout_s must not be negative")
         if self.max_request_body_bytes < 1024 or self.max_header_bytes < 1024:
             raise ValueError("max_request_body_bytes and max_header_bytes must be at least 1024")
+        if not self.min_client_priority <= 0 <= self.max_client_priority:
+            raise ValueError("need min_client_priority <= 0 <= max_client_priority (0 is the default priority)")
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add("--threads", dest="engine.num_threads", type=int, help="torch threads per worker (default: cores / workers)")
     add("--worker-cpus", dest="serve.worker_num_cpus", type=float)
     add("--metrics-prefix", dest="serve.metrics_prefix", choices=["pdserve_", "vllm:"])
+    add("--min-client-priority", dest="serve.min_client_priority", type=int,
+        help="the most urgent priority a client may ask for (lower runs first; default 0: none below the default)")
+    add("--max-client-priority", dest="serve.max_client_priority", type=int,
+        help="the least urgent priority a client may ask for (default 0)")
 
 
 def serve_config(args: argparse.Namespace):

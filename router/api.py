@@ -318,7 +318,8 @@ async def _admit(router: Router, request: Request, kind: str) -> _Call:
         m.rejected.labels(router.model_name, "queue_full").inc()
         raise P.unavailable(f"the server is at its limit of {serve.max_num_queued_requests} queued requests; "
                             "retry later")
-    parsed = P.parse_request(await _json_body(request), kind, serve.default_max_tokens)
+    parsed = P.parse_request(await _json_body(request), kind, serve.default_max_tokens,
+                             (serve.min_client_priority, serve.max_client_priority))
     if parsed.model is not None and parsed.model != router.model_name:
         raise P.APIError(404, f"the model {parsed.model!r} does not exist; this server serves "
                          f"{router.model_name!r}", type="NotFoundError", param="model")

@@ -188,11 +188,18 @@ class ParsedRequest:
     priority: int
 
 
-def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_tokens: int) -> ParsedRequest:
-    """Validate a JSON body; raises `APIError` (400) naming the offending field."""
+def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_tokens: int,
+                  priority_range: tuple[int, int] = (0, 0)) -> ParsedRequest:
+    """Validate a JSON body; raises `APIError` (400) naming the offending field. `priority_range`: the
+    priorities this server grants its clients (`serve.min_client_priority`, `max_client_priority`)."""
     req = validate(CompletionRequest if kind == "completion" else ChatCompletionRequest, body)
     if req.n != 1:
         raise bad_request("n > 1 is not supported; send several requests", "n")
+    lo, hi = priority_range
+    if not lo <= req.priority <= hi:
+        granted = "only the default priority, 0" if lo == hi == 0 else f"priorities in [{lo}, {hi}]"
+        raise bad_request(f"priority {req.priority} is not granted: this server accepts {granted} (its operator sets "
+                          "serve.min_client_priority and serve.max_client_priority)", "priority")
     max_tokens = req.max_tokens
     if kind == "chat" and req.max_completion_tokens is not None:
         max_tokens = req.max_completion_tokens  # OpenAI's newer name wins

@@ -108,7 +108,7 @@ def _args(**kw):
 
 
 def test_live_run_counts_match_and_failures_are_counted(ray_cluster, tiny_text_model_dir, tmp_path):
-    server = Server(ray_cluster, tiny_text_model_dir)
+    server = Server(ray_cluster, tiny_text_model_dir, serve={"min_client_priority": -1})  # the rows' urgent class
     try:
         dataset = tmp_path / "prompts.jsonl"
         rows = [{"prompt": f"short prompt {i}", "output_len": 6, "priority": -1 if i % 3 == 0 else 0}

@@ -1,5 +1,6 @@
-"""The router's event loop relays every client's tokens, so no client's request may hold it: huge
-prompts are refused by their length before any tokenizing (which runs on a thread of its own)."""
+"""One client cannot hold or starve the others. The router's event loop relays every client's tokens, so
+huge prompts are refused by their length before any tokenizing (which runs on a thread of its own);
+and a priority the operator has not granted is refused, so no client preempts the rest."""
 
 from __future__ import annotations
 
@@ -56,4 +57,13 @@ def test_huge_prompts_are_refused_without_stalling_another_clients_stream(server
     for r in answers:
         err = r.json()["error"]
         assert r.status_code == 400 and err["param"] == "messages" and "characters" in err["message"], r.text[:300]
+    server.wait_kv_free()
+
+
+def test_an_ungranted_priority_is_a_400_and_the_default_one_runs(server):
+    """The live server (default config) grants no client a priority other than 0."""
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2, "priority": -1_000_000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority", r.text
+    ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2, "priority": 0}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
     server.wait_kv_free()

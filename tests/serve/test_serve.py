@@ -216,7 +216,8 @@ def test_concurrent_streams_with_mixed_priorities(ray_cluster, tiny_text_model_d
     happen to get the 2 cores, decides who goes first."""
     n = 16
     server = Server(ray_cluster, tiny_text_model_dir, scheduler={"max_num_batched_tokens": 1000},
-                    cache={"num_kv_blocks": 4096}, serve={"stall_timeout_s": 60})  # frozen on purpose
+                    cache={"num_kv_blocks": 4096},  # granted priorities -1..1; frozen on purpose:
+                    serve={"stall_timeout_s": 60, "min_client_priority": -1, "max_client_priority": 1})
     c = server.client()
 
     def one(i):
