@@ -101,7 +101,7 @@ class KVTransferConfig:
     host: str = "127.0.0.1"
     port: int = 0
     # Shared secret peers present as gRPC metadata; required when `host` is not loopback.
-    auth_token: str | None = None
+    auth_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
     # Optional TLS: the server's certificate and key (PEM); the CA that clients verify it with.
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -175,7 +175,7 @@ class ServeConfig:
     decode_workers: int = 1
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None  # guards /v1/*; /health and /metrics stay open
+    api_key: str | None = field(default=None, repr=False)  # guards /v1/*; /health and /metrics stay open
     served_model_name: str | None = None  # default: the model's id
     max_num_queued_requests: int | None = None  # router-wide bound on requests not yet decoding (503 beyond)
     default_max_tokens: int = 256  # when a request names none (capped by the context window)
@@ -214,7 +214,7 @@ class ServeConfig:
     max_request_body_bytes: int = 4 << 20
     max_header_bytes: int = 16 << 10
     # Guards the admin API (/admin/*, e.g. scaling); with no key set the admin API refuses every call.
-    admin_key: str | None = None
+    admin_key: str | None = field(default=None, repr=False)
     # The request priorities clients may ask for (lower runs first and may preempt others): the operator's
     # to grant. By default only 0, so no client can jump the queue or preempt another; a priority outside
     # the range is a 400.
@@ -245,6 +245,11 @@ class PdserveConfig:
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+
+    def for_workers(self) -> PdserveConfig:
+        """This config without the router's own secrets (the API and admin keys): what workers get. Ray
+        stores an actor's arguments, and a worker has no use for them."""
+        return self.replace(serve={"api_key": None, "admin_key": None})
 
     def replace(self, **sections) -> PdserveConfig:
         """Copy with whole sections or single fields replaced, e.g.

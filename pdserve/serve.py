@@ -27,7 +27,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add("--kv-auth-token", dest="kv_transfer.auth_token")
     add("--host", dest="serve.host")
     add("--port", dest="serve.port", type=int)
-    add("--api-key", dest="serve.api_key")
+    add("--api-key", dest="serve.api_key", help="guards /v1/*; prefer --api-key-file (a command line is visible "
+        "to every user of the machine and lands in job logs)")
+    p.add_argument("--api-key-file", default=None, help="read serve.api_key from this file")
+    p.add_argument("--admin-key-file", default=None, help="read serve.admin_key from this file (the admin API)")
+    p.add_argument("--kv-auth-token-file", default=None, help="read kv_transfer.auth_token from this file")
     add("--max-num-seqs", dest="scheduler.max_num_seqs", type=int)
     add("--max-num-batched-tokens", dest="scheduler.max_num_batched_tokens", type=int)
     add("--max-num-queued-requests", dest="serve.max_num_queued_requests", type=int)
@@ -59,12 +63,38 @@ def serve_config(args: argparse.Namespace):
         if "." in key and value is not None:
             section, name = key.split(".", 1)
             sections.setdefault(section, {})[name] = value
+    for flag, section, name in (("api_key_file", "serve", "api_key"), ("admin_key_file", "serve", "admin_key"),
+                                ("kv_auth_token_file", "kv_transfer", "auth_token")):
+        path = getattr(args, flag, None)
+        if path:  # a secret from a file (a mounted Kubernetes secret, say): never on a command line
+            sections.setdefault(section, {})[name] = _read_secret(path, flag)
     cfg = PdserveConfig().replace(**sections)
     if cfg.engine.num_threads is None:  # share the cores: no oversubscription between co-located workers
         s = cfg.serve
         workers = s.decode_workers + (s.prefill_workers if s.mode == "disaggregated" else 0)
         cfg = cfg.replace(engine={"num_threads": max(1, (os.cpu_count() or 1) // workers)})
     return cfg
+
+
+def _read_secret(path: str, flag: str) -> str:
+    with open(path) as f:
+        secret = f.read().strip()
+    if not secret:
+        raise SystemExit(f"--{flag.replace('_', '-')}: {path} is empty")
+    return secret
+
+
+def banner(url: str, cfg, gcs_address: str) -> str:
+    """What `pdserve serve` prints once it serves: never a secret (the key is named, not shown)."""
+    s = cfg.serve
+    key = ' -H "Authorization: Bearer $PDSERVE_API_KEY"' if s.api_key else ""
+    return (f"pdserve is serving on {url} ({s.mode}: {s.prefill_workers if s.mode == 'disaggregated' else 0} "
+            f"prefill + {s.decode_workers} decode workers, KV over {cfg.kv_transfer.kv_transport})\n"
+            f"try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{key} -d "
+            "'{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'\n"
+            + ("  (with PDSERVE_API_KEY set to the API key in your shell)\n" if s.api_key else "")
+            + f"health {url}/health, metrics {url}/metrics, scrape targets {url}/metrics/targets\n"
+            f"scale: pdserve scale --address {gcs_address} --prefill N --decode M")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -85,13 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     router = launch_router(cfg, name=ROUTER_NAME, namespace=NAMESPACE, scheduling_strategy=here)
     url = ray.get(router.start.remote())
     s = cfg.serve
-    print(f"pdserve is serving on {url} ({s.mode}: {s.prefill_workers if s.mode == 'disaggregated' else 0} "
-          f"prefill + {s.decode_workers} decode workers, KV over {cfg.kv_transfer.kv_transport})", flush=True)
-    key = f' -H "Authorization: Bearer {s.api_key}"' if s.api_key else ""
-    print(f"try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{key} -d "
-          "'{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'\n"
-          f"health {url}/health, metrics {url}/metrics, scrape targets {url}/metrics/targets\n"
-          f"scale: pdserve scale --address {ctx.address_info['gcs_address']} --prefill N --decode M", flush=True)
+    print(banner(url, cfg, ctx.address_info["gcs_address"]), flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

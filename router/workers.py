@@ -100,7 +100,7 @@ class WorkerPools:
             # Detached, so that the workers outlive a router that dies: its restart adopts them.
             handle = ray.remote(cls).options(name=self._name_prefix + worker_id, namespace="pdserve",
                                              lifetime="detached", **self._actor_options(role)
-                                             ).remote(self.config, worker_id)
+                                             ).remote(self.config.for_workers(), worker_id)
             # a worker the cluster cannot place (no resources) or that cannot load its model gives up
             info = await asyncio.wait_for(handle.info.remote(), self.serve.worker_start_timeout_s)
             stats = await handle.stats.remote()
