@@ -349,7 +349,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths uniform in mean*(1±r)")
     p.add_argument("--mixed-long-input-len", type=int, default=2000, help="mixed: the long prompts' length")
     p.add_argument("--mixed-long-fraction", type=float, default=0.1, help="mixed: share of long prompts")
-    p.add_argument("--priority-classes", default=None, help="name:priority:share,... e.g. urgent:-1:0.2")
+    p.add_argument("--priority-classes", default=None, help="name:priority:share,... e.g. urgent:-1:0.2 (a pdserve "
+                   "server must grant them: --min-client-priority/--max-client-priority)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s; inf: all at once")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 is Poisson, lower is burstier")
