@@ -177,7 +177,10 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = field(default=None, repr=False)  # guards /v1/*; /health and /metrics stay open
     served_model_name: str | None = None  # default: the model's id
-    max_num_queued_requests: int | None = None  # router-wide bound on requests not yet decoding (503 beyond)
+    # Router-wide bound on requests not yet decoding: beyond it a 503 whose Retry-After is the queue ahead
+    # over its recent drain rate. Bounded by default, so overload is refused instead of waiting in Ray's
+    # queues without limit; None lifts the bound.
+    max_num_queued_requests: int | None = 256
     default_max_tokens: int = 256  # when a request names none (capped by the context window)
     # SLA-aware admission: a request whose first token cannot come within this many seconds of its
     # arrival (the prefill engine's estimate, from its measured step times) is refused at once with

@@ -317,7 +317,7 @@ async def _admit(router: Router, request: Request, kind: str) -> _Call:
     if serve.max_num_queued_requests is not None and router.queued >= serve.max_num_queued_requests:
         m.rejected.labels(router.model_name, "queue_full").inc()
         raise P.unavailable(f"the server is at its limit of {serve.max_num_queued_requests} queued requests; "
-                            "retry later")
+                            "retry later", router.drain_rate.retry_after(router.queued))
     parsed = P.parse_request(await _json_body(request), kind, serve.default_max_tokens,
                              (serve.min_client_priority, serve.max_client_priority))
     if parsed.model is not None and parsed.model != router.model_name:
@@ -343,6 +343,7 @@ async def _first_item(router: Router, call: _Call) -> StepItem:
         raise _worker_failed(e) from e
     finally:
         router.queued -= 1
+        router.drain_rate.departed()
 
 
 async def _whole_response(router: Router, request: Request, call: _Call, first: StepItem) -> Response:

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from pdserve.engine.config import PdserveConfig
 from pdserve.engine.messages import GenerateRequest, StepItem, WorkerError
 from pdserve.router import protocol as P
+from pdserve.router.admission import DrainRate
 from pdserve.router.metrics import PoolCollector, RouterMetrics
 from pdserve.router.pools import LeastLoadedPolicy, RoutingPolicy, WorkerState, pick_avoiding
 from pdserve.router.workers import WorkerPools
@@ -72,6 +73,7 @@ class Router:
         self.pools = self.workers.pools  # role -> worker id -> WorkerState
         self.registry.register(PoolCollector(self.serve.metrics_prefix, self.model_name, self.pools))
         self.queued = 0  # requests admitted and not yet decoding (bounded by max_num_queued_requests)
+        self.drain_rate = DrainRate()  # how fast they leave that queue: what Retry-After is computed from
         self.active = 0  # requests in flight through this router
         self.accepting = True  # False while draining for shutdown: new requests get 503
         self._start_lock = asyncio.Lock()
