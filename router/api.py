@@ -318,18 +318,25 @@ async def _admit(router: Router, request: Request, kind: str) -> _Call:
         m.rejected.labels(router.model_name, "queue_full").inc()
         raise P.unavailable(f"the server is at its limit of {serve.max_num_queued_requests} queued requests; "
                             "retry later", router.drain_rate.retry_after(router.queued))
-    parsed = P.parse_request(await _json_body(request), kind, serve.default_max_tokens,
-                             (serve.min_client_priority, serve.max_client_priority))
-    if parsed.model is not None and parsed.model != router.model_name:
-        raise P.APIError(404, f"the model {parsed.model!r} does not exist; this server serves "
-                         f"{router.model_name!r}", type="NotFoundError", param="model")
-    ids = await router.tokenize(parsed)
+    # Queued from the check on, across the awaits below (the body, tokenizing on its own thread): requests
+    # arriving meanwhile see it, so the bound holds under a burst. `_first_item` ends its stay.
+    router.queued += 1
+    try:
+        parsed = P.parse_request(await _json_body(request), kind, serve.default_max_tokens,
+                                 (serve.min_client_priority, serve.max_client_priority))
+        if parsed.model is not None and parsed.model != router.model_name:
+            raise P.APIError(404, f"the model {parsed.model!r} does not exist; this server serves "
+                             f"{router.model_name!r}", type="NotFoundError", param="model")
+        ids = await router.tokenize(parsed)
+    except BaseException:  # refused (4xx), or the client went away while it was being read or tokenized
+        router.queued -= 1
+        raise
     return _Call(kind, parsed, ids, router.generate(parsed, ids, arrival), P.new_id(kind), P.now())
 
 
 async def _first_item(router: Router, call: _Call) -> StepItem:
-    """The call's first item: an error before it still gets a proper HTTP status."""
-    router.queued += 1
+    """The call's first item: an error before it still gets a proper HTTP status. The call leaves the
+    router's queue (counted since `_admit`) when it comes."""
     try:
         return await anext(call.events)
     except StopAsyncIteration:
