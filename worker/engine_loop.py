@@ -145,7 +145,7 @@ class EngineLoop:
             if item.received is not None:
                 with self.engine.kv_lock:
                     self.engine.block_manager.free(item.received.block_table)
-            item.sink(RequestOutput(item.request_id, [], "", True, FinishReason.ABORT, 0, 0))
+            _deliver(item.sink, RequestOutput(item.request_id, [], "", True, FinishReason.ABORT, 0, 0))
             return
         try:
             if item.received is not None:
@@ -153,7 +153,7 @@ class EngineLoop:
             else:
                 self.engine.add_request(item.request_id, item.prompt, item.params, **item.options)
         except Exception as exc:  # bad input, queue full, no room for imported KV: the caller's problem
-            item.sink(exc)
+            _deliver(item.sink, exc)
             return
         self._sinks[item.request_id] = item.sink
 
@@ -175,8 +175,8 @@ class EngineLoop:
             return
         self.engine.abort(request_id)
         if sink is not None:
-            sink(RequestOutput(request_id, [], "", True, FinishReason.ABORT, len(seq.prompt_token_ids),
-                               seq.num_output_tokens))
+            _deliver(sink, RequestOutput(request_id, [], "", True, FinishReason.ABORT, len(seq.prompt_token_ids),
+                                         seq.num_output_tokens))
 
     def _step(self) -> None:
         try:
@@ -189,11 +189,23 @@ class EngineLoop:
                 self._sinks.pop(rid, None)
                 err = EngineStepError(f"engine step failed: {exc}")
                 err.__cause__ = exc
-                sink(err)
+                _deliver(sink, err)
             return
         for out in outputs:
             sink = self._sinks.get(out.request_id)
             if out.finished:
                 self._sinks.pop(out.request_id, None)
-            if sink is not None:
-                sink(out)
+            if sink is not None and not _deliver(sink, out) and not out.finished:
+                self._sinks.pop(out.request_id, None)  # its consumer is gone: stop generating for it
+                self.engine.abort(out.request_id)
+
+
+def _deliver(sink: Sink, out: RequestOutput | BaseException) -> bool:
+    """Hand `out` to a request's sink. A sink that raises (its consumer's event loop closed, say) must not
+    take the loop thread, and every other request, down with it: False, and the caller drops the request."""
+    try:
+        sink(out)
+        return True
+    except Exception:
+        logger.warning("a request's sink failed; dropping the request", exc_info=True)
+        return False

@@ -126,3 +126,27 @@ def test_an_abort_that_overtakes_its_submit_refuses_the_request(loop):
     assert "late" not in loop.engine.seqs
     bm = loop.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_sink_that_raises_drops_its_request_and_the_loop_serves_on(loop):
+    """A request whose consumer is gone (its sink raises, e.g. on a closed event loop) is dropped and its
+    blocks freed; the loop thread survives and every other request goes on."""
+    calls = []
+
+    def broken(out):
+        calls.append(out)
+        raise RuntimeError("Event loop is closed")
+
+    loop.submit("broken", prompts(lens=[30])[0], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True),
+                broken)
+    q: queue.Queue = queue.Queue()
+    loop.submit("fine", prompts(lens=[10])[0], GREEDY, q.put)
+    outs = collect(q)
+    assert outs[-1].finish_reason is FinishReason.LENGTH and loop.alive
+    deadline = time.monotonic() + 10
+    while "broken" in loop.engine.seqs:
+        assert time.monotonic() < deadline, "the request with the broken sink still runs"
+        time.sleep(0.005)
+    assert len(calls) == 1  # dropped at its first output, not run to max_tokens
+    bm = loop.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks

@@ -97,7 +97,12 @@ def test_an_abort_while_the_kv_receiver_is_stuck_does_not_stall_other_streams(wo
         unstick.set()
         await asyncio.wrap_future(worker.receiver.release_soon("waiting"))  # after the abort's release
         assert worker.receiver.table.state_of("waiting") == "released"
-        await busy.aclose()
+        await busy.aclose()  # aborts it; wait here, while this event loop (the one its sink posts to) lives
+        async def aborted():
+            while "busy" in worker.engine.seqs:
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(aborted(), 10)
         return closed_in
 
     assert asyncio.run(run()) < 0.5
