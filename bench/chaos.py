@@ -163,13 +163,19 @@ def tiny_model(directory: Path) -> str:
     return str(save_tiny_text_model(directory))
 
 
+# The oracle is output equality with the bare engine run one prompt at a time: only float32 is exact across
+# batch compositions (bf16 GEMMs round differently with the number of rows), so the chaos suite pins it.
+EXACT_DTYPE = "float32"
+
+
 def reference_texts(model: str | None, max_tokens: int) -> list[str]:
     """Each prompt's uninterrupted greedy text, from the bare engine (one prompt at a time)."""
     from pdserve.engine.config import PdserveConfig
     from pdserve.engine.llm_engine import LLMEngine
     from pdserve.engine.sampling import SamplingParams
 
-    engine = LLMEngine(PdserveConfig().replace(model={"model": model}, cache={"num_kv_blocks": 512}))
+    engine = LLMEngine(PdserveConfig().replace(model={"model": model, "dtype": EXACT_DTYPE},
+                                               cache={"num_kv_blocks": 512}))
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     out = [engine.generate([p], params)[0].output_text for p in PROMPTS]
     del engine
@@ -279,8 +285,9 @@ class Deployment:
         self.serve = {"mode": "disaggregated", "prefill_workers": 2, "decode_workers": 2, "port": free_port(),
                       "health_interval_s": 0.25, "stall_timeout_s": s.stall_timeout_s, "max_migrations": 3,
                       "drain_timeout_s": 5.0, "min_client_priority": -1, "max_client_priority": 1, **serve}
-        self.config = PdserveConfig().replace(model={"model": s.model}, cache={"num_kv_blocks": 512},
-                                              engine={"num_threads": 1}, serve=self.serve)
+        self.config = PdserveConfig().replace(model={"model": s.model, "dtype": EXACT_DTYPE},
+                                              cache={"num_kv_blocks": 512}, engine={"num_threads": 1},
+                                              serve=self.serve)
         self.url = f"http://127.0.0.1:{self.serve['port']}"
         self.actor = None
 

@@ -1,7 +1,9 @@
 """`pdserve bench engine`: the engine against the memory-bandwidth floor and HF transformers.
 
-Every figure is the median of `--runs` runs, on the default model (SmolLM2-135M-Instruct, fp32) with
-`--threads` torch threads for both engines. Baselines: a torch copy gives the memory bandwidth, and
+Every figure is the median of `--runs` runs, on the default model (SmolLM2-135M-Instruct) with
+`--threads` torch threads for both engines; ours in `--dtype` (default `auto`: bf16 where the CPU has
+native bf16, else fp32), HF in `--hf-dtype` (default float32, the reference for token-exact output).
+Baselines: a torch copy gives the memory bandwidth, and
 bandwidth / weight bytes is the batch-1 decode floor (each decode step streams every weight once);
 HF `LlamaForCausalLM` is the baseline for decode, static-batch generation and prefill.
 Progress goes to stderr; with `--json` stdout carries exactly one JSON object.
@@ -14,7 +16,6 @@ import gc
 import itertools
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -28,6 +29,7 @@ import torch
 
 from pdserve.engine.config import PdserveConfig
 from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.platform import cpu_description
 from pdserve.engine.sampling import SamplingParams
 
 T = TypeVar("T")
@@ -112,8 +114,8 @@ def bandwidth_gbps(runs: int, threads: int) -> tuple[float, float]:
     return 2 * nbytes / copy_s / 1e9, nbytes / read_s / 1e9
 
 
-def weight_bytes(model_dir: Path) -> int:
-    """Bytes of the model's distinct weights in float32 (a tied head counted once)."""
+def weight_bytes(model_dir: Path, element_size: int = 4) -> int:
+    """Bytes of the model's distinct weights at `element_size` bytes each (a tied head counted once)."""
     from safetensors import safe_open
 
     shapes: dict[str, list[int]] = {}
@@ -122,7 +124,7 @@ def weight_bytes(model_dir: Path) -> int:
             shapes.update({n: fh.get_slice(n).get_shape() for n in fh.keys()})  # noqa: SIM118 (not a dict)
     if "model.embed_tokens.weight" in shapes:  # a stored head next to the embedding may be tied: count one
         shapes.pop("lm_head.weight", None)
-    return sum(math.prod(s) * 4 for s in shapes.values())
+    return sum(math.prod(s) * element_size for s in shapes.values())
 
 
 # -- our engine --------------------------------------------------------------------------------------
@@ -244,10 +246,10 @@ def hf_forward(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> None:
     model(input_ids=ids, attention_mask=mask, logits_to_keep=1)  # last-position logits, as generate does
 
 
-def hf_figures(model_dir: Path, p: Prompts, w: Workload, runs: int) -> dict[str, float]:
+def hf_figures(model_dir: Path, p: Prompts, w: Workload, runs: int, dtype: torch.dtype) -> dict[str, float]:
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     pad = model.config.eos_token_id
     pad = pad[0] if isinstance(pad, list) else pad
     res: dict[str, float] = {}
@@ -271,25 +273,20 @@ def hf_figures(model_dir: Path, p: Prompts, w: Workload, runs: int) -> dict[str,
 
 
 # -- the run ---------------------------------------------------------------------------------------
-def machine(threads: int) -> str:
-    cpu = "unknown CPU"
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads"
-
-
-def run(w: Workload, runs: int, threads: int, out: TextIO) -> dict[str, Any]:
-    cfg = PdserveConfig().replace(engine={"num_threads": threads},
+def run(w: Workload, runs: int, threads: int, out: TextIO, dtype: str = "auto",
+        hf_dtype: str = "float32") -> dict[str, Any]:
+    cfg = PdserveConfig().replace(engine={"num_threads": threads}, model={"dtype": dtype},
                                   scheduler={"max_num_seqs": 64, "max_num_batched_tokens": 4096},
                                   cache={"num_kv_blocks": 2048})
     e = LLMEngine(cfg)
     model_dir = e.source.path
     p = make_prompts(w, e.arch.vocab_size)
     assert sum(map(len, p.ragged)) <= cfg.scheduler.max_num_batched_tokens, "ragged batch exceeds the token budget"
-    res: dict[str, Any] = {"runs": runs, "machine": machine(threads), "workload": asdict(w)}
+    res: dict[str, Any] = {"runs": runs, "machine": cpu_description(threads), "workload": asdict(w),
+                           "dtype": str(e.dtype).removeprefix("torch."), "hf_dtype": hf_dtype}
     log("memory bandwidth")
     res["copy_gbps_1t"], res["read_gbps_2t"] = bandwidth_gbps(runs, threads)
-    res["weight_bytes"] = wb = weight_bytes(model_dir)
+    res["weight_bytes"] = wb = weight_bytes(model_dir, e.dtype.itemsize)
     res["floor_b1_tok_s"] = res["copy_gbps_1t"] * 1e9 / wb
     res["floor_b1_2t_read_tok_s"] = res["read_gbps_2t"] * 1e9 / wb
     log("engine prefill")
@@ -305,7 +302,7 @@ def run(w: Workload, runs: int, threads: int, out: TextIO) -> dict[str, Any]:
     res["engine_same_work_tok_s"] = engine_same_work_tok_s(e, p, runs)
     del e
     gc.collect()
-    res.update(hf_figures(model_dir, p, w, runs))
+    res.update(hf_figures(model_dir, p, w, runs, getattr(torch, hf_dtype)))
     res["decode_b1_frac_of_floor"] = res["decode_b1_tok_s"] / res["floor_b1_tok_s"]
     res["decode_b1_vs_hf"] = res["decode_b1_tok_s"] / res["hf_decode_b1_tok_s"]
     res["same_work_vs_hf"] = res["engine_same_work_tok_s"] / res["hf_static_useful_tok_s"]
@@ -328,6 +325,7 @@ def table(r: dict[str, Any]) -> str:
         (f"prefill {ragged} ragged vs HF padded (tok/s)", "prefill_ragged_tok_s", "hf_prefill_padded_tok_s"),
     ]
     lines = [f"machine: {r['machine']}; median of {r['runs']} runs (HF static batch: {hf_static_runs})",
+             f"ours in {r['dtype']}, HF in {r['hf_dtype']}",
              f"{'figure':<50} {'ours':>10} {'baseline':>10} {'ratio':>7}"]
     for name, ours, base in rows:
         if base is None:
@@ -358,7 +356,7 @@ def calibrate(threads: int, runs: int) -> dict[str, float]:
     decode_token = max(0.0, (t32 - t1) / (len(p.batch) - 1))
     overhead = max(0.0, t1 - decode_token)
     return {"step_overhead_s": overhead, "decode_token_s": decode_token,
-            "prefill_token_s": max(0.0, (prefill - overhead) / len(p.prefill)), "machine": machine(threads)}
+            "prefill_token_s": max(0.0, (prefill - overhead) / len(p.prefill)), "machine": cpu_description(threads)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a small workload (batch 8, fewer tokens) for smoke tests")
     ap.add_argument("--hf-static-runs", type=int, default=None,
                     help="runs of the slow HF static batch (default --runs)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="our engine's dtype (default auto: bf16 where the CPU has native bf16, else fp32)")
+    ap.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"], help="HF's dtype")
     ap.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     ap.add_argument("--calibrate", type=Path, default=None, metavar="FILE",
                     help="only measure the simulator's step costs and write them to FILE (JSON)")
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    res = run(w, runs, args.threads, sys.stderr if args.json else sys.stdout)
+    res = run(w, runs, args.threads, sys.stderr if args.json else sys.stdout, args.dtype, args.hf_dtype)
     res["wall_s"] = time.perf_counter() - t0
     print(json.dumps(res, indent=2) if args.json else table(res))
     return 0

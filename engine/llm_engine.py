@@ -30,9 +30,9 @@ from pdserve.engine.config import PdserveConfig, SchedulerConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.kv_cache import PagedKVCache
-from pdserve.engine.model import AttentionMetadata, load_model
+from pdserve.engine.model import AttentionMetadata, load_model, mkldnn_bf16_linear_available
 from pdserve.engine.model_source import ModelSource, load_tokenizer, resolve_model
-from pdserve.engine.platform import keep_freed_memory
+from pdserve.engine.platform import cpu_has_fast_bf16, keep_freed_memory
 from pdserve.engine.sampler import make_generator, sample
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import MeasuredStepCost, Scheduler
@@ -52,10 +52,12 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on CUDA (fp16 where bf16 is unsupported); on CPU bf16 where the CPU multiplies bf16
+    natively (AVX-512-BF16, AMX) and oneDNN's packed bf16 GEMM runs, else fp32 (emulated bf16 is slower)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_has_fast_bf16() and mkldnn_bf16_linear_available() else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 

@@ -75,16 +75,39 @@ class AttentionMetadata:
     prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
 
 
+def mkldnn_bf16_linear_available() -> bool:
+    """Whether oneDNN's packed bf16 linear runs here (checked once, on a tiny case)."""
+    global _MKLDNN_BF16
+    if _MKLDNN_BF16 is None:
+        try:
+            w = torch.ones(8, 16, dtype=torch.bfloat16)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=torch.bfloat16), packed, None, "none",
+                                                   [None], "")
+            _MKLDNN_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and bool((y == 16).all())
+        except (AttributeError, RuntimeError):
+            _MKLDNN_BF16 = False
+    return _MKLDNN_BF16
+
+
+_MKLDNN_BF16: bool | None = None
+
+
 class Linear:
     """y = x W^T + b.
 
-    On CUDA the weight keeps the standard `[out, in]` layout (`F.linear`). On CPU it
-    is stored transposed and split along the output into `parts` slabs
-    `[parts, in, out / parts]`, one per torch thread: MKL runs a small-batch GEMM on
-    a single thread however many it is given, so one `bmm` over the slabs is what
-    puts every thread to work streaming weights. Measured on SmolLM2's projections,
-    2 threads: a batch-1 pass over all layers 26 -> 19 ms, batch 32 84 -> 62 ms.
-    Large batches (prefill) are compute-bound and use one GEMM per slab.
+    Three layouts, chosen when the model loads:
+      * CUDA: the standard `[out, in]` weight and `F.linear`.
+      * CPU, bf16 (`packed`): the weight reordered once into oneDNN's blocked layout and
+        multiplied with its bf16 GEMM (the kernel torch's inductor uses for frozen bf16 linears).
+        On AVX-512-BF16 it runs SmolLM2's projections 2.5-3x faster than the best fp32 path at
+        every batch size from 1 to 512 tokens, and the blocking hint does not matter.
+      * CPU, fp32 (`parts`): the weight transposed and split along the output into `parts` slabs
+        `[parts, in, out / parts]`, one per torch thread: MKL runs a small-batch GEMM on a single
+        thread however many it is given, so one `bmm` over the slabs is what puts every thread to
+        work streaming weights. Measured on SmolLM2's projections, 2 threads: a batch-1 pass over
+        all layers 26 -> 19 ms, batch 32 84 -> 62 ms. Large batches (prefill) are compute-bound and
+        use one GEMM per slab.
     """
 
     SMALL_BATCH = 64
@@ -92,6 +115,12 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: int):
         self.out_features, self.in_features = weight.shape
         self.bias = bias
+        self.packed = None
+        if parts and weight.dtype == torch.bfloat16 and mkldnn_bf16_linear_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+            self.weight = None
+            self.parts = 0
+            return
         if parts and self.out_features % parts:
             parts = 1
         self.parts = parts
@@ -101,6 +130,8 @@ class Linear:
             self.weight = weight.contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
         p = self.parts
         if not p:
             return F.linear(x, self.weight, self.bias)
@@ -113,8 +144,11 @@ class Linear:
             y = torch.cat([x @ w for w in self.weight], dim=1)
         return y + self.bias if self.bias is not None else y
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of the original `[out, in]` weight (a tied head doubling as the embedding)."""
+    def rows(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Rows `ids` of the original `[out, in]` weight (a tied head doubling as the embedding), or None
+        where the layout is opaque (`packed`): the caller keeps its own copy then."""
+        if self.packed is not None:
+            return None
         if not self.parts:
             return self.weight.index_select(0, ids)
         width = self.out_features // self.parts
@@ -158,8 +192,9 @@ class LlamaModel:
         embed = w["model.embed_tokens.weight"]
         head = embed if arch.tie_word_embeddings or "lm_head.weight" not in w else w["lm_head.weight"]
         self.lm_head = Linear(head, None, parts)
-        # tied: the embedding is read from the head's storage, so the table exists once
-        self.embed = None if head is embed else embed.contiguous()
+        # tied: the embedding is read from the head's storage, so the table exists once (unless the
+        # head's layout is opaque)
+        self.embed = None if head is embed and self.lm_head.packed is None else embed.contiguous()
         pos = torch.arange(arch.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(pos, rope_inv_freq.float())
         emb = torch.cat([freqs, freqs], dim=-1)

@@ -66,13 +66,13 @@ def make_engine():
     """Build engines from a config; at teardown each must hold no request and no block."""
     from pdserve.engine.config import PdserveConfig
     from pdserve.engine.llm_engine import LLMEngine
-    from tests.helpers import check_no_leak
+    from tests.helpers import EXACT, check_no_leak
 
     engines: list[LLMEngine] = []
 
     def make(path, **sections) -> LLMEngine:
         sections["cache"] = {"num_kv_blocks": 512, **sections.get("cache", {})}
-        sections["model"] = {"model": str(path) if path else None, **sections.get("model", {})}
+        sections["model"] = {"model": str(path) if path else None, **EXACT, **sections.get("model", {})}
         engine = LLMEngine(PdserveConfig().replace(**sections))
         engines.append(engine)
         return engine

@@ -17,6 +17,10 @@ from pdserve.engine.sampling import SamplingParams
 
 torch.set_num_threads(2)
 
+# Tests that compare output with HF transformers, or across modes, pin float32: `auto` is bf16 on CPUs with
+# native bf16, and only float32 is token-exact against HF.
+EXACT = {"dtype": "float32"}
+
 PROMPT_LENS = [3, 17, 40, 5, 64, 1]
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -61,8 +65,9 @@ class Server:
 
         serve = {"port": 0, **sections.pop("serve", {})}
         cache = {"num_kv_blocks": 256, **sections.pop("cache", {})}
-        self.config = PdserveConfig().replace(model={"model": str(model_dir) if model_dir else None}, cache=cache,
-                                              engine={"num_threads": 1}, serve=serve, **sections)
+        model = {"model": str(model_dir) if model_dir else None, **EXACT}
+        self.config = PdserveConfig().replace(model=model, cache=cache, engine={"num_threads": 1}, serve=serve,
+                                              **sections)
         self.ray = ray
         self.actor = launch_router(self.config)
         self.url = ray.get(self.actor.start.remote(), timeout=120)

@@ -31,9 +31,9 @@ QUESTIONS = [
 def engine(default_model_dir):
     from pdserve.engine.config import PdserveConfig
     from pdserve.engine.llm_engine import LLMEngine
-    from tests.helpers import check_no_leak
+    from tests.helpers import EXACT, check_no_leak
 
-    e = LLMEngine(PdserveConfig().replace(cache={"num_kv_blocks": 256}))
+    e = LLMEngine(PdserveConfig().replace(model=EXACT, cache={"num_kv_blocks": 256}))
     yield e
     check_no_leak(e)
 

@@ -15,12 +15,13 @@ from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import PdserveConfig
 from pdserve.engine.messages import GenerateRequest, Ready, StepItem
 from pdserve.engine.sampling import SamplingParams
+from tests.helpers import EXACT
 
 
 @pytest.fixture(scope="module")
 def worker(tiny_model_dir):
     """One per module: a worker registers its metrics in the process's Prometheus registry, once."""
-    cfg = PdserveConfig().replace(model={"model": str(tiny_model_dir)}, cache={"num_kv_blocks": 64},
+    cfg = PdserveConfig().replace(model={"model": str(tiny_model_dir), **EXACT}, cache={"num_kv_blocks": 64},
                                   engine={"num_threads": 1}, serve={"mode": "disaggregated", "worker_nice": 0},
                                   kv_transfer={"reserve_wait_s": 0.2})
     w = DecodeWorker(cfg, "decode-test")

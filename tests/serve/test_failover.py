@@ -16,7 +16,7 @@ import pytest
 from pdserve.engine.config import FaultConfig, PdserveConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling import SamplingParams
-from tests.helpers import Server, wait_for
+from tests.helpers import EXACT, Server, wait_for
 
 PROMPT = "Once upon a time, in a land far away"
 MAX_TOKENS = 300
@@ -25,7 +25,7 @@ MAX_TOKENS = 300
 @pytest.fixture(scope="module")
 def expected(tiny_text_model_dir):
     """The uninterrupted greedy text for a max_tokens, from the bare engine."""
-    engine = LLMEngine(PdserveConfig().replace(model={"model": str(tiny_text_model_dir)}))
+    engine = LLMEngine(PdserveConfig().replace(model={"model": str(tiny_text_model_dir), **EXACT}))
     cache: dict[int, str] = {}
 
     def text(max_tokens: int = MAX_TOKENS) -> str:

@@ -16,7 +16,7 @@ import pytest
 from pdserve.engine.config import PdserveConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling import SamplingParams
-from tests.helpers import MODES, Server, wait_for
+from tests.helpers import EXACT, MODES, Server, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ PROMPTS = ["Hello, world", "The quick brown fox jumps over the lazy dog. " * 3, 
 
 
 def test_greedy_output_is_identical_across_modes_and_the_bare_engine(servers, tiny_text_model_dir):
-    engine = LLMEngine(PdserveConfig().replace(model={"model": str(tiny_text_model_dir)}))
+    engine = LLMEngine(PdserveConfig().replace(model={"model": str(tiny_text_model_dir), **EXACT}))
     expected = [o.output_text for o in engine.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0,
                                                                                ignore_eos=True))]
     for name, server in servers.items():

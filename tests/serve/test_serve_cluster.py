@@ -29,7 +29,7 @@ CLUSTER_SCRIPT = textwrap.dedent("""
     prefill_node = cluster.add_node(num_cpus=2, resources={"prefill": 1})
     decode_node = cluster.add_node(num_cpus=2, resources={"decode": 1})
     ray.init(address=cluster.address, namespace="pdserve", log_to_driver=False)
-    cfg = PdserveConfig().replace(model={"model": sys.argv[1]}, cache={"num_kv_blocks": 128},
+    cfg = PdserveConfig().replace(model={"model": sys.argv[1], "dtype": "float32"}, cache={"num_kv_blocks": 128},
                                   engine={"num_threads": 1},
                                   serve={"port": 0, "prefill_workers": 2, "decode_workers": 1})
     router = launch_router(cfg)
@@ -69,9 +69,9 @@ COMPLETION = "The three primary colors are"
 
 @pytest.mark.slow
 def test_default_model_greedy_identical_across_modes_and_the_bare_engine(ray_cluster, default_model_dir):
-    from tests.helpers import MODES, Server
+    from tests.helpers import EXACT, MODES, Server
 
-    engine = LLMEngine(PdserveConfig())
+    engine = LLMEngine(PdserveConfig().replace(model=EXACT))
     params = SamplingParams(max_tokens=24, temperature=0)
     want_chat = engine.generate([CHAT], params)[0].output_text
     want_text = engine.generate([COMPLETION], params)[0].output_text
