@@ -92,9 +92,11 @@ def build_workload(args: argparse.Namespace, rng: random.Random) -> list[Request
                 return name, prio
         return "default", 0
 
-    def length(mean: int) -> int:
-        r = args.random_range_ratio
+    def length(mean: int, r: float) -> int:
         return max(1, rng.randint(int(mean * (1 - r)), int(mean * (1 + r))))
+
+    r_in = args.random_range_ratio
+    r_out = r_in if args.random_output_range_ratio is None else args.random_output_range_ratio
 
     specs: list[RequestSpec] = []
     if args.dataset_name == "jsonl":
@@ -107,12 +109,9 @@ def build_workload(args: argparse.Namespace, rng: random.Random) -> list[Request
         return specs
     for _ in range(args.num_prompts):
         name, prio = klass()
-        if args.dataset_name == "mixed" and rng.random() < args.mixed_long_fraction:
-            specs.append(RequestSpec(_words(rng, length(args.mixed_long_input_len)), length(args.random_output_len),
-                                     prio, name))
-        else:
-            specs.append(RequestSpec(_words(rng, length(args.random_input_len)), length(args.random_output_len),
-                                     prio, name))
+        long = args.dataset_name == "mixed" and rng.random() < args.mixed_long_fraction
+        prompt_len = length(args.mixed_long_input_len if long else args.random_input_len, r_in)
+        specs.append(RequestSpec(_words(rng, prompt_len), length(args.random_output_len, r_out), prio, name))
     return specs
 
 
@@ -213,7 +212,7 @@ async def send(client, args, spec: RequestSpec, t0: float) -> Result:
     chat = "chat" in args.endpoint
     body: dict[str, Any] = {"model": args.model, "max_tokens": spec.output_len, "stream": True,
                             "stream_options": {"include_usage": True}, "temperature": args.temperature,
-                            "ignore_eos": True, "priority": spec.priority}
+                            "ignore_eos": args.ignore_eos, "priority": spec.priority}
     if chat:
         body["messages"] = [{"role": "user", "content": spec.prompt}]
     else:
@@ -347,6 +346,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-input-len", type=int, default=128, help="words per prompt (mean)")
     p.add_argument("--random-output-len", type=int, default=64, help="tokens per request (mean)")
     p.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths uniform in mean*(1±r)")
+    p.add_argument("--random-output-range-ratio", type=float, default=None,
+                   help="output lengths uniform in mean*(1±r) (default: --random-range-ratio)")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="ask for exactly the output length (--no-ignore-eos: stop at EOS, as a real user does)")
     p.add_argument("--mixed-long-input-len", type=int, default=2000, help="mixed: the long prompts' length")
     p.add_argument("--mixed-long-fraction", type=float, default=0.1, help="mixed: share of long prompts")
     p.add_argument("--priority-classes", default=None, help="name:priority:share,... e.g. urgent:-1:0.2 (a pdserve "
