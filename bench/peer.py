@@ -2,9 +2,11 @@
 
 Each server in `--servers` is started in turn (never two together), waited for until healthy, warmed up with
 two short requests, driven with each workload through `pdserve bench serve`'s load generator (in-process,
-streaming chat completions, greedy, stopping at EOS as a real user's request does), and stopped before the
-next one starts. The report has one table per workload: output tok/s, TTFT and TPOT p50/p99 (medians over
-`--runs`), and each row's throughput and TTFT p50 as ratios to the faster vLLM dtype on that workload.
+streaming chat completions, greedy, each generating exactly its output length (`ignore_eos`: bf16 and fp32
+pick different tokens and would stop at different places, so the servers would not do the same work)), and
+stopped before the next one starts. The report has one table per workload: output tok/s, TTFT and TPOT
+p50/p99 (medians over `--runs`), and each row's throughput and TTFT p50 as ratios to the faster vLLM dtype
+on that workload.
 
 Servers: `vllm-bf16`, `vllm-fp32` (vLLM CPU's OpenAI api_server from the venv of `--vllm-python`, both
 cores, the safetensors directory pdserve converts its default GGUF into) and `pdserve-colocated`,
@@ -321,7 +323,7 @@ class Server:
 
 # -- load ---------------------------------------------------------------------------------------------
 def load_args(overrides: dict[str, Any], base_url: str, model: str, seed: int) -> argparse.Namespace:
-    """`pdserve bench serve`'s arguments for one run: chat completions, streaming, greedy, stopping at EOS."""
+    """`pdserve bench serve`'s arguments for one run: chat completions, streaming, greedy, `ignore_eos`."""
     from pdserve.bench import serve as B
 
     p = argparse.ArgumentParser()
@@ -330,7 +332,7 @@ def load_args(overrides: dict[str, Any], base_url: str, model: str, seed: int) -
     for k, v in overrides.items():
         setattr(la, k, v)
     la.base_url, la.model, la.seed = base_url, model, seed
-    la.endpoint, la.temperature, la.ignore_eos, la.json = "/v1/chat/completions", 0.0, False, True
+    la.endpoint, la.temperature, la.ignore_eos, la.json = "/v1/chat/completions", 0.0, True, True
     return la
 
 
@@ -473,7 +475,8 @@ def format_report(header: dict, figures: dict[str, dict], specs: list[ServerSpec
              f"- pdserve {header['pdserve_version']}"
              + (f"; vLLM {header['vllm_version']} ({header['vllm_python']})" if header.get("vllm_python") else ""),
              f"- each figure: the median of {header['runs']} run(s); streaming chat completions, greedy, "
-             "stopping at EOS" + (" (--quick: smoke-test workloads)" if header.get("quick") else ""),
+             "exactly the output length (ignore_eos)"
+             + (" (--quick: smoke-test workloads)" if header.get("quick") else ""),
              f"- took {header.get('duration_s', 0) / 60:.1f} min; server logs in {header['run_dir']}"]
     for w, rows in figures.items():
         lines += ["", f"{w}: {header['workloads'][w]}", "", format_table(w, rows, specs, errors)]

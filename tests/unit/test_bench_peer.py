@@ -45,7 +45,7 @@ def test_server_commands_are_what_a_user_types(tmp_path):
 
 def test_workloads_have_the_anchor_ranges():
     """The burst is ANCHORS.md's: prompts 32-383 words, outputs 16-159 tokens; every request streams chat,
-    greedy, and stops at EOS."""
+    greedy, and generates exactly its output length on every server."""
     specs = []
     for seed in range(20):
         la = P.load_args(P.WORKLOADS["burst"], "http://x", "m", seed)
@@ -56,7 +56,7 @@ def test_workloads_have_the_anchor_ranges():
     outs = [s.output_len for s in specs]
     assert 32 <= min(words) < 45 and 370 < max(words) <= 384
     assert 16 <= min(outs) < 25 and 150 < max(outs) <= 160
-    assert la.endpoint == "/v1/chat/completions" and la.temperature == 0 and la.ignore_eos is False
+    assert la.endpoint == "/v1/chat/completions" and la.temperature == 0 and la.ignore_eos is True
     assert "32-383 words, outputs 16-159 tokens" in P.describe_workload("burst", quick=False)
     for quick in (False, True):
         assert set(P.QUICK_WORKLOADS if quick else P.WORKLOADS) == {"burst", "poisson", "mixed"}
