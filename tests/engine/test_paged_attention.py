@@ -10,19 +10,14 @@ import random
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from pdserve.bench.attention import DecodeCase
 from pdserve.engine import kernels
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kernels import KernelBuildError, decode_attention_kernel
-from pdserve.engine.kv_cache import PagedKVCache
-from pdserve.engine.llm_engine import LLMEngine
-from pdserve.engine.model import LlamaModel
-from pdserve.engine.sampling import SamplingParams
-from pdserve.engine.sequence import Sequence
 from tests.helpers import GREEDY, prompts
 
 CPU = torch.device("cpu")
@@ -33,50 +28,26 @@ def kernel():
     return kernels.load()
 
 
-def _decode_batch(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int,
-                  block_size: int = 16):
-    """A paged cache of random KV and `batch` decode rows whose blocks are scattered through it."""
+def _decode_case(batch: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int,
+                 block_size: int = 16) -> DecodeCase:
+    """`batch` rows with lengths 1, 16, 17, 31 (block edges) then random ones, scattered through the pool."""
     rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
     lens = [1, 16, 17, 31][:batch] + [rng.randint(1, 300) for _ in range(batch - 4)]
-    num_blocks = sum(-(-n // block_size) for n in lens) + 8
-    kv = PagedKVCache(1, num_blocks, block_size, num_kv_heads, head_dim, dtype, CPU)
-    kv.data.copy_(torch.randn(kv.data.shape, generator=gen))
-    free = list(range(num_blocks))
-    rng.shuffle(free)
-    seqs = []
-    for i, n in enumerate(lens):
-        seq = Sequence(f"r{i}", [0] * n, SamplingParams(max_tokens=4))
-        seq.num_computed_tokens = n - 1
-        seq.block_table = [free.pop() for _ in range(-(-n // block_size))]
-        seqs.append(seq)
-    # q as the model makes it: a head slice of the [n, heads + kv_heads, hd] rotated tensor (strided rows)
-    qk = torch.randn(batch, num_heads + num_kv_heads, head_dim, generator=gen).to(dtype)
-    k_new = torch.randn(batch, num_kv_heads, head_dim, generator=gen).to(dtype)
-    v_new = torch.randn(batch, num_kv_heads, head_dim, generator=gen).to(dtype)
-    return kv, seqs, qk[:, :num_heads], k_new, v_new
+    return DecodeCase(lens, heads, kv_heads, head_dim, dtype, seed, block_size)
 
 
-def _attention(kv: PagedKVCache, seqs: list[Sequence], q, k, v, decode_kernel) -> torch.Tensor:
-    """One layer's attention for decode rows through the engine's own metadata and `_attention`."""
-    engine = SimpleNamespace(block_manager=SimpleNamespace(block_size=kv.block_size), device=CPU, kv=kv,
-                             decode_kernel=decode_kernel)
-    plan = sorted(((s, 1) for s in seqs), key=lambda e: e[0].num_computed_tokens)
-    order = [seqs.index(s) for s, _ in plan]
-    meta = LLMEngine._attention_metadata(engine, plan)
+def _attention(case: DecodeCase, decode_kernel) -> torch.Tensor:
+    meta, order = case.metadata(decode_kernel)
     assert (meta.decode_groups == []) == (decode_kernel is not None)
-    model = SimpleNamespace(scale=q.shape[-1] ** -0.5)
-    out = LlamaModel._attention(model, q[order], k[order], v[order], meta, kv.k[0], kv.v[0])
-    back = torch.empty_like(out)
-    back[order] = out
-    return back.view(q.shape)
+    return case.attention(meta, order)
 
 
-def _reference(kv: PagedKVCache, seqs: list[Sequence], q) -> torch.Tensor:
+def _reference(case: DecodeCase) -> torch.Tensor:
     """float64 softmax attention over each row's KV as the cache holds it (the new token's included)."""
+    kv, q = case.kv, case.q
     group = q.shape[1] // kv.num_kv_heads
     out = torch.empty(q.shape, dtype=torch.float64)
-    for i, seq in enumerate(seqs):
+    for i, seq in enumerate(case.seqs):
         slots = kv.slots(seq.block_table, 0, seq.num_computed_tokens + 1)
         keys = kv.k[0][slots].double().repeat_interleave(group, 1)
         values = kv.v[0][slots].double().repeat_interleave(group, 1)
@@ -90,10 +61,10 @@ def _reference(kv: PagedKVCache, seqs: list[Sequence], q) -> torch.Tensor:
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("batch", [1, 7, 40])
 def test_kernel_matches_torch_path(kernel, dtype, heads, kv_heads, head_dim, batch):
-    kv, seqs, q, k, v = _decode_batch(batch, heads, kv_heads, head_dim, dtype, seed=batch * 1000 + head_dim + heads)
-    ours = _attention(kv, seqs, q, k, v, kernel)
-    oracle = _attention(kv, seqs, q, k, v, None)
-    exact = _reference(kv, seqs, q)  # after both wrote the new tokens' KV (the same values)
+    case = _decode_case(batch, heads, kv_heads, head_dim, dtype, seed=batch * 1000 + head_dim + heads)
+    ours = _attention(case, kernel)
+    oracle = _attention(case, None)
+    exact = _reference(case)  # after both wrote the new tokens' KV (the same values)
     tol = 2e-6 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ours.double(), exact, atol=tol, rtol=0)
     torch.testing.assert_close(ours, oracle, atol=tol, rtol=0)
@@ -102,13 +73,13 @@ def test_kernel_matches_torch_path(kernel, dtype, heads, kv_heads, head_dim, bat
 
 @pytest.mark.parametrize("head_dim", [16, 80])
 def test_other_head_dims(kernel, head_dim):
-    kv, seqs, q, k, v = _decode_batch(9, 6, 2, head_dim, torch.float32, seed=head_dim, block_size=5)
-    torch.testing.assert_close(_attention(kv, seqs, q, k, v, kernel).double(), _reference(kv, seqs, q),
-                               atol=2e-6, rtol=0)
+    case = _decode_case(9, 6, 2, head_dim, torch.float32, seed=head_dim, block_size=5)
+    torch.testing.assert_close(_attention(case, kernel).double(), _reference(case), atol=2e-6, rtol=0)
 
 
 def test_kernel_checks_its_inputs(kernel):
-    kv, seqs, q, _, _ = _decode_batch(4, 4, 2, 64, torch.float32, seed=0)
+    case = _decode_case(4, 4, 2, 64, torch.float32, seed=0)
+    kv, q = case.kv, case.q
     tables = torch.zeros(4, 20, dtype=torch.int32)
     lens = torch.tensor([1, 2, 3, 4], dtype=torch.int32)
     out = torch.empty(q.shape)
