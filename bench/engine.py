@@ -273,9 +273,10 @@ def hf_figures(model_dir: Path, p: Prompts, w: Workload, runs: int, dtype: torch
 
 
 # -- the run ---------------------------------------------------------------------------------------
-def run(w: Workload, runs: int, threads: int, out: TextIO, dtype: str = "auto",
-        hf_dtype: str = "float32") -> dict[str, Any]:
-    cfg = PdserveConfig().replace(engine={"num_threads": threads}, model={"dtype": dtype},
+def run(w: Workload, runs: int, threads: int, out: TextIO, attention_backend: str = "auto", hf: bool = True,
+        dtype: str = "auto", hf_dtype: str = "float32") -> dict[str, Any]:
+    cfg = PdserveConfig().replace(engine={"num_threads": threads, "attention_backend": attention_backend},
+                                  model={"dtype": dtype},
                                   scheduler={"max_num_seqs": 64, "max_num_batched_tokens": 4096},
                                   cache={"num_kv_blocks": 2048})
     e = LLMEngine(cfg)
@@ -283,7 +284,8 @@ def run(w: Workload, runs: int, threads: int, out: TextIO, dtype: str = "auto",
     p = make_prompts(w, e.arch.vocab_size)
     assert sum(map(len, p.ragged)) <= cfg.scheduler.max_num_batched_tokens, "ragged batch exceeds the token budget"
     res: dict[str, Any] = {"runs": runs, "machine": cpu_description(threads), "workload": asdict(w),
-                           "dtype": str(e.dtype).removeprefix("torch."), "hf_dtype": hf_dtype}
+                           "dtype": str(e.dtype).removeprefix("torch."), "hf_dtype": hf_dtype,
+                           "attention": "cpu_kernel" if e.decode_kernel is not None else "torch"}
     log("memory bandwidth")
     res["copy_gbps_1t"], res["read_gbps_2t"] = bandwidth_gbps(runs, threads)
     res["weight_bytes"] = wb = weight_bytes(model_dir, e.dtype.itemsize)
@@ -302,8 +304,10 @@ def run(w: Workload, runs: int, threads: int, out: TextIO, dtype: str = "auto",
     res["engine_same_work_tok_s"] = engine_same_work_tok_s(e, p, runs)
     del e
     gc.collect()
-    res.update(hf_figures(model_dir, p, w, runs, getattr(torch, hf_dtype)))
     res["decode_b1_frac_of_floor"] = res["decode_b1_tok_s"] / res["floor_b1_tok_s"]
+    if not hf:
+        return res
+    res.update(hf_figures(model_dir, p, w, runs, getattr(torch, hf_dtype)))
     res["decode_b1_vs_hf"] = res["decode_b1_tok_s"] / res["hf_decode_b1_tok_s"]
     res["same_work_vs_hf"] = res["engine_same_work_tok_s"] / res["hf_static_useful_tok_s"]
     res["prefill_512_vs_hf"] = res["prefill_512_tok_s"] / res["hf_prefill_512_tok_s"]
@@ -324,11 +328,12 @@ def table(r: dict[str, Any]) -> str:
         (f"prefill {w['prefill_len']} tokens (tok/s) vs HF", "prefill_512_tok_s", "hf_prefill_512_tok_s"),
         (f"prefill {ragged} ragged vs HF padded (tok/s)", "prefill_ragged_tok_s", "hf_prefill_padded_tok_s"),
     ]
-    lines = [f"machine: {r['machine']}; median of {r['runs']} runs (HF static batch: {hf_static_runs})",
+    lines = [f"machine: {r['machine']}; median of {r['runs']} runs (HF static batch: {hf_static_runs}); "
+             f"decode attention: {r.get('attention', '?')}",
              f"ours in {r['dtype']}, HF in {r['hf_dtype']}",
              f"{'figure':<50} {'ours':>10} {'baseline':>10} {'ratio':>7}"]
     for name, ours, base in rows:
-        if base is None:
+        if base is None or base not in r:
             lines.append(f"{name:<50} {r[ours]:>10.1f} {'-':>10} {'-':>7}")
         else:
             lines.append(f"{name:<50} {r[ours]:>10.1f} {r[base]:>10.1f} {r[ours] / r[base]:>7.2f}")
@@ -370,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="our engine's dtype (default auto: bf16 where the CPU has native bf16, else fp32)")
     ap.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"], help="HF's dtype")
     ap.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu_kernel"],
+                    help="the engine's decode attention (EngineConfig.attention_backend)")
+    ap.add_argument("--engine-only", action="store_true", help="skip the HF baselines (engine figures only)")
     ap.add_argument("--calibrate", type=Path, default=None, metavar="FILE",
                     help="only measure the simulator's step costs and write them to FILE (JSON)")
     args = ap.parse_args(argv)
@@ -383,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    res = run(w, runs, args.threads, sys.stderr if args.json else sys.stdout, args.dtype, args.hf_dtype)
+    res = run(w, runs, args.threads, sys.stderr if args.json else sys.stdout, args.attention_backend,
+              hf=not args.engine_only, dtype=args.dtype, hf_dtype=args.hf_dtype)
     res["wall_s"] = time.perf_counter() - t0
     print(json.dumps(res, indent=2) if args.json else table(res))
     return 0

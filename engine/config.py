@@ -88,6 +88,14 @@ class EngineConfig:
     # oversubscribe the cores.
     num_threads: int | None = None
     seed: int = 0
+    # Decode attention. cpu_kernel: a C++ kernel reading K/V where they lie in the paged cache
+    # (`engine.kernels`; CPU, float32 or bfloat16). torch: gather each row's context into a contiguous
+    # copy, then SDPA (any device and dtype). auto: the kernel where it runs and builds, else torch.
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ("auto", "torch", "cpu_kernel"):
+            raise ValueError(f"attention_backend must be auto, torch or cpu_kernel, got {self.attention_backend!r}")
 
 
 @dataclass(frozen=True)

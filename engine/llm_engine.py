@@ -29,6 +29,7 @@ from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
 from pdserve.engine.config import PdserveConfig, SchedulerConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.errors import InvalidRequestError
+from pdserve.engine.kernels import decode_attention_kernel
 from pdserve.engine.kv_cache import PagedKVCache
 from pdserve.engine.model import AttentionMetadata, load_model, mkldnn_bf16_linear_available
 from pdserve.engine.model_source import ModelSource, load_tokenizer, resolve_model
@@ -74,6 +75,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.model, self.hf_config = load_model(self.source.path, self.device, self.dtype)
         self.tokenizer = load_tokenizer(self.source.path)
+        # decode attention: the paged-attention kernel, or None for the torch path (see EngineConfig)
+        self.decode_kernel = decode_attention_kernel(config.engine.attention_backend, self.device, self.dtype)
         arch = self.arch = self.model.arch
         logger.info("loaded %s in %.1fs", self.source.model_id, time.perf_counter() - t0)
 
@@ -294,7 +297,18 @@ class LLMEngine:
         decodes = [seq for seq, n in plan if n == 1]
         d = len(decodes)
         groups = []
-        for r0 in range(0, d, DECODE_GROUP_SIZE):
+        kernel = self.decode_kernel if d else None
+        tables = lens = None
+        if kernel is not None:  # the kernel reads each row's blocks in place: its table and length suffice
+            ctx = [s.num_computed_tokens + 1 for s in decodes]
+            nblk = [-(-c // bs) for c in ctx]
+            width = max(nblk)
+            tables = torch.tensor([s.block_table[:k] + [0] * (width - k) for s, k in zip(decodes, nblk, strict=True)],
+                                  dtype=torch.int32).to(dev)
+            lens = torch.tensor(ctx, dtype=torch.int32).to(dev)
+            slot_parts.append(torch.tensor([s.block_table[(c - 1) // bs] * bs + (c - 1) % bs
+                                            for s, c in zip(decodes, ctx, strict=True)]))
+        for r0 in range(0, d if kernel is None else 0, DECODE_GROUP_SIZE):
             group = decodes[r0:r0 + DECODE_GROUP_SIZE]
             ctx = torch.tensor([s.num_computed_tokens + 1 for s in group])
             max_ctx = int(ctx[-1])  # sorted ascending
@@ -323,7 +337,7 @@ class LLMEngine:
                 prefills.append((q, q + n, slots.to(dev), mask))
             q += n
         slot_mapping = torch.cat(slot_parts).to(dev)
-        return AttentionMetadata(slot_mapping, d, groups, prefills)
+        return AttentionMetadata(slot_mapping, d, groups, prefills, kernel, tables, lens, bs)
 
     # -- bookkeeping -----------------------------------------------------------
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:

@@ -14,6 +14,7 @@ layout is kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,13 @@ class AttentionMetadata:
     decode_groups: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]
     # prefill chunks: (q_start, q_end, context_slots [ctx_end] or None if no earlier context, mask or None)
     prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
+    # With a decode kernel (`engine.kernels`: reads the paged cache in place) the decode rows need no
+    # groups (`decode_groups` is empty), only their block tables [num_decode, max_blocks] (int32, padded
+    # with 0) and context lengths [num_decode] (int32, the new token included).
+    decode_kernel: Callable | None = None
+    decode_block_tables: torch.Tensor | None = None
+    decode_context_lens: torch.Tensor | None = None
+    block_size: int = 0
 
 
 def mkldnn_bf16_linear_available() -> bool:
@@ -247,6 +255,10 @@ class LlamaModel:
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty(n, nh, hd, dtype=q.dtype, device=q.device)
+        d = meta.num_decode
+        if meta.decode_kernel is not None and d:
+            meta.decode_kernel(out[:d], q[:d], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                               meta.block_size, self.scale)
         for r0, r1, slots, mask in meta.decode_groups:
             rows, ctx = slots.shape
             kd = k_cache.index_select(0, slots.view(-1)).view(rows, ctx, kvh, hd).transpose(1, 2)

@@ -18,6 +18,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None, help="torch threads for this process")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu_kernel"],
+                   help="decode attention: the C++ paged kernel (CPU), torch's gather + SDPA, or auto")
 
 
 def engine_config(args: argparse.Namespace):
@@ -27,7 +29,7 @@ def engine_config(args: argparse.Namespace):
         model=ModelConfig(model=args.model, device=args.device, dtype=args.dtype),
         cache=CacheConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
-        engine=EngineConfig(num_threads=args.threads),
+        engine=EngineConfig(num_threads=args.threads, attention_backend=args.attention_backend),
     )
 
 
@@ -81,6 +83,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from pdserve.bench.serve import main as bench_main
     elif args.what == "compare":
         from pdserve.bench.compare import main as bench_main
+    elif args.what == "attention":
+        from pdserve.bench.attention import main as bench_main
     elif args.what == "project":
         from pdserve.bench.project import main as bench_main
     elif args.what == "peer":
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = sub.add_parser("bench", help="benchmarks (pdserve bench WHAT --help)")
     bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise", "overhead", "serve",
-                                          "compare", "project", "peer"])
+                                          "compare", "project", "peer", "attention"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 

@@ -44,6 +44,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add("--dtype", dest="model.dtype", choices=["auto", "float32", "bfloat16", "float16"])
     add("--device", dest="model.device")
     add("--threads", dest="engine.num_threads", type=int, help="torch threads per worker (default: cores / workers)")
+    add("--attention-backend", dest="engine.attention_backend", choices=["auto", "torch", "cpu_kernel"],
+        help="decode attention: cpu_kernel reads the paged KV cache in place (C++, built on first use); torch "
+        "gathers it and runs SDPA; auto (default): the kernel on CPU where it builds")
     add("--worker-cpus", dest="serve.worker_num_cpus", type=float)
     add("--metrics-prefix", dest="serve.metrics_prefix", choices=["pdserve_", "vllm:"])
     add("--min-client-priority", dest="serve.min_client_priority", type=int,
