@@ -162,3 +162,5 @@ class WorkerInfo:
     node_id: str | None = None
     kv_address: str | None = None  # decode workers, disaggregated: where prefill workers push KV
     num_blocks: int | None = None
+    dtype: str | None = None  # the model's and the KV cache's, e.g. "bfloat16" (`auto` resolved on the worker)
+    attention: str | None = None  # the decode attention backend in use: "cpu_kernel" or "torch"

@@ -223,7 +223,8 @@ class WorkerPools:
 
     def status(self) -> dict:
         return {role: [{"worker_id": w.worker_id, "healthy": w.healthy, "draining": w.draining,
-                        "inflight": w.inflight_requests, "node_id": w.info.node_id} for w in pool.values()]
+                        "inflight": w.inflight_requests, "node_id": w.info.node_id, "dtype": w.info.dtype,
+                        "attention": w.info.attention} for w in pool.values()]
                 for role, pool in self.pools.items()}
 
     async def _health_loop(self) -> None:

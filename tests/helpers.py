@@ -65,7 +65,7 @@ class Server:
 
         serve = {"port": 0, **sections.pop("serve", {})}
         cache = {"num_kv_blocks": 256, **sections.pop("cache", {})}
-        model = {"model": str(model_dir) if model_dir else None, **EXACT}
+        model = {"model": str(model_dir) if model_dir else None, **EXACT, **sections.pop("model", {})}
         self.config = PdserveConfig().replace(model=model, cache=cache, engine={"num_threads": 1}, serve=serve,
                                               **sections)
         self.ray = ray

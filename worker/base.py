@@ -64,8 +64,10 @@ class Worker:
         return host_port(advertised_host(host), server.server_port)  # what Prometheus dials
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo(self.worker_id, self.role, self.metrics_url, node_id(),
-                          num_blocks=self.engine.block_manager.num_blocks)
+        e = self.engine
+        return WorkerInfo(self.worker_id, self.role, self.metrics_url, node_id(), num_blocks=e.block_manager.num_blocks,
+                          dtype=str(e.dtype).removeprefix("torch."),
+                          attention="cpu_kernel" if e.decode_kernel is not None else "torch")
 
     def ping(self) -> str:
         return self.worker_id

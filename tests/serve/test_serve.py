@@ -48,6 +48,26 @@ def test_greedy_output_is_identical_across_modes_and_the_bare_engine(servers, ti
         server.wait_kv_free()
 
 
+def test_bf16_serves_identically_in_every_mode_and_frees_its_kv(ray_cluster, tiny_text_model_dir):
+    """bf16 KV crosses both transports (raw bytes of a dtype numpy lacks) and the decode kernel runs on it:
+    requests one at a time put the same rows through the same GEMMs, so every mode gives the same text."""
+    texts = {}
+    for name, sections in MODES.items():
+        server = Server(ray_cluster, tiny_text_model_dir, model={"dtype": "bfloat16"},
+                        **json.loads(json.dumps(sections)))
+        try:
+            c = server.client()
+            texts[name] = [c.completions.create(model=server.model, prompt=p, max_tokens=12, temperature=0,
+                                                extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS]
+            pools = ray_cluster.get(server.actor.status.remote())["pools"]
+            assert {w["dtype"] for pool in pools.values() for w in pool} == {"bfloat16"}, pools
+            server.wait_kv_free()
+        finally:
+            server.stop()
+    assert texts["disagg-grpc"] == texts["disagg-nccl"] == texts["colocated"]
+    assert all(len(t) > 0 for t in texts["colocated"])
+
+
 def test_chat_streaming_with_usage(servers):
     for name, server in servers.items():
         c = server.client()
