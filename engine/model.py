@@ -259,12 +259,17 @@ class LlamaModel:
         if meta.decode_kernel is not None and d:
             meta.decode_kernel(out[:d], q[:d], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
                                meta.block_size, self.scale)
+        # torch's CPU SDPA is far slower on one-token bf16 queries than in fp32: there the torch path
+        # computes decode attention in fp32 (the gather stays in the cache's dtype)
+        upcast = q.device.type == "cpu" and q.dtype != torch.float32
         for r0, r1, slots, mask in meta.decode_groups:
             rows, ctx = slots.shape
+            qd = q[r0:r1].unsqueeze(2)
             kd = k_cache.index_select(0, slots.view(-1)).view(rows, ctx, kvh, hd).transpose(1, 2)
             vd = v_cache.index_select(0, slots.view(-1)).view(rows, ctx, kvh, hd).transpose(1, 2)
-            od = F.scaled_dot_product_attention(q[r0:r1].unsqueeze(2), kd, vd, attn_mask=mask,
-                                                scale=self.scale, enable_gqa=True)
+            if upcast:
+                qd, kd, vd = qd.float(), kd.float(), vd.float()
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[r0:r1] = od.squeeze(2)
         for qs, qe, ctx_slots, mask in meta.prefills:
             qi = q[qs:qe].transpose(0, 1).unsqueeze(0)
