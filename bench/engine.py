@@ -190,7 +190,8 @@ def engine_same_work_tok_s(e: LLMEngine, p: Prompts, runs: int) -> float:
 
 
 def python_overhead_frac(e: LLMEngine, prompts: list[list[int]], steps: int, runs: int, out: TextIO) -> float:
-    """Share of a decode step's wall time outside top-level aten ops, from torch.profiler (median of `runs`)."""
+    """Share of a decode step's wall time outside top-level torch ops (aten, oneDNN's, our kernels'), from
+    torch.profiler (median of `runs`)."""
     from torch.profiler import ProfilerActivity, profile
 
     prefilled(e, prompts, 2 + steps * runs + 64)
@@ -201,7 +202,7 @@ def python_overhead_frac(e: LLMEngine, prompts: list[list[int]], steps: int, run
             t0 = time.perf_counter()
             decode_steps(e, steps)
             wall = time.perf_counter() - t0
-        fracs.append(1 - _top_level_aten_us(prof.events()) / 1e6 / wall)
+        fracs.append(1 - _top_level_op_us(prof.events()) / 1e6 / wall)
     reset(e)
     ops = sorted(prof.key_averages(), key=lambda a: a.cpu_time_total, reverse=True)[:10]
     print(f"top 10 ops by total CPU time, batch {len(prompts)} decode (ms per step):", file=out)
@@ -211,17 +212,21 @@ def python_overhead_frac(e: LLMEngine, prompts: list[list[int]], steps: int, run
     return statistics.median(fracs)
 
 
-def _top_level_aten_us(events: Any) -> float:
-    """Summed duration of aten ops with no aten ancestor (nested ops are inside their parent's time)."""
+_OP_NAMESPACES = ("aten::", "mkldnn::", "pdserve::")
+
+
+def _top_level_op_us(events: Any) -> float:
+    """Summed duration of torch ops (`_OP_NAMESPACES`) with no op ancestor (nested ops are inside their
+    parent's time)."""
     def nested(ev: Any) -> bool:
         parent = ev.cpu_parent
         while parent is not None:
-            if parent.name.startswith("aten::"):
+            if parent.name.startswith(_OP_NAMESPACES):
                 return True
             parent = parent.cpu_parent
         return False
 
-    top = [ev for ev in events if ev.name.startswith("aten::") and not nested(ev)]
+    top = [ev for ev in events if ev.name.startswith(_OP_NAMESPACES) and not nested(ev)]
     threads = {ev.thread for ev in top}
     assert len(threads) <= 1, f"top-level ops on several threads {threads}: their times would overlap"
     return sum(ev.time_range.elapsed_us() for ev in top)
