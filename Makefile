@@ -43,12 +43,19 @@ lint: install proto
 	$(BIN)/ruff check .
 
 # System packages the tests need, from Debian (as root, or through sudo): prometheus, for `promtool`
-# (metrics lint, config and rule checks) and the real Prometheus the live-scrape tests start.
+# (metrics lint, config and rule checks) and the real Prometheus the live-scrape tests start; and g++,
+# which compiles the engine's CPU kernel (Debian's gcc alone cannot compile C++). The kernel is built
+# again after g++ arrives.
 system-deps:
 	@command -v promtool >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v c++ >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ && \
+	  $(BIN)/python -m pdserve.engine.kernels; }
 
 test: lint system-deps
 	$(BIN)/python -m pytest -q
