@@ -27,7 +27,7 @@ from typing import Any, TextIO, TypeVar
 
 import torch
 
-from pdserve.engine.config import PdserveConfig
+from pdserve.engine.config import ATTENTION_BACKENDS, PdserveConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.platform import cpu_description
 from pdserve.engine.sampling import SamplingParams
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="our engine's dtype (default auto: bf16 where the CPU has native bf16, else fp32)")
     ap.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"], help="HF's dtype")
     ap.add_argument("--json", action="store_true", help="print one JSON object to stdout")
-    ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu_kernel"],
+    ap.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                     help="the engine's decode attention (EngineConfig.attention_backend)")
     ap.add_argument("--engine-only", action="store_true", help="skip the HF baselines (engine figures only)")
     ap.add_argument("--calibrate", type=Path, default=None, metavar="FILE",

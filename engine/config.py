@@ -79,6 +79,10 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
 
 
+# EngineConfig.attention_backend's values (the flags' choices too).
+ATTENTION_BACKENDS = ("auto", "torch", "cpu_kernel")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Process-level settings of the engine."""
@@ -94,8 +98,9 @@ class EngineConfig:
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.attention_backend not in ("auto", "torch", "cpu_kernel"):
-            raise ValueError(f"attention_backend must be auto, torch or cpu_kernel, got {self.attention_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
 
 
 @dataclass(frozen=True)

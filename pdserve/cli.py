@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from pdserve.engine.config import ATTENTION_BACKENDS
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
@@ -18,7 +20,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None, help="torch threads for this process")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu_kernel"],
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="decode attention: the C++ paged kernel (CPU), torch's gather + SDPA, or auto")
 
 

@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 
+from pdserve.engine.config import ATTENTION_BACKENDS
+
 ROUTER_NAME, NAMESPACE = "pdserve-router", "pdserve"
 
 
@@ -44,7 +46,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add("--dtype", dest="model.dtype", choices=["auto", "float32", "bfloat16", "float16"])
     add("--device", dest="model.device")
     add("--threads", dest="engine.num_threads", type=int, help="torch threads per worker (default: cores / workers)")
-    add("--attention-backend", dest="engine.attention_backend", choices=["auto", "torch", "cpu_kernel"],
+    add("--attention-backend", dest="engine.attention_backend", choices=ATTENTION_BACKENDS,
         help="decode attention: cpu_kernel reads the paged KV cache in place (C++, built on first use); torch "
         "gathers it and runs SDPA; auto (default): the kernel on CPU where it builds")
     add("--worker-cpus", dest="serve.worker_num_cpus", type=float)

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from pdserve.engine.config import default_cache_dir
+from pdserve.engine.config import ATTENTION_BACKENDS, default_cache_dir
 from pdserve.engine.platform import cpu_flags
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
-BACKENDS = ("auto", "torch", "cpu_kernel")
+BACKENDS = ATTENTION_BACKENDS
 # Cache dtypes the kernel computes on (in fp32 either way).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 CXXFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++20", "-shared")
