@@ -775,17 +775,13 @@ def run_suite(s: Settings, scenarios: list[str], progress=None) -> dict:
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from pdserve.engine.platform import cpu_isa, cpu_model
+
     mem = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         kb = int(Path("/proc/meminfo").read_text().split("MemTotal:", 1)[1].split()[0])
         mem = round(kb / 2**20, 1)
-    return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gib": mem, "torch": torch.__version__,
+    return {"cpu": cpu_model(), "isa": cpu_isa(), "cpus": os.cpu_count(), "memory_gib": mem, "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
 
 

@@ -15,12 +15,13 @@ import argparse
 import dataclasses
 import json
 import multiprocessing as mp
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+from pdserve.engine.platform import cpu_isa, cpu_model
 
 
 def _receiver_main(conn, fp_fields: dict, transport: str, num_blocks: int) -> None:
@@ -38,14 +39,6 @@ def _receiver_main(conn, fp_fields: dict, transport: str, num_blocks: int) -> No
     conn.send(rx.address)
     conn.recv()  # until the parent says stop
     rx.stop()
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results))
         return 0
     print(f"# TTFT of a {n}-token prompt's disaggregated prefill ({results['kv_mib']:.0f} MiB of KV), "
-          f"{_cpu_model()}, {args.threads} prefill thread(s), torch {torch.__version__}, median of {args.runs}")
+          f"{cpu_model()} [{cpu_isa()}], {args.threads} prefill thread(s), torch {torch.__version__}, "
+          f"median of {args.runs}")
     print(f"prefill alone (no transfer): {results['prefill_only_p50_ms']:.0f} ms")
     print(f"{'transport':<14}{'whole KV after prefill':>26}{'layer-wise':>16}{'saved':>10}{'transfer left':>16}")
     for transport, r in results["transports"].items():

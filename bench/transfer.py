@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from pdserve.engine.config import KVTransferConfig
+from pdserve.engine.platform import cpu_isa, cpu_model
 from pdserve.kv_transfer import Fingerprint, KVPool, KVReceiver, KVSender, LayerStream
 
 TRANSPORTS = ("grpc", "nccl")
@@ -56,10 +57,7 @@ def log(msg: str) -> None:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{cpu_model()}, {os.cpu_count()} cores [{cpu_isa()}], torch {torch.__version__}"
 
 
 # -- child processes (spawned: module-level entry points) --------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import platform
 import sys
 
 logger = logging.getLogger(__name__)
@@ -40,16 +41,26 @@ _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "
               "amx_tile", "amx_bf16", "amx_int8")
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo is unreadable)."""
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first `field` line of /proc/cpuinfo (None where it is unreadable or has none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo is unreadable)."""
+    return frozenset((_cpuinfo("flags") or "").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name, e.g. `AMD EPYC`."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def cpu_isa() -> str:
@@ -72,11 +83,5 @@ def cpu_description(threads: int | None = None) -> str:
 
     import torch
 
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     threads = torch.get_num_threads() if threads is None else threads
-    return f"{cpu}, {os.cpu_count()} cores [{cpu_isa()}], torch {torch.__version__}, {threads} threads"
+    return f"{cpu_model()}, {os.cpu_count()} cores [{cpu_isa()}], torch {torch.__version__}, {threads} threads"
