@@ -40,16 +40,12 @@ CONFIGS = {
 
 
 def _load_args(args: argparse.Namespace, base_url: str, model: str, rate: float, seed: int) -> argparse.Namespace:
-    from pdserve.bench import serve as B
+    from pdserve.bench.serve import default_args
 
-    p = argparse.ArgumentParser()
-    B.add_arguments(p)
-    la = p.parse_args([])
-    la.base_url, la.model, la.dataset_name = base_url, model, "mixed"
-    la.num_prompts, la.request_rate, la.seed, la.json = args.num_prompts, rate, seed, True
-    la.random_input_len, la.random_output_len = args.input_len, args.output_len
-    la.mixed_long_input_len, la.mixed_long_fraction = args.long_input_len, args.long_fraction
-    return la
+    return default_args(base_url=base_url, model=model, dataset_name="mixed", num_prompts=args.num_prompts,
+                        request_rate=rate, seed=seed, json=True, random_input_len=args.input_len,
+                        random_output_len=args.output_len, mixed_long_input_len=args.long_input_len,
+                        mixed_long_fraction=args.long_fraction)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,13 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _median_of(reps: list[dict]) -> dict:
     """Medians over runs, with the range, of the figures the comparison shows."""
+    from pdserve.bench.serve import figure
+
     def pick(path):
-        vals = []
-        for r in reps:
-            v = r
-            for k in path:
-                v = v[k]
-            vals.append(v)
+        vals = figure(reps, path)
         return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
 
     return {"goodput": pick(["goodput"]), "request_throughput": pick(["request_throughput"]),

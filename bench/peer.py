@@ -149,16 +149,9 @@ def vllm_version(python: str) -> str:
 # -- tables -------------------------------------------------------------------------------------------
 def median_figures(reports: list[dict]) -> dict[str, float]:
     """Each figure's median over the runs' `bench serve` reports."""
-    out = {}
-    for key, path in FIGURES:
-        vals = []
-        for rep in reports:
-            v = rep
-            for k in path:
-                v = v[k]
-            vals.append(v)
-        out[key] = statistics.median(vals)
-    return out
+    from pdserve.bench.serve import figure
+
+    return {key: statistics.median(figure(reports, path)) for key, path in FIGURES}
 
 
 def reference_server(rows: dict[str, dict | None], specs: list[ServerSpec]) -> str | None:
@@ -324,16 +317,10 @@ class Server:
 # -- load ---------------------------------------------------------------------------------------------
 def load_args(overrides: dict[str, Any], base_url: str, model: str, seed: int) -> argparse.Namespace:
     """`pdserve bench serve`'s arguments for one run: chat completions, streaming, greedy, `ignore_eos`."""
-    from pdserve.bench import serve as B
+    from pdserve.bench.serve import default_args
 
-    p = argparse.ArgumentParser()
-    B.add_arguments(p)
-    la = p.parse_args([])
-    for k, v in overrides.items():
-        setattr(la, k, v)
-    la.base_url, la.model, la.seed = base_url, model, seed
-    la.endpoint, la.temperature, la.ignore_eos, la.json = "/v1/chat/completions", 0.0, True, True
-    return la
+    return default_args(**{**overrides, "base_url": base_url, "model": model, "seed": seed,
+                           "endpoint": "/v1/chat/completions", "temperature": 0.0, "ignore_eos": True, "json": True})
 
 
 def warm_up(url: str, model: str) -> None:

@@ -162,6 +162,16 @@ def meets(r: Result, slos: dict[str, float]) -> bool:
     return True
 
 
+def figure(reports: list[dict[str, Any]], path: tuple[str, ...] | list[str]) -> list[Any]:
+    """One figure from each `report`: `path` leads into its dict, e.g. ("ttft_ms", "p50")."""
+    values = []
+    for rep in reports:
+        for key in path:
+            rep = rep[key]
+        values.append(rep)
+    return values
+
+
 def report(results: list[Result], duration: float, slos: dict[str, float]) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
@@ -334,6 +344,19 @@ def format_report(rep: dict[str, Any]) -> str:
                      f"{sub['goodput']:.2f} req/s")
     lines += [f"error: {e}" for e in rep["errors"]]
     return "\n".join(lines)
+
+
+def default_args(**overrides: Any) -> argparse.Namespace:
+    """This command's arguments at their defaults, with `overrides` set: for benchmarks that run the load
+    generator in-process (`run`). An override that names no argument is a TypeError."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([])
+    for key, value in overrides.items():
+        if not hasattr(args, key):
+            raise TypeError(f"pdserve bench serve has no argument {key!r}")
+        setattr(args, key, value)
+    return args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
