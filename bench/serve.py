@@ -6,9 +6,14 @@ reports request and output-token throughput, TTFT, TPOT, ITL and e2e latency (me
 p99) and goodput: the rate of requests meeting every `--goodput` SLO (DistServe's definition),
 overall and per priority class. Flags are named like `vllm bench serve`'s where the meaning is
 the same. Datasets: `random` (lengths from ranges), `jsonl` (`{"prompt": ..., "output_len": N}`
-per line, optional `"priority"`), and `mixed` (steady short requests with occasional long
-prompts: the prefill-decode interference case). Prompt lengths are in words for text datasets
-(the server's `usage` reports the exact token counts).
+per line, optional `"priority"`), `mixed` (steady short requests with occasional long prompts:
+the prefill-decode interference case), `shared-prefix` (one long system prompt that every request
+shares, then a question of its own: the prefix-caching case) and `multiturn` (`--num-conversations`
+conversations of `--num-turns` turns on one shared system prompt, each turn sent with the whole
+history, the server's own answers included, once the previous answer has arrived; always over chat
+completions; its report splits TTFT between first and later turns). Prompt lengths are in words for
+text datasets (the server's `usage` reports the exact token counts; with SmolLM2's tokenizer a word
+of the generator's vocabulary is one token). Every dataset is the same for the same `--seed`.
 """
 
 from __future__ import annotations
@@ -38,10 +43,13 @@ WORDS = (
 
 @dataclass
 class RequestSpec:
-    prompt: str
+    prompt: str  # the user message (chat), or the prompt after `system` (completions)
     output_len: int
     priority: int = 0
     klass: str = "default"
+    system: str = ""  # shared-prefix, multiturn: the system prompt every request shares
+    conversation: int | None = None  # multiturn: which conversation, and which of its turns (0-based)
+    turn: int = 0
 
 
 @dataclass
@@ -55,6 +63,16 @@ class Result:
     itl: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
+    text: str = ""  # what the server streamed back (the next turn's assistant message)
+    sent: bool = True  # False: a turn after a failed one, never sent (not a request: not counted as failed)
+
+    @property
+    def turn(self) -> int:
+        return self.spec.turn
+
+    @property
+    def conversation(self) -> int | None:
+        return self.spec.conversation
 
     @property
     def tpot(self) -> float | None:
@@ -99,6 +117,20 @@ def build_workload(args: argparse.Namespace, rng: random.Random) -> list[Request
     r_out = r_in if args.random_output_range_ratio is None else args.random_output_range_ratio
 
     specs: list[RequestSpec] = []
+    if args.dataset_name in ("shared-prefix", "multiturn"):
+        system = _words(rng, args.shared_prefix_len) if args.shared_prefix_len > 0 else ""
+        if args.dataset_name == "shared-prefix":
+            for _ in range(args.num_prompts):
+                name, prio = klass()
+                specs.append(RequestSpec(_words(rng, length(args.random_input_len, r_in)),
+                                         length(args.random_output_len, r_out), prio, name, system))
+            return specs
+        for c in range(args.num_conversations):
+            name, prio = klass()
+            specs += [RequestSpec(_words(rng, length(args.random_input_len, r_in)),
+                                  length(args.random_output_len, r_out), prio, name, system, c, turn)
+                      for turn in range(args.num_turns)]
+        return specs
     if args.dataset_name == "jsonl":
         lines = [json.loads(line) for line in Path(args.dataset_path).read_text().splitlines() if line.strip()]
         for i in range(args.num_prompts):
@@ -113,6 +145,28 @@ def build_workload(args: argparse.Namespace, rng: random.Random) -> list[Request
         prompt_len = length(args.mixed_long_input_len if long else args.random_input_len, r_in)
         specs.append(RequestSpec(_words(rng, prompt_len), length(args.random_output_len, r_out), prio, name))
     return specs
+
+
+def build_conversations(args: argparse.Namespace, rng: random.Random) -> list[list[RequestSpec]]:
+    """The workload as conversations, each sent turn after turn: multiturn's as built, every other dataset's
+    requests one to a conversation (so `build_workload` then `arrival_times` give the same requests and times)."""
+    specs = build_workload(args, rng)
+    if args.dataset_name != "multiturn":
+        return [[s] for s in specs]
+    conversations: dict[int | None, list[RequestSpec]] = {}
+    for s in specs:
+        conversations.setdefault(s.conversation, []).append(s)
+    return list(conversations.values())
+
+
+def chat_endpoint(endpoint: str) -> str:
+    """`endpoint` if it is a chat one, else its chat sibling: /v1/completions -> /v1/chat/completions."""
+    if "chat" in endpoint:
+        return endpoint
+    path = endpoint.rstrip("/")
+    if not path.endswith("/completions"):
+        raise ValueError(f"no chat endpoint beside {endpoint!r}: pass --endpoint /v1/chat/completions")
+    return path.removesuffix("completions") + "chat/completions"
 
 
 def arrival_times(n: int, rate: float, burstiness: float, rng: random.Random) -> list[float]:
@@ -172,7 +226,25 @@ def figure(reports: list[dict[str, Any]], path: tuple[str, ...] | list[str]) -> 
     return values
 
 
+def turns_report(results: list[Result]) -> dict[str, Any]:
+    """Conversations' first turns against their later ones (TTFT, prompt tokens), and the turns not sent."""
+    sent = [r for r in results if r.sent]
+
+    def part(rs: list[Result]) -> dict[str, Any]:
+        ok = [r for r in rs if r.ok]
+        return {"completed": len(ok), "failed": len(rs) - len(ok),
+                "ttft_ms": summary_ms([r.ttft for r in ok if r.ttft is not None]),
+                "prompt_tokens_mean": sum(r.prompt_tokens for r in ok) / len(ok) if ok else float("nan")}
+
+    by_turn = [[r.prompt_tokens for r in sent if r.ok and r.turn == k] for k in range(max(r.turn for r in results) + 1)]
+    return {"first": part([r for r in sent if r.turn == 0]), "later": part([r for r in sent if r.turn >= 1]),
+            "not_sent": len(results) - len(sent),
+            "prompt_tokens_by_turn": [sum(v) / len(v) if v else float("nan") for v in by_turn]}
+
+
 def report(results: list[Result], duration: float, slos: dict[str, float]) -> dict[str, Any]:
+    """The run's figures over the requests sent; with conversations (multiturn), a `turns` section too."""
+    everything, results = results, [r for r in results if r.sent]
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     rep: dict[str, Any] = {
@@ -188,10 +260,12 @@ def report(results: list[Result], duration: float, slos: dict[str, float]) -> di
         "slos_ms": {k: v * 1e3 for k, v in slos.items()},
         "errors": sorted({r.error for r in results if not r.ok})[:10],
     }
+    if any(r.conversation is not None or r.turn > 0 for r in everything):
+        rep["turns"] = turns_report(everything)
     classes = sorted({r.spec.klass for r in results})
     if len(classes) > 1:
         rep["classes"] = {c: {k: v for k, v in report([r for r in results if r.spec.klass == c], duration, slos)
-                              .items() if k not in ("classes", "errors")} for c in classes}
+                              .items() if k not in ("classes", "errors", "turns")} for c in classes}
     return rep
 
 
@@ -217,19 +291,23 @@ def chunk_text(obj: dict) -> str:
     return (c.get("delta") or {}).get("content") or c.get("text") or ""
 
 
-async def send(client, args, spec: RequestSpec, t0: float) -> Result:
+async def send(client, args, spec: RequestSpec, t0: float, history: list[dict] | None = None) -> Result:
+    """One streaming request. Chat: the system message (if any), `history` (the conversation's earlier user and
+    assistant messages), then the user message; completions: the system text, a blank line, then the prompt."""
     res = Result(spec, start=time.perf_counter() - t0)
     chat = "chat" in args.endpoint
     body: dict[str, Any] = {"model": args.model, "max_tokens": spec.output_len, "stream": True,
                             "stream_options": {"include_usage": True}, "temperature": args.temperature,
                             "ignore_eos": args.ignore_eos, "priority": spec.priority}
     if chat:
-        body["messages"] = [{"role": "user", "content": spec.prompt}]
+        system = [{"role": "system", "content": spec.system}] if spec.system else []
+        body["messages"] = system + (history or []) + [{"role": "user", "content": spec.prompt}]
     else:
-        body["prompt"] = spec.prompt
+        body["prompt"] = f"{spec.system}\n\n{spec.prompt}" if spec.system else spec.prompt
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     start = time.perf_counter()
     last = None
+    pieces: list[str] = []
     try:
         async with client.stream("POST", args.base_url.rstrip("/") + args.endpoint, json=body,
                                  headers=headers) as r:
@@ -245,7 +323,8 @@ async def send(client, args, spec: RequestSpec, t0: float) -> Result:
                     res.error = f"stream error: {obj['error'].get('message', obj['error'])}"[:300]
                     return res
                 now = time.perf_counter()
-                if chunk_text(obj):
+                if text := chunk_text(obj):
+                    pieces.append(text)
                     if res.ttft is None:
                         res.ttft = now - start
                     elif last is not None:
@@ -255,6 +334,7 @@ async def send(client, args, spec: RequestSpec, t0: float) -> Result:
                     res.prompt_tokens = obj["usage"]["prompt_tokens"]
                     res.output_tokens = obj["usage"]["completion_tokens"]
         res.e2e = time.perf_counter() - start
+        res.text = "".join(pieces)
         res.ok = res.ttft is not None or res.output_tokens > 0
         if not res.ok:
             res.error = "no tokens received"
@@ -264,35 +344,55 @@ async def send(client, args, spec: RequestSpec, t0: float) -> Result:
 
 
 async def run(args: argparse.Namespace) -> tuple[list[Result], float]:
+    """Send the workload: one task a conversation (a request is a conversation of one turn), started at its
+    arrival time; a turn goes once the previous turn's answer has arrived, carrying the history with it, and a
+    failed turn ends its conversation (the turns after it come back `sent=False`). `--max-concurrency` bounds
+    the requests in flight. Multiturn goes to the chat endpoint beside `--endpoint`."""
     import httpx
 
     rng = random.Random(args.seed)
-    specs = build_workload(args, rng)
-    offsets = arrival_times(len(specs), args.request_rate, args.burstiness, rng)
-    limit = asyncio.Semaphore(args.max_concurrency or len(specs) or 1)
+    conversations = build_conversations(args, rng)
+    offsets = arrival_times(len(conversations), args.request_rate, args.burstiness, rng)
+    if args.dataset_name == "multiturn":
+        args = argparse.Namespace(**{**vars(args), "endpoint": chat_endpoint(args.endpoint)})
+    total = sum(len(c) for c in conversations)
+    limit = asyncio.Semaphore(args.max_concurrency or total or 1)
     done = 0
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout),
                                  limits=httpx.Limits(max_connections=args.max_concurrency or 1000)) as client:
         t0 = time.perf_counter()
 
-        async def one(spec, offset):
+        def count(n: int) -> None:
             nonlocal done
+            done += n
+            if not args.json and sys.stderr.isatty() or args.progress:
+                bar = int(30 * done / total)
+                print(f"\r[{'#' * bar}{'.' * (30 - bar)}] {done}/{total}", end="", file=sys.stderr, flush=True)
+
+        async def converse(turns: list[RequestSpec], offset: float) -> list[Result]:
             delay = offset - (time.perf_counter() - t0)
             if delay > 0:
-                await asyncio.sleep(delay)  # the arrival process: this request is not due yet
-            async with limit:
-                r = await send(client, args, spec, t0)
-            done += 1
-            if not args.json and sys.stderr.isatty() or args.progress:
-                bar = int(30 * done / len(specs))
-                print(f"\r[{'#' * bar}{'.' * (30 - bar)}] {done}/{len(specs)}", end="", file=sys.stderr, flush=True)
-            return r
+                await asyncio.sleep(delay)  # the arrival process: this conversation is not due yet
+            history: list[dict] = []
+            results: list[Result] = []
+            for spec in turns:
+                async with limit:
+                    r = await send(client, args, spec, t0, history)
+                results.append(r)
+                count(1)
+                if not r.ok:
+                    rest = [Result(s, error=f"not sent: turn {r.turn} failed", sent=False)
+                            for s in turns[len(results):]]
+                    count(len(rest))
+                    return results + rest
+                history += [{"role": "user", "content": spec.prompt}, {"role": "assistant", "content": r.text}]
+            return results
 
-        results = await asyncio.gather(*(one(s, o) for s, o in zip(specs, offsets, strict=True)))
+        per_conversation = await asyncio.gather(*(converse(c, o) for c, o in zip(conversations, offsets, strict=True)))
         duration = time.perf_counter() - t0
     if not args.json:
         print(file=sys.stderr)
-    return list(results), duration
+    return [r for rs in per_conversation for r in rs], duration
 
 
 def plot(results: list[Result], out: Path) -> list[Path]:
@@ -338,6 +438,13 @@ def format_report(rep: dict[str, Any]) -> str:
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
         s = rep[key]
         lines.append(f"{key[:-3].upper():8}" + "".join(f"{s[q]:>10.1f}" for q in ("mean", "p50", "p90", "p99")))
+    if turns := rep.get("turns"):
+        for name in ("first", "later"):
+            t, s = turns[name], turns[name]["ttft_ms"]
+            lines.append(f"{name} turns: {t['completed']} ok, {t['failed']} failed, TTFT mean {s['mean']:.0f}, "
+                         f"p50/p90/p99 {s['p50']:.0f}/{s['p90']:.0f}/{s['p99']:.0f} ms, prompt "
+                         f"{t['prompt_tokens_mean']:.0f} tokens (mean)"
+                         + (f"; {turns['not_sent']} not sent after a failed turn" if name == "later" else ""))
     for c, sub in rep.get("classes", {}).items():
         lines.append(f"class {c}: {sub['completed']} ok, TTFT p50/p99 {sub['ttft_ms']['p50']:.0f}/"
                      f"{sub['ttft_ms']['p99']:.0f} ms, TPOT p99 {sub['tpot_ms']['p99']:.1f} ms, goodput "
@@ -361,12 +468,15 @@ def default_args(**overrides: Any) -> argparse.Namespace:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
-    p.add_argument("--endpoint", default="/v1/completions", help="/v1/completions or /v1/chat/completions")
+    p.add_argument("--endpoint", default="/v1/completions", help="/v1/completions or /v1/chat/completions "
+                   "(multiturn always uses the chat one: /v1/completions becomes /v1/chat/completions)")
     p.add_argument("--model", default=None, help="default: the first model /v1/models lists")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--dataset-name", default="random", choices=["random", "jsonl", "mixed"])
+    p.add_argument("--dataset-name", default="random",
+                   choices=["random", "jsonl", "mixed", "shared-prefix", "multiturn"])
     p.add_argument("--dataset-path", default=None, help="jsonl: one {\"prompt\", \"output_len\"} per line")
-    p.add_argument("--random-input-len", type=int, default=128, help="words per prompt (mean)")
+    p.add_argument("--random-input-len", type=int, default=128,
+                   help="words per prompt (mean); shared-prefix: per question, multiturn: per user message")
     p.add_argument("--random-output-len", type=int, default=64, help="tokens per request (mean)")
     p.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths uniform in mean*(1±r)")
     p.add_argument("--random-output-range-ratio", type=float, default=None,
@@ -375,12 +485,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ask for exactly the output length (--no-ignore-eos: stop at EOS, as a real user does)")
     p.add_argument("--mixed-long-input-len", type=int, default=2000, help="mixed: the long prompts' length")
     p.add_argument("--mixed-long-fraction", type=float, default=0.1, help="mixed: share of long prompts")
+    p.add_argument("--shared-prefix-len", type=int, default=1000, help="shared-prefix, multiturn: words in the "
+                   "system prompt all requests share (1,000 words are 1,000 tokens with SmolLM2's tokenizer)")
+    p.add_argument("--num-conversations", type=int, default=8, help="multiturn: conversations")
+    p.add_argument("--num-turns", type=int, default=4, help="multiturn: user turns per conversation")
     p.add_argument("--priority-classes", default=None, help="name:priority:share,... e.g. urgent:-1:0.2 (a pdserve "
                    "server must grant them: --min-client-priority/--max-client-priority)")
-    p.add_argument("--num-prompts", type=int, default=100)
-    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s; inf: all at once")
+    p.add_argument("--num-prompts", type=int, default=100,
+                   help="requests (multiturn ignores it: it sends --num-conversations x --num-turns)")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests/s (multiturn: conversations started per second); inf: all at once")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 is Poisson, lower is burstier")
-    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--goodput", nargs="*", default=None, metavar="SLO:MS", help="e.g. ttft:500 tpot:50")
@@ -398,6 +514,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--dataset-name jsonl needs --dataset-path")
     if args.request_rate <= 0 or args.burstiness <= 0:
         p.error("--request-rate and --burstiness must be positive")
+    if args.dataset_name == "multiturn":
+        if args.num_conversations < 1 or args.num_turns < 1:
+            p.error("--num-conversations and --num-turns must be at least 1")
+        try:
+            chat_endpoint(args.endpoint)
+        except ValueError as e:
+            p.error(str(e))
     slos = parse_goodput(args.goodput)
     if args.model is None:
         import httpx
