@@ -49,6 +49,9 @@ class CacheConfig:
     # Number of blocks in the pool; None sizes it from `kv_cache_memory_gb`.
     num_kv_blocks: int | None = None
     kv_cache_memory_gb: float = 1.0
+    # Automatic prefix caching (see engine.block_manager): full blocks stay cached after their request
+    # ends and later requests with the same prefix reuse them instead of computing them again.
+    enable_prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,9 @@ class ServeConfig:
     """`pdserve serve`: the router, the worker pools and the HTTP API."""
 
     mode: str = "disaggregated"  # disaggregated | colocated (decode workers prefill themselves)
+    # Disaggregated mode, per request: "always" prefill on a prefill worker and ship the KV; "never" let
+    # the decode worker prefill; "auto" decide by the uncached prompt length and the measured step costs.
+    disaggregation: str = "auto"
     prefill_workers: int = 1
     decode_workers: int = 1
     host: str = "127.0.0.1"
@@ -241,6 +247,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
             raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
+        if self.disaggregation not in ("auto", "always", "never"):
+            raise ValueError(f"disaggregation must be auto, always or never, got {self.disaggregation!r}")
         if self.decode_workers < 1 or self.prefill_workers < (1 if self.mode == "disaggregated" else 0):
             raise ValueError("need at least one decode worker (and one prefill worker when disaggregated)")
         if self.metrics_prefix not in ("pdserve_", "vllm:"):

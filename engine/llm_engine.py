@@ -85,7 +85,7 @@ class LLMEngine:
         cc = config.cache
         num_blocks = cc.num_kv_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30) // PagedKVCache.bytes_per_block(
             arch.num_layers, cc.block_size, arch.num_kv_heads, arch.head_dim, self.dtype))
-        self.block_manager = BlockManager(num_blocks, cc.block_size)
+        self.block_manager = BlockManager(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)
         self.kv = PagedKVCache(arch.num_layers, num_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
                                self.dtype, self.device)
         swap_blocks = config.scheduler.swap_space_blocks
@@ -185,6 +185,8 @@ class LLMEngine:
 
     def _adopt(self, seq: Sequence, num_computed: int, detokenize: bool) -> Sequence:
         seq.num_computed_tokens = num_computed
+        with self.kv_lock:
+            self.scheduler.cache_computed(seq)  # the arrived KV is as reusable as KV computed here
         self.scheduler.add_running(seq)
         self._register(seq, detokenize)
         if seq.request_id in self._detok:
@@ -271,19 +273,25 @@ class LLMEngine:
         if ship and not layerwise:
             for i in range(self.arch.num_layers):
                 self._ship_layer(ship, i)
-        for seq, n in plan:
-            seq.num_computed_tokens += n
+        with self.kv_lock:
+            for seq, n in plan:
+                seq.num_computed_tokens += n
+                self.scheduler.cache_computed(seq)  # full blocks join the prefix cache
         if not sampled:
             return [], None
         return sampled, self.model.logits(hidden.index_select(0, torch.tensor(sample_rows, device=dev)))
 
     def _kv_to_ship(self, plan: list[tuple[Sequence, int]]) -> list[tuple[object, torch.Tensor]]:
-        """Prefill-only sequences whose prompt completes in this step, with their KV slots."""
+        """Prefill-only sequences whose prompt completes in this step, with the slots of the KV to ship."""
         if not self._kv_sinks:
             return []
-        return [(self._kv_sinks[seq.request_id], self.kv.slots(seq.block_table, 0, seq.num_tokens).to(self.device))
-                for seq, n in plan
-                if seq.request_id in self._kv_sinks and seq.num_computed_tokens + n == seq.num_tokens]
+        ship = []
+        for seq, n in plan:
+            sink = self._kv_sinks.get(seq.request_id)
+            if sink is not None and seq.num_computed_tokens + n == seq.num_tokens:
+                # only what the receiver lacks: it may hold the first `token_start` tokens' blocks already
+                ship.append((sink, self.kv.slots(seq.block_table, sink.token_start, seq.num_tokens).to(self.device)))
+        return ship
 
     def _ship_layer(self, ship: list[tuple[object, torch.Tensor]], layer: int) -> None:
         k, v = self.kv.k[layer], self.kv.v[layer]

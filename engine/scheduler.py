@@ -110,6 +110,8 @@ class Scheduler:
         self.input_closed = False  # static/dynamic: no more arrivals, so a partial batch may start
         self.num_preemptions = 0
         self.num_swaps = 0
+        self.prefix_cache_queries = 0  # tokens of admitted requests looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of those, tokens the cache supplied
 
     # -- requests ------------------------------------------------------------
     def add(self, seq: Sequence, now: float) -> None:
@@ -163,13 +165,17 @@ class Scheduler:
     def estimate_ttft(self, seq: Sequence) -> float:
         """Prefill tokens queued at least as urgent as `seq`, its own, and the decode
         steps that share their time, through the step cost."""
-        ahead = sum(s.num_uncomputed for s in self.waiting if s.priority <= seq.priority)
-        tokens = ahead + seq.num_uncomputed
+        ahead = sum(self._uncached(s) for s in self.waiting if s.priority <= seq.priority)
+        tokens = ahead + self._uncached(seq)
         steps = max(1, math.ceil(tokens / self.config.max_num_batched_tokens))
         return self.step_cost(tokens, 0) + steps * self.step_cost(0, len(self.running))
 
+    def _uncached(self, seq: Sequence) -> int:
+        """Tokens a queued request still has to compute: its cached prefix counts as computed."""
+        return seq.num_uncomputed - self.cached_tokens(seq)
+
     def _drain_estimate(self) -> float:
-        tokens = sum(s.num_uncomputed for s in self.waiting)
+        tokens = sum(self._uncached(s) for s in self.waiting)
         return max(1.0, self.step_cost(tokens, len(self.running)))
 
     # -- one step ----------------------------------------------------------------
@@ -193,28 +199,40 @@ class Scheduler:
         for seq in sorted(self.swapped + self.waiting, key=lambda s: self._admit_key(s, now)):
             if len(self.running) >= c.max_num_seqs or (budget <= 0 and chunked):
                 break
-            n = self._tokens_for(seq, budget, chunked)
-            if n == 0:
-                if chunked or any(k > 1 for _, k in out.scheduled):
-                    break
-                # continuous: a whole prompt that does not fit what decode tokens left of the budget
-                # (or the budget at all) still runs, as the step's only prefill
-                n = seq.num_uncomputed
-            if cap is not None and out.num_batched_tokens + n > cap and out.scheduled:
-                if not chunked or cap <= out.num_batched_tokens:
-                    break
-                n = cap - out.num_batched_tokens  # shrink: only the chunk that keeps the step's TPOT
-            if seq.status is SequenceStatus.SWAPPED:
-                if not self._swap_in(seq, n, out):
-                    break
-            else:
-                if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
-                    break  # no overtaking: the next most urgent waits for room too
-                self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
-                self._admit(seq)
+            if seq.status is SequenceStatus.WAITING:
+                self._match_prefix(seq)  # a cached prefix counts as computed: only the rest is prefilled
+            n = self._fit(seq, budget, chunked, cap, out)
+            if n == 0 or not self._take(seq, n, out):
+                self._unmatch(seq)
+                break  # no overtaking: the next most urgent waits for room too
             out.scheduled.append((seq, n))
             budget -= n
         return out
+
+    def _fit(self, seq: Sequence, budget: int, chunked: bool, cap: int | None, out: SchedulerOutput) -> int:
+        """How many of a queued request's tokens this step takes (0: it waits)."""
+        n = self._tokens_for(seq, budget, chunked)
+        if n == 0:
+            if chunked or any(k > 1 for _, k in out.scheduled):
+                return 0
+            # continuous: a whole prompt that does not fit what decode tokens left of the budget
+            # (or the budget at all) still runs, as the step's only prefill
+            n = seq.num_uncomputed
+        if cap is not None and out.num_batched_tokens + n > cap and out.scheduled:
+            if not chunked or cap <= out.num_batched_tokens:
+                return 0
+            n = cap - out.num_batched_tokens  # shrink: only the chunk that keeps the step's TPOT
+        return n
+
+    def _take(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Give a queued request the blocks for `n` more tokens and make it running; False if the pool is short."""
+        if seq.status is SequenceStatus.SWAPPED:
+            return self._swap_in(seq, n, out)
+        if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
+            return False
+        self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+        self._admit(seq)
+        return True
 
     def _schedule_running(self, now: float, out: SchedulerOutput, budget: int, chunked: bool) -> tuple[int, bool]:
         """Running requests, most urgent first; the least urgent are preempted when the pool is short.
@@ -239,6 +257,59 @@ class Scheduler:
         self.waiting.remove(seq)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
+        if self.blocks.enable_caching:
+            self.prefix_cache_queries += seq.num_tokens
+            self.prefix_cache_hits += seq.num_computed_tokens
+            if not seq.num_output_tokens:
+                seq.num_cached_tokens = seq.num_computed_tokens
+
+    # -- prefix caching ------------------------------------------------------------------
+    def _cacheable_blocks(self, seq: Sequence) -> int:
+        """Full blocks of a request's known tokens a cache hit may cover: never its last token, whose
+        logits the step needs, so a hit never reaches the block the request writes next."""
+        return (seq.num_tokens - 1) // self.blocks.block_size
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        """A request with no KV yet takes the cached blocks of its longest cached prefix."""
+        if not self.blocks.enable_caching or seq.num_computed_tokens or seq.block_table:
+            return
+        n = self._cacheable_blocks(seq)
+        if n <= 0:
+            return
+        blocks = self.blocks.acquire_prefix(seq.hashes(self.blocks.block_size, n))
+        seq.block_table = blocks
+        seq.num_registered_blocks = len(blocks)
+        seq.num_computed_tokens = len(blocks) * self.blocks.block_size
+
+    def _unmatch(self, seq: Sequence) -> None:
+        """Undo `_match_prefix` for a request that stays queued (its blocks go back to the cache)."""
+        if seq.status is SequenceStatus.WAITING and seq.block_table:
+            self.blocks.free(seq.block_table)
+            seq.block_table = []
+            seq.num_computed_tokens = seq.num_registered_blocks = 0
+
+    def cached_tokens(self, seq: Sequence) -> int:
+        """Tokens of a request with no KV yet that the cache would supply now (a peek: nothing is taken)."""
+        if not self.blocks.enable_caching or seq.num_computed_tokens:
+            return 0
+        n = self._cacheable_blocks(seq)
+        if n <= 0:
+            return 0
+        return self.blocks.num_cached_prefix(seq.hashes(self.blocks.block_size, n)) * self.blocks.block_size
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Offer the request's newly completed full blocks to the prefix cache (after a step computed them,
+        or after its KV arrived from elsewhere)."""
+        bm = self.blocks
+        if not bm.enable_caching:
+            return
+        full = min(seq.num_computed_tokens // bm.block_size, len(seq.block_table))
+        if full <= seq.num_registered_blocks:
+            return
+        hashes = seq.hashes(bm.block_size, full)
+        for i in range(seq.num_registered_blocks, full):
+            bm.register(seq.block_table[i], hashes[i])
+        seq.num_registered_blocks = full
 
     def _tokens_for(self, seq: Sequence, budget: int, chunked: bool) -> int:
         remaining = seq.num_uncomputed
@@ -320,16 +391,17 @@ class Scheduler:
         if mode in ("swap", "auto") and cpu is not None and cpu.can_allocate(len(seq.block_table)):
             seq.cpu_block_table = cpu.allocate(len(seq.block_table))
             out.swap_out.extend(zip(seq.block_table, seq.cpu_block_table, strict=True))
-            self.blocks.free(seq.block_table)
+            self.blocks.free(seq.block_table)  # named blocks stay cached (evictable) on the device
             seq.block_table = []
+            seq.num_registered_blocks = 0
             seq.status = SequenceStatus.SWAPPED
             self.swapped.append(seq)
             self.num_swaps += 1
             return
         # recompute ("recompute", or a full swap pool): drop the KV, prefill prompt + output again
-        self.blocks.free(seq.block_table)
+        self.blocks.free(seq.block_table)  # its computed prefix stays cached: resuming may not recompute it all
         seq.block_table = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_registered_blocks = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 

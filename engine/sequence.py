@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pdserve.engine.block_manager import ROOT_HASH, hash_block
 from pdserve.engine.sampling import SamplingParams
 
 
@@ -48,6 +49,12 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # when a step first ran it (queue time = this - arrival)
     cpu_block_table: list[int] = field(default_factory=list)  # while SWAPPED
+    # Prefix caching (see engine.block_manager): names of the full blocks of the known tokens, computed
+    # once each; how many leading blocks of `block_table` have been offered to the cache; and how many
+    # prompt tokens the cache supplied when the request was admitted (reported as cached tokens).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int = 0
 
     @property
     def num_output_tokens(self) -> int:
@@ -60,6 +67,16 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    def hashes(self, block_size: int, num_blocks: int) -> list[bytes]:
+        """The names of the first `num_blocks` full blocks of this sequence's tokens (hashed once each)."""
+        have = self.block_hashes
+        if len(have) < num_blocks:
+            parent = have[-1] if have else ROOT_HASH
+            for b in range(len(have), num_blocks):
+                parent = hash_block(parent, self.token_slice(b * block_size, (b + 1) * block_size))
+                have.append(parent)
+        return have[:num_blocks]
 
     def token_slice(self, start: int, end: int) -> list[int]:
         p = len(self.prompt_token_ids)

@@ -292,3 +292,131 @@ def test_measured_step_cost_learns_the_machine_and_deadline_admission_follows():
     with pytest.raises(QueueFullError) as err:
         slow.add(req("a", prompt=100, deadline=0.5), now=0)
     assert err.value.reason == "deadline"
+
+
+# -- prefix caching -------------------------------------------------------------------------------------
+def cached(num_blocks: int = 1000, block_size: int = 4, **cfg) -> Scheduler:
+    return Scheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, block_size, enable_caching=True))
+
+
+def step_cached(s: Scheduler, now: float):
+    """`step`, with the engine's part of caching: computed full blocks are offered to the cache."""
+    out = s.schedule(now)
+    for seq, n in out.scheduled:
+        seq.num_computed_tokens += n
+        s.cache_computed(seq)
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.output_token_ids.append(1)
+            if seq.num_output_tokens >= seq.params.max_tokens:
+                s.finish(seq, FinishReason.LENGTH)
+    return out
+
+
+def conv(rid: str, tokens: list[int], out: int = 2, t: float = 0.0) -> Sequence:
+    return Sequence(rid, list(tokens), SamplingParams(max_tokens=out), arrival_time=t)
+
+
+def test_a_cached_prefix_counts_as_computed():
+    s = cached(policy="chunked", max_num_batched_tokens=64)
+    system = list(range(100, 120))  # 20 tokens: 5 full blocks of 4
+    first = conv("a", system + [1, 2, 3])
+    s.add(first, 0)
+    assert step_cached(s, 0).scheduled == [(first, 23)]
+    blocks_a = list(first.block_table)
+    while s.has_unfinished():
+        step_cached(s, 1)
+    assert s.blocks.num_free_blocks == 1000 and s.blocks.num_cached_blocks == 6  # 23 + 1 computed: 6 full blocks
+    second = conv("b", system + [7, 8, 9, 10, 11])
+    assert s.cached_tokens(second) == 20
+    s.add(second, 2)
+    out = step_cached(s, 2)
+    assert out.scheduled == [(second, 5)]  # only the uncached rest is prefilled
+    assert second.num_cached_tokens == 20 and second.block_table[:5] == blocks_a[:5]
+    assert s.prefix_cache_hits == 20 and s.prefix_cache_queries == 23 + 25
+    while s.has_unfinished():
+        step_cached(s, 3)
+    assert_clean(s)
+
+
+def test_the_last_token_is_always_computed():
+    """A prompt cached whole still runs its last token (the step needs its logits), into a block of its own."""
+    s = cached(policy="chunked")
+    tokens = list(range(16))  # exactly 4 blocks
+    a = conv("a", tokens, out=1)
+    s.add(a, 0)
+    while s.has_unfinished():
+        step_cached(s, 0)
+    b = conv("b", tokens, out=1)
+    s.add(b, 1)
+    out = step_cached(s, 1)
+    assert out.scheduled == [(b, 4)] and b.num_cached_tokens == 12  # 3 blocks from the cache, the 4th computed
+    assert_clean(s)
+
+
+def test_two_requests_share_cached_blocks_and_neither_frees_them_for_the_other():
+    s = cached(policy="chunked")
+    system = list(range(50, 66))  # 4 blocks
+    s.add(conv("warm", system + [1]), 0)
+    while s.has_unfinished():
+        step_cached(s, 0)
+    a, b = conv("a", system + [2, 3], out=4), conv("b", system + [4, 5], out=2)
+    s.add(a, 1)
+    s.add(b, 1)
+    step_cached(s, 1)
+    shared = a.block_table[:4]
+    assert b.block_table[:4] == shared and all(s.blocks.ref_count(x) == 2 for x in shared)
+    while b in s.running:
+        step_cached(s, 2)
+    assert all(s.blocks.ref_count(x) == 1 for x in shared)  # b finished: a still holds them
+    while s.has_unfinished():
+        step_cached(s, 3)
+    assert_clean(s)
+
+
+def test_eviction_under_pressure_reuses_cached_blocks_and_stays_correct():
+    """A pool too small for every cached prefix: old ones are evicted (least recently used) to admit new
+    requests, and the count of free or evictable blocks stays exact."""
+    s = cached(num_blocks=12, block_size=4, policy="chunked")
+    for i in range(10):
+        seq = conv(f"r{i}", [i] * 24, out=2)  # 24 + 2 tokens: 7 blocks, 6 of them full
+        s.add(seq, i)
+        while s.has_unfinished():
+            step_cached(s, i)
+        s.blocks.check_invariants()
+        assert s.blocks.num_free_blocks == 12
+    assert s.blocks.num_evictions > 0 and s.blocks.num_cached_blocks <= 12
+    again = conv("again", [9] * 24 + [1])  # the newest prefix is still cached
+    assert s.cached_tokens(again) == 24
+    old = conv("old", [0] * 24 + [1])  # the oldest was evicted
+    assert s.cached_tokens(old) == 0
+
+
+def test_recompute_preemption_resumes_from_the_cache():
+    s = cached(num_blocks=10, block_size=4, policy="chunked", preemption="recompute", max_num_batched_tokens=64)
+    a = conv("a", list(range(20)), out=10)
+    s.add(a, 0)
+    step_cached(s, 0)  # 20 prompt tokens computed: 5 full blocks named
+    b = conv("b", list(range(100, 119)), out=10, t=1)
+    s.add(b, 1)
+    while a.status is not SequenceStatus.WAITING:  # the pool is short: the later arrival or a is preempted
+        step_cached(s, 1)
+        if b.status is SequenceStatus.WAITING and b.num_preemptions:
+            break
+    victim = a if a.status is SequenceStatus.WAITING else b
+    assert victim.num_preemptions == 1
+    cached_before = s.cached_tokens(victim)
+    assert cached_before > 0  # its computed blocks stayed cached when it was preempted
+    while s.has_unfinished():
+        step_cached(s, 2)
+    assert_clean(s)
+
+
+def test_ttft_estimate_sees_only_uncached_tokens():
+    s = cached(policy="chunked", max_num_batched_tokens=64)
+    system = list(range(200, 264))  # 64 tokens, 16 blocks
+    s.add(conv("warm", system + [1]), 0)
+    while s.has_unfinished():
+        step_cached(s, 0)
+    hit, miss = conv("hit", system + [5]), conv("miss", list(range(300, 365)))
+    assert s.estimate_ttft(hit) < s.estimate_ttft(miss)
+    assert s.estimate_ttft(hit) == pytest.approx(s.step_cost(1, 0) + s.step_cost(0, 0))
