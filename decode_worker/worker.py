@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from pdserve.engine.block_manager import block_hashes
 from pdserve.engine.config import PdserveConfig
 from pdserve.engine.messages import GenerateRequest, KVReservation, Ready, StepItem, WorkerError, WorkerInfo
 from pdserve.engine.sampling import SamplingParams
@@ -99,7 +100,7 @@ class DecodeWorker(Worker):
                 with self._lock:
                     self._expected[rid] = _Expected(request.params, request.priority, sink)
                 try:
-                    reservation = await self._reserve(rid, request.num_kv_tokens)
+                    reservation = await self._reserve(rid, request.num_kv_tokens, self._prefix(request))
                 except Exception as e:  # no room within reserve_wait_s, or never: another decode worker may have
                     finished = True
                     self.abort(rid)
@@ -132,8 +133,9 @@ class DecodeWorker(Worker):
             if item.finished:
                 return
 
-    async def _reserve(self, rid: str, num_tokens: int) -> KVReservation:
-        """Reserve room for the request's KV; while the pool is full, wait (back-pressure) up to
+    async def _reserve(self, rid: str, num_tokens: int, prefix: list[bytes]) -> KVReservation:
+        """Reserve room for the request's KV (what this worker's prefix cache holds of it is taken from
+        there, so it does not travel); while the pool is full, wait (back-pressure) up to
         `reserve_wait_s` for running requests to finish before giving up."""
         from pdserve.kv_transfer.errors import ReservationRefused, ReservationTooLarge
 
@@ -142,13 +144,21 @@ class DecodeWorker(Worker):
         delay = 0.005
         while True:
             try:
-                r = await asyncio.wrap_future(self.receiver.reserve_future(rid, num_tokens))
-                return KVReservation(rid, self.receiver.address, r.num_blocks, r.lease_s, time.monotonic() - t0)
+                r = await asyncio.wrap_future(self.receiver.reserve_future(rid, num_tokens, prefix=prefix))
+                return KVReservation(rid, self.receiver.address, r.num_blocks, r.lease_s, time.monotonic() - t0,
+                                     r.num_cached_tokens)
             except ReservationRefused as e:
                 if isinstance(e, ReservationTooLarge) or time.monotonic() + delay > deadline:
                     raise
                 await asyncio.sleep(delay)  # blocks free as running requests finish
                 delay = min(delay * 2, 0.1)
+
+    def _prefix(self, request: GenerateRequest) -> list[bytes]:
+        """The names of the full blocks of the KV the request brings (none when prefix caching is off)."""
+        if not self.engine.block_manager.enable_caching:
+            return []
+        tokens = request.prompt_token_ids + request.output_token_ids
+        return block_hashes(tokens[:request.num_kv_tokens], self.engine.block_manager.block_size)
 
     def abort_all(self) -> int:
         with self._lock:

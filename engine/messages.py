@@ -55,6 +55,8 @@ class KVReservation:
     num_blocks: int
     lease_s: float  # reclaimed if the push has not completed by then
     seconds: float = 0.0  # how long reserving took (waiting for room included)
+    # The decode worker's prefix cache holds the KV of these leading tokens already: the push ships the rest.
+    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -326,20 +326,22 @@ class KVSender:
         fp = self.fingerprint
         limit = min(self.config.chunk_bytes, peer.max_message_bytes // 2)
         layers = [item for item in batch if isinstance(item, LayerKV)]
+        start = source.token_start
+        shipped = source.num_tokens - start  # the receiver holds the first `start` tokens' KV already
         for item in layers:
-            if item.kv.shape[1] != source.num_tokens:
+            if item.kv.shape[1] != shipped:
                 raise MalformedTransfer(f"layer {item.layer} has KV for {item.kv.shape[1]} tokens, "
-                                        f"the transfer is for {source.num_tokens}")
+                                        f"the transfer ships {shipped}")
         by_layer = {item.layer: item.kv for item in layers}
         for run_start, count in _runs([item.layer for item in layers]):
-            for layer, nl, s, e in plan_chunks(run_start, count, source.num_tokens, fp.bytes_per_token_layer, limit):
+            for layer, nl, s, e in plan_chunks(run_start, count, shipped, fp.bytes_per_token_layer, limit):
                 fault = plan.hits(layer, nl, s) if plan is not None else None
                 if fault is not None:
                     fi.count(self.config.kv_transport, fault)
                 if fault == fi.DROP:  # lost on the way: neither its LayerChunk nor its bytes arrive
                     continue
                 kvs = [by_layer[i][:, s:e] for i in range(layer, layer + nl)]
-                meta = pb.LayerChunk(layer=layer, num_layers=nl, token_start=s, num_tokens=e - s)
+                meta = pb.LayerChunk(layer=layer, num_layers=nl, token_start=start + s, num_tokens=e - s)
                 async for m in link.messages(kvs, meta, corrupt=fault == fi.CORRUPT):  # corrupt: after the checksum
                     yield m
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import enum
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pdserve.engine.block_manager import NoFreeBlocksError
+from pdserve.engine.block_manager import BlockHash, NoFreeBlocksError
 from pdserve.kv_transfer.errors import (
     DuplicateRequest,
     MalformedTransfer,
@@ -65,6 +66,7 @@ class Reservation:
     reserve_seconds: float = 0.0  # the Reserve handler's time, reported with the push's stage timings
     release_reason: str | None = None
     lease_s: float = 0.0  # the lease granted, exactly (`lease_deadline - reserved_at` carries float error)
+    num_cached_tokens: int = 0  # leading tokens whose KV the pool's prefix cache supplied: nothing is pushed for them
     _slots: torch.Tensor | None = None
 
     def slots(self, pool: KVPool) -> torch.Tensor:
@@ -110,7 +112,11 @@ class ReservationTable:
         return min((r.lease_deadline for r in self.live.values()), default=None)
 
     # -- transitions -------------------------------------------------------------------------
-    def reserve(self, request_id: str, num_tokens: int, lease_s: float | None = None) -> Reservation:
+    def reserve(self, request_id: str, num_tokens: int, lease_s: float | None = None,
+                prefix: Sequence[BlockHash] = ()) -> Reservation:
+        """Room for `num_tokens` tokens of KV. `prefix`: the names of its full blocks; the leading ones the
+        pool has cached are taken from the cache (a reference each, so they cannot be evicted meanwhile)
+        and the push starts after them (`Reservation.num_cached_tokens`)."""
         if not request_id:
             raise MalformedTransfer("empty request id")
         if request_id in self.live:
@@ -122,15 +128,21 @@ class ReservationTable:
         if n > self.pool.blocks.num_blocks:
             raise ReservationTooLarge(f"{num_tokens} tokens need {n} blocks; the pool has "
                                      f"{self.pool.blocks.num_blocks} in all")
+        bm = self.pool.blocks
+        # at least the last token's KV travels, so a push always has a chunk to carry
+        prefix = list(prefix)[:(num_tokens - 1) // bm.block_size]
         with self.pool.lock:
+            cached = bm.acquire_prefix(prefix)
             try:
-                blocks = self.pool.blocks.allocate(n)
+                blocks = cached + bm.allocate(n - len(cached))
             except NoFreeBlocksError as e:
+                bm.free(cached)
                 raise ReservationRefused(str(e)) from None
         now = self.clock()
         lease = self.lease_s if not lease_s else min(lease_s, self.lease_s)
+        start = len(cached) * bm.block_size
         r = Reservation(request_id, num_tokens, blocks, now + lease, now,
-                        received=[0] * self.pool.fingerprint.num_layers, lease_s=lease)
+                        received=[start] * self.pool.fingerprint.num_layers, lease_s=lease, num_cached_tokens=start)
         self.live[request_id] = r
         return r
 
@@ -247,7 +259,8 @@ class LocalReservation:
     request_id: str
     num_blocks: int
     lease_s: float  # the lease granted: the one asked for, capped at the receiver's `lease_s`
+    num_cached_tokens: int = 0  # the receiver's prefix cache holds these leading tokens: the push starts after them
 
     @classmethod
     def of(cls, r: Reservation) -> LocalReservation:
-        return cls(r.request_id, len(r.blocks), r.lease_s)
+        return cls(r.request_id, len(r.blocks), r.lease_s, r.num_cached_tokens)

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -100,18 +100,22 @@ class KVReceiver:
             plane.close()
 
     # -- local API (any thread): the decode worker and router use these too ------------------
-    def reserve(self, request_id: str, num_tokens: int, lease_s: float | None = None) -> LocalReservation:
+    def reserve(self, request_id: str, num_tokens: int, lease_s: float | None = None,
+                prefix: Sequence[bytes] = ()) -> LocalReservation:
         """Reserve blocks for `num_tokens` tokens of a request's KV here, as a Reserve call would: the
-        prefill side then pushes into it with no Reserve of its own. Raises `ReservationRefused`
+        prefill side then pushes into it with no Reserve of its own. `prefix`: the names of the KV's full
+        blocks (`engine.block_manager.block_hashes`); those this pool has cached are taken from its prefix
+        cache and need not travel (`LocalReservation.num_cached_tokens`). Raises `ReservationRefused`
         (`ReservationTooLarge` if it could never fit). Waits for the loop; see `reserve_future`."""
-        return self.reserve_future(request_id, num_tokens, lease_s).result(30)
+        return self.reserve_future(request_id, num_tokens, lease_s, prefix).result(30)
 
-    def reserve_future(self, request_id: str, num_tokens: int,
-                       lease_s: float | None = None) -> concurrent.futures.Future[LocalReservation]:
+    def reserve_future(self, request_id: str, num_tokens: int, lease_s: float | None = None,
+                       prefix: Sequence[bytes] = ()) -> concurrent.futures.Future[LocalReservation]:
         """`reserve` without waiting: from an event loop, `await asyncio.wrap_future(fut)`."""
         if not self._thread.is_alive():
             return _failed(PeerUnavailable(f"the KV receiver {self.worker_id} is not running"))
-        return asyncio.run_coroutine_threadsafe(self._reserve_local(request_id, num_tokens, lease_s), self._loop)
+        return asyncio.run_coroutine_threadsafe(self._reserve_local(request_id, num_tokens, lease_s, prefix),
+                                                self._loop)
 
     def release(self, request_id: str, reason: str = "aborted") -> str:
         """Abort a request's transfer from this side; idempotent. Returns the state it was in.
@@ -173,18 +177,21 @@ class KVReceiver:
             t.cancel()
         await asyncio.gather(*rest, return_exceptions=True)
 
-    def _reserve_now(self, request_id: str, num_tokens: int, lease_s: float | None, started: float) -> Reservation:
+    def _reserve_now(self, request_id: str, num_tokens: int, lease_s: float | None, started: float,
+                     prefix: Sequence[bytes] = ()) -> Reservation:
         """A reservation (on the loop thread), for the Reserve call and `reserve` alike: timed, and the
         lease reaper woken so that it sees the new deadline. Its caller counts a refusal."""
-        r = self.table.reserve(request_id, num_tokens, lease_s)
+        r = self.table.reserve(request_id, num_tokens, lease_s, prefix)
         self._reap_wake.set()
         r.reserve_seconds = time.perf_counter() - started
         metrics.TRANSFER_STAGE.labels(self.config.kv_transport, "reserve").observe(r.reserve_seconds)
         return r
 
-    async def _reserve_local(self, request_id: str, num_tokens: int, lease_s: float | None) -> LocalReservation:
+    async def _reserve_local(self, request_id: str, num_tokens: int, lease_s: float | None,
+                             prefix: Sequence[bytes] = ()) -> LocalReservation:
         try:
-            return LocalReservation.of(self._reserve_now(request_id, num_tokens, lease_s, time.perf_counter()))
+            return LocalReservation.of(self._reserve_now(request_id, num_tokens, lease_s, time.perf_counter(),
+                                                         prefix))
         except KVTransferError as e:
             metrics.TRANSFER_FAILURES.labels(self.config.kv_transport, e.reason).inc()
             raise

@@ -24,7 +24,7 @@ from pdserve.kv_transfer.errors import TransferCancelled
 @dataclass
 class LayerKV:
     layer: int
-    kv: torch.Tensor  # [2, num_tokens, kv_heads, head_dim], contiguous
+    kv: torch.Tensor  # [2, num_tokens - token_start, kv_heads, head_dim], contiguous
 
 
 @dataclass
@@ -34,9 +34,16 @@ class CommitInfo:
 
 
 class LayerStream:
-    def __init__(self, request_id: str, num_tokens: int):
+    """The KV of one request's tokens [token_start, num_tokens), layer by layer. `num_tokens` is the whole
+    KV the receiver reserved for; `token_start` > 0 when it already holds the first tokens' blocks (its
+    prefix cache), so only the rest travels."""
+
+    def __init__(self, request_id: str, num_tokens: int, token_start: int = 0):
+        if not 0 <= token_start < num_tokens:
+            raise ValueError(f"token_start {token_start} outside [0, {num_tokens})")
         self.request_id = request_id
         self.num_tokens = num_tokens
+        self.token_start = token_start
         self._items: list = []
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None

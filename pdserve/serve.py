@@ -23,6 +23,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add("--model", dest="model.model")
     add("--served-model-name", dest="serve.served_model_name")
     add("--mode", dest="serve.mode", choices=["disaggregated", "colocated"])
+    add("--disaggregation", dest="serve.disaggregation", choices=["auto", "always", "never"],
+        help="disaggregated mode, per request: always a prefill worker; never (the decode worker prefills); "
+        "auto (default): the decode worker prefills when the uncached part of the prompt is short, by the step "
+        "costs the workers measure")
     add("--prefill-workers", dest="serve.prefill_workers", type=int)
     add("--decode-workers", dest="serve.decode_workers", type=int)
     add("--kv-transport", dest="kv_transfer.kv_transport", choices=["grpc", "nccl"])
@@ -42,6 +46,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add("--block-size", dest="cache.block_size", type=int)
     add("--num-kv-blocks", dest="cache.num_kv_blocks", type=int)
     add("--kv-cache-memory-gb", dest="cache.kv_cache_memory_gb", type=float)
+    add("--enable-prefix-caching", dest="cache.enable_prefix_caching", action=argparse.BooleanOptionalAction,
+        help="reuse the KV of prompt prefixes earlier requests computed (default: on)")
     add("--max-model-len", dest="model.max_model_len", type=int)
     add("--dtype", dest="model.dtype", choices=["auto", "float32", "bfloat16", "float16"])
     add("--device", dest="model.device")

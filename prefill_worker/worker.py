@@ -44,7 +44,8 @@ class PrefillWorker(Worker):
     async def prefill(self, request: GenerateRequest, reservation: KVReservation) -> FirstToken | WorkerError:
         rid = request.request_id
         aio = asyncio.get_running_loop()
-        stream = LayerStream(rid, request.num_kv_tokens)
+        # the decode worker's prefix cache may hold the first blocks already: only the rest travels
+        stream = LayerStream(rid, request.num_kv_tokens, reservation.num_cached_tokens)
         push = asyncio.wrap_future(self.sender.push(reservation.address, stream))
         first: asyncio.Future = aio.create_future()
         t0 = time.perf_counter()
