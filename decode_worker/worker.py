@@ -145,6 +145,8 @@ class DecodeWorker(Worker):
         while True:
             try:
                 r = await asyncio.wrap_future(self.receiver.reserve_future(rid, num_tokens, prefix=prefix))
+                if prefix:
+                    self.engine.count_prefix_lookup(num_tokens, r.num_cached_tokens)
                 return KVReservation(rid, self.receiver.address, r.num_blocks, r.lease_s, time.monotonic() - t0,
                                      r.num_cached_tokens)
             except ReservationRefused as e:

@@ -193,6 +193,13 @@ class LLMEngine:
             self._detok[seq.request_id].replay(seq.output_token_ids)
         return seq
 
+    def count_prefix_lookup(self, num_tokens: int, num_cached: int) -> None:
+        """Count a prefix-cache lookup made outside the scheduler (a KV reservation for a request prefilled
+        elsewhere) in the scheduler's counters, from any thread."""
+        with self.kv_lock:
+            self.scheduler.prefix_cache_queries += num_tokens
+            self.scheduler.prefix_cache_hits += num_cached
+
     def abort(self, request_id: str) -> bool:
         seq = self.seqs.get(request_id)
         if seq is None:

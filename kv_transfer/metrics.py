@@ -33,6 +33,9 @@ TRANSFER_STAGE = Histogram(
     "(from push opened), ack (commit to acknowledgement)", ["transport", "stage"], buckets=LATENCY_BUCKETS)
 TRANSFER_FAILURES = Counter(
     "pdserve_kv_transfer_failures", "KV transfers that failed, by reason", ["transport", "reason"])
+TRANSFER_CACHED_BYTES = Counter(
+    "pdserve_kv_transfer_cached_bytes", "KV bytes completed transfers did not carry: the receiver's prefix "
+    "cache held them", ["transport"])
 
 
 class _BytesTotal:

@@ -347,6 +347,9 @@ class _Servicer:
         timings.total = time.perf_counter() - opened
         metrics.TRANSFER_LATENCY.labels(transport).observe(timings.total)
         metrics.TRANSFER_BYTES.labels(transport).observe(nbytes)
+        fp = rx.pool.fingerprint
+        metrics.TRANSFER_CACHED_BYTES.labels(transport).inc(r.num_cached_tokens * fp.bytes_per_token_layer
+                                                            * fp.num_layers)
         for stage in ("first_byte", "last_byte", "ack"):
             metrics.TRANSFER_STAGE.labels(transport, stage).observe(getattr(timings, stage))
         return pb.PushResponse(request_id=r.request_id, bytes=nbytes, timings=timings)

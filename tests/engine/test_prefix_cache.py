@@ -33,8 +33,10 @@ def test_shared_prefix_hits_and_greedy_output_is_unchanged(make_engine, tiny_mod
     assert got == run_one_by_one(off, PROMPTS)
     assert got == [hf_greedy(tiny_hf, p, GREEDY.max_tokens) for p in PROMPTS]
     s = on.scheduler
-    # every prompt after the first that starts with SYSTEM finds its full blocks cached
-    assert s.prefix_cache_hits >= 4 * (len(SYSTEM) // block_size * block_size) - 4 * block_size
+    # the three later prompts that start with SYSTEM find its full blocks cached, SYSTEM[:40] all but its last
+    # token's block (that token is always computed)
+    full = len(SYSTEM) // block_size * block_size
+    assert s.prefix_cache_hits >= 3 * full + (40 - 1) // block_size * block_size
     assert off.scheduler.prefix_cache_hits == 0 and off.block_manager.num_cached_blocks == 0
     assert on.block_manager.num_evictable_blocks > 0  # cached after the requests ended, yet counted free
     check_no_leak(on)

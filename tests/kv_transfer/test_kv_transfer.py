@@ -437,3 +437,67 @@ def test_wildcard_binds_are_advertised_as_a_dialable_address():
         assert not ip.is_unspecified
     assert advertised_host("10.1.2.3") == "10.1.2.3"
     assert host_port("::1", 5) == "[::1]:5" and host_port("10.0.0.1", 5) == "10.0.0.1:5"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_only_the_blocks_the_decode_side_lacks_travel(transfer_env, make_engine, long_model_dir, transport,
+                                                      layerwise):
+    """Turn 2 of a conversation that decoded on this decode worker: its prefix cache holds the system
+    prompt and turn 1, so the reservation starts after them and only the rest crosses the wire; the
+    output equals an engine with caching off, and every block ends free or evictable."""
+    from pdserve.engine.block_manager import block_hashes
+
+    env = transfer_env(transport, layerwise=layerwise)
+    bs = env.dec.block_manager.block_size
+    per_token = env.rx.pool.fingerprint.bytes_per_token_layer * env.pre.arch.num_layers
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    ref = make_engine(long_model_dir, cache={"enable_prefix_caching": False})
+    free0 = env.dec.block_manager.num_free_blocks
+
+    def turn(rid: str, prompt: list[int]) -> tuple[int, int, list[int]]:
+        local = env.rx.reserve(rid, len(prompt), prefix=block_hashes(prompt, bs))
+        stream = LayerStream(rid, len(prompt), local.num_cached_tokens)
+        fut = env.tx.push(env.rx.address, stream)
+        env.pre.add_request(rid, prompt, params, kv_sink=stream)
+        while env.pre.has_unfinished():
+            env.pre.step()
+        sent = fut.result(30).bytes
+        return local.num_cached_tokens, sent, decode_to_end(env.dec, rid, env.got.get(timeout=10), params)
+
+    system = list(range(3, 103))  # 100 tokens: 6 full blocks
+    first = system + [200, 201]
+    cached, sent, out1 = turn("t1", first)
+    assert cached == 0 and sent == len(first) * per_token
+    assert out1 == ref.generate([first], params)[0].output_token_ids
+    second = first + out1 + [210, 211, 212]
+    cached, sent, out2 = turn("t2", second)
+    # the decode side computed first + out1[:-1] itself (the last sampled token never ran): those full blocks
+    assert cached == (len(first) + len(out1) - 1) // bs * bs
+    assert sent == (len(second) - cached) * per_token < len(second) * per_token
+    assert out2 == ref.generate([second], params)[0].output_token_ids
+    other = list(range(150, 190))  # no shared prefix: everything travels
+    cached, sent, _ = turn("t3", other)
+    assert cached == 0 and sent == len(other) * per_token
+    assert env.dec.block_manager.num_free_blocks == free0  # free or evictable
+    assert env.dec.block_manager.num_cached_blocks > 0
+    env.dec.block_manager.check_invariants()
+
+
+def test_a_reservation_refused_for_room_gives_its_cached_blocks_back(transfer_env):
+    from pdserve.engine.block_manager import block_hashes
+
+    env = transfer_env("grpc", num_blocks=8)
+    bs = env.dec.block_manager.block_size
+    prompt = list(range(3, 3 + 3 * bs + 1))
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    env.dec.generate([prompt], params)  # caches 3 blocks here
+    assert env.dec.block_manager.num_cached_blocks == 3
+    hold = env.dec.block_manager.allocate(env.dec.block_manager.num_free_blocks - 3)  # only the cached 3 remain
+    try:
+        with pytest.raises(ReservationRefused):
+            env.rx.reserve("big", len(prompt) + 2 * bs, prefix=block_hashes(prompt, bs))
+        assert env.dec.block_manager.num_free_blocks == 3 and env.dec.block_manager.num_evictable_blocks == 3
+        env.dec.block_manager.check_invariants()
+    finally:
+        env.dec.block_manager.free(hold)

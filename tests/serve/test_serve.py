@@ -328,3 +328,45 @@ def test_metrics_and_scrape_targets(servers):
         assert name in worker, name
     prefill = next(g for g in targets if g["labels"]["role"] == "prefill")
     assert "pdserve_request_prefill_time_seconds_count" in httpx.get(f"http://{prefill['targets'][0]}/metrics").text
+
+
+def worker_metric(server, role: str, name: str) -> float:
+    """The sum of a counter over every worker of `role`, read from the workers' own /metrics endpoints."""
+    total = 0.0
+    for group in httpx.get(f"{server.url}/metrics/targets").json():
+        if group["labels"]["role"] != role:
+            continue
+        for target in group["targets"]:
+            for line in httpx.get(f"http://{target}/metrics").text.splitlines():
+                if line.split("{", 1)[0].split(" ", 1)[0] == name:
+                    total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_multi_turn_chat_reuses_cached_kv_and_ships_only_what_is_missing(servers, tiny_text_model_dir):
+    """A conversation whose turns build on the server's answers: every turn's text equals the bare engine's
+    with caching off, the decode side's prefix cache supplies the earlier turns, and (disaggregated) the KV
+    it holds is not shipped again, in every mode and transport."""
+    engine = LLMEngine(PdserveConfig().replace(model={"model": str(tiny_text_model_dir), **EXACT},
+                                               cache={"enable_prefix_caching": False}))
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    system = "You are a terse assistant that answers in one line. " * 3
+    for name, server in servers.items():
+        hits0 = worker_metric(server, "decode", "pdserve_prefix_cache_hits_total")
+        skipped0 = worker_metric(server, "decode", "pdserve_kv_transfer_cached_bytes_total")
+        shipped0 = worker_metric(server, "decode", "pdserve_kv_transfer_bytes_total")
+        messages = [{"role": "system", "content": system}]
+        for question in ("What is a KV cache?", "And a block?", "Why share them?"):
+            messages.append({"role": "user", "content": question})
+            want = engine.generate([list(messages)], params)[0].output_text
+            r = server.client().chat.completions.create(model=server.model, messages=messages, max_tokens=10,
+                                                        temperature=0, extra_body={"ignore_eos": True})
+            assert r.choices[0].message.content == want, name
+            messages.append({"role": "assistant", "content": want})
+        server.wait_kv_free()  # every block free or evictable, nothing running
+        hits = worker_metric(server, "decode", "pdserve_prefix_cache_hits_total") - hits0
+        assert hits >= 2 * len(system) // 16 * 16 - 32, name  # turns 2 and 3 found at least the system prompt
+        if name.startswith("disagg"):
+            skipped = worker_metric(server, "decode", "pdserve_kv_transfer_cached_bytes_total") - skipped0
+            shipped = worker_metric(server, "decode", "pdserve_kv_transfer_bytes_total") - shipped0
+            assert skipped > 0 and shipped > 0, name
