@@ -52,4 +52,20 @@ class EngineCollector:
         usage.add_metric([model, role, wid], e.block_manager.usage)
         preempt = CounterMetricFamily(f"{p}num_preemptions", "Preemptions", labels=names)
         preempt.add_metric([model, role, wid], e.num_preemptions)
-        yield from (running, waiting, usage, preempt)
+        # prefix caching, in tokens, as vLLM counts it: hits / queries is the hit rate
+        sched, bm = e.scheduler, e.block_manager
+        queries = CounterMetricFamily(f"{p}prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                                      "(tokens of admitted requests)", labels=names)
+        queries.add_metric([model, role, wid], sched.prefix_cache_queries)
+        hits = CounterMetricFamily(f"{p}prefix_cache_hits", "Prompt tokens the prefix cache supplied "
+                                   "(not computed again)", labels=names)
+        hits.add_metric([model, role, wid], sched.prefix_cache_hits)
+        yield from (running, waiting, usage, preempt, queries, hits)
+        if p == "pdserve_":  # pdserve's own (vLLM has no such series)
+            cached = GaugeMetricFamily(f"{p}prefix_cache_blocks", "KV blocks holding a cached prefix (in use or "
+                                       "evictable)", labels=names)
+            cached.add_metric([model, role, wid], bm.num_cached_blocks)
+            evictions = CounterMetricFamily(f"{p}prefix_cache_evictions", "Cached blocks evicted to make room",
+                                            labels=names)
+            evictions.add_metric([model, role, wid], bm.num_evictions)
+            yield from (cached, evictions)

@@ -223,6 +223,30 @@ def panels() -> list[dict]:
                "failed: {{reason}} ({{transport}})", "B"),
     ], "ops")
 
+    p.row("Prefix cache")
+    p.add("Prefix-cache hit rate per pool", "Prompt tokens the prefix cache supplied over those looked up "
+          "(tokens of admitted requests), per pool.",
+          [target(sum_rate("role", "pdserve_prefix_cache_hits_total") + " / "
+                  + sum_rate("role", "pdserve_prefix_cache_queries_total"), "{{role}}", "A")],
+          "percentunit", maximum=1)
+    p.add("Prefix-cache tokens / s", "Prompt tokens looked up and those the cache supplied, per pool.", [
+        target(sum_rate("role", "pdserve_prefix_cache_queries_total"), "queried ({{role}})", "A"),
+        target(sum_rate("role", "pdserve_prefix_cache_hits_total"), "hit ({{role}})", "B"),
+    ], "short")
+    p.add("Cached blocks and evictions", "KV blocks holding a cached prefix per worker (in use or evictable), "
+          "and cached blocks evicted per second to make room.", [
+              target(f"max by (role, engine) ({sel('pdserve_prefix_cache_blocks')})", "{{role}} {{engine}}", "A"),
+              target(sum_rate("role, engine", "pdserve_prefix_cache_evictions_total"),
+                     "evicted/s {{role}} {{engine}}", "B"),
+          ], "short")
+    p.add("KV bytes not shipped / s", "KV bytes completed transfers did not carry because the decode worker's "
+          "prefix cache held them, beside the bytes they did carry.", [
+              target(sum_by("transport", with_model(rate("pdserve_kv_transfer_cached_bytes_total"))),
+                     "cached, not shipped ({{transport}})", "A"),
+              target(sum_by("transport", with_model(rate("pdserve_kv_transfer_bytes_total"))),
+                     "shipped ({{transport}})", "B"),
+          ], "Bps")
+
     p.row("Workers")
     p.add("KV-cache usage per worker", "Share of KV-cache blocks in use; the line marks the alert at 95%.",
           [target(f"max by (role, engine) ({sel('pdserve_kv_cache_usage_perc')})", "{{role}} {{engine}}", "A")],
