@@ -282,7 +282,9 @@ class Deployment:
     def __init__(self, s: Settings, **serve):
         from pdserve.engine.config import PdserveConfig
 
-        self.serve = {"mode": "disaggregated", "prefill_workers": 2, "decode_workers": 2, "port": free_port(),
+        # "always": every request's KV crosses the transfer plane, where the chaos faults strike
+        self.serve = {"mode": "disaggregated", "disaggregation": "always", "prefill_workers": 2, "decode_workers": 2,
+                      "port": free_port(),
                       "health_interval_s": 0.25, "stall_timeout_s": s.stall_timeout_s, "max_migrations": 3,
                       "drain_timeout_s": 5.0, "min_client_priority": -1, "max_client_priority": 1, **serve}
         self.config = PdserveConfig().replace(model={"model": s.model, "dtype": EXACT_DTYPE},

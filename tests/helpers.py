@@ -63,7 +63,9 @@ class Server:
     def __init__(self, ray, model_dir, **sections):
         from pdserve.router.actor import launch_router
 
-        serve = {"port": 0, **sections.pop("serve", {})}
+        # Disaggregated servers ship every prompt's KV unless a test says otherwise: the tests of the transfer
+        # path, its faults and migrations must not be routed around it by conditional disaggregation.
+        serve = {"port": 0, "disaggregation": "always", **sections.pop("serve", {})}
         cache = {"num_kv_blocks": 256, **sections.pop("cache", {})}
         model = {"model": str(model_dir) if model_dir else None, **EXACT, **sections.pop("model", {})}
         self.config = PdserveConfig().replace(model=model, cache=cache, engine={"num_threads": 1}, serve=serve,
