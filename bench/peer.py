@@ -18,6 +18,9 @@ Workloads (seeds 0..runs-1, the same requests for every server):
   poisson  48 requests, Poisson arrivals at 0.5 req/s; prompts 32-224 words, outputs 16-112 tokens
   mixed    40 requests, Poisson at 0.5 req/s; 64-word prompts (48-80), 10 % of 1,500 words (1,125-1,875),
            outputs 36-60 tokens: steady short requests with occasional long prompts
+  multiturn 8 conversations x 4 turns, started at Poisson 0.5/s, sharing a 1,000-word (~1,000-token) system
+           prompt; 48-word user messages, 48-token answers; each turn carries the history, the server's own
+           answers included (prefix caching's case); its table adds the later turns' TTFT p50
 The Poisson rate is set for the slower server: pdserve kept up with 0.5 req/s of short requests in
 `bench compare` and fell behind at 1.0 (docs/benchmarks.md), i.e. ~24-32 output tok/s of demand against its
 ~45-50 tok/s under a burst; vLLM bf16 (~158 tok/s under the burst) then runs at a fifth of its capacity.
@@ -62,6 +65,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "mixed": dict(dataset_name="mixed", num_prompts=40, request_rate=0.5, random_input_len=64,
                   random_range_ratio=0.25, random_output_len=48, mixed_long_input_len=1500,
                   mixed_long_fraction=0.1),
+    # issue 15's workload: conversations sharing a ~1,000-token system prompt, each turn carrying the history
+    "multiturn": dict(dataset_name="multiturn", num_conversations=8, num_turns=4, shared_prefix_len=1000,
+                      request_rate=0.5, random_input_len=48, random_range_ratio=0.0, random_output_len=48),
 }
 QUICK_WORKLOADS: dict[str, dict[str, Any]] = {
     "burst": dict(dataset_name="random", num_prompts=4, request_rate=float("inf"), random_input_len=48,
@@ -71,11 +77,15 @@ QUICK_WORKLOADS: dict[str, dict[str, Any]] = {
     "mixed": dict(dataset_name="mixed", num_prompts=6, request_rate=2.0, random_input_len=32,
                   random_range_ratio=0.25, random_output_len=12, mixed_long_input_len=400,
                   mixed_long_fraction=0.34),
+    "multiturn": dict(dataset_name="multiturn", num_conversations=2, num_turns=2, shared_prefix_len=60,
+                      request_rate=2.0, random_input_len=16, random_range_ratio=0.0, random_output_len=8),
 }
 # The figures a table shows, from `pdserve bench serve`'s report: (key, path into the report).
 FIGURES = (("output_tok_s", ("output_throughput",)), ("ttft_p50_ms", ("ttft_ms", "p50")),
            ("ttft_p99_ms", ("ttft_ms", "p99")), ("tpot_p50_ms", ("tpot_ms", "p50")),
            ("tpot_p99_ms", ("tpot_ms", "p99")), ("failed", ("failed",)), ("completed", ("completed",)))
+# Figures only conversations have (the multiturn workload): a column of their own where present.
+TURN_FIGURES = (("later_ttft_p50_ms", ("turns", "later", "ttft_ms", "p50")),)
 
 
 class PeerError(RuntimeError):
@@ -151,7 +161,10 @@ def median_figures(reports: list[dict]) -> dict[str, float]:
     """Each figure's median over the runs' `bench serve` reports."""
     from pdserve.bench.serve import figure
 
-    return {key: statistics.median(figure(reports, path)) for key, path in FIGURES}
+    figures = {key: statistics.median(figure(reports, path)) for key, path in FIGURES}
+    if reports and all("turns" in r for r in reports):
+        figures.update({key: statistics.median(figure(reports, path)) for key, path in TURN_FIGURES})
+    return figures
 
 
 def reference_server(rows: dict[str, dict | None], specs: list[ServerSpec]) -> str | None:
@@ -171,26 +184,40 @@ def format_table(workload: str, rows: dict[str, dict | None], specs: list[Server
     ref = reference_server(rows, specs)
     ref_fig = rows[ref] if ref else None
     vs = ref or "vLLM"
+    turns = any(fig and "later_ttft_p50_ms" in fig for fig in rows.values())
     head = (f"| server | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) | "
             f"tok/s ÷ {vs} | TTFT p50 ÷ {vs} | failed |")
+    if turns:
+        head += f" later turns' TTFT p50 (ms) | ÷ {vs} |"
+    cols = 8 + 2 * turns
     lines = [f"**{workload}**" + (f" (ratios against {ref}, the faster vLLM dtype here)" if ref else
                                   " (no vLLM row measured: no ratios)"), "", head,
-             "|---|" + "---:|" * 8]
+             "|---|" + "---:|" * cols]
     for name, fig in rows.items():
         if fig is None:
             why = (errors or {}).get(name, "not measured").splitlines()[0][:80]
-            lines.append(f"| {name} | {why} |" + " |" * 7)
+            lines.append(f"| {name} | {why} |" + " |" * (cols - 1))
             continue
         ratios = ((_ratio(fig["output_tok_s"], ref_fig["output_tok_s"]),
                    _ratio(fig["ttft_p50_ms"], ref_fig["ttft_p50_ms"])) if ref_fig else ("–", "–"))
-        lines.append(f"| {name} | {fig['output_tok_s']:.1f} | {fig['ttft_p50_ms']:,.0f} | {fig['ttft_p99_ms']:,.0f} "
-                     f"| {fig['tpot_p50_ms']:.1f} | {fig['tpot_p99_ms']:.1f} | {ratios[0]} | {ratios[1]} "
-                     f"| {fig['failed']:g} |")
+        line = (f"| {name} | {fig['output_tok_s']:.1f} | {fig['ttft_p50_ms']:,.0f} | {fig['ttft_p99_ms']:,.0f} "
+                f"| {fig['tpot_p50_ms']:.1f} | {fig['tpot_p99_ms']:.1f} | {ratios[0]} | {ratios[1]} "
+                f"| {fig['failed']:g} |")
+        if turns:
+            later = fig.get("later_ttft_p50_ms", float("nan"))
+            ratio = _ratio(later, ref_fig.get("later_ttft_p50_ms", float("nan"))) if ref_fig else "–"
+            line += f" {later:,.0f} | {ratio} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
 def describe_workload(name: str, quick: bool) -> str:
     w = (QUICK_WORKLOADS if quick else WORKLOADS)[name]
+    if w["dataset_name"] == "multiturn":
+        return (f"{w['num_conversations']} conversations of {w['num_turns']} turns, started at Poisson "
+                f"{w['request_rate']:g}/s; a shared {w['shared_prefix_len']}-word system prompt, "
+                f"{w['random_input_len']}-word user messages, {w['random_output_len']}-token answers, each turn "
+                "carrying the whole history (the server's own answers)")
 
     def span(mean, r):
         return f"{max(1, int(mean * (1 - r)))}-{int(mean * (1 + r))}"
@@ -358,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     ap.add_argument("--vllm-python", default=None, help="the python of the venv with vLLM CPU (for vllm-* servers)")
     ap.add_argument("--servers", default=DEFAULT_SERVERS, help=f"comma-separated (default: {DEFAULT_SERVERS})")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: burst, poisson, mixed")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                    help=f"comma-separated: {', '.join(WORKLOADS)}")
     ap.add_argument("--runs", type=int, default=1, help="runs of each workload per server; tables show medians")
     ap.add_argument("--quick", action="store_true", help="tiny workloads: a smoke test of the harness")
     ap.add_argument("--markdown", default=None, metavar="FILE", help="write the report here too")

@@ -59,7 +59,8 @@ def test_workloads_have_the_anchor_ranges():
     assert la.endpoint == "/v1/chat/completions" and la.temperature == 0 and la.ignore_eos is True
     assert "32-383 words, outputs 16-159 tokens" in P.describe_workload("burst", quick=False)
     for quick in (False, True):
-        assert set(P.QUICK_WORKLOADS if quick else P.WORKLOADS) == {"burst", "poisson", "mixed"}
+        assert set(P.QUICK_WORKLOADS if quick else P.WORKLOADS) == {"burst", "poisson", "mixed", "multiturn"}
+    assert "8 conversations of 4 turns" in P.describe_workload("multiturn", quick=False)
 
 
 def _fig(tok_s, ttft50, failed=0):
@@ -96,7 +97,18 @@ def test_medians_over_runs():
                 "failed": 0, "completed": 3}
 
     m = P.median_figures([rep(10, 100), rep(30, 300), rep(20, 900)])
-    assert m["output_tok_s"] == 20 and m["ttft_p50_ms"] == 300
+    assert m["output_tok_s"] == 20 and m["ttft_p50_ms"] == 300 and "later_ttft_p50_ms" not in m
+    turns = [dict(rep(10, 100), turns={"later": {"ttft_ms": {"p50": v}}}) for v in (50, 70, 60)]
+    assert P.median_figures(turns)["later_ttft_p50_ms"] == 60
+
+
+def test_multiturn_table_has_the_later_turns_column():
+    specs = P.parse_servers("vllm-bf16,pdserve-colocated")
+    rows = {"vllm-bf16": dict(_fig(100.0, 500), later_ttft_p50_ms=400.0),
+            "pdserve-colocated": dict(_fig(50.0, 300), later_ttft_p50_ms=200.0)}
+    table = P.format_table("multiturn", rows, specs)
+    assert "later turns' TTFT p50 (ms) | ÷ vllm-bf16 |" in table
+    assert table.splitlines()[-1].endswith("| 200 | 0.50x |")
 
 
 def test_missing_vllm_python_says_how_to_install(tmp_path, capsys):
