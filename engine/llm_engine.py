@@ -224,11 +224,11 @@ class LLMEngine:
         now = time.monotonic() if now is None else now
         with self.kv_lock:
             out = self.scheduler.schedule(now)
+            if out.swap_out:  # before the lock goes: the KV receiver may reuse the blocks the swap freed
+                self.kv.copy_blocks_to(self.swap_kv, out.swap_out)
         for seq, _ in out.scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-        if out.swap_out:
-            self.kv.copy_blocks_to(self.swap_kv, out.swap_out)
         if out.swap_in:
             self.swap_kv.copy_blocks_to(self.kv, out.swap_in)
         if not out.scheduled:
