@@ -152,6 +152,15 @@ class WorkerStats:
     num_blocks: int
     max_num_seqs: int
     num_preemptions: int
+    # Prefix caching: blocks holding a named prefix (held or evictable), and the prompt tokens of admitted
+    # requests looked up in the cache and found there (the router's prefix index reconciles with these).
+    num_cached_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    # This worker's measured speed (`engine.step_cost`), 0.0 until it has measured a step: seconds per prompt
+    # token of a prefill, and of one decode step at its current batch size. Disaggregation "auto" weighs them.
+    prefill_s_per_token: float = 0.0
+    decode_step_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ class MeasuredStepCost:
         self.base = base
         self.alpha = alpha
         self.scale = 1.0
+        self.num_observed = 0  # steps measured so far: 0 means the costs are still the default model's guesses
 
     def __call__(self, prefill_tokens: int, decode_tokens: int) -> float:
         return self.scale * self.base(prefill_tokens, decode_tokens)
@@ -94,6 +95,7 @@ class MeasuredStepCost:
         predicted = self.base(prefill_tokens, decode_tokens)
         if predicted > 0 and seconds > 0:
             self.scale += self.alpha * (seconds / predicted - self.scale)
+            self.num_observed += 1
 
 
 class Scheduler:

@@ -77,15 +77,23 @@ class Worker:
         e = self.engine
         bm = e.block_manager
         now = time.monotonic()
+        num_running = len(e.running)
+        cost = e.step_cost
+        measured = cost.num_observed > 0  # until then its figures are the default model's, not this machine's
         return WorkerStats(
             worker_id=self.worker_id, role=self.role, alive=self.loop.alive, busy=self.loop.has_work,
             step_age_s=now - self.loop.last_step_time,
             # since the loop last stepped or a forward pass last finished a layer (a heartbeat)
             progress_age_s=now - max(self.loop.last_step_time, e.last_progress),
-            num_running=len(e.running), num_waiting=len(e.waiting),
+            num_running=num_running, num_waiting=len(e.waiting),
             waiting_tokens=sum(len(s.prompt_token_ids) for s in list(e.waiting)),
             free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks,
-            max_num_seqs=e.config.scheduler.max_num_seqs, num_preemptions=e.num_preemptions)
+            max_num_seqs=e.config.scheduler.max_num_seqs, num_preemptions=e.num_preemptions,
+            num_cached_blocks=bm.num_cached_blocks, prefix_cache_queries=e.scheduler.prefix_cache_queries,
+            prefix_cache_hits=e.scheduler.prefix_cache_hits,
+            # a prompt token's share of a large prefill step (the step's fixed overhead left out)
+            prefill_s_per_token=(cost(512, 0) - cost(0, 0)) / 512 if measured else 0.0,
+            decode_step_s=cost(0, max(1, num_running)) if measured else 0.0)
 
     def abort_all(self) -> int:
         """Abort every request this worker holds (a restarted router adopting it: the requests'
