@@ -115,7 +115,8 @@ def test_nothing_imports_the_composition_root_or_the_tests():
 TORCH_FREE = ["pdserve.engine.scheduler", "pdserve.engine.block_manager", "pdserve.engine.config",
               "pdserve.engine.sequence", "pdserve.engine.sampling", "pdserve.engine.messages",
               "pdserve.engine.simulator", "pdserve.kv_transfer.reservations", "pdserve.kv_transfer.errors",
-              "pdserve.router.protocol", "pdserve.router.pools", "pdserve.router.admission"]
+              "pdserve.router.protocol", "pdserve.router.pools", "pdserve.router.admission",
+              "pdserve.router.prefix_index"]
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)
