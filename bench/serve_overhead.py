@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model = str(save_tiny_text_model(Path(tempfile.mkdtemp(prefix="pdserve-overhead-"))))
     cfg = PdserveConfig().replace(model={"model": model}, engine={"num_threads": 1}, cache={"num_kv_blocks": 512},
-                                  serve={"port": 0})
+                                  serve={"port": 0, "disaggregation": "always"})  # the KV-transfer path
     torch.set_num_threads(1)
     engine = LLMEngine(cfg)  # the bare engine's decode step time, same model and threads
     engine.add_request("b", "warm up the engine", SamplingParams(max_tokens=args.tokens, ignore_eos=True,

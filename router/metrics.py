@@ -32,7 +32,9 @@ class RouterMetrics:
                              labels, buckets=E2E_BUCKETS, registry=registry)
         self.stage = Histogram(f"{p}request_stage_seconds",
                                "TTFT breakdown: router_queue, prefill_queue, prefill_compute, kv_transfer, "
-                               "decode_admission", labels + ["stage"], buckets=TTFT_BUCKETS, registry=registry)
+                               "decode_admission; local_prefill (a decode worker prefilling itself: from its "
+                               "Ready to the first token)", labels + ["stage"], buckets=TTFT_BUCKETS,
+                               registry=registry)
         self.prompt_tokens = Counter(f"{p}prompt_tokens", "Prompt tokens of finished requests", labels,
                                      registry=registry)
         self.generation_tokens = Counter(f"{p}generation_tokens", "Generated tokens", labels, registry=registry)
@@ -45,6 +47,12 @@ class RouterMetrics:
         self.migrations = Counter(f"{p}request_migrations", "Request attempts moved to other workers after a "
                                   "failure (re-prefilled with the tokens already streamed), by reason",
                                   labels + ["reason"], registry=registry)
+        self.routing = Counter(f"{p}routing_decisions", "Workers picked for request attempts, by pool and reason: "
+                               "prefix_overlap (a cached prefix moved the pick off the least loaded worker) or "
+                               "least_loaded", labels + ["pool", "reason"], registry=registry)
+        self.disaggregation = Counter(f"{p}disaggregation_decisions", "Disaggregated mode: where each attempt's "
+                                      "prefill ran (remote: a prefill worker, the KV shipped; local: the decode "
+                                      "worker itself), by reason", labels + ["path", "reason"], registry=registry)
         self.worker_failures = Counter(f"{p}worker_failures", "Workers taken out of their pool and replaced, by "
                                        "reason (died, stalled, unresponsive)", labels + ["role", "reason"],
                                        registry=registry)

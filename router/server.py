@@ -2,13 +2,27 @@
 and serves the OpenAI-compatible HTTP API (`router.api`) over the worker pools (`router.workers`).
 
 Request path (docs/architecture.md numbers every hop): validate and tokenize (off the event loop);
-pick a decode worker (most free KV blocks) and open its `generate` stream with a
-`GenerateRequest`: it registers the request, reserves room for its KV and answers
-`Ready(KVReservation)`; pick a prefill worker (fewest queued prompt tokens) and call `prefill`
-with the request and the reservation: it prefills, pushes the KV straight into the reserved
-blocks and answers `FirstToken`; then relay the decode worker's `StepItem`s. Colocated: the
-decode worker's `generate` prefills the prompt itself. A client that goes away cancels the Ray
-calls in flight, which abort the request on every worker.
+name the full blocks of the request's KV (`block_hashes`, ~1 us a block: 0.5 ms for an 8k-token
+prompt, so it runs on the event loop) and pick a decode worker (`KVAwarePolicy`: the most free KV
+blocks, a prefix it is believed to have cached counting as blocks it need not fill; see
+`router.prefix_index`); decide where the prefill runs (`place_prefill`, below); open the decode
+worker's `generate` stream with a `GenerateRequest`: it registers the request, reserves room for
+its KV and answers `Ready(KVReservation)`; pick a prefill worker (fewest tokens to compute) and
+call `prefill` with the request and the reservation: it prefills, pushes the KV straight into the
+reserved blocks and answers `FirstToken`; then relay the decode worker's `StepItem`s. Colocated,
+or a local prefill: the decode worker's `generate` prefills the prompt itself. A client that goes
+away cancels the Ray calls in flight, which abort the request on every worker.
+
+Conditional disaggregation (`serve.disaggregation`, disaggregated mode only; each attempt decides
+anew): "always" prefills on a prefill worker, "never" on the decode worker, and "auto" on the
+decode worker when that costs everyone less, judged by the workers' measured step costs
+(`WorkerStats.prefill_s_per_token`, `decode_step_s`): when no prefill worker is routable, when the
+decode worker has nothing in flight, when prefilling the tokens it has not cached takes it no
+longer than one of its decode steps (its streams lose at most about one inter-token gap), or when
+the prefill worker's queue would take longer than that local prefill; otherwise on a prefill
+worker. Before a decode worker has measured a step, only prompts of at most one uncached block
+stay local. The decisions are counted by path and reason (`disaggregation_decisions`), and a local
+prefill's time shows in the TTFT breakdown as the `local_prefill` stage.
 
 Fault tolerance: a request runs as attempts; when a worker dies, stalls or a KV transfer
 fails, the next attempt re-prefills the prompt plus the tokens already streamed on other
@@ -29,12 +43,22 @@ from collections.abc import AsyncIterator
 
 from prometheus_client import CollectorRegistry
 
+from pdserve.engine.block_manager import BlockHash, block_hashes
 from pdserve.engine.config import PdserveConfig
 from pdserve.engine.messages import GenerateRequest, StepItem, WorkerError
 from pdserve.router import protocol as P
 from pdserve.router.admission import DrainRate
 from pdserve.router.metrics import PoolCollector, RouterMetrics
-from pdserve.router.pools import LeastLoadedPolicy, RoutingPolicy, WorkerState, pick_avoiding
+from pdserve.router.pools import (
+    Choice,
+    KVAwarePolicy,
+    Placement,
+    Route,
+    RoutingPolicy,
+    WorkerState,
+    pick_avoiding,
+    place_prefill,
+)
 from pdserve.router.workers import WorkerPools
 
 logger = logging.getLogger(__name__)
@@ -68,9 +92,12 @@ class Router:
         self.model_name = self.serve.served_model_name or self.source.model_id
         self.registry = CollectorRegistry()
         self.metrics = RouterMetrics(self.serve.metrics_prefix, self.model_name, self.registry)
-        self.policy = policy or LeastLoadedPolicy()
+        self.policy = policy or KVAwarePolicy()
         self.workers = WorkerPools(config, self.metrics, self.model_name, instance or uuid.uuid4().hex[:6])
         self.pools = self.workers.pools  # role -> worker id -> WorkerState
+        self.index = self.workers.index  # the prefixes each worker is believed to have cached
+        self.block_size = config.cache.block_size  # every worker's
+        self.caching = config.cache.enable_prefix_caching
         self.registry.register(PoolCollector(self.serve.metrics_prefix, self.model_name, self.pools))
         self.queued = 0  # requests admitted and not yet decoding (bounded by max_num_queued_requests)
         self.drain_rate = DrainRate()  # how fast they leave that queue: what Retry-After is computed from
@@ -176,18 +203,26 @@ class Router:
             self.active -= 1
             self._observe_end(t, len(ids))
 
-    async def _pick(self, num_tokens: int, avoid: set[str], why: str | None) -> tuple[WorkerState, WorkerState | None]:
-        """A decode worker (and a prefill worker when disaggregated). Retries wait up to
-        `failover_wait_s` for one (a pool being healed); a new request is refused at once. `why`:
-        the failure a retry moves away from."""
-        disagg = self.serve.mode == "disaggregated"
+    def _route(self, kv_tokens: list[int]) -> tuple[Route, list[BlockHash]]:
+        """The attempt as routing sees it, and the names of its KV's full blocks (none with caching off)."""
+        if not self.caching:
+            return Route(len(kv_tokens), self.block_size), []
+        names = block_hashes(kv_tokens, self.block_size)
+        overlap = {w: n for w in self.index.workers() if (n := self.index.overlap(w, names))}
+        return Route(len(kv_tokens), self.block_size, overlap), names
+
+    async def _pick(self, route: Route, avoid: set[str], why: str | None
+                    ) -> tuple[WorkerState, WorkerState | None, Placement | None]:
+        """A decode worker, and a prefill worker when the prefill runs remote (disaggregated mode:
+        `place_prefill`). Retries wait up to `failover_wait_s` for the workers they need (a pool being
+        healed); a new request is refused at once. `why`: the failure a retry moves away from."""
         deadline = time.monotonic() + (self.serve.failover_wait_s if why else 0.0)
         while True:
-            decode = pick_avoiding(self.policy.pick_decode, list(self.pools["decode"].values()), num_tokens, avoid)
-            prefill = pick_avoiding(self.policy.pick_prefill, list(self.pools["prefill"].values()), num_tokens,
-                                    avoid) if disagg else None
-            if decode is not None and (prefill is not None or not disagg):
-                return decode, prefill
+            picked = self._choose(route, avoid)
+            if picked is not None:
+                decode, prefill, placement = picked
+                self._count(decode, prefill, placement)
+                return decode.worker, prefill and prefill.worker, placement
             if time.monotonic() >= deadline:
                 self.metrics.rejected.labels(self.model_name, "no_worker").inc()
                 msg = "no healthy worker is available"
@@ -196,32 +231,70 @@ class Router:
                 raise P.unavailable(msg)
             await asyncio.sleep(0.05)
 
+    def _choose(self, route: Route, avoid: set[str]) -> tuple[Choice, Choice | None, Placement | None] | None:
+        """The workers for an attempt, or None while one it needs is missing."""
+        decode = pick_avoiding(self.policy.pick_decode, list(self.pools["decode"].values()), route, avoid)
+        if decode is None:
+            return None
+        if self.serve.mode != "disaggregated":
+            return decode, None, None
+        mode = self.serve.disaggregation
+        prefill = None if mode == "never" else pick_avoiding(
+            self.policy.pick_prefill, list(self.pools["prefill"].values()), route, avoid)
+        placement = place_prefill(mode, decode.worker, prefill and prefill.worker,
+                                  route.uncached_tokens(decode.worker), self.block_size)
+        if placement.local:
+            return decode, None, placement
+        return (decode, prefill, placement) if prefill is not None else None
+
+    def _count(self, decode: Choice, prefill: Choice | None, placement: Placement | None) -> None:
+        m, model = self.metrics, self.model_name
+        m.routing.labels(model, "decode", decode.reason).inc()
+        if prefill is not None:
+            m.routing.labels(model, "prefill", prefill.reason).inc()
+        if placement is not None:
+            m.disaggregation.labels(model, placement.path, placement.reason).inc()
+
+    def _decoded(self, decode: WorkerState, tokens: list[int], names: list[BlockHash]) -> None:
+        """A request finished on `decode`: what it decoded stays cached there, every full block of its
+        tokens but the last one's (that token was sampled, never computed)."""
+        if self.caching and len(tokens) > 1:
+            self.index.insert(decode.worker_id, block_hashes(tokens[:-1], self.block_size, start=list(names)))
+
     def _request(self, attempt: str, parsed: P.ParsedRequest, ids: list[int], streamed: list[int], t: _Timing,
-                 why: str | None) -> GenerateRequest:
+                 why: str | None, remote_prefill: bool) -> GenerateRequest:
         deadline = None
         if not streamed and why is None and self.serve.ttft_deadline_s is not None:
             deadline = self.serve.ttft_deadline_s - (time.monotonic() - t.arrival)
         params = dataclasses.replace(parsed.params, max_tokens=min(parsed.params.max_tokens,
                                                                    self.max_model_len - len(ids)))
         return GenerateRequest(attempt, params, tuple(ids), tuple(streamed), parsed.priority, deadline,
-                               remote_prefill=self.serve.mode == "disaggregated")
+                               remote_prefill=remote_prefill)
 
     async def _attempt(self, attempt: str, parsed: P.ParsedRequest, ids: list[int], streamed: list[int],
                        t: _Timing, avoid: set[str], why: str | None) -> AsyncIterator[StepItem]:
         """One try at (the rest of) a request on one decode worker (and one prefill worker)."""
         import ray
 
-        request = self._request(attempt, parsed, ids, streamed, t, why)
-        num_tokens = request.num_kv_tokens
+        kv_tokens = ids + streamed
+        route, names = self._route(kv_tokens)
         retry = why is not None
-        decode, prefill = await self._pick(num_tokens, avoid, why)
+        decode, prefill, placement = await self._pick(route, avoid, why)
+        local = placement is not None and placement.local  # disaggregated, prefilled by the decode worker
+        request = self._request(attempt, parsed, ids, streamed, t, why, remote_prefill=prefill is not None)
+        to_compute = route.uncached_tokens(prefill) if prefill else 0  # the prefill worker's share
         m = self.metrics
         stream = None
         prefill_ref = None
         decode.inflight_requests += 1
+        decode.num_dispatched += 1
+        self.index.insert(decode.worker_id, names)  # it receives or computes the KV: its cache will hold it
         if prefill:
             prefill.inflight_requests += 1
-            prefill.inflight_tokens += num_tokens
+            prefill.inflight_tokens += to_compute
+            prefill.num_dispatched += 1
+            self.index.insert(prefill.worker_id, names)
+        produced: list[int] = []  # this attempt's tokens
         stream_done = False
         current = decode  # the worker a failure is blamed on
         try:
@@ -232,7 +305,8 @@ class Router:
                 if ready.error.retryable and prefill is not None:  # another decode worker may have room
                     raise _Failover("transfer_failed", ready.error.message, prefill, decode)
                 raise P.from_worker(ready.error)
-            router_queue = time.monotonic() - t.arrival  # validation, routing, opening the decode stream, reserving
+            ready_at = time.monotonic()
+            router_queue = ready_at - t.arrival  # validation, routing, opening the decode stream, reserving
             if not retry:
                 m.stage.labels(self.model_name, "router_queue").observe(router_queue)
             awaiting_decode = False
@@ -242,7 +316,7 @@ class Router:
                 first = await prefill_ref
                 prefill_ref = None
                 prefill.inflight_requests -= 1
-                prefill.inflight_tokens -= num_tokens
+                prefill.inflight_tokens -= to_compute
                 prefiller, prefill = prefill, None
                 current = decode
                 if isinstance(first, WorkerError):
@@ -255,6 +329,7 @@ class Router:
                                      ("kv_transfer", st.kv_transfer)):
                         m.stage.labels(self.model_name, stage).observe(v)
                 t.tokens(len(first.token_ids), m, self.model_name)
+                produced += first.token_ids
                 awaiting_decode = not first.finished
                 stream_done = first.finished
                 yield StepItem(first.token_ids, first.text, first.finished, first.finish_reason)
@@ -270,8 +345,13 @@ class Router:
                 if awaiting_decode and k:  # KV committed -> the decode worker's first step
                     m.stage.labels(self.model_name, "decode_admission").observe(time.monotonic() - t.last_at)
                     awaiting_decode = False
+                if local and k and not produced and not retry:  # the decode worker prefilled it itself
+                    m.stage.labels(self.model_name, "local_prefill").observe(time.monotonic() - ready_at)
                 t.tokens(k, m, self.model_name)
+                produced += item.token_ids
                 stream_done = item.finished
+                if stream_done:  # before yielding: the caller may close this generator at the last item
+                    self._decoded(decode, kv_tokens + produced, names)
                 yield item
                 if stream_done:
                     break
@@ -285,7 +365,7 @@ class Router:
             decode.inflight_requests -= 1
             if prefill is not None:
                 prefill.inflight_requests -= 1
-                prefill.inflight_tokens -= num_tokens
+                prefill.inflight_tokens -= to_compute
             if prefill_ref is not None:
                 with contextlib.suppress(Exception):
                     ray.cancel(prefill_ref)

@@ -5,7 +5,9 @@ so a router that Ray restarts finds and adopts them (`adopt`). A worker joins ro
 has loaded its model and answered (`_spawn`). The health loop fails dead, stalled or silent workers
 and starts replacements up to each pool's target size (`fail_worker`, `_heal`); `scale` changes
 the targets and drains what it removes. A decode worker that leaves is forgotten by every prefill
-worker's KV sender (its connection and channel closed).
+worker's KV sender (its connection and channel closed). The prefix index (`router.prefix_index`)
+follows the pools: a worker that joins starts empty there, one that leaves is dropped, and health
+reports reconcile it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pdserve.engine.config import PdserveConfig
 from pdserve.engine.messages import WorkerInfo, WorkerStats
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pools import WorkerState
+from pdserve.router.prefix_index import PrefixIndex
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ class WorkerPools:
         # router restart (the restarted router finds its workers by it).
         self.instance = instance
         self.pools: dict[str, dict[str, WorkerState]] = {"prefill": {}, "decode": {}}
+        self.index = PrefixIndex()  # which prefixes each worker is believed to have cached
         self.target = {"prefill": 0, "decode": 0}  # pool sizes self-healing restores
         self.spawning = {"prefill": 0, "decode": 0}
         self._seq = itertools.count()
@@ -124,6 +128,7 @@ class WorkerPools:
         state = WorkerState(worker_id, role, handle, info=info, stats=stats, healthy=stats.alive,
                             last_ok=time.monotonic())
         self.pools[role][worker_id] = state
+        self.index.add_worker(worker_id, info.num_blocks or stats.num_blocks)
         return state
 
     async def _adopt(self) -> None:
@@ -199,6 +204,7 @@ class WorkerPools:
         w.healthy = False
         if self.pools[w.role].get(w.worker_id) is w:
             del self.pools[w.role][w.worker_id]
+            self.index.drop(w.worker_id)
         if w.role == "decode" and w.info.kv_address:  # its KV address is dead: senders close what they hold
             for p in list(self.pools["prefill"].values()):
                 p.handle.forget_peer.remote(w.info.kv_address)
@@ -222,9 +228,14 @@ class WorkerPools:
         self._tasks = [t for t in self._tasks if not t.done()]
 
     def status(self) -> dict:
+        """Per role, each worker as routing sees it: health, requests in flight, and its KV pool as of its
+        last health check (free blocks count evictable cached ones), beside the blocks the prefix index
+        believes it has cached."""
         return {role: [{"worker_id": w.worker_id, "healthy": w.healthy, "draining": w.draining,
                         "inflight": w.inflight_requests, "node_id": w.info.node_id, "dtype": w.info.dtype,
-                        "attention": w.info.attention} for w in pool.values()]
+                        "attention": w.info.attention, "free_blocks": w.stats.free_blocks,
+                        "num_blocks": w.stats.num_blocks, "cached_blocks": w.stats.num_cached_blocks,
+                        "indexed_blocks": self.index.size(w.worker_id)} for w in pool.values()]
                 for role, pool in self.pools.items()}
 
     async def _health_loop(self) -> None:
@@ -239,6 +250,8 @@ class WorkerPools:
         import ray
 
         s = self.serve
+        # the report covers every request routed here if none was in flight or dispatched meanwhile
+        quiet, dispatched = not w.inflight_requests, w.num_dispatched
         try:
             w.stats = await asyncio.wait_for(w.handle.stats.remote(), s.health_timeout_s)
         except ray.exceptions.RayActorError:
@@ -254,6 +267,8 @@ class WorkerPools:
         if w.stats.busy and w.stats.progress_age_s > s.stall_timeout_s:
             return self.fail_worker(w, "stalled")
         w.healthy = True
+        if quiet and not w.inflight_requests and w.num_dispatched == dispatched:
+            self.index.reconcile(w.worker_id, w.stats.num_cached_blocks)
 
 
 def _kill(handle) -> None:

@@ -1,6 +1,7 @@
 """What several test files share (one module, instead of test files importing each other):
 prompts and the HF reference for the tiny models, the engine leak check, polling with a
-deadline, and `Server`, a live `pdserve serve` deployment on the session's Ray cluster."""
+deadline, and `Server`, a live `pdserve serve` deployment on the session's Ray cluster (with `metric`, one of
+its router's Prometheus series)."""
 
 from __future__ import annotations
 
@@ -105,6 +106,18 @@ class Server:
     def stop(self) -> None:
         self.ray.get(self.actor.stop.remote(), timeout=60)
         self.ray.kill(self.actor)
+
+
+def metric(server: Server, name: str, **labels) -> float:
+    """The sum of `name`'s series with these labels and this server's model_name (0 before the first
+    increment: a labelled counter has no series until then)."""
+    text = httpx.get(f"{server.url}/metrics").text
+    want = [f'{k}="{v}"' for k, v in {"model_name": server.model, **labels}.items()]
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(label in line for label in want):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def kv_fingerprint(num_layers: int = 2):

@@ -16,7 +16,7 @@ import pytest
 from pdserve.engine.config import FaultConfig, PdserveConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling import SamplingParams
-from tests.helpers import EXACT, Server, wait_for
+from tests.helpers import EXACT, Server, metric, wait_for
 
 PROMPT = "Once upon a time, in a land far away"
 MAX_TOKENS = 300
@@ -99,18 +99,6 @@ def wait_pools(server: Server, prefill: int, decode: int, timeout: float = 60) -
             return pools
         assert time.monotonic() < deadline, pools
         time.sleep(0.1)
-
-
-def metric(server: Server, name: str, **labels) -> float:
-    """The sum of `name`'s series with these labels and this server's model_name (0 before the first
-    increment: a labelled counter has no series until then)."""
-    text = httpx.get(f"{server.url}/metrics").text
-    want = [f'{k}="{v}"' for k, v in {"model_name": server.model, **labels}.items()]
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(label in line for label in want):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def kill_after(server: Server, role: str, at_chunk: int, stall_first: bool = True):
