@@ -4,9 +4,16 @@ For each configuration it starts `pdserve serve` on a local Ray cluster with the
 threads, drives it with `pdserve bench serve`'s load generator (the `mixed` dataset: steady short
 requests with occasional long prompts, the prefill-decode interference case) at each request rate,
 `--runs` times, and reports medians with their range, then the goodput-vs-rate and TPOT-p99-vs-rate
-curves (`--plot`). Configurations:
-  disagg-grpc      1 prefill + 1 decode worker (1 thread each), KV over gRPC
+curves (`--plot`). `--dataset shared-prefix` drives the prefix-caching case instead, and
+`--no-prefix-caching` runs every configuration with the prefix cache off (labels suffixed `-nocache`).
+Configurations:
+  disagg-grpc      1 prefill + 1 decode worker (1 thread each), KV over gRPC, every prompt prefilled on the
+                   prefill worker (serve.disaggregation "always")
   disagg-gloo      the same over the nccl transport (gloo on CPU)
+  disagg-auto      disagg-grpc deciding per request where to prefill (serve.disaggregation "auto": on the
+                   decode worker when that is cheaper by the measured step costs)
+  disagg-always    disagg-grpc, named for the comparison with the two around it
+  disagg-never     disagg-grpc with every prompt prefilled by the decode worker (the prefill worker idles)
   coloc-chunked    1 worker (2 threads) doing its own prefill, chunked (256-token chunks)
   coloc-continuous 1 worker (2 threads), continuous batching with whole prefills
   dynamic          1 worker (2 threads), request-level batching: a batch forms (max 8, 50 ms timeout)
@@ -24,11 +31,18 @@ import statistics
 import sys
 from pathlib import Path
 
+
+def _disagg(transport: str = "grpc", disaggregation: str = "always") -> dict:
+    return {"serve": {"mode": "disaggregated", "disaggregation": disaggregation},
+            "kv_transfer": {"kv_transport": transport}, "engine": {"num_threads": 1}}
+
+
 CONFIGS = {
-    "disagg-grpc": {"serve": {"mode": "disaggregated"}, "kv_transfer": {"kv_transport": "grpc"},
-                    "engine": {"num_threads": 1}},
-    "disagg-gloo": {"serve": {"mode": "disaggregated"}, "kv_transfer": {"kv_transport": "nccl"},
-                    "engine": {"num_threads": 1}},
+    "disagg-grpc": _disagg(),
+    "disagg-gloo": _disagg("nccl"),
+    "disagg-auto": _disagg(disaggregation="auto"),
+    "disagg-always": _disagg(disaggregation="always"),
+    "disagg-never": _disagg(disaggregation="never"),
     "coloc-chunked": {"serve": {"mode": "colocated"}, "scheduler": {"policy": "chunked", "max_prefill_chunk": 256},
                       "engine": {"num_threads": 2}},
     "coloc-continuous": {"serve": {"mode": "colocated"}, "scheduler": {"policy": "continuous"},
@@ -42,7 +56,7 @@ CONFIGS = {
 def _load_args(args: argparse.Namespace, base_url: str, model: str, rate: float, seed: int) -> argparse.Namespace:
     from pdserve.bench.serve import default_args
 
-    return default_args(base_url=base_url, model=model, dataset_name="mixed", num_prompts=args.num_prompts,
+    return default_args(base_url=base_url, model=model, dataset_name=args.dataset, num_prompts=args.num_prompts,
                         request_rate=rate, seed=seed, json=True, random_input_len=args.input_len,
                         random_output_len=args.output_len, mixed_long_input_len=args.long_input_len,
                         mixed_long_fraction=args.long_fraction)
@@ -52,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pdserve bench compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="default: the default model (SmolLM2-135M-Instruct)")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--dataset", default="mixed", choices=["mixed", "shared-prefix"],
+                    help="bench serve's dataset (shared-prefix: one long system prompt, then a question each)")
+    ap.add_argument("--no-prefix-caching", action="store_true",
+                    help="every configuration with cache.enable_prefix_caching off (labels suffixed -nocache)")
     ap.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--num-prompts", type=int, default=40)
@@ -74,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(namespace="pdserve", include_dashboard=False, log_to_driver=False)
     table: dict[str, dict[float, dict]] = {}
     try:
-        for name in args.configs:
-            sections = {k: dict(v) for k, v in CONFIGS[name].items()}
-            sections["serve"] = {**sections["serve"], "port": 0}
+        for config in args.configs:
+            sections = _sections(config, args.no_prefix_caching)
+            name = config + ("-nocache" if args.no_prefix_caching else "")
             cfg = PdserveConfig().replace(model={"model": args.model}, **sections)
             router = launch_router(cfg)
             url = ray.get(router.start.remote(), timeout=600)
@@ -106,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _sections(config: str, no_prefix_caching: bool = False) -> dict:
+    """A configuration's config sections, on a free port, with the prefix cache off if asked."""
+    sections = {k: dict(v) for k, v in CONFIGS[config].items()}
+    sections["serve"] = {**sections.get("serve", {}), "port": 0}
+    if no_prefix_caching:
+        sections["cache"] = {**sections.get("cache", {}), "enable_prefix_caching": False}
+    return sections
+
+
 def _median_of(reps: list[dict]) -> dict:
     """Medians over runs, with the range, of the figures the comparison shows."""
     from pdserve.bench.serve import figure
@@ -121,15 +148,16 @@ def _median_of(reps: list[dict]) -> dict:
 
 
 def _format(table: dict, args) -> str:
-    lines = [f"mixed workload: {args.num_prompts} requests, {args.input_len}-word prompts and "
-             f"{args.long_fraction:.0%} of {args.long_input_len} words, {args.output_len} output tokens; "
-             f"medians of {args.runs} runs [min-max]",
-             f"{'config':<18}{'rate':>6}{'goodput':>18}{'TTFT p50':>12}{'TTFT p99':>20}{'TPOT p50':>12}"
+    workload = (f"mixed workload: {args.num_prompts} requests, {args.input_len}-word prompts and "
+                f"{args.long_fraction:.0%} of {args.long_input_len} words" if args.dataset == "mixed" else
+                f"{args.dataset} workload: {args.num_prompts} requests, {args.input_len}-word questions")
+    lines = [f"{workload}, {args.output_len} output tokens; medians of {args.runs} runs [min-max]",
+             f"{'config':<24}{'rate':>6}{'goodput':>18}{'TTFT p50':>12}{'TTFT p99':>20}{'TPOT p50':>12}"
              f"{'TPOT p99':>20}"]
     for name, rows in table.items():
         for rate, m in rows.items():
             g, t99, p99 = m["goodput"], m["ttft_p99_ms"], m["tpot_p99_ms"]
-            lines.append(f"{name:<18}{rate:>6g}{g['median']:>8.2f} [{g['min']:.2f}-{g['max']:.2f}]"
+            lines.append(f"{name:<24}{rate:>6g}{g['median']:>8.2f} [{g['min']:.2f}-{g['max']:.2f}]"
                          f"{m['ttft_p50_ms']['median']:>10.0f}ms{t99['median']:>8.0f} [{t99['min']:.0f}-"
                          f"{t99['max']:.0f}]ms{m['tpot_p50_ms']['median']:>10.0f}ms{p99['median']:>8.0f} "
                          f"[{p99['min']:.0f}-{p99['max']:.0f}]ms")
