@@ -78,24 +78,79 @@ def default_step_cost(prefill_tokens: int, decode_tokens: int) -> float:
 
 
 class MeasuredStepCost:
-    """A `StepCost` that learns this machine's speed: the default model scaled by an exponential
-    moving average of measured / predicted step time (the engine reports each step). SLA-aware
-    admission then estimates TTFT in this machine's seconds, on any hardware."""
+    """A `StepCost` that learns this machine's speed from the steps the engine reports: seconds =
+    a * prefill tokens + b * decode tokens + c, fitted by exponentially weighted least squares (old steps
+    fade with `decay`), so prefill and decode are measured separately (SLA-aware admission estimates TTFT
+    in this machine's seconds; conditional disaggregation weighs a prefill against a decode step).
 
-    def __init__(self, base: StepCost = default_step_cost, alpha: float = 0.1):
+    Until the steps seen pin all three terms (only decode steps, say, say nothing about a prompt token),
+    the fit leans on a prior: a few pseudo-steps of the default model, scaled by the moving average of
+    measured / predicted time, at representative shapes, each weighing a hundredth of a real step."""
+
+    PRIOR_SHAPES = ((512, 0), (64, 0), (0, 1), (0, 32))  # (prefill, decode) tokens of the pseudo-steps
+    PRIOR_WEIGHT = 0.01  # each pseudo-step counts as this many real ones: enough to pin what real steps leave open
+
+    def __init__(self, base: StepCost = default_step_cost, alpha: float = 0.1, decay: float = 0.98):
         self.base = base
         self.alpha = alpha
+        self.decay = decay
         self.scale = 1.0
         self.num_observed = 0  # steps measured so far: 0 means the costs are still the default model's guesses
+        self._xtx = [[0.0] * 3 for _ in range(3)]  # weighted sums of x x^T and x y, x = (prefill, decode, 1)
+        self._xty = [0.0] * 3
+        self.coef: tuple[float, float, float] | None = None  # (s per prefill token, per decode token, per step)
 
     def __call__(self, prefill_tokens: int, decode_tokens: int) -> float:
-        return self.scale * self.base(prefill_tokens, decode_tokens)
+        if self.coef is None:
+            return self.scale * self.base(prefill_tokens, decode_tokens)
+        a, b, c = self.coef
+        return a * prefill_tokens + b * decode_tokens + c
 
     def observe(self, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:
         predicted = self.base(prefill_tokens, decode_tokens)
-        if predicted > 0 and seconds > 0:
-            self.scale += self.alpha * (seconds / predicted - self.scale)
-            self.num_observed += 1
+        if not (predicted > 0 and seconds > 0):
+            return
+        self.scale += self.alpha * (seconds / predicted - self.scale)
+        self.num_observed += 1
+        x = (float(prefill_tokens), float(decode_tokens), 1.0)
+        for i in range(3):
+            self._xty[i] = self.decay * self._xty[i] + x[i] * seconds
+            for j in range(3):
+                self._xtx[i][j] = self.decay * self._xtx[i][j] + x[i] * x[j]
+        self.coef = self._fit()
+
+    def _fit(self) -> tuple[float, float, float] | None:
+        a = [row[:] for row in self._xtx]
+        y = self._xty[:]
+        for p, d in self.PRIOR_SHAPES:  # the prior's pseudo-steps
+            x = (float(p), float(d), 1.0)
+            t = self.scale * self.base(p, d)
+            for i in range(3):
+                y[i] += self.PRIOR_WEIGHT * x[i] * t
+                for j in range(3):
+                    a[i][j] += self.PRIOR_WEIGHT * x[i] * x[j]
+        coef = _solve3(a, y)
+        if coef is None or any(c < 0 for c in coef):  # degenerate, or a fit that makes work free: keep the prior
+            return None
+        return coef
+
+
+def _solve3(a: list[list[float]], y: list[float]) -> tuple[float, float, float] | None:
+    """Gaussian elimination with partial pivoting on a 3x3 system; None when it is singular."""
+    m = [a[i][:] + [y[i]] for i in range(3)]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, 3):
+            f = m[r][col] / m[col][col]
+            for k in range(col, 4):
+                m[r][k] -= f * m[col][k]
+    out = [0.0, 0.0, 0.0]
+    for r in (2, 1, 0):
+        out[r] = (m[r][3] - sum(m[r][k] * out[k] for k in range(r + 1, 3))) / m[r][r]
+    return out[0], out[1], out[2]
 
 
 class Scheduler:

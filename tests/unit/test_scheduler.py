@@ -7,7 +7,7 @@ import pytest
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import SchedulerConfig
 from pdserve.engine.sampling import SamplingParams
-from pdserve.engine.scheduler import QueueFullError, Scheduler
+from pdserve.engine.scheduler import QueueFullError, Scheduler, default_step_cost
 from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -421,3 +421,32 @@ def test_ttft_estimate_sees_only_uncached_tokens():
     hit, miss = conv("hit", system + [5]), conv("miss", list(range(300, 365)))
     assert s.estimate_ttft(hit) < s.estimate_ttft(miss)
     assert s.estimate_ttft(hit) == pytest.approx(s.step_cost(1, 0) + s.step_cost(0, 0))
+
+
+def test_measured_step_cost_learns_prefill_and_decode_separately():
+    """A machine whose prefill is 10x cheaper per token than the default model's and whose decode is 3x
+    dearer: after a mix of steps the fit predicts both (the default model's ratio would not)."""
+    from pdserve.engine.scheduler import MeasuredStepCost
+
+    def truth(p, d):
+        return 2e-4 * p + 1.5e-2 * d + 0.01
+
+    cost = MeasuredStepCost()
+    assert cost(100, 0) == default_step_cost(100, 0) and cost.coef is None  # nothing measured: the default
+    shapes = [(0, 8), (0, 16), (300, 4), (0, 30), (1000, 0), (64, 12), (0, 2), (512, 20)] * 10
+    for p, d in shapes:
+        cost.observe(p, d, truth(p, d))
+    for p, d in [(2000, 0), (0, 1), (0, 64), (256, 32)]:
+        assert cost(p, d) == pytest.approx(truth(p, d), rel=0.05), (p, d)
+    a, b, c = cost.coef
+    assert a == pytest.approx(2e-4, rel=0.05) and b == pytest.approx(1.5e-2, rel=0.05)
+
+
+def test_measured_step_cost_with_only_decode_steps_keeps_a_sane_prefill_estimate():
+    from pdserve.engine.scheduler import MeasuredStepCost
+
+    cost = MeasuredStepCost()
+    for d in (1, 2, 4, 8) * 20:
+        cost.observe(0, d, 2 * default_step_cost(0, d))  # a machine twice as slow as the default model
+    assert cost(0, 4) == pytest.approx(2 * default_step_cost(0, 4), rel=0.05)
+    assert 0 < cost(512, 0) - cost(0, 0) < 10 * 512 * 2e-3  # the prior still prices a prompt token, sanely
