@@ -193,7 +193,8 @@ def panels() -> list[dict]:
     stage_mean = (sum_rate("stage", "pdserve_request_stage_seconds_sum")
                   + " / " + sum_rate("stage", "pdserve_request_stage_seconds_count"))
     p.add("TTFT breakdown: mean per stage (stacked)", "router_queue, prefill_queue, prefill_compute, kv_transfer "
-          "and decode_admission; stacked, they add up to the mean time to first token.",
+          "and decode_admission (requests prefilled on a prefill worker) or local_prefill (on their decode worker); "
+          "stacked, they add up to the mean time to first token.",
           [target(stage_mean, "{{stage}}", "A")], "s", stack=True)
     p.add("TTFT breakdown: p99 per stage", "The p99 of each TTFT stage.",
           [target(p99("stage", rate(sel("pdserve_request_stage_seconds_bucket"))), "p99 {{stage}}", "A")], "s")
@@ -223,7 +224,7 @@ def panels() -> list[dict]:
                "failed: {{reason}} ({{transport}})", "B"),
     ], "ops")
 
-    p.row("Prefix cache")
+    p.row("Prefix cache and routing")
     p.add("Prefix-cache hit rate per pool", "Prompt tokens the prefix cache supplied over those looked up "
           "(tokens of admitted requests), per pool.",
           [target(sum_rate("role", "pdserve_prefix_cache_hits_total") + " / "
@@ -239,6 +240,13 @@ def panels() -> list[dict]:
               target(sum_rate("role, engine", "pdserve_prefix_cache_evictions_total"),
                      "evicted/s {{role}} {{engine}}", "B"),
           ], "short")
+    p.add("Routing decisions / s", "Per pool: picks a cached prefix moved off the least-loaded worker "
+          "(prefix_overlap), and the rest (least_loaded).",
+          [target(sum_rate("pool, reason", "pdserve_routing_decisions_total"), "{{pool}} {{reason}}", "A")], "ops")
+    p.add("Disaggregation decisions / s", "Where prefills ran (remote: a prefill worker, the KV shipped; local: "
+          "the decode worker) and why (--disaggregation auto's rule, or configured).",
+          [target(sum_rate("path, reason", "pdserve_disaggregation_decisions_total"), "{{path}} {{reason}}", "A")],
+          "ops", stack=True)
     p.add("KV bytes not shipped / s", "KV bytes completed transfers did not carry because the decode worker's "
           "prefix cache held them, beside the bytes they did carry.", [
               target(sum_by("transport", with_model(rate("pdserve_kv_transfer_cached_bytes_total"))),
