@@ -159,8 +159,7 @@ class DecodeWorker(Worker):
         """The names of the full blocks of the KV the request brings (none when prefix caching is off)."""
         if not self.engine.block_manager.enable_caching:
             return []
-        tokens = request.prompt_token_ids + request.output_token_ids
-        return block_hashes(tokens[:request.num_kv_tokens], self.engine.block_manager.block_size)
+        return block_hashes(request.prompt_token_ids + request.output_token_ids, self.engine.block_manager.block_size)
 
     def abort_all(self) -> int:
         with self._lock:

@@ -152,12 +152,7 @@ class BlockManager:
         (empty when caching is off or nothing matches). They become held: no longer evictable."""
         if not self.enable_caching:
             return []
-        blocks = []
-        for h in hashes:
-            b = self._cached.get(h)
-            if b is None:
-                break
-            blocks.append(b)
+        blocks = [self._cached[h] for h in hashes[:self.num_cached_prefix(hashes)]]
         for b in blocks:
             if self._ref[b] == 0:
                 del self._evictable[b]

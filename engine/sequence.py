@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from pdserve.engine.block_manager import ROOT_HASH, hash_block
+from pdserve.engine.block_manager import block_hashes
 from pdserve.engine.sampling import SamplingParams
 
 
@@ -70,13 +70,9 @@ class Sequence:
 
     def hashes(self, block_size: int, num_blocks: int) -> list[bytes]:
         """The names of the first `num_blocks` full blocks of this sequence's tokens (hashed once each)."""
-        have = self.block_hashes
-        if len(have) < num_blocks:
-            parent = have[-1] if have else ROOT_HASH
-            for b in range(len(have), num_blocks):
-                parent = hash_block(parent, self.token_slice(b * block_size, (b + 1) * block_size))
-                have.append(parent)
-        return have[:num_blocks]
+        if len(self.block_hashes) < num_blocks:
+            block_hashes(self.token_slice(0, num_blocks * block_size), block_size, start=self.block_hashes)
+        return self.block_hashes[:num_blocks]
 
     def token_slice(self, start: int, end: int) -> list[int]:
         p = len(self.prompt_token_ids)

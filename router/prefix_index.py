@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-BlockHash = bytes
+from pdserve.engine.block_manager import BlockHash
 
 
 class PrefixIndex:
