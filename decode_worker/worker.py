@@ -2,35 +2,50 @@
 
 A request's life here (the numbers are the hops of docs/architecture.md):
 
-  3. `generate(GenerateRequest)` opens (a Ray streaming generator, on the actor's event loop).
-     Disaggregated: the request is registered and room for its KV is reserved in this
-     worker's pool at once (waiting up to `reserve_wait_s` while the pool is full), and the
-     first item is `Ready(KVReservation)`, which the router hands to a prefill worker.
-     Colocated: the prompt goes straight into this engine (it prefills itself) and the first
-     item is `Ready()`.
+  0. A router opens `subscribe(subscriber)` once (a Ray streaming generator, on the actor's event
+     loop): every token this worker produces for that router's requests travels on it, coalesced
+     into one `StepBatch` per engine step. One message per step instead of one per token of every
+     stream is what keeps the relay cheap: each Ray message costs the router (and, through the
+     cores they share, the engine) more than the token it carries.
+  3. `start(GenerateRequest, subscriber)` registers the request. Disaggregated: room for its KV is
+     reserved in this worker's pool at once (waiting up to `reserve_wait_s` while the pool is full),
+     and the answer is `Ready(KVReservation)`, which the router hands to a prefill worker.
+     Colocated: the prompt goes straight into this engine (it prefills itself) and the answer is
+     `Ready()`.
   5. The prefill worker pushes the KV into the reserved blocks (`kv_transfer`, on the
      receiver's own loop thread); on commit `_on_commit` hands the blocks and the request
      to the engine loop thread (`EngineLoop.submit_received`).
-  6. Each engine step's new tokens come back on the loop thread through the request's sink,
-     are merged per request (`output_item`) and yielded as `StepItem`s; the last one is
+  6. Each engine step's new tokens come back on the loop thread through the request's sink into its
+     subscription's buffer, which wakes the actor's event loop once per batch; there they are merged
+     per request (`output_item`) and yielded as one `StepBatch`; a request's last item is
      `finished` or carries a `WorkerError`.
-  7. When the router stops reading (its client went away, or it gave the attempt up) the
-     generator is closed: the request is aborted in the engine and its reservation released,
-     neither of which waits on the actor's event loop, so every block comes back and no other
-     stream on this worker stalls.
+  7. When the router gives a request up (its client went away, or it moved the request elsewhere)
+     it calls `abort`: the request is aborted in the engine and its reservation released, neither
+     of which waits on the actor's event loop, so every block comes back and no other stream on this
+     worker stalls. When a subscription closes (its router went away) its requests are aborted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pdserve.engine.block_manager import block_hashes
 from pdserve.engine.config import PdserveConfig
-from pdserve.engine.messages import GenerateRequest, KVReservation, Ready, StepItem, WorkerError, WorkerInfo
+from pdserve.engine.messages import (
+    GenerateRequest,
+    KVReservation,
+    Ready,
+    StepBatch,
+    StepItem,
+    WorkerError,
+    WorkerInfo,
+)
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import RequestOutput
 from pdserve.worker.base import Worker
@@ -58,12 +73,90 @@ def output_item(outs: list[RequestOutput | BaseException]) -> StepItem:
     return StepItem(tuple(token_ids), text, False, None, n)
 
 
+class _Subscription:
+    """One subscriber's requests on this worker: their sinks buffer what the engine loop thread hands
+    them, and the first output of a batch wakes the actor's event loop, which takes the whole buffer as
+    one `StepBatch`. So the event loop wakes, and the router gets a message, about once per engine step
+    however many streams that step advanced."""
+
+    def __init__(self, aio: asyncio.AbstractEventLoop):
+        self._aio = aio
+        self._lock = threading.Lock()
+        self._pending: dict[str, list[RequestOutput | BaseException]] = {}
+        self._woken = False
+        self._wake = asyncio.Event()
+        self._requests: set[str] = set()  # registered and not yet finished
+        self._first_token_at: dict[str, float] = {}  # for the decode-time histogram
+        self._closed = False
+
+    def sink(self, rid: str):
+        """The engine's sink for request `rid` (called on the engine loop thread)."""
+        with self._lock:
+            self._requests.add(rid)
+
+        def put(out: RequestOutput | BaseException) -> None:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the subscriber is gone")
+                self._pending.setdefault(rid, []).append(out)
+                wake = not self._woken
+                self._woken = True
+            if wake:
+                self._aio.call_soon_threadsafe(self._wake.set)
+
+        return put
+
+    def drop(self, rid: str) -> None:
+        with self._lock:
+            self._requests.discard(rid)
+            self._pending.pop(rid, None)
+
+    def close(self) -> list[str]:
+        """Stop taking outputs; the requests still registered (to abort)."""
+        with self._lock:
+            self._closed = True
+            rids, self._requests = list(self._requests), set()
+            self._pending.clear()
+        with contextlib.suppress(RuntimeError):  # its event loop is already gone
+            self._aio.call_soon_threadsafe(self._wake.set)  # `batches` ends
+        return rids
+
+    async def batches(self, metrics) -> AsyncIterator[StepBatch]:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                if self._closed:
+                    return
+                pending, self._pending = self._pending, {}
+                self._woken = False
+            items = []
+            now = time.monotonic()
+            for rid, outs in pending.items():
+                item = output_item(outs)
+                if rid not in self._first_token_at and item.token_ids:
+                    self._first_token_at[rid] = now
+                    qt = next((o.queue_time for o in outs if isinstance(o, RequestOutput) and o.queue_time), None)
+                    if qt is not None:
+                        metrics.queue.observe(qt)
+                if item.finished:
+                    t_first = self._first_token_at.pop(rid, None)
+                    if t_first is not None:
+                        metrics.decode.observe(now - t_first)
+                    with self._lock:
+                        self._requests.discard(rid)
+                items.append((rid, item))
+            if items:
+                yield StepBatch(tuple(items))
+
+
 class DecodeWorker(Worker):
     role = "decode"
 
     def __init__(self, config: PdserveConfig, worker_id: str):
         super().__init__(config, worker_id)
         self._expected: dict[str, _Expected] = {}
+        self._subscriptions: dict[str, _Subscription] = {}
         self._lock = threading.Lock()
         self.receiver = None
         if config.serve.mode == "disaggregated":
@@ -77,61 +170,60 @@ class DecodeWorker(Worker):
         info = super().info()
         return info if self.receiver is None else dataclasses.replace(info, kv_address=self.receiver.address)
 
-    async def generate(self, request: GenerateRequest):
-        """Stream the request: `Ready` first (or a `StepItem` with the error that refused it), then one
-        `StepItem` per engine step with new tokens, the last one `finished`."""
+    async def subscribe(self, subscriber: str) -> AsyncIterator[StepBatch]:
+        """`subscriber`'s stream (a router's, opened once): a `StepBatch` whenever the engine produced
+        something for its requests. Runs until the subscriber goes away; its requests are aborted then."""
+        sub = self._subscription(subscriber)
+        try:
+            async for batch in sub.batches(self.metrics):
+                yield batch
+        finally:
+            with self._lock:
+                if self._subscriptions.get(subscriber) is sub:
+                    del self._subscriptions[subscriber]
+            for rid in sub.close():
+                self.abort(rid)
+
+    async def start(self, request: GenerateRequest, subscriber: str) -> Ready | StepItem:
+        """Register the request for `subscriber`: `Ready` (with the KV reservation when a prefill worker
+        pushes its KV), or a finished `StepItem` with the error that refused it. Its tokens follow on the
+        subscriber's stream. A call cancelled before it answers (the router gave up) aborts the request."""
         rid = request.request_id
-        aio = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def sink(out):
-            aio.call_soon_threadsafe(queue.put_nowait, out)
-
-        finished = False
+        sub = self._subscription(subscriber)
+        sink = sub.sink(rid)
         try:
             if not request.remote_prefill:  # colocated: this engine prefills
                 self.loop.submit(rid, list(request.prompt_token_ids), request.params, sink,
                                  priority=request.priority, output_token_ids=list(request.output_token_ids),
                                  ttft_deadline=request.ttft_deadline)
-                yield Ready()
-            else:
-                if self.receiver is None:
-                    raise ValueError("a remote prefill needs a KV receiver: this decode worker runs colocated")
-                with self._lock:
-                    self._expected[rid] = _Expected(request.params, request.priority, sink)
-                try:
-                    reservation = await self._reserve(rid, request.num_kv_tokens, self._prefix(request))
-                except Exception as e:  # no room within reserve_wait_s, or never: another decode worker may have
-                    finished = True
-                    self.abort(rid)
-                    yield StepItem(finished=True, error=WorkerError.of(e, "the decode worker could not reserve "
-                                                                          "room for the KV"))
-                    return
-                yield Ready(reservation)
-            async for item in self._relay(queue):
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:  # the router stopped reading: abort everywhere on this side
+                return Ready()
+            if self.receiver is None:
+                raise ValueError("a remote prefill needs a KV receiver: this decode worker runs colocated")
+            with self._lock:
+                self._expected[rid] = _Expected(request.params, request.priority, sink)
+            try:
+                reservation = await self._reserve(rid, request.num_kv_tokens, self._prefix(request))
+            except Exception as e:  # no room within reserve_wait_s, or never: another decode worker may have
                 self.abort(rid)
+                sub.drop(rid)
+                return StepItem(finished=True, error=WorkerError.of(e, "the decode worker could not reserve "
+                                                                       "room for the KV"))
+            with self._lock:
+                aborted = rid not in self._expected
+            if aborted:  # the router gave up while we waited for room: what we reserved goes back
+                self.abort(rid)
+            return Ready(reservation)
+        except BaseException:
+            self.abort(rid)
+            sub.drop(rid)
+            raise
 
-    async def _relay(self, queue: asyncio.Queue):
-        t_first = None
-        while True:
-            outs = [await queue.get()]
-            while not queue.empty():
-                outs.append(queue.get_nowait())
-            item = output_item(outs)
-            if t_first is None and item.token_ids:
-                t_first = time.monotonic()
-                qt = next((o.queue_time for o in outs if isinstance(o, RequestOutput) and o.queue_time), None)
-                if qt is not None:
-                    self.metrics.queue.observe(qt)
-            if item.finished and t_first is not None:
-                self.metrics.decode.observe(time.monotonic() - t_first)
-            yield item
-            if item.finished:
-                return
+    def _subscription(self, subscriber: str) -> _Subscription:
+        with self._lock:
+            sub = self._subscriptions.get(subscriber)
+            if sub is None:
+                sub = self._subscriptions[subscriber] = _Subscription(asyncio.get_running_loop())
+            return sub
 
     async def _reserve(self, rid: str, num_tokens: int, prefix: list[bytes]) -> KVReservation:
         """Reserve room for the request's KV (what this worker's prefix cache holds of it is taken from
@@ -164,7 +256,9 @@ class DecodeWorker(Worker):
     def abort_all(self) -> int:
         with self._lock:
             expected = list(self._expected)
-        rids = set(expected) | set(self._engine_request_ids())
+            subscribed = [rid for sub in self._subscriptions.values() for rid in sub.close()]
+            self._subscriptions.clear()
+        rids = set(expected) | set(subscribed) | set(self._engine_request_ids())
         for rid in rids:
             self.abort(rid)
         return len(rids)

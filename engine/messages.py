@@ -5,12 +5,16 @@ processes; the KV plane between workers is protobuf, see `kv_transfer`). Nothing
 here imports torch or Ray. A request's life in these messages
 (docs/architecture.md numbers every hop):
 
-    router --GenerateRequest--> decode worker `generate` --Ready(reservation)--> router
+    router --subscribe--> decode worker: one stream per (router, decode worker), opened once
+    router --GenerateRequest--> decode worker `start` --Ready(reservation)--> router
     router --GenerateRequest, KVReservation--> prefill worker `prefill` --FirstToken | WorkerError--> router
-    decode worker `generate` --StepItem ... StepItem(finished)--> router
+    decode worker `subscribe` --StepBatch((request id, StepItem), ...) ...--> router
 
 Colocated, the decode worker prefills itself: `Ready` carries no reservation and
-the first `StepItem` holds the first token. `WorkerStats` and `WorkerInfo` answer
+the first `StepItem` holds the first token. A decode worker's tokens travel
+coalesced: one `StepBatch` per engine step (or per few steps, when the router
+reads slower) carries every request's new tokens, so the router pays one message
+per step, not one per token of each stream. `WorkerStats` and `WorkerInfo` answer
 the router's health checks and its start-up handshake. Errors travel as
 `WorkerError`, built in one place (`WorkerError.of`) from the typed exceptions
 of the engine and the KV plane; the router maps it to HTTP in one place.
@@ -61,8 +65,8 @@ class KVReservation:
 
 @dataclass(frozen=True)
 class Ready:
-    """A decode worker's first answer on `generate`: the request is registered (and, disaggregated,
-    its KV room reserved)."""
+    """A decode worker's answer to `start`: the request is registered (and, disaggregated, its KV room
+    reserved); its tokens follow on the subscriber's stream."""
 
     reservation: KVReservation | None = None
 
@@ -124,8 +128,8 @@ class FirstToken:
 
 @dataclass(frozen=True)
 class StepItem:
-    """What one request produced since the previous item (one or more engine steps), on the decode
-    worker's stream; the last one is `finished`, or carries the `error` that ended it."""
+    """What one request produced since the previous item (one or more engine steps), in a `StepBatch`;
+    the last one is `finished`, or carries the `error` that ended it."""
 
     token_ids: tuple[int, ...] = ()
     text: str = ""
@@ -133,6 +137,14 @@ class StepItem:
     finish_reason: str | None = None
     num_output_tokens: int = 0
     error: WorkerError | None = None
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One message of a decode worker's `subscribe` stream: what each of the subscriber's requests produced
+    since the previous batch, at most one `StepItem` per request, in the order the engine produced them."""
+
+    items: tuple[tuple[str, StepItem], ...] = ()
 
 
 @dataclass(frozen=True)

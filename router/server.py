@@ -6,12 +6,13 @@ name the full blocks of the request's KV (`block_hashes`, ~1 us a block: 0.5 ms 
 prompt, so it runs on the event loop) and pick a decode worker (`KVAwarePolicy`: the most free KV
 blocks, a prefix it is believed to have cached counting as blocks it need not fill; see
 `router.prefix_index`); decide where the prefill runs (`place_prefill`, below); open the decode
-worker's `generate` stream with a `GenerateRequest`: it registers the request, reserves room for
-its KV and answers `Ready(KVReservation)`; pick a prefill worker (fewest tokens to compute) and
+worker's `start` with a `GenerateRequest`: it registers the request, reserves room for its KV
+and answers `Ready(KVReservation)`; pick a prefill worker (fewest tokens to compute) and
 call `prefill` with the request and the reservation: it prefills, pushes the KV straight into the
-reserved blocks and answers `FirstToken`; then relay the decode worker's `StepItem`s. Colocated,
-or a local prefill: the decode worker's `generate` prefills the prompt itself. A client that goes
-away cancels the Ray calls in flight, which abort the request on every worker.
+reserved blocks and answers `FirstToken`; then relay the decode worker's `StepItem`s, which reach
+the request through the router's one token stream from that worker (`router.relay`). Colocated,
+or a local prefill: the decode worker's `start` prefills the prompt itself. A client that goes
+away cancels the Ray calls in flight and aborts the request on the decode worker.
 
 Conditional disaggregation (`serve.disaggregation`, disaggregated mode only; each attempt decides
 anew): "always" prefills on a prefill worker, "never" on the decode worker, and "auto" on the
@@ -59,6 +60,7 @@ from pdserve.router.pools import (
     pick_avoiding,
     place_prefill,
 )
+from pdserve.router.relay import RelayClosed, StepRelay
 from pdserve.router.workers import WorkerPools
 
 logger = logging.getLogger(__name__)
@@ -105,6 +107,8 @@ class Router:
         self.accepting = True  # False while draining for shutdown: new requests get 503
         self._start_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        self._relays: dict[str, StepRelay] = {}  # decode worker id -> its token stream to this router
+        self._incarnation = uuid.uuid4().hex[:8]  # names this router's subscriptions (a restart opens new ones)
         self.url = ""
 
     @property
@@ -255,6 +259,16 @@ class Router:
         if placement is not None:
             m.disaggregation.labels(model, placement.path, placement.reason).inc()
 
+    def _relay(self, decode: WorkerState) -> StepRelay:
+        """The token stream from `decode` to this router (opened on first use, again after it broke)."""
+        relay = self._relays.get(decode.worker_id)
+        if relay is None or not relay.alive or relay.handle is not decode.handle:
+            if relay is not None:
+                relay.close()
+            relay = self._relays[decode.worker_id] = StepRelay(decode.handle, decode.worker_id,
+                                                               f"router-{self.instance}-{self._incarnation}")
+        return relay
+
     def _decoded(self, decode: WorkerState, tokens: list[int], names: list[BlockHash]) -> None:
         """A request finished on `decode`: what it decoded stays cached there, every full block of its
         tokens but the last one's (that token was sampled, never computed)."""
@@ -284,7 +298,7 @@ class Router:
         request = self._request(attempt, parsed, ids, streamed, t, why, remote_prefill=prefill is not None)
         to_compute = route.uncached_tokens(prefill) if prefill else 0  # the prefill worker's share
         m = self.metrics
-        stream = None
+        relay = start_ref = None
         prefill_ref = None
         decode.inflight_requests += 1
         decode.num_dispatched += 1
@@ -298,8 +312,11 @@ class Router:
         stream_done = False
         current = decode  # the worker a failure is blamed on
         try:
-            stream = decode.handle.generate.options(num_returns="streaming").remote(request)
-            ready = await (await stream.__anext__())  # registered (and its KV room reserved) on the decode worker
+            relay = self._relay(decode)
+            queue = relay.register(attempt)  # before the worker starts it: no item arrives unclaimed
+            start_ref = decode.handle.start.remote(request, relay.subscriber)
+            ready = await start_ref  # registered (and its KV room reserved) on the decode worker
+            start_ref = None
             if isinstance(ready, StepItem):  # refused: no room for the KV within reserve_wait_s
                 stream_done = True
                 if ready.error.retryable and prefill is not None:  # another decode worker may have room
@@ -330,13 +347,14 @@ class Router:
                         m.stage.labels(self.model_name, stage).observe(v)
                 t.tokens(len(first.token_ids), m, self.model_name)
                 produced += first.token_ids
-                awaiting_decode = not first.finished
-                stream_done = first.finished
+                awaiting_decode = not first.finished  # finished: the decode side is aborted (its room released)
                 yield StepItem(first.token_ids, first.text, first.finished, first.finish_reason)
                 if first.finished:
                     return
-            async for ref in stream:
-                item: StepItem = await ref
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):  # the worker's token stream broke (it died) or ended
+                    raise item
                 if item.error is not None:
                     if item.error.status >= 500 and not item.error.unavailable:  # the worker itself failed
                         raise _Failover("worker_error", item.error.message, decode)
@@ -355,7 +373,7 @@ class Router:
                 yield item
                 if stream_done:
                     break
-        except ray.exceptions.RayActorError as e:  # the worker died (or was killed as stalled)
+        except (ray.exceptions.RayActorError, RelayClosed) as e:  # the worker died (or was killed as stalled)
             if isinstance(e, ray.exceptions.ActorDiedError):
                 self.workers.fail_worker(current, "died")  # out of routing now, not at the next health check
             raise _Failover("worker_died", f"{current.worker_id} died: {type(e).__name__}", current) from None
@@ -369,9 +387,14 @@ class Router:
             if prefill_ref is not None:
                 with contextlib.suppress(Exception):
                     ray.cancel(prefill_ref)
-            if stream is not None and not stream_done:  # client gone, a failure, or done on the prefill side
-                with contextlib.suppress(Exception):
-                    ray.cancel(stream)
+            if relay is not None:
+                relay.unregister(attempt)
+                if start_ref is not None:  # still starting: stop that (a start cancelled mid-way aborts)
+                    with contextlib.suppress(Exception):
+                        ray.cancel(start_ref)
+                if not stream_done:  # client gone, a failure, or done on the prefill side
+                    with contextlib.suppress(Exception):
+                        decode.handle.abort.remote(attempt)
 
     def _observe_end(self, t: _Timing, num_prompt: int) -> None:
         m = self.metrics
@@ -429,6 +452,9 @@ class Router:
             self._server.should_exit = True
         for t in self._tasks:
             t.cancel()
+        for relay in self._relays.values():
+            relay.close()
+        self._relays.clear()
         await self.workers.stop()
 
 

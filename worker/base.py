@@ -1,8 +1,8 @@
 """The part of a worker actor both kinds share: the engine on its loop thread, health and load
 stats, a metrics endpoint, abort and shutdown.
 
-Threads in a worker process: the actor's event loop (Ray calls: `generate`, `prefill`,
-`stats`, ...), the engine loop thread (`EngineLoop`: the only one that touches the
+Threads in a worker process: the actor's event loop (Ray calls: `start`, `subscribe`,
+`prefill`, `stats`, ...), the engine loop thread (`EngineLoop`: the only one that touches the
 engine), and the KV plane's own loop thread (`KVSender` or `KVReceiver`). Nothing
 on the actor's event loop waits on the other two: it posts to them and awaits futures.
 """

@@ -1,7 +1,7 @@
 """The decode worker actor's own event loop, driven directly (the class Ray runs, without Ray): a
-request that opens reserves its KV room and answers `Ready` with the reservation, and aborting
-a request never blocks the loop that relays every other stream's tokens, even while the KV
-receiver's loop is stuck."""
+request that starts reserves its KV room and answers `Ready` with the reservation, tokens come back
+coalesced on the subscriber's stream, and aborting a request never blocks the loop that relays every
+other stream's tokens, even while the KV receiver's loop is stuck."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import PdserveConfig
-from pdserve.engine.messages import GenerateRequest, Ready, StepItem
+from pdserve.engine.messages import GenerateRequest, Ready, StepBatch, StepItem
 from pdserve.engine.sampling import SamplingParams
 from tests.helpers import EXACT
 
@@ -45,16 +45,15 @@ def _request(rid: str, n_prompt: int, max_tokens: int, remote: bool) -> Generate
                            tuple(range(1, n_prompt + 1)), remote_prefill=remote)
 
 
-def test_generate_reserves_and_answers_ready_with_the_reservation(worker):
+def test_start_reserves_and_answers_ready_with_the_reservation(worker):
     async def run():
-        stream = worker.generate(_request("r", 40, 8, remote=True))
-        ready = await anext(stream)
+        ready = await worker.start(_request("r", 40, 8, remote=True), "sub-ready")
         assert isinstance(ready, Ready) and ready.reservation is not None
         r = ready.reservation
         assert r.request_id == "r" and r.address == worker.receiver.address and r.num_blocks == 3  # 40 / 16
         assert worker.receiver.table.state_of("r") == "reserved"
         assert worker.engine.block_manager.num_free_blocks == 64 - 3
-        await stream.aclose()  # the router stops reading: the reservation is released
+        worker.abort("r")  # the router gives the request up: the reservation is released
         await asyncio.wrap_future(worker.receiver.release_soon("r"))  # ordered after the abort's release
         assert worker.receiver.table.state_of("r") == "released"
 
@@ -63,12 +62,55 @@ def test_generate_reserves_and_answers_ready_with_the_reservation(worker):
 
 def test_a_request_that_can_never_fit_is_refused_with_a_typed_error(worker):
     async def run():
-        stream = worker.generate(_request("big", 64 * 16 + 1, 4, remote=True))
-        item = await anext(stream)
+        item = await worker.start(_request("big", 64 * 16 + 1, 4, remote=True), "sub-big")
         assert isinstance(item, StepItem) and item.finished and item.error is not None
         assert item.error.status == 503 and not item.error.retryable, item.error  # too large for any wait
 
     asyncio.run(run())
+
+
+def test_tokens_of_many_requests_travel_coalesced_one_batch_per_step(worker):
+    """Eight colocated requests on one subscription: every batch carries at most one item per request,
+    each request's tokens arrive in full and end `finished`, and the batches are far fewer than the tokens
+    (one per engine step, not one per token of each stream)."""
+    n, max_tokens = 8, 12
+
+    async def run():
+        stream = worker.subscribe("sub-many")
+        for i in range(n):
+            assert isinstance(await worker.start(_request(f"m{i}", 5 + i, max_tokens, remote=False), "sub-many"),
+                              Ready)
+        tokens = {f"m{i}": 0 for i in range(n)}
+        done, batches = set(), 0
+        while len(done) < n:
+            batch = await asyncio.wait_for(anext(stream), 30)
+            assert isinstance(batch, StepBatch) and batch.items
+            rids = [rid for rid, _ in batch.items]
+            assert len(rids) == len(set(rids))
+            batches += 1
+            for rid, item in batch.items:
+                assert rid not in done and item.error is None
+                tokens[rid] += len(item.token_ids)
+                if item.finished:
+                    done.add(rid)
+        await stream.aclose()
+        return tokens, batches
+
+    tokens, batches = asyncio.run(run())
+    assert tokens == {f"m{i}": max_tokens for i in range(n)}
+    assert batches <= max_tokens + 2 < n * max_tokens  # the first step may admit some, the next the rest
+
+
+def test_a_subscriber_that_goes_away_aborts_its_requests(worker):
+    async def run():
+        stream = worker.subscribe("sub-gone")
+        await worker.start(_request("g", 8, 400, remote=False), "sub-gone")
+        await asyncio.wait_for(anext(stream), 30)  # it is generating
+        await stream.aclose()  # the router died or closed the stream: nobody reads "g" any more
+        while "g" in worker.engine.seqs:
+            await asyncio.sleep(0.005)
+
+    asyncio.run(asyncio.wait_for(run(), 30))
 
 
 def test_an_abort_while_the_kv_receiver_is_stuck_does_not_stall_other_streams(worker):
@@ -81,24 +123,23 @@ def test_an_abort_while_the_kv_receiver_is_stuck_does_not_stall_other_streams(wo
         unstick.wait(60)
 
     async def run():
-        busy = worker.generate(_request("busy", 8, 400, remote=False))
-        assert isinstance(await anext(busy), Ready)
-        waiting = worker.generate(_request("waiting", 20, 8, remote=True))
-        assert isinstance(await anext(waiting), Ready)
+        busy = worker.subscribe("sub-stuck")
+        assert isinstance(await worker.start(_request("busy", 8, 400, remote=False), "sub-stuck"), Ready)
+        assert isinstance(await worker.start(_request("waiting", 20, 8, remote=True), "sub-stuck"), Ready)
         asyncio.run_coroutine_threadsafe(block(), worker.receiver._loop)
         assert await asyncio.to_thread(stuck.wait, 10)
         t0 = time.monotonic()
-        await waiting.aclose()  # aborts: posts a release to the stuck receiver loop
+        worker.abort("waiting")  # posts a release to the stuck receiver loop
         closed_in = time.monotonic() - t0
         got = 0
         while got < 20:  # the other stream goes on while the receiver is still stuck
-            item = await asyncio.wait_for(anext(busy), 10)
-            got += len(item.token_ids)
+            batch = await asyncio.wait_for(anext(busy), 10)
+            got += sum(len(item.token_ids) for rid, item in batch.items if rid == "busy")
         assert not unstick.is_set() and worker.receiver.table.state_of("waiting") == "reserved"
         unstick.set()
         await asyncio.wrap_future(worker.receiver.release_soon("waiting"))  # after the abort's release
         assert worker.receiver.table.state_of("waiting") == "released"
-        await busy.aclose()  # aborts it; wait here, while this event loop (the one its sink posts to) lives
+        await busy.aclose()  # aborts "busy"; wait here, while this event loop (the one its sink posts to) lives
         async def aborted():
             while "busy" in worker.engine.seqs:
                 await asyncio.sleep(0.005)
