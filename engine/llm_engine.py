@@ -77,6 +77,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.source.path)
         # decode attention: the paged-attention kernel, or None for the torch path (see EngineConfig)
         self.decode_kernel = decode_attention_kernel(config.engine.attention_backend, self.device, self.dtype)
+        if self.decode_kernel is not None and self.dtype == torch.bfloat16:  # the same library's fused bf16 ops
+            self.model.use_fused_ops(torch.ops.pdserve)
         arch = self.arch = self.model.arch
         logger.info("loaded %s in %.1fs", self.source.model_id, time.perf_counter() - t0)
 

@@ -209,6 +209,7 @@ class LlamaModel:
         self.cos = (emb.cos() * rope_scaling).to(device=device, dtype=dtype)
         self.sin = (emb.sin() * rope_scaling).to(device=device, dtype=dtype)
         self.scale = arch.head_dim ** -0.5
+        self.fused = None  # `use_fused_ops`
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embed is None:
@@ -219,6 +220,8 @@ class LlamaModel:
                 kv_k: list[torch.Tensor], kv_v: list[torch.Tensor], on_layer=None) -> torch.Tensor:
         """Hidden states after the final norm, [num_tokens, hidden]. `on_layer(i)` is called as
         soon as layer i's KV is in the cache (layer-wise KV transfer)."""
+        if self.fused is not None:
+            return self._forward_fused(input_ids, positions, meta, kv_k, kv_v, on_layer)
         arch = self.arch
         n = input_ids.shape[0]
         nh, kvh, hd = arch.num_heads, arch.num_kv_heads, arch.head_dim
@@ -236,6 +239,8 @@ class LlamaModel:
             q = qk[:, :nh]
             k = qk[:, nh:]
             v = qkv[:, q_width + kv_width:].view(n, kvh, hd)
+            kv_k[i].index_copy_(0, meta.slot_mapping, k)
+            kv_v[i].index_copy_(0, meta.slot_mapping, v)
             attn = self._attention(q, k, v, meta, kv_k[i], kv_v[i])
             if on_layer is not None:
                 on_layer(i)
@@ -246,14 +251,48 @@ class LlamaModel:
             x = x + layer.down(F.silu(g) * u)
         return rms_norm(x, self.norm, eps)
 
+    def use_fused_ops(self, ops) -> None:
+        """Run `forward` through the C++ fused ops (`engine.kernels`: `torch.ops.pdserve`), for bf16 on CPU:
+        residual add + RMSNorm, RoPE + the KV-cache write, SiLU * up, each one pass over the rows instead
+        of a chain of small torch ops; they round where HF's bf16 modules round. The torch chain stays
+        the path for fp32 (token-exact against HF) and the test oracle."""
+        if self.dtype != torch.bfloat16 or self.device.type != "cpu":
+            raise ValueError(f"the fused ops run bf16 on CPU, not {self.device.type} {self.dtype}")
+        self.fused = ops
+
+    def _forward_fused(self, input_ids, positions, meta, kv_k, kv_v, on_layer) -> torch.Tensor:
+        ops = self.fused
+        arch = self.arch
+        n = input_ids.shape[0]
+        nh, kvh, hd = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        q_width, kv_width = nh * hd, kvh * hd
+        eps = arch.rms_norm_eps
+        x = self.embed_tokens(input_ids)  # the residual stream, updated in place
+        h = torch.empty_like(x)
+        ops.rms_norm(h, x, self.layers[0].ln1, eps)
+        act = torch.empty(n, arch.intermediate_size, dtype=x.dtype)
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(h)
+            ops.rope_kv_cache(qkv, positions, self.cos, self.sin, nh, kvh, kv_k[i], kv_v[i], meta.slot_mapping)
+            q = qkv[:, :q_width].view(n, nh, hd)
+            k = qkv[:, q_width:q_width + kv_width].view(n, kvh, hd)
+            v = qkv[:, q_width + kv_width:].view(n, kvh, hd)
+            attn = self._attention(q, k, v, meta, kv_k[i], kv_v[i])
+            if on_layer is not None:
+                on_layer(i)
+            ops.add_rms_norm(x, layer.o(attn), layer.ln2, h, eps)  # x += o(attn); h = norm(x)
+            ops.silu_mul(act, layer.gate_up(h))
+            last = i + 1 == len(self.layers)
+            ops.add_rms_norm(x, layer.down(act), self.norm if last else self.layers[i + 1].ln1, h, eps)
+        return h
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
     def _attention(self, q, k, v, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
+        """The step's attention; the new tokens' K and V are already in the cache."""
         n, nh, hd = q.shape
         kvh = k.shape[1]
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty(n, nh, hd, dtype=q.dtype, device=q.device)
         d = meta.num_decode
         if meta.decode_kernel is not None and d:

@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -212,8 +213,193 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
 
 }  // namespace
 
+
+// ---------------------------------------------------------------------------------------------------
+// Fused elementwise ops for the bf16 model (`engine.model`, `FusedOps`): each replaces a chain of small
+// torch ops (eight for an RMSNorm, five for RoPE, two KV-cache writes, SiLU and its product) with one
+// pass over the rows, rounding to bf16 exactly where HF's bf16 modules round, so the results match
+// the torch chain's up to the order of one fp32 sum. Small inputs (a decode step's rows) run on the
+// calling thread: an op of a few microseconds does not pay for waking the pool, nor wait at its
+// barrier for a thread the OS has lent to another process.
+
+namespace {
+
+using bf16_t = c10::BFloat16;
+
+inline float bf2f(uint16_t b) { return __builtin_bit_cast(float, static_cast<uint32_t>(b) << 16); }
+
+// fp32 -> bf16, round to nearest even (as c10::BFloat16), NaN kept a NaN; branch-free, so it vectorises.
+inline uint16_t f2bf(float f) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? static_cast<uint16_t>(0x7FC0u) : static_cast<uint16_t>(rounded);
+}
+
+// bf16 rounding of an fp32 value, kept in fp32 (the value a bf16 tensor op would store).
+inline float round_bf(float f) { return bf2f(f2bf(f)); }
+
+// Rows at most this many elements in all run on the calling thread.
+constexpr int64_t kSerialElements = 1 << 16;
+
+template <typename F>
+void for_rows(int64_t rows, int64_t row_elements, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, row_elements));
+  if (rows <= grain) {
+    f(0, rows);
+    return;
+  }
+  at::parallel_for(0, rows, grain, f);
+}
+
+inline const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); }
+inline uint16_t* mbits(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.mutable_data_ptr()); }
+
+void check_bf16_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.device().is_cpu(), name, ": a bfloat16 CPU tensor");
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, ": [rows, width] with a contiguous last dimension");
+}
+
+// out = weight * bf16(x * rsqrt(mean(x^2) + eps)) (HF LlamaRMSNorm in bf16); with `add`, first x = bf16(x + delta).
+void rms_norm_rows(at::Tensor& x, const at::Tensor* delta, const at::Tensor& weight, at::Tensor& out, double eps) {
+  check_bf16_rows(x, "x");
+  check_bf16_rows(out, "out");
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() && weight.dim() == 1, "weight: bf16 [width]");
+  const int64_t n = x.size(0), w = x.size(1);
+  TORCH_CHECK(weight.size(0) == w && out.size(0) == n && out.size(1) == w, "shapes differ");
+  if (delta != nullptr) {
+    check_bf16_rows(*delta, "delta");
+    TORCH_CHECK(delta->size(0) == n && delta->size(1) == w, "delta: x's shape");
+  }
+  uint16_t* xp = mbits(x);
+  const uint16_t* dp = delta != nullptr ? bits(*delta) : nullptr;
+  const uint16_t* wp = bits(weight);
+  uint16_t* op = mbits(out);
+  const int64_t xs = x.stride(0), os = out.stride(0), ds = delta != nullptr ? delta->stride(0) : 0;
+  const float e = static_cast<float>(eps);
+  for_rows(n, w, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      uint16_t* xr = xp + r * xs;
+      if (dp != nullptr) {
+        const uint16_t* dr = dp + r * ds;
+#pragma omp simd
+        for (int64_t i = 0; i < w; ++i) xr[i] = f2bf(bf2f(xr[i]) + bf2f(dr[i]));
+      }
+      float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < w; ++i) ss += bf2f(xr[i]) * bf2f(xr[i]);
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(w) + e);
+      uint16_t* orow = op + r * os;
+#pragma omp simd
+      for (int64_t i = 0; i < w; ++i) orow[i] = f2bf(bf2f(wp[i]) * round_bf(bf2f(xr[i]) * inv));
+    }
+  });
+}
+
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  at::Tensor xm = x;  // read only: no delta
+  rms_norm_rows(xm, nullptr, weight, out, eps);
+}
+
+void add_rms_norm(at::Tensor x, const at::Tensor& delta, const at::Tensor& weight, at::Tensor out, double eps) {
+  rms_norm_rows(x, &delta, weight, out, eps);
+}
+
+// In place on qkv [n, (heads + 2 kv_heads) * head_dim]: RoPE on the q and k heads (HF's
+// q*cos + rotate_half(q)*sin, each product and the sum rounded to bf16), then each token's k and v heads
+// written to its slot of the paged caches [slots, kv_heads, head_dim].
+void rope_kv_cache(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                   int64_t num_heads, int64_t num_kv_heads, at::Tensor k_cache, at::Tensor v_cache,
+                   const at::Tensor& slot_mapping) {
+  check_bf16_rows(qkv, "qkv");
+  TORCH_CHECK(cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16 && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes(),
+              "cos, sin: bf16 [max_positions, head_dim]");
+  TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3 &&
+                  k_cache.sizes() == v_cache.sizes(),
+              "caches: bf16 [slots, kv_heads, head_dim], contiguous");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong &&
+                  positions.is_contiguous() && slot_mapping.is_contiguous(),
+              "positions, slot_mapping: contiguous int64");
+  const int64_t n = qkv.size(0), hd = cos.size(1), half = hd / 2;
+  const int64_t rope_heads = num_heads + num_kv_heads;
+  TORCH_CHECK(hd % 2 == 0 && hd <= 1024 && qkv.size(1) == (num_heads + 2 * num_kv_heads) * hd,
+              "qkv width (head_dim even, at most 1024)");
+  TORCH_CHECK(k_cache.size(1) == num_kv_heads && k_cache.size(2) == hd, "cache heads");
+  TORCH_CHECK(positions.numel() == n && slot_mapping.numel() == n, "one position and slot per token");
+  const int64_t max_pos = cos.size(0), num_slots = k_cache.size(0), row = num_kv_heads * hd;
+  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < n; ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "position ", pos[t], " outside the RoPE table");
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "slot ", slots[t], " outside the cache");
+  }
+  uint16_t* qp = mbits(qkv);
+  const uint16_t* cp = bits(cos);
+  const uint16_t* sp = bits(sin);
+  uint16_t* kc = mbits(k_cache);
+  uint16_t* vc = mbits(v_cache);
+  const int64_t qs = qkv.stride(0);
+  for_rows(n, qkv.size(1), [&](int64_t r0, int64_t r1) {
+    for (int64_t t = r0; t < r1; ++t) {
+      uint16_t* base = qp + t * qs;
+      const uint16_t* c = cp + pos[t] * hd;
+      const uint16_t* s = sp + pos[t] * hd;
+      for (int64_t h = 0; h < rope_heads; ++h) {
+        uint16_t* x = base + h * hd;
+        float lo[512], hi[512];
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = bf2f(x[i]), b = bf2f(x[i + half]);
+          lo[i] = round_bf(round_bf(a * bf2f(c[i])) + round_bf(-b * bf2f(s[i])));
+          hi[i] = round_bf(round_bf(b * bf2f(c[i + half])) + round_bf(a * bf2f(s[i + half])));
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          x[i] = f2bf(lo[i]);
+          x[i + half] = f2bf(hi[i]);
+        }
+      }
+      std::memcpy(kc + slots[t] * row, base + num_heads * hd, row * sizeof(uint16_t));
+      std::memcpy(vc + slots[t] * row, base + rope_heads * hd, row * sizeof(uint16_t));
+    }
+  });
+}
+
+// out [n, I] = bf16(bf16(silu(gate)) * up), gate_up [n, 2 I] = [gate | up] (HF's act_fn(gate) * up in bf16).
+void silu_mul(at::Tensor out, const at::Tensor& gate_up) {
+  check_bf16_rows(gate_up, "gate_up");
+  check_bf16_rows(out, "out");
+  const int64_t n = gate_up.size(0), inter = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(1) == 2 * inter && out.size(0) == n && out.size(1) == inter, "shapes");
+  const uint16_t* gp = bits(gate_up);
+  uint16_t* op = mbits(out);
+  const int64_t gs = gate_up.stride(0), os = out.stride(0);
+  for_rows(n, 2 * inter, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint16_t* g = gp + r * gs;
+      const uint16_t* u = g + inter;
+      uint16_t* o = op + r * os;
+#pragma omp simd
+      for (int64_t i = 0; i < inter; ++i) {
+        const float x = bf2f(g[i]);
+        const float e = exp_nonpositive(-std::fabs(x));  // exp(-|x|): no overflow either side
+        const float sig = x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+        o[i] = f2bf(round_bf(x * sig) * bf2f(u[i]));
+      }
+    }
+  });
+}
+
+}  // namespace
+
 TORCH_LIBRARY(pdserve, m) {
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, int block_size, float scale) -> ()",
         &paged_decode_attention);
+  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()", &rms_norm);
+  m.def("add_rms_norm(Tensor(a!) x, Tensor delta, Tensor weight, Tensor(b!) out, float eps) -> ()", &add_rms_norm);
+  m.def("rope_kv_cache(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, "
+        "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping) -> ()", &rope_kv_cache);
+  m.def("silu_mul(Tensor(a!) out, Tensor gate_up) -> ()", &silu_mul);
 }
