@@ -9,6 +9,7 @@ The same pydantic models publish the request bodies in the OpenAPI schema (`open
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -176,6 +177,78 @@ def _param(loc: tuple, body: Any, missing: bool) -> str | None:
     return ".".join(path) or None
 
 
+# OpenAI request fields (and vLLM extras that change the output) this server does not implement: a request
+# that sets one to anything but a value that changes nothing (listed) gets a 400 naming it, never a silent
+# ignore. Fields outside both APIs are ignored (clients send extras). `None` (JSON null) always means absent.
+_BOTH, _CHAT, _COMPLETION = ("chat", "completion"), ("chat",), ("completion",)
+UNSUPPORTED: dict[str, tuple[tuple[str, ...], tuple[Any, ...]]] = {
+    # field: (the endpoints that know it, the values accepted because they ask for nothing)
+    "logit_bias": (_BOTH, ({},)),
+    "logprobs": (_BOTH, (False,)),
+    "top_logprobs": (_CHAT, ()),
+    "presence_penalty": (_BOTH, (0,)),
+    "frequency_penalty": (_BOTH, (0,)),
+    "best_of": (_COMPLETION, (1,)),
+    "echo": (_COMPLETION, (False,)),
+    "suffix": (_COMPLETION, ("",)),
+    "response_format": (_CHAT, ({"type": "text"},)),
+    "tools": (_CHAT, ([],)),
+    "tool_choice": (_CHAT, ("none",)),
+    "parallel_tool_calls": (_CHAT, ()),
+    "functions": (_CHAT, ([],)),
+    "function_call": (_CHAT, ("none",)),
+    "audio": (_CHAT, ()),
+    "modalities": (_CHAT, (["text"],)),
+    "prediction": (_CHAT, ()),
+    "reasoning_effort": (_CHAT, ()),
+    "verbosity": (_CHAT, ()),
+    "web_search_options": (_CHAT, ()),
+    "store": (_CHAT, (False,)),  # we keep no completions
+    "service_tier": (_CHAT, ("auto", "default")),
+    # vLLM's extras
+    "min_p": (_BOTH, (0,)),
+    "repetition_penalty": (_BOTH, (1,)),
+    "min_tokens": (_BOTH, (0,)),
+    "guided_json": (_BOTH, ()),
+    "guided_regex": (_BOTH, ()),
+    "guided_choice": (_BOTH, ()),
+    "guided_grammar": (_BOTH, ()),
+    "guided_decoding_backend": (_BOTH, ()),
+    "guided_whitespace_pattern": (_BOTH, ()),
+    "structured_outputs": (_BOTH, ()),
+    "use_beam_search": (_BOTH, (False,)),
+    "length_penalty": (_BOTH, (1,)),
+    "prompt_logprobs": (_BOTH, ()),
+    "allowed_token_ids": (_BOTH, ()),
+    "bad_words": (_BOTH, ([],)),
+    "include_stop_str_in_output": (_BOTH, (False,)),
+    "skip_special_tokens": (_BOTH, (True,)),
+    "truncate_prompt_tokens": (_BOTH, ()),
+    "chat_template": (_CHAT, ()),
+    "chat_template_kwargs": (_CHAT, ({},)),
+    "add_generation_prompt": (_CHAT, (True,)),
+    "continue_final_message": (_CHAT, (False,)),
+}
+
+
+def refuse_unsupported(body: dict[str, Any], kind: str) -> None:
+    """`APIError` (400) naming the first field of `UNSUPPORTED` the request sets to something this server
+    would have to ignore."""
+    for name, (kinds, harmless) in UNSUPPORTED.items():
+        v = body.get(name)
+        if v is None or kind not in kinds or any(type(v) is type(h) and v == h or _same_number(v, h)
+                                                 for h in harmless):
+            continue
+        accepted = f" (accepted: {', '.join(json.dumps(h) for h in harmless)}, or leave it out)" if harmless else ""
+        raise bad_request(f"{name} is not supported by this server{accepted}", name)
+
+
+def _same_number(v: Any, h: Any) -> bool:
+    number = (int, float)
+    return isinstance(v, number) and isinstance(h, number) and not isinstance(v, bool) \
+        and not isinstance(h, bool) and v == h
+
+
 @dataclass
 class ParsedRequest:
     kind: Literal["completion", "chat"]
@@ -186,6 +259,9 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     priority: int
+    # the field that set `params.max_tokens` ("max_tokens" or "max_completion_tokens"); None: the server's
+    # default, which the router cuts to what the context window leaves beside the prompt
+    max_tokens_param: str | None = None
 
 
 def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_tokens: int,
@@ -193,6 +269,7 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
     """Validate a JSON body; raises `APIError` (400) naming the offending field. `priority_range`: the
     priorities this server grants its clients (`serve.min_client_priority`, `max_client_priority`)."""
     req = validate(CompletionRequest if kind == "completion" else ChatCompletionRequest, body)
+    refuse_unsupported(body, kind)
     if req.n != 1:
         raise bad_request("n > 1 is not supported; send several requests", "n")
     lo, hi = priority_range
@@ -200,9 +277,9 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
         granted = "only the default priority, 0" if lo == hi == 0 else f"priorities in [{lo}, {hi}]"
         raise bad_request(f"priority {req.priority} is not granted: this server accepts {granted} (its operator sets "
                           "serve.min_client_priority and serve.max_client_priority)", "priority")
-    max_tokens = req.max_tokens
+    max_tokens, max_tokens_param = req.max_tokens, "max_tokens" if req.max_tokens is not None else None
     if kind == "chat" and req.max_completion_tokens is not None:
-        max_tokens = req.max_completion_tokens  # OpenAI's newer name wins
+        max_tokens, max_tokens_param = req.max_completion_tokens, "max_completion_tokens"  # the newer name wins
     try:
         params = SamplingParams(
             max_tokens=default_max_tokens if max_tokens is None else max_tokens,
@@ -212,9 +289,7 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
             seed=req.seed, stop=[] if req.stop is None else req.stop, stop_token_ids=req.stop_token_ids or [],
             ignore_eos=req.ignore_eos)
     except InvalidRequestError as e:
-        param = "max_completion_tokens" if e.param == "max_tokens" and kind == "chat" and \
-            req.max_completion_tokens is not None else e.param
-        raise bad_request(str(e), param) from None
+        raise bad_request(str(e), max_tokens_param if e.param == "max_tokens" else e.param) from None
     prompt = messages = None
     if kind == "completion":
         prompt = req.prompt
@@ -232,7 +307,8 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
                     raise bad_request("only text content parts are supported", "messages")
                 m["content"] = "".join(p["text"] for p in m["content"])
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ParsedRequest(kind, req.model, prompt, messages, params, req.stream, include_usage, req.priority)
+    return ParsedRequest(kind, req.model, prompt, messages, params, req.stream, include_usage, req.priority,
+                         max_tokens_param)
 
 
 # -- responses -------------------------------------------------------------------------------------------

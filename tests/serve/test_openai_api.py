@@ -1,0 +1,48 @@
+"""The OpenAI API as clients use it, live (a real Ray cluster, the tiny text model), disaggregated and
+colocated: fields the server does not implement are refused with a 400 naming them."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import MODES, Server
+
+SERVED = ("disagg-grpc", "colocated")
+
+
+@pytest.fixture(scope="module")
+def servers(ray_cluster, tiny_text_model_dir):
+    made = {name: Server(ray_cluster, tiny_text_model_dir, **json.loads(json.dumps(MODES[name]))) for name in SERVED}
+    yield made
+    for s in made.values():
+        s.stop()
+
+
+def test_unimplemented_fields_and_a_max_tokens_past_the_context_are_400s(servers):
+    server = servers["disagg-grpc"]
+    c = server.client()
+    chat = {"model": server.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(**chat, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert err.value.body["param"] == "tools" and "tools" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(**chat, response_format={"type": "json_object"})
+    assert err.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError) as err:
+        c.completions.create(model=server.model, prompt="hi", max_tokens=2, extra_body={"guided_regex": "a+"})
+    assert err.value.body["param"] == "guided_regex"
+    # once silently cut to fit and answered 200 (issue 16)
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hello", "max_tokens": 1_000_000_000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+    assert "leaving room for at most 1019 output tokens" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "max_completion_tokens": 5000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens", r.text
+    # exactly what fits, and harmless values of unimplemented fields, are served
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x" * 1000, "max_tokens": 24, "ignore_eos": True,
+                                                         "echo": False, "best_of": 1}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 24, r.text
+    server.wait_kv_free()

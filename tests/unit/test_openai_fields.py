@@ -1,0 +1,87 @@
+"""The OpenAI request fields the server does not implement are refused with a 400 that names them (never
+silently ignored); values that ask for nothing, and fields outside the OpenAI and vLLM APIs, pass."""
+
+import pytest
+
+from pdserve.router import protocol as P
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+COMPLETION = {"prompt": "hi"}
+
+
+def parse(kind: str, **fields) -> P.ParsedRequest:
+    return P.parse_request({**(CHAT if kind == "chat" else COMPLETION), **fields}, kind, 16)
+
+
+def refused(kind: str, **fields) -> P.APIError:
+    with pytest.raises(P.APIError) as err:
+        parse(kind, **fields)
+    assert err.value.status == 400
+    return err.value
+
+
+@pytest.mark.parametrize("kind, field, value", [
+    ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("chat", "tool_choice", "auto"),
+    ("chat", "tool_choice", {"type": "function", "function": {"name": "f"}}),
+    ("chat", "parallel_tool_calls", True),
+    ("chat", "functions", [{"name": "f"}]),
+    ("chat", "function_call", "auto"),
+    ("chat", "response_format", {"type": "json_object"}),
+    ("chat", "audio", {"voice": "alloy", "format": "wav"}),
+    ("chat", "modalities", ["text", "audio"]),
+    ("chat", "prediction", {"type": "content", "content": "x"}),
+    ("chat", "reasoning_effort", "high"),
+    ("chat", "store", True),
+    ("chat", "service_tier", "flex"),
+    ("completion", "best_of", 2),
+    ("completion", "echo", True),
+    ("completion", "suffix", "end"),
+    ("chat", "guided_json", {"type": "object"}),
+    ("completion", "guided_regex", "a+"),
+    ("chat", "guided_choice", ["a", "b"]),
+    ("completion", "guided_grammar", "root ::= 'a'"),
+    ("chat", "chat_template", "{{ messages }}"),
+    ("completion", "use_beam_search", True),
+    ("completion", "prompt_logprobs", 1),
+    ("chat", "skip_special_tokens", False),
+    ("completion", "include_stop_str_in_output", True),
+])
+def test_an_unimplemented_field_is_a_400_naming_it(kind, field, value):
+    err = refused(kind, **{field: value})
+    assert err.param == field and field in err.message and err.body()["error"]["type"] == "BadRequestError"
+
+
+@pytest.mark.parametrize("kind, fields", [
+    ("chat", {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "store": False,
+              "modalities": ["text"], "service_tier": "auto", "logprobs": False}),
+    ("completion", {"best_of": 1, "echo": False, "suffix": "", "logprobs": None}),
+    ("chat", {"parallel_tool_calls": None, "audio": None}),  # null is absent
+    # fields of neither API, and ones that describe the caller only, are ignored
+    ("chat", {"user": "u1", "metadata": {"k": "v"}, "safety_identifier": "s", "prompt_cache_key": "p",
+              "x_client_extra": {"a": 1}}),
+])
+def test_values_that_ask_for_nothing_and_unknown_fields_pass(kind, fields):
+    parse(kind, **fields)
+
+
+def test_a_true_or_a_string_is_not_taken_for_a_harmless_number():
+    assert refused("completion", best_of=True).param == "best_of"
+    assert refused("completion", echo=0).param == "echo"
+
+
+def test_a_field_of_the_other_endpoint_is_ignored():
+    parse("completion", tools=[{"type": "function"}])  # not a completions field: an extra like any other
+    parse("chat", suffix="x")
+
+
+def test_the_message_names_the_accepted_values():
+    assert '"none"' in refused("chat", tool_choice="required").message
+
+
+def test_max_tokens_records_which_field_set_it():
+    assert parse("chat").max_tokens_param is None
+    assert parse("completion", max_tokens=5).max_tokens_param == "max_tokens"
+    p = parse("chat", max_tokens=5, max_completion_tokens=7)
+    assert p.max_tokens_param == "max_completion_tokens" and p.params.max_tokens == 7
+    assert refused("chat", max_completion_tokens=0).param == "max_completion_tokens"
