@@ -143,7 +143,7 @@ class LLMEngine:
         policy refuses it."""
         ids = self.encode_prompt(prompt)
         outputs = list(output_token_ids or [])
-        self._validate(request_id, ids, outputs)
+        self._validate(request_id, ids, outputs, params)
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", f"{self.source.path} has no tokenizer, so stop strings cannot match")
         now = time.monotonic()
@@ -175,7 +175,7 @@ class LLMEngine:
     def _handed_over(self, request_id: str, prompt: list[int], outputs: list[int], num_kv_tokens: int,
                      params: SamplingParams, priority: int) -> Sequence:
         """The sequence of a request whose KV was computed elsewhere, checked (not yet admitted)."""
-        self._validate(request_id, prompt, outputs)
+        self._validate(request_id, prompt, outputs, params)
         seq = Sequence(request_id, list(prompt), params, arrival_time=time.monotonic(),
                        output_token_ids=list(outputs), priority=priority)
         if seq.num_tokens - num_kv_tokens != 1:
@@ -246,7 +246,7 @@ class LLMEngine:
         sampled, logits = self.forward(plan)
         if not sampled:
             return []
-        tokens = sample(logits, [s.params for s in sampled], [self._generator(s) for s in sampled])
+        tokens = sample(logits, sampled, [self._generator(s) for s in sampled], self.eos_token_ids)
         with self.kv_lock:
             return [self._append_token(seq, tok) for seq, tok in zip(sampled, tokens, strict=True)]
 
@@ -418,9 +418,10 @@ class LLMEngine:
             g = self._generators[seq.request_id] = make_generator(seed, self.device)
         return g
 
-    def _validate(self, request_id: str, ids: list[int], outputs: list[int] = ()) -> None:
+    def _validate(self, request_id: str, ids: list[int], outputs: list[int], params: SamplingParams) -> None:
         """A request's prompt and the tokens it already has (migrated, or handed over with its KV: those come
-        from another process, so they are range-checked like the prompt)."""
+        from another process, so they are range-checked like the prompt), and its parameters that need the
+        vocabulary."""
         num_outputs = len(outputs)
         if request_id in self.seqs:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
@@ -435,6 +436,7 @@ class LLMEngine:
             raise InvalidRequestError("prompt", f"token ids must be in [0, {vocab})")
         if outputs and (min(outputs) < 0 or max(outputs) >= vocab):
             raise InvalidRequestError("output_token_ids", f"token ids must be in [0, {vocab})")
+        params.check_vocab(vocab, self.eos_token_ids)
         if self.block_manager.blocks_for(len(ids) + num_outputs + 1) > self.block_manager.num_blocks:
             raise InvalidRequestError("prompt", f"the prompt has {len(ids)} tokens; the KV cache holds only "
                                       f"{self.block_manager.num_blocks * self.block_manager.block_size}")

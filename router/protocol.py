@@ -77,6 +77,12 @@ class _Sampling(_Base):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM's
+    min_p: float | None = None  # vLLM's
+    logit_bias: dict[int, float] | None = None  # JSON keys are strings: "123"
+    min_tokens: int | None = None  # vLLM's
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -183,11 +189,8 @@ def _param(loc: tuple, body: Any, missing: bool) -> str | None:
 _BOTH, _CHAT, _COMPLETION = ("chat", "completion"), ("chat",), ("completion",)
 UNSUPPORTED: dict[str, tuple[tuple[str, ...], tuple[Any, ...]]] = {
     # field: (the endpoints that know it, the values accepted because they ask for nothing)
-    "logit_bias": (_BOTH, ({},)),
     "logprobs": (_BOTH, (False,)),
     "top_logprobs": (_CHAT, ()),
-    "presence_penalty": (_BOTH, (0,)),
-    "frequency_penalty": (_BOTH, (0,)),
     "best_of": (_COMPLETION, (1,)),
     "echo": (_COMPLETION, (False,)),
     "suffix": (_COMPLETION, ("",)),
@@ -206,9 +209,6 @@ UNSUPPORTED: dict[str, tuple[tuple[str, ...], tuple[Any, ...]]] = {
     "store": (_CHAT, (False,)),  # we keep no completions
     "service_tier": (_CHAT, ("auto", "default")),
     # vLLM's extras
-    "min_p": (_BOTH, (0,)),
-    "repetition_penalty": (_BOTH, (1,)),
-    "min_tokens": (_BOTH, (0,)),
     "guided_json": (_BOTH, ()),
     "guided_regex": (_BOTH, ()),
     "guided_choice": (_BOTH, ()),
@@ -287,7 +287,10 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=0 if req.top_k is None else req.top_k,
             seed=req.seed, stop=[] if req.stop is None else req.stop, stop_token_ids=req.stop_token_ids or [],
-            ignore_eos=req.ignore_eos)
+            ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            min_p=req.min_p or 0.0, logit_bias=req.logit_bias or {}, min_tokens=req.min_tokens or 0)
     except InvalidRequestError as e:
         raise bad_request(str(e), max_tokens_param if e.param == "max_tokens" else e.param) from None
     prompt = messages = None

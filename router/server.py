@@ -45,6 +45,7 @@ from prometheus_client import CollectorRegistry
 
 from pdserve.engine.block_manager import BlockHash, block_hashes
 from pdserve.engine.config import PdserveConfig
+from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.messages import GenerateRequest, StepItem, WorkerError
 from pdserve.router import protocol as P
 from pdserve.router.admission import DrainRate
@@ -148,6 +149,10 @@ class Router:
         if len(ids) >= self.max_model_len:
             raise P.bad_request(f"the prompt has {len(ids)} tokens; this model's context window is "
                                 f"{self.max_model_len} tokens, leaving no room for output", "prompt")
+        try:
+            parsed.params.check_vocab(self.vocab_size)
+        except InvalidRequestError as e:
+            raise P.bad_request(str(e), e.param) from None
         room = self.max_model_len - len(ids)
         if parsed.max_tokens_param is not None and parsed.params.max_tokens > room:  # vLLM's 400, not a cut
             raise P.bad_request(f"{parsed.max_tokens_param} is too large: this model's context window is "

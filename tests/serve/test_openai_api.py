@@ -46,3 +46,30 @@ def test_unimplemented_fields_and_a_max_tokens_past_the_context_are_400s(servers
                                                          "echo": False, "best_of": 1}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 24, r.text
     server.wait_kv_free()
+
+
+CONTROLS = {"presence_penalty": 0.7, "frequency_penalty": 1.1, "repetition_penalty": 1.6, "min_tokens": 10,
+            "stop_token_ids": [10], "logit_bias": {"7": 3.5, "33": -100}}
+
+
+def test_sampling_controls_match_the_bare_engine_in_every_mode(servers, tiny_text_model_dir):
+    """The prefill worker samples the first token (disaggregated) and the decode worker the rest: both apply
+    the controls to the whole token history, so the text equals the bare engine's, and differs without them."""
+    from pdserve.engine.config import PdserveConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.sampling import SamplingParams
+    from tests.helpers import EXACT
+
+    engine = LLMEngine(PdserveConfig().replace(model={"model": str(tiny_text_model_dir), **EXACT}))
+    prompt = "abcabcabc abc abc"
+    params = {**CONTROLS, "logit_bias": {int(k): v for k, v in CONTROLS["logit_bias"].items()}}
+    want = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, **params))[0]
+    plain = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+    assert want.output_text != plain.output_text
+    for name, server in servers.items():
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 16, "temperature": 0,
+                                                             "ignore_eos": True, **CONTROLS}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want.output_text, (name, r.text)
+        bad = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "logit_bias": {"256": 1}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias", bad.text
+        server.wait_kv_free()

@@ -85,3 +85,14 @@ def test_max_tokens_records_which_field_set_it():
     p = parse("chat", max_tokens=5, max_completion_tokens=7)
     assert p.max_tokens_param == "max_completion_tokens" and p.params.max_tokens == 7
     assert refused("chat", max_completion_tokens=0).param == "max_completion_tokens"
+
+
+def test_the_sampling_controls_reach_the_params_bounded():
+    p = parse("completion", presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2, min_p=0.1,
+              logit_bias={"17": -100, "3": 2.5}, min_tokens=4).params
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p, p.min_tokens) == \
+        (0.5, -1, 1.2, 0.1, 4)
+    assert p.logit_bias == {17: -100.0, 3: 2.5}
+    assert refused("chat", logit_bias={"x": 1}).param.startswith("logit_bias")
+    assert refused("chat", logit_bias={str(i): 1 for i in range(301)}).param == "logit_bias"
+    assert "[-2, 2]" in refused("chat", presence_penalty=3).message
