@@ -31,6 +31,7 @@ from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.kernels import decode_attention_kernel
 from pdserve.engine.kv_cache import PagedKVCache
+from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.model import AttentionMetadata, load_model, mkldnn_bf16_linear_available
 from pdserve.engine.model_source import ModelSource, load_tokenizer, resolve_model
 from pdserve.engine.platform import cpu_has_fast_bf16, keep_freed_memory
@@ -246,9 +247,9 @@ class LLMEngine:
         sampled, logits = self.forward(plan)
         if not sampled:
             return []
-        tokens = sample(logits, sampled, [self._generator(s) for s in sampled], self.eos_token_ids)
+        tokens, logprobs = sample(logits, sampled, [self._generator(s) for s in sampled], self.eos_token_ids)
         with self.kv_lock:
-            return [self._append_token(seq, tok) for seq, tok in zip(sampled, tokens, strict=True)]
+            return [self._append_token(seq, tok, lp) for seq, tok, lp in zip(sampled, tokens, logprobs, strict=True)]
 
     def forward(self, plan: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
         """The forward pass of `execute`: computes the planned tokens' KV and returns the
@@ -355,7 +356,7 @@ class LLMEngine:
         return AttentionMetadata(slot_mapping, d, groups, prefills, kernel, tables, lens, bs)
 
     # -- bookkeeping -----------------------------------------------------------
-    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         # The heartbeat covers the work after the forward pass too (detokenizing, stop checks): a step
         # that is slow there is told apart from a hung one.
         self.last_progress = time.monotonic()
@@ -386,6 +387,8 @@ class LLMEngine:
             seq.output_text = detok.text
         out = RequestOutput(seq.request_id, [token], new_text, seq.finished, seq.finish_reason,
                             len(seq.prompt_token_ids), len(seq.output_token_ids))
+        if logprob is not None:
+            out.logprobs = [logprob]
         if seq.first_scheduled_time is not None:
             out.queue_time = seq.first_scheduled_time - seq.arrival_time
         if seq.finished:

@@ -6,7 +6,9 @@ and output tokens, frequency and presence over output tokens). Each runs only on
 it, as a few tensor operations over those rows (the token counts are scattered from the sequences' token
 ids each step), so a step in which no row uses one pays nothing for it. Then each row is sampled:
 greedy rows take the argmax; the others divide by their temperature and drop tokens by min-p, top-k and
-top-p before drawing from their own generator.
+top-p before drawing from their own generator. Logprobs, for the rows that ask, are the log-softmax of the
+processed logits (after the controls, before temperature and the min-p, top-k and top-p cuts: vLLM by
+default returns the raw model's instead; without controls the two agree).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import itertools
 
 import torch
 
+from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import Sequence
 
@@ -26,16 +29,16 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator],
-           eos_token_ids: frozenset[int] | set[int] = frozenset()) -> list[int]:
+           eos_token_ids: frozenset[int] | set[int] = frozenset()) -> tuple[list[int], list[TokenLogprob | None]]:
     """One token per row of `logits` [n, vocab] (float32; the controls are applied to it in place), row i
-    being `seqs[i]`'s next token."""
+    being `seqs[i]`'s next token; and for the rows whose request asked, its `TokenLogprob`."""
     logits = process_logits(logits, seqs, eos_token_ids)
     params = [s.params for s in seqs]
     greedy_rows = [i for i, p in enumerate(params) if p.greedy]
     out = [0] * len(params)
-    if greedy_rows:
-        if len(greedy_rows) == len(params):
-            return logits.argmax(dim=-1).tolist()
+    if len(greedy_rows) == len(params):
+        out = logits.argmax(dim=-1).tolist()
+    elif greedy_rows:
         idx = torch.tensor(greedy_rows, device=logits.device)
         for i, tok in zip(greedy_rows, logits.index_select(0, idx).argmax(dim=-1).tolist(), strict=True):
             out[i] = tok
@@ -43,7 +46,27 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Ge
         if not p.greedy:
             probs = filter_logits(logits[i], p).softmax(-1)
             out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
-    return out
+    return out, logprobs(logits, params, out)
+
+
+def logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]) -> list[TokenLogprob | None]:
+    """The log-softmax of the (processed) logits at each sampled token, and the top `logprobs` alternatives,
+    computed together for the rows that asked (None for the others)."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    result: list[TokenLogprob | None] = [None] * len(params)
+    if not rows:
+        return result
+    dev = logits.device
+    idx = torch.tensor(rows, device=dev)
+    lp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=dev)).squeeze(1).tolist()
+    k = max(params[i].logprobs for i in rows)
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0])
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    for j, i in enumerate(rows):
+        n = params[i].logprobs
+        result[i] = TokenLogprob(tokens[i], chosen[j], tuple(zip(top_i[j][:n], top_v[j][:n], strict=True)))
+    return result
 
 
 def process_logits(logits: torch.Tensor, seqs: list[Sequence],

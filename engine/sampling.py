@@ -26,6 +26,7 @@ MAX_ABS_PENALTY = 2.0
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
 MAX_LOGIT_BIAS_ENTRIES = 300
 MAX_ABS_LOGIT_BIAS = 100.0
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's chat top_logprobs limit)
 
 
 class InvalidSamplingParams(InvalidRequestError):
@@ -48,6 +49,8 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0  # EOS and the stop token ids cannot be sampled before this many output tokens
+    # None: no logprobs; k: each sampled token's logprob and the k most likely tokens' (`engine.sampler`)
+    logprobs: int | None = None
     stop_token_set: frozenset[int] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +99,8 @@ class SamplingParams:
         if not _real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise InvalidSamplingParams("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         self._check_logit_bias()
+        if self.logprobs is not None and (not _int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidSamplingParams("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if not _int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidSamplingParams("min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
                                         f"got {self.min_tokens}")

@@ -20,8 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from pdserve.engine.errors import InvalidRequestError
-from pdserve.engine.messages import WorkerError
-from pdserve.engine.sampling import INT64_MAX, INT64_MIN, SamplingParams
+from pdserve.engine.messages import TokenLogprob, WorkerError
+from pdserve.engine.sampling import INT64_MAX, INT64_MIN, MAX_LOGPROBS, SamplingParams
+
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions' `logprobs`
+MIN_LOGPROB = -9999.0  # a token the controls masked has logprob -inf, which JSON cannot carry (vLLM's floor)
 
 
 class APIError(Exception):
@@ -92,6 +95,7 @@ class _Sampling(_Base):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None  # the alternatives per token, at most MAX_COMPLETION_LOGPROBS
 
 
 class ContentPart(_Base):
@@ -107,6 +111,8 @@ class ChatMessage(_Base):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None  # the alternatives per token, at most MAX_LOGPROBS; needs logprobs
 
 
 class ScaleRequest(BaseModel):
@@ -189,8 +195,6 @@ def _param(loc: tuple, body: Any, missing: bool) -> str | None:
 _BOTH, _CHAT, _COMPLETION = ("chat", "completion"), ("chat",), ("completion",)
 UNSUPPORTED: dict[str, tuple[tuple[str, ...], tuple[Any, ...]]] = {
     # field: (the endpoints that know it, the values accepted because they ask for nothing)
-    "logprobs": (_BOTH, (False,)),
-    "top_logprobs": (_CHAT, ()),
     "best_of": (_COMPLETION, (1,)),
     "echo": (_COMPLETION, (False,)),
     "suffix": (_COMPLETION, ("",)),
@@ -280,6 +284,7 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
     max_tokens, max_tokens_param = req.max_tokens, "max_tokens" if req.max_tokens is not None else None
     if kind == "chat" and req.max_completion_tokens is not None:
         max_tokens, max_tokens_param = req.max_completion_tokens, "max_completion_tokens"  # the newer name wins
+    logprobs = _logprobs(req, kind)
     try:
         params = SamplingParams(
             max_tokens=default_max_tokens if max_tokens is None else max_tokens,
@@ -290,7 +295,7 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
             ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            min_p=req.min_p or 0.0, logit_bias=req.logit_bias or {}, min_tokens=req.min_tokens or 0)
+            min_p=req.min_p or 0.0, logit_bias=req.logit_bias or {}, min_tokens=req.min_tokens or 0, logprobs=logprobs)
     except InvalidRequestError as e:
         raise bad_request(str(e), max_tokens_param if e.param == "max_tokens" else e.param) from None
     prompt = messages = None
@@ -314,6 +319,20 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
                          max_tokens_param)
 
 
+def _logprobs(req: Any, kind: str) -> int | None:
+    """`SamplingParams.logprobs` from chat's `logprobs`/`top_logprobs` or completions' `logprobs: k`."""
+    if kind == "completion":
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise bad_request(f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got {req.logprobs}", "logprobs")
+        return req.logprobs
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}", "top_logprobs")
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
 # -- responses -------------------------------------------------------------------------------------------
 def new_id(kind: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -324,27 +343,57 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def chat_logprobs(entries: list[TokenLogprob], token_text) -> dict[str, Any]:
+    """OpenAI chat's `choices[].logprobs` for these tokens; `token_text(id)` is a token's text."""
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token_id)
+        return {"token": text, "logprob": max(logprob, MIN_LOGPROB), "bytes": list(text.encode())}
+
+    return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob], token_text, offset: int) -> dict[str, Any]:
+    """Legacy completions' `choices[].logprobs` for these tokens, the first at character `offset` of the text
+    (offsets add up the tokens' texts). `top_logprobs` maps token text to logprob, the sampled token included
+    (as vLLM does); tokens that decode alike (bytes of a split character) share one entry, the likeliest's."""
+    tokens = [token_text(e.token_id) for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    tops = []
+    for e in entries:
+        top: dict[str, float] = {}
+        for t, lp in (*e.top, (e.token_id, e.logprob)):
+            top.setdefault(token_text(t), max(lp, MIN_LOGPROB))  # tokens of the same text: the likeliest
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": [max(e.logprob, MIN_LOGPROB) for e in entries],
+            "top_logprobs": tops, "text_offset": offsets}
+
+
 def full_response(kind: str, rid: str, model: str, created: int, text: str, finish_reason: str | None,
-                  prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+                  prompt_tokens: int, completion_tokens: int, logprobs: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                   "finish_reason": finish_reason}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def stream_chunk(kind: str, rid: str, model: str, created: int, text: str, finish_reason: str | None,
-                 first: bool = False) -> dict[str, Any]:
+                 first: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     if kind == "chat":
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 

@@ -344,7 +344,8 @@ class Router:
                 produced += first.token_ids
                 awaiting_decode = not first.finished
                 stream_done = first.finished
-                yield StepItem(first.token_ids, first.text, first.finished, first.finish_reason)
+                yield StepItem(first.token_ids, first.text, first.finished, first.finish_reason,
+                               logprobs=first.logprobs)
                 if first.finished:
                     return
             async for ref in stream:

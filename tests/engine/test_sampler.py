@@ -98,7 +98,7 @@ def test_greedy_rows_read_the_processed_logits():
     t = Sequence("t", [1], SamplingParams(temperature=0))
     logits = torch.zeros(2, VOCAB)
     logits[:, 4] = 10
-    assert sample(logits, [s, t], [torch.Generator()] * 2) == [9, 4]
+    assert sample(logits, [s, t], [torch.Generator()] * 2)[0] == [9, 4]
 
 
 @pytest.mark.parametrize("kw, param", [
@@ -153,3 +153,38 @@ def test_penalties_read_the_whole_history_so_a_resumed_request_continues_unchang
     while engine.has_unfinished():
         rest += [t for out in engine.step() for t in out.new_token_ids]
     assert whole[:5] + rest == whole
+
+
+def hf_logprobs(hf, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """HF transformers' log-softmax [len(output), vocab] at each output position (float32)."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + output])).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_logprobs_match_hf_log_softmax_in_fp32(make_engine, tiny_model_dir, tiny_hf):
+    """Greedy and sampled rows, several prompt lengths in one batch, a row that did not ask in between."""
+    engine = make_engine(tiny_model_dir)
+    ps = [[5, 6, 7], list(range(40, 80)), [9] * 17]
+    params = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=5),
+              SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=10, temperature=0.9, seed=3, ignore_eos=True, logprobs=0)]
+    rids = [f"r{i}" for i in range(3)]
+    for rid, p, sp in zip(rids, ps, params, strict=True):
+        engine.add_request(rid, p, sp)
+    got = {rid: [] for rid in rids}
+    tokens = {rid: [] for rid in rids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+            got[out.request_id] += out.logprobs or []
+    assert got["r1"] == []
+    for rid, k in (("r0", 5), ("r2", 0)):
+        i = rids.index(rid)
+        ref = hf_logprobs(tiny_hf, ps[i], tokens[rid])
+        assert [e.token_id for e in got[rid]] == tokens[rid]
+        for pos, e in enumerate(got[rid]):
+            assert abs(e.logprob - ref[pos, e.token_id].item()) < 1e-4
+            top_v, top_i = ref[pos].topk(k) if k else (ref[pos, :0], ref[pos, :0])
+            assert [t for t, _ in e.top] == top_i.tolist()
+            assert max((abs(v - w) for (_, v), w in zip(e.top, top_v.tolist(), strict=True)), default=0) < 1e-4

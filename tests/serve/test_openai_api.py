@@ -73,3 +73,65 @@ def test_sampling_controls_match_the_bare_engine_in_every_mode(servers, tiny_tex
         bad = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "logit_bias": {"256": 1}})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias", bad.text
         server.wait_kv_free()
+
+
+def test_logprobs_match_hf_through_both_modes_streamed_and_not(servers, tiny_text_model_dir):
+    """Disaggregated, the first token's logprobs come from the prefill worker (in `FirstToken`) and the rest
+    from the decode worker (`StepItem`): all of them, in OpenAI's shapes, equal HF's fp32 log-softmax."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.helpers import hf_greedy
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_text_model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_text_model_dir)
+
+    def reference(prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt_ids + output_ids])).logits[0, len(prompt_ids) - 1:-1]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    messages = [{"role": "user", "content": "What is two plus two?"}]
+    chat_ids = tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False)
+    prompt_ids = [65, 98, 99, 32, 100, 101, 102]
+    for name, server in servers.items():
+        c = server.client()
+        for stream in (False, True):
+            # completions, prompt as token ids: logprobs: 5
+            r = c.completions.create(model=server.model, prompt=prompt_ids, max_tokens=6, temperature=0, logprobs=5,
+                                     stream=stream, extra_body={"ignore_eos": True})
+            chunks = list(r) if stream else [r]
+            lp = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+            tokens = [t for x in lp for t in x.tokens]
+            values = [v for x in lp for v in x.token_logprobs]
+            tops = [t for x in lp for t in x.top_logprobs]
+            offsets = [o for x in lp for o in x.text_offset]
+            ids = hf_greedy(hf, prompt_ids, 6)
+            assert tokens == [tok.decode([i]) for i in ids], (name, stream)
+            ref = reference(prompt_ids, ids)
+            for pos, (i, v, top) in enumerate(zip(ids, values, tops, strict=True)):
+                assert abs(v - ref[pos, i].item()) < 1e-4, (name, stream, pos)
+                # keyed by text, as in OpenAI: bytes of a split character all read "\ufffd" and share an entry
+                assert len(top) == len({tok.decode([t]) for t in [*ref[pos].topk(5).indices.tolist(), i]})
+                assert max(top.values()) == pytest.approx(ref[pos].max().item(), abs=1e-4)
+            assert offsets == [sum(len(t) for t in tokens[:k]) for k in range(6)]
+            # chat: logprobs with top_logprobs: 3
+            r = c.chat.completions.create(model=server.model, messages=messages, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=3, stream=stream,
+                                          extra_body={"ignore_eos": True})
+            chunks = list(r) if stream else [r]
+            content = [e for ch in chunks if ch.choices and ch.choices[0].logprobs
+                       for e in ch.choices[0].logprobs.content]
+            assert len(content) == 6, (name, stream)
+            ids = hf_greedy(hf, chat_ids, 6)
+            assert [e.token for e in content] == [tok.decode([i]) for i in ids], (name, stream)
+            ref = reference(chat_ids, ids)
+            for pos, e in enumerate(content):
+                assert abs(e.logprob - ref[pos].max().item()) < 1e-4  # greedy: the top one
+                assert len(e.top_logprobs) == 3
+                assert [t.logprob for t in e.top_logprobs] == pytest.approx(ref[pos].topk(3).values.tolist(),
+                                                                            abs=1e-4)
+        no = c.completions.create(model=server.model, prompt="hi", max_tokens=2)
+        assert no.choices[0].logprobs is None
+        server.wait_kv_free()

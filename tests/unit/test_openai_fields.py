@@ -96,3 +96,27 @@ def test_the_sampling_controls_reach_the_params_bounded():
     assert refused("chat", logit_bias={"x": 1}).param.startswith("logit_bias")
     assert refused("chat", logit_bias={str(i): 1 for i in range(301)}).param == "logit_bias"
     assert "[-2, 2]" in refused("chat", presence_penalty=3).message
+
+
+def test_logprobs_fields_are_bounded_per_endpoint():
+    assert parse("chat").params.logprobs is None and parse("chat", logprobs=False).params.logprobs is None
+    assert parse("chat", logprobs=True).params.logprobs == 0
+    assert parse("chat", logprobs=True, top_logprobs=20).params.logprobs == 20
+    assert parse("completion", logprobs=5).params.logprobs == 5
+    assert refused("chat", top_logprobs=2).param == "top_logprobs"  # without logprobs: true
+    assert "[0, 20]" in refused("chat", logprobs=True, top_logprobs=21).message
+    assert "[0, 5]" in refused("completion", logprobs=6).message
+    assert refused("completion", logprobs=-1).param == "logprobs"
+
+
+def test_logprob_bodies_have_openais_shapes():
+    from pdserve.engine.messages import TokenLogprob
+
+    entries = [TokenLogprob(104, -0.5, ((104, -0.5), (105, -1.5))), TokenLogprob(105, float("-inf"), ())]
+    chat = P.chat_logprobs(entries, chr)
+    assert chat["content"][0] == {"token": "h", "logprob": -0.5, "bytes": [104], "top_logprobs": [
+        {"token": "h", "logprob": -0.5, "bytes": [104]}, {"token": "i", "logprob": -1.5, "bytes": [105]}]}
+    assert chat["content"][1]["logprob"] == P.MIN_LOGPROB  # -inf is no JSON
+    comp = P.completion_logprobs(entries, chr, 7)
+    assert comp == {"tokens": ["h", "i"], "token_logprobs": [-0.5, P.MIN_LOGPROB],
+                    "top_logprobs": [{"h": -0.5, "i": -1.5}, {"i": P.MIN_LOGPROB}], "text_offset": [7, 8]}
