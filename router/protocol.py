@@ -14,14 +14,24 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.messages import TokenLogprob, WorkerError
-from pdserve.engine.sampling import INT64_MAX, INT64_MIN, MAX_LOGPROBS, SamplingParams
+from pdserve.engine.sampling import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_ABS_LOGIT_BIAS,
+    MAX_ABS_PENALTY,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+    SamplingParams,
+)
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions' `logprobs`
 MIN_LOGPROB = -9999.0  # a token the controls masked has logprob -inf, which JSON cannot carry (vLLM's floor)
@@ -80,12 +90,16 @@ class _Sampling(_Base):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None  # vLLM's
-    min_p: float | None = None  # vLLM's
-    logit_bias: dict[int, float] | None = None  # JSON keys are strings: "123"
-    min_tokens: int | None = None  # vLLM's
+    # the sampling controls' ranges are SamplingParams' (published here too, for clients and the OpenAPI schema)
+    presence_penalty: float | None = Field(None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)  # vLLM's
+    min_p: float | None = Field(None, ge=0, le=1)  # vLLM's
+    # JSON keys are strings: {"123": -100}
+    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-MAX_ABS_LOGIT_BIAS,
+                                                                          le=MAX_ABS_LOGIT_BIAS)]] | None = \
+        Field(None, max_length=MAX_LOGIT_BIAS_ENTRIES)
+    min_tokens: int | None = Field(None, ge=0)  # vLLM's; at most max_tokens
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -95,7 +109,7 @@ class _Sampling(_Base):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None  # the alternatives per token, at most MAX_COMPLETION_LOGPROBS
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # the alternatives per token
 
 
 class ContentPart(_Base):
@@ -112,7 +126,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None  # the alternatives per token, at most MAX_LOGPROBS; needs logprobs
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the alternatives per token; needs logprobs
 
 
 class ScaleRequest(BaseModel):
@@ -322,14 +336,9 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
 def _logprobs(req: Any, kind: str) -> int | None:
     """`SamplingParams.logprobs` from chat's `logprobs`/`top_logprobs` or completions' `logprobs: k`."""
     if kind == "completion":
-        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
-            raise bad_request(f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got {req.logprobs}", "logprobs")
         return req.logprobs
-    if req.top_logprobs is not None:
-        if not req.logprobs:
-            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-        if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
-            raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}", "top_logprobs")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
