@@ -43,8 +43,10 @@ from pdserve.engine.messages import (
     Ready,
     StepBatch,
     StepItem,
+    TokenLogprob,
     WorkerError,
     WorkerInfo,
+    freeze_logprobs,
 )
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import RequestOutput
@@ -61,16 +63,20 @@ class _Expected:
 def output_item(outs: list[RequestOutput | BaseException]) -> StepItem:
     """Merge the outputs one request produced since the last item into one `StepItem`."""
     token_ids: list[int] = []
+    logprobs: list[TokenLogprob] | None = None
     text, n = "", 0
     for out in outs:
         if isinstance(out, BaseException):
-            return StepItem(tuple(token_ids), text, True, None, n, WorkerError.of(out))
+            return StepItem(tuple(token_ids), text, True, None, n, WorkerError.of(out), freeze_logprobs(logprobs))
         token_ids += out.new_token_ids
+        if out.logprobs is not None:
+            logprobs = (logprobs or []) + out.logprobs
         text += out.new_text
         n = out.num_output_tokens
         if out.finished:
-            return StepItem(tuple(token_ids), text, True, out.finish_reason.value if out.finish_reason else None, n)
-    return StepItem(tuple(token_ids), text, False, None, n)
+            return StepItem(tuple(token_ids), text, True, out.finish_reason.value if out.finish_reason else None, n,
+                            logprobs=freeze_logprobs(logprobs))
+    return StepItem(tuple(token_ids), text, False, None, n, logprobs=freeze_logprobs(logprobs))
 
 
 class _Subscription:

@@ -31,6 +31,7 @@ from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.kernels import decode_attention_kernel
 from pdserve.engine.kv_cache import PagedKVCache
+from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.model import AttentionMetadata, load_model, mkldnn_bf16_linear_available
 from pdserve.engine.model_source import ModelSource, load_tokenizer, resolve_model
 from pdserve.engine.platform import cpu_has_fast_bf16, keep_freed_memory
@@ -145,7 +146,7 @@ class LLMEngine:
         policy refuses it."""
         ids = self.encode_prompt(prompt)
         outputs = list(output_token_ids or [])
-        self._validate(request_id, ids, outputs)
+        self._validate(request_id, ids, outputs, params)
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", f"{self.source.path} has no tokenizer, so stop strings cannot match")
         now = time.monotonic()
@@ -177,7 +178,7 @@ class LLMEngine:
     def _handed_over(self, request_id: str, prompt: list[int], outputs: list[int], num_kv_tokens: int,
                      params: SamplingParams, priority: int) -> Sequence:
         """The sequence of a request whose KV was computed elsewhere, checked (not yet admitted)."""
-        self._validate(request_id, prompt, outputs)
+        self._validate(request_id, prompt, outputs, params)
         seq = Sequence(request_id, list(prompt), params, arrival_time=time.monotonic(),
                        output_token_ids=list(outputs), priority=priority)
         if seq.num_tokens - num_kv_tokens != 1:
@@ -248,9 +249,9 @@ class LLMEngine:
         sampled, logits = self.forward(plan)
         if not sampled:
             return []
-        tokens = sample(logits, [s.params for s in sampled], [self._generator(s) for s in sampled])
+        tokens, logprobs = sample(logits, sampled, [self._generator(s) for s in sampled], self.eos_token_ids)
         with self.kv_lock:
-            return [self._append_token(seq, tok) for seq, tok in zip(sampled, tokens, strict=True)]
+            return [self._append_token(seq, tok, lp) for seq, tok, lp in zip(sampled, tokens, logprobs, strict=True)]
 
     def forward(self, plan: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
         """The forward pass of `execute`: computes the planned tokens' KV and returns the
@@ -357,7 +358,7 @@ class LLMEngine:
         return AttentionMetadata(slot_mapping, d, groups, prefills, kernel, tables, lens, bs)
 
     # -- bookkeeping -----------------------------------------------------------
-    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         # The heartbeat covers the work after the forward pass too (detokenizing, stop checks): a step
         # that is slow there is told apart from a hung one.
         self.last_progress = time.monotonic()
@@ -388,6 +389,8 @@ class LLMEngine:
             seq.output_text = detok.text
         out = RequestOutput(seq.request_id, [token], new_text, seq.finished, seq.finish_reason,
                             len(seq.prompt_token_ids), len(seq.output_token_ids))
+        if logprob is not None:
+            out.logprobs = [logprob]
         if seq.first_scheduled_time is not None:
             out.queue_time = seq.first_scheduled_time - seq.arrival_time
         if seq.finished:
@@ -420,9 +423,10 @@ class LLMEngine:
             g = self._generators[seq.request_id] = make_generator(seed, self.device)
         return g
 
-    def _validate(self, request_id: str, ids: list[int], outputs: list[int] = ()) -> None:
+    def _validate(self, request_id: str, ids: list[int], outputs: list[int], params: SamplingParams) -> None:
         """A request's prompt and the tokens it already has (migrated, or handed over with its KV: those come
-        from another process, so they are range-checked like the prompt)."""
+        from another process, so they are range-checked like the prompt), and its parameters that need the
+        vocabulary."""
         num_outputs = len(outputs)
         if request_id in self.seqs:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
@@ -437,6 +441,7 @@ class LLMEngine:
             raise InvalidRequestError("prompt", f"token ids must be in [0, {vocab})")
         if outputs and (min(outputs) < 0 or max(outputs) >= vocab):
             raise InvalidRequestError("output_token_ids", f"token ids must be in [0, {vocab})")
+        params.check_vocab(vocab, self.eos_token_ids)
         if self.block_manager.blocks_for(len(ids) + num_outputs + 1) > self.block_manager.num_blocks:
             raise InvalidRequestError("prompt", f"the prompt has {len(ids)} tokens; the KV cache holds only "
                                       f"{self.block_manager.num_blocks * self.block_manager.block_size}")

@@ -115,6 +115,22 @@ class StageTimings:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability and the `SamplingParams.logprobs` most likely tokens' (id, logprob),
+    most likely first: the log-softmax of the step's logits after logit_bias, min_tokens and the penalties,
+    before temperature, min-p, top-k and top-p (`engine.sampler`)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def freeze_logprobs(logprobs: list[TokenLogprob] | None) -> tuple[TokenLogprob, ...] | None:
+    """A request output's logprobs as a message carries them (None: the request did not ask)."""
+    return None if logprobs is None else tuple(logprobs)
+
+
+@dataclass(frozen=True)
 class FirstToken:
     """The prefill worker's answer: the first token, once the decode side has the KV (or the request
     finished on that token: EOS, a stop, max_tokens=1)."""
@@ -124,6 +140,7 @@ class FirstToken:
     finished: bool = False
     finish_reason: str | None = None
     stages: StageTimings | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked
 
 
 @dataclass(frozen=True)
@@ -137,6 +154,7 @@ class StepItem:
     finish_reason: str | None = None
     num_output_tokens: int = 0
     error: WorkerError | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked
 
 
 @dataclass(frozen=True)

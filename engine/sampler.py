@@ -1,10 +1,25 @@
-"""The torch sampler: greedy, temperature, top-k, top-p, per-request generators."""
+"""The torch sampler: the sampling controls, greedy, temperature, min-p, top-k, top-p, per-request generators.
+
+`process_logits` applies the controls that read a request's tokens, batched over the rows of a step's
+logits, in vLLM's order: `logit_bias`, the `min_tokens` mask, then the penalties (repetition over prompt
+and output tokens, frequency and presence over output tokens). Each runs only on the rows that ask for
+it, as a few tensor operations over those rows (the token counts are scattered from the sequences' token
+ids each step), so a step in which no row uses one pays nothing for it. Then each row is sampled:
+greedy rows take the argmax; the others divide by their temperature and drop tokens by min-p, top-k and
+top-p before drawing from their own generator. Logprobs, for the rows that ask, are the log-softmax of the
+processed logits (after the controls, before temperature and the min-p, top-k and top-p cuts: vLLM by
+default returns the raw model's instead; without controls the two agree).
+"""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
+from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sequence import Sequence
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -13,24 +28,116 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return g
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One token per row of `logits` [n, vocab] (float32)."""
+def sample(logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator],
+           eos_token_ids: frozenset[int] | set[int] = frozenset()) -> tuple[list[int], list[TokenLogprob | None]]:
+    """One token per row of `logits` [n, vocab] (float32; the controls are applied to it in place), row i
+    being `seqs[i]`'s next token; and for the rows whose request asked, its `TokenLogprob`."""
+    logits = process_logits(logits, seqs, eos_token_ids)
+    params = [s.params for s in seqs]
     greedy_rows = [i for i, p in enumerate(params) if p.greedy]
     out = [0] * len(params)
-    if greedy_rows:
-        if len(greedy_rows) == len(params):
-            return logits.argmax(dim=-1).tolist()
+    if len(greedy_rows) == len(params):
+        out = logits.argmax(dim=-1).tolist()
+    elif greedy_rows:
         idx = torch.tensor(greedy_rows, device=logits.device)
         for i, tok in zip(greedy_rows, logits.index_select(0, idx).argmax(dim=-1).tolist(), strict=True):
             out[i] = tok
     for i, p in enumerate(params):
         if not p.greedy:
-            out[i] = _sample_row(logits[i], p, generators[i])
-    return out
+            probs = filter_logits(logits[i], p).softmax(-1)
+            out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+    return out, logprobs(logits, params, out)
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+def logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]) -> list[TokenLogprob | None]:
+    """The log-softmax of the (processed) logits at each sampled token, and the top `logprobs` alternatives,
+    computed together for the rows that asked (None for the others)."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    result: list[TokenLogprob | None] = [None] * len(params)
+    if not rows:
+        return result
+    dev = logits.device
+    idx = torch.tensor(rows, device=dev)
+    lp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=dev)).squeeze(1).tolist()
+    k = max(params[i].logprobs for i in rows)
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0])
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    for j, i in enumerate(rows):
+        n = params[i].logprobs
+        result[i] = TokenLogprob(tokens[i], chosen[j], tuple(zip(top_i[j][:n], top_v[j][:n], strict=True)))
+    return result
+
+
+def process_logits(logits: torch.Tensor, seqs: list[Sequence],
+                   eos_token_ids: frozenset[int] | set[int] = frozenset()) -> torch.Tensor:
+    """`logits` [n, vocab] with each row's logit_bias, min_tokens mask and penalties applied (in place)."""
+    vocab = logits.shape[-1]
+    dev = logits.device
+    biased = [(i, s.params.logit_bias) for i, s in enumerate(seqs) if s.params.logit_bias]
+    if biased:
+        rows = torch.tensor([i for i, b in biased for _ in b], device=dev)
+        cols = torch.tensor([t for _, b in biased for t in b], device=dev)
+        vals = torch.tensor([v for _, b in biased for v in b.values()], dtype=logits.dtype, device=dev)
+        logits.index_put_((rows, cols), vals, accumulate=True)
+    masked = [(i, [t for t in s.params.stop_token_set | eos_token_ids if 0 <= t < vocab])
+              for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+    if masked:
+        rows = torch.tensor([i for i, ts in masked for _ in ts], device=dev, dtype=torch.long)
+        cols = torch.tensor([t for _, ts in masked for t in ts], device=dev, dtype=torch.long)
+        logits[rows, cols] = float("-inf")
+    penalized = [i for i, s in enumerate(seqs) if s.params.penalized]
+    if penalized:
+        _penalize(logits, [seqs[i] for i in penalized], penalized)
+    return logits
+
+
+def _penalize(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+    """vLLM's penalties on `logits[rows]`: per-row token counts scattered from the sequences' token ids."""
+    vocab = logits.shape[-1]
+    dev = logits.device
+    r = len(rows)
+    all_rows = r == logits.shape[0]
+    idx = None if all_rows else torch.tensor(rows, device=dev)
+    sub = logits if all_rows else logits.index_select(0, idx)
+    counts = _counts([s.output_token_ids for s in seqs], r, vocab, sub.dtype, dev)  # output tokens only
+    params = [s.params for s in seqs]
+    rep_rows = [j for j, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if rep_rows:
+        rep_set = set(rep_rows)
+        seen = counts > 0  # in the prompt or the output
+        seen |= _counts([s.prompt_token_ids if j in rep_set else [] for j, s in enumerate(seqs)], r, vocab,
+                        sub.dtype, dev) > 0
+        rep = torch.tensor([p.repetition_penalty for p in params], dtype=sub.dtype, device=dev)[:, None]
+        rep = torch.where(seen, rep, torch.ones((), dtype=sub.dtype, device=dev))
+        sub = torch.where(sub > 0, sub / rep, sub * rep)
+    freq = torch.tensor([p.frequency_penalty for p in params], dtype=sub.dtype, device=dev)[:, None]
+    pres = torch.tensor([p.presence_penalty for p in params], dtype=sub.dtype, device=dev)[:, None]
+    sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
+    if all_rows:
+        logits.copy_(sub)
+    else:
+        logits.index_copy_(0, idx, sub)
+
+
+def _counts(token_lists: list[list[int]], rows: int, vocab: int, dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    """[rows, vocab]: how often each token occurs in each row's list (one scatter over every token)."""
+    counts = torch.zeros(rows * vocab, dtype=dtype, device=device)
+    lengths = torch.tensor([len(ts) for ts in token_lists])
+    if int(lengths.sum()):
+        flat = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
+        flat += torch.repeat_interleave(torch.arange(rows) * vocab, lengths)
+        counts.index_add_(0, flat.to(device), torch.ones(flat.numel(), dtype=dtype, device=device))
+    return counts.view(rows, vocab)
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """One row's logits divided by its temperature, with the tokens min-p, top-k and top-p drop at -inf."""
     logits = logits.float() / p.temperature
+    if p.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     if p.top_k > 0 and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -41,5 +148,4 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -
         drop = (probs.cumsum(-1) - probs) >= p.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+    return logits

@@ -19,6 +19,14 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # torch generators take 64-bit seeds
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+# The sampling controls (applied batched on a step's logits, `engine.sampler.process_logits`). OpenAI's ranges
+# for the penalties and logit_bias (at most 300 entries of [-100, 100]); a repetition penalty divides positive
+# logits, so it is kept off 0, where they would overflow.
+MAX_ABS_PENALTY = 2.0
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_ABS_LOGIT_BIAS = 100.0
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's chat top_logprobs limit)
 
 
 class InvalidSamplingParams(InvalidRequestError):
@@ -35,6 +43,14 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # subtracted from the logit of every token the output holds
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
+    repetition_penalty: float = 1.0  # vLLM's: divides (> 0) or multiplies a logit whose token is in prompt or output
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # EOS and the stop token ids cannot be sampled before this many output tokens
+    # None: no logprobs; k: each sampled token's logprob and the k most likely tokens' (`engine.sampler`)
+    logprobs: int | None = None
     stop_token_set: frozenset[int] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,7 +87,59 @@ class SamplingParams:
             raise InvalidSamplingParams("stop_token_ids", f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids "
                                         f"(got {len(self.stop_token_ids)})")
         self.stop_token_set = frozenset(self.stop_token_ids)  # checked for every generated token
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _real(v) or not -MAX_ABS_PENALTY <= v <= MAX_ABS_PENALTY:
+                raise InvalidSamplingParams(name, f"{name} must be in [-{MAX_ABS_PENALTY:g}, {MAX_ABS_PENALTY:g}], "
+                                            f"got {v}")
+        v = self.repetition_penalty
+        if not _real(v) or not MIN_REPETITION_PENALTY <= v <= MAX_REPETITION_PENALTY:
+            raise InvalidSamplingParams("repetition_penalty", f"repetition_penalty must be in "
+                                        f"[{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}], got {v}")
+        if not _real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise InvalidSamplingParams("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        self._check_logit_bias()
+        if self.logprobs is not None and (not _int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidSamplingParams("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if not _int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidSamplingParams("min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
+                                        f"got {self.min_tokens}")
+
+    def _check_logit_bias(self) -> None:
+        b = self.logit_bias
+        if not isinstance(b, dict) or not all(_int(k) and _real(v) for k, v in b.items()):
+            raise InvalidSamplingParams("logit_bias", "logit_bias must map token ids to numbers")
+        if len(b) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidSamplingParams("logit_bias", f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} token ids "
+                                        f"(got {len(b)})")
+        if any(k < 0 for k in b):
+            raise InvalidSamplingParams("logit_bias", "logit_bias token ids must be non-negative")
+        if any(not -MAX_ABS_LOGIT_BIAS <= v <= MAX_ABS_LOGIT_BIAS for v in b.values()):
+            raise InvalidSamplingParams("logit_bias", f"logit_bias values must be in [-{MAX_ABS_LOGIT_BIAS:g}, "
+                                        f"{MAX_ABS_LOGIT_BIAS:g}]")
+
+    def check_vocab(self, vocab_size: int, stop_ids: frozenset[int] | set[int] = frozenset()) -> None:
+        """What needs the model's vocabulary: logit_bias token ids in range, and min_tokens leaving some token
+        besides `stop_ids` (EOS) and the stop token ids to sample."""
+        if self.logit_bias and max(self.logit_bias) >= vocab_size:
+            raise InvalidSamplingParams("logit_bias", f"logit_bias token ids must be in [0, {vocab_size}), got "
+                                        f"{max(self.logit_bias)}")
+        if self.min_tokens and len({t for t in self.stop_token_set | set(stop_ids) if 0 <= t < vocab_size}) >= \
+                vocab_size:
+            raise InvalidSamplingParams("min_tokens", "min_tokens would mask every token of the vocabulary")
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -14,6 +14,7 @@ import enum
 from dataclasses import dataclass, field
 
 from pdserve.engine.block_manager import block_hashes
+from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.sampling import SamplingParams
 
 
@@ -102,3 +103,4 @@ class RequestOutput:
     output_token_ids: list[int] = field(default_factory=list)
     output_text: str = ""
     queue_time: float | None = None  # seconds from arrival to the first step that ran the request
+    logprobs: list[TokenLogprob] | None = None  # of `new_token_ids`, when the request asked

@@ -24,7 +24,14 @@ import contextlib
 import time
 
 from pdserve.engine.config import FaultConfig, PdserveConfig
-from pdserve.engine.messages import FirstToken, GenerateRequest, KVReservation, StageTimings, WorkerError
+from pdserve.engine.messages import (
+    FirstToken,
+    GenerateRequest,
+    KVReservation,
+    StageTimings,
+    WorkerError,
+    freeze_logprobs,
+)
 from pdserve.engine.sequence import FinishReason
 from pdserve.kv_transfer.client import KVSender
 from pdserve.kv_transfer.errors import KVTransferError
@@ -67,7 +74,8 @@ class PrefillWorker(Worker):
             if out.finish_reason is not FinishReason.PREFILLED:  # done on its first token: nothing to hand over
                 with contextlib.suppress(Exception):
                     await push
-                return FirstToken(tuple(out.new_token_ids), out.new_text, True, out.finish_reason.value)
+                return FirstToken(tuple(out.new_token_ids), out.new_text, True, out.finish_reason.value,
+                                  logprobs=freeze_logprobs(out.logprobs))
             try:
                 transfer = await push
             except KVTransferError as e:  # another prefill/decode pair may well succeed: the router retries
@@ -77,7 +85,8 @@ class PrefillWorker(Worker):
             self.metrics.queue.observe(queue)
             self.metrics.prefill.observe(compute)
             stages = StageTimings(queue, compute, time.perf_counter() - t_prefilled, transfer.bytes)
-            return FirstToken(tuple(out.new_token_ids), out.new_text, stages=stages)
+            return FirstToken(tuple(out.new_token_ids), out.new_text, stages=stages,
+                              logprobs=freeze_logprobs(out.logprobs))
         except asyncio.CancelledError:  # the router gave the request up
             self.abort(rid)
             with contextlib.suppress(Exception):
@@ -100,3 +109,4 @@ class PrefillWorker(Worker):
     def shutdown(self) -> None:
         self.sender.close()
         super().shutdown()
+

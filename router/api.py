@@ -307,6 +307,30 @@ class _Call:
     created: int
 
 
+class _LogprobsBody:
+    """A call's logprobs in OpenAI's shape, piece by piece as they stream (completions' `text_offset` runs on
+    across pieces). A token's text is its own decoding, as in vLLM."""
+
+    def __init__(self, router: Router, call: _Call):
+        self.kind = call.kind
+        self.asked = call.parsed.params.logprobs is not None
+        self.tokenizer = router.tokenizer
+        self.offset = 0
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
+
+    def of(self, entries) -> dict | None:
+        if not self.asked:
+            return None
+        entries = list(entries or ())
+        if self.kind == "chat":
+            return P.chat_logprobs(entries, self.token_text)
+        body = P.completion_logprobs(entries, self.token_text, self.offset)
+        self.offset += sum(len(t) for t in body["tokens"])
+        return body
+
+
 async def _admit(router: Router, request: Request, kind: str) -> _Call:
     """The checks before a call runs (draining, the queue bound, the body, the model), then tokenizing."""
     arrival = time.monotonic()
@@ -356,6 +380,7 @@ async def _first_item(router: Router, call: _Call) -> StepItem:
 async def _whole_response(router: Router, request: Request, call: _Call, first: StepItem) -> Response:
     """A non-streaming answer; a client that disconnects meanwhile stops the generation everywhere."""
     text, n_out, reason = first.text, len(first.token_ids), first.finish_reason
+    logprobs = list(first.logprobs or ())
 
     async def collect() -> None:
         nonlocal text, n_out, reason
@@ -363,6 +388,7 @@ async def _whole_response(router: Router, request: Request, call: _Call, first: 
             text += item.text
             n_out += len(item.token_ids)
             reason = item.finish_reason
+            logprobs.extend(item.logprobs or ())
 
     consume = asyncio.create_task(collect())
     gone = asyncio.create_task(_client_gone(request))
@@ -386,7 +412,7 @@ async def _whole_response(router: Router, request: Request, call: _Call, first: 
         gone.cancel()
     router.metrics.success.labels(router.model_name, reason or "stop").inc()
     return JSONResponse(P.full_response(call.kind, call.rid, router.model_name, call.created, text, reason,
-                                        len(call.ids), n_out))
+                                        len(call.ids), n_out, _LogprobsBody(router, call).of(logprobs)))
 
 
 async def _sse_stream(router: Router, call: _Call, first: StepItem):
@@ -395,14 +421,15 @@ async def _sse_stream(router: Router, call: _Call, first: StepItem):
     n_out = 0
     reason = None
     model = router.model_name
+    logprobs = _LogprobsBody(router, call)
     try:
         is_first = True
         async for item in _chain(first, call.events):
             n_out += len(item.token_ids)
             reason = item.finish_reason if item.finished else None
-            if item.text or item.finished or is_first:
+            if item.text or item.finished or is_first or item.logprobs:
                 yield _sse(P.stream_chunk(call.kind, call.rid, model, call.created, item.text, reason,
-                                          first=is_first))
+                                          first=is_first, logprobs=logprobs.of(item.logprobs)))
                 is_first = False
         router.metrics.success.labels(model, reason or "stop").inc()
         if call.parsed.include_usage:

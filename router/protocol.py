@@ -9,18 +9,32 @@ The same pydantic models publish the request bodies in the OpenAPI schema (`open
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from pdserve.engine.errors import InvalidRequestError
-from pdserve.engine.messages import WorkerError
-from pdserve.engine.sampling import INT64_MAX, INT64_MIN, SamplingParams
+from pdserve.engine.messages import TokenLogprob, WorkerError
+from pdserve.engine.sampling import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_ABS_LOGIT_BIAS,
+    MAX_ABS_PENALTY,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+    SamplingParams,
+)
+
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions' `logprobs`
+MIN_LOGPROB = -9999.0  # a token the controls masked has logprob -inf, which JSON cannot carry (vLLM's floor)
 
 
 class APIError(Exception):
@@ -76,6 +90,16 @@ class _Sampling(_Base):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # the sampling controls' ranges are SamplingParams' (published here too, for clients and the OpenAPI schema)
+    presence_penalty: float | None = Field(None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)  # vLLM's
+    min_p: float | None = Field(None, ge=0, le=1)  # vLLM's
+    # JSON keys are strings: {"123": -100}
+    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-MAX_ABS_LOGIT_BIAS,
+                                                                          le=MAX_ABS_LOGIT_BIAS)]] | None = \
+        Field(None, max_length=MAX_LOGIT_BIAS_ENTRIES)
+    min_tokens: int | None = Field(None, ge=0)  # vLLM's; at most max_tokens
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -85,6 +109,7 @@ class _Sampling(_Base):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # the alternatives per token
 
 
 class ContentPart(_Base):
@@ -100,6 +125,8 @@ class ChatMessage(_Base):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the alternatives per token; needs logprobs
 
 
 class ScaleRequest(BaseModel):
@@ -176,6 +203,70 @@ def _param(loc: tuple, body: Any, missing: bool) -> str | None:
     return ".".join(path) or None
 
 
+# OpenAI request fields (and vLLM extras that change the output) this server does not implement: a request
+# that sets one to anything but a value that changes nothing (listed) gets a 400 naming it, never a silent
+# ignore. Fields outside both APIs are ignored (clients send extras). `None` (JSON null) always means absent.
+_BOTH, _CHAT, _COMPLETION = ("chat", "completion"), ("chat",), ("completion",)
+UNSUPPORTED: dict[str, tuple[tuple[str, ...], tuple[Any, ...]]] = {
+    # field: (the endpoints that know it, the values accepted because they ask for nothing)
+    "best_of": (_COMPLETION, (1,)),
+    "echo": (_COMPLETION, (False,)),
+    "suffix": (_COMPLETION, ("",)),
+    "response_format": (_CHAT, ({"type": "text"},)),
+    "tools": (_CHAT, ([],)),
+    "tool_choice": (_CHAT, ("none",)),
+    "parallel_tool_calls": (_CHAT, ()),
+    "functions": (_CHAT, ([],)),
+    "function_call": (_CHAT, ("none",)),
+    "audio": (_CHAT, ()),
+    "modalities": (_CHAT, (["text"],)),
+    "prediction": (_CHAT, ()),
+    "reasoning_effort": (_CHAT, ()),
+    "verbosity": (_CHAT, ()),
+    "web_search_options": (_CHAT, ()),
+    "store": (_CHAT, (False,)),  # we keep no completions
+    "service_tier": (_CHAT, ("auto", "default")),
+    # vLLM's extras
+    "guided_json": (_BOTH, ()),
+    "guided_regex": (_BOTH, ()),
+    "guided_choice": (_BOTH, ()),
+    "guided_grammar": (_BOTH, ()),
+    "guided_decoding_backend": (_BOTH, ()),
+    "guided_whitespace_pattern": (_BOTH, ()),
+    "structured_outputs": (_BOTH, ()),
+    "use_beam_search": (_BOTH, (False,)),
+    "length_penalty": (_BOTH, (1,)),
+    "prompt_logprobs": (_BOTH, ()),
+    "allowed_token_ids": (_BOTH, ()),
+    "bad_words": (_BOTH, ([],)),
+    "include_stop_str_in_output": (_BOTH, (False,)),
+    "skip_special_tokens": (_BOTH, (True,)),
+    "truncate_prompt_tokens": (_BOTH, ()),
+    "chat_template": (_CHAT, ()),
+    "chat_template_kwargs": (_CHAT, ({},)),
+    "add_generation_prompt": (_CHAT, (True,)),
+    "continue_final_message": (_CHAT, (False,)),
+}
+
+
+def refuse_unsupported(body: dict[str, Any], kind: str) -> None:
+    """`APIError` (400) naming the first field of `UNSUPPORTED` the request sets to something this server
+    would have to ignore."""
+    for name, (kinds, harmless) in UNSUPPORTED.items():
+        v = body.get(name)
+        if v is None or kind not in kinds or any(type(v) is type(h) and v == h or _same_number(v, h)
+                                                 for h in harmless):
+            continue
+        accepted = f" (accepted: {', '.join(json.dumps(h) for h in harmless)}, or leave it out)" if harmless else ""
+        raise bad_request(f"{name} is not supported by this server{accepted}", name)
+
+
+def _same_number(v: Any, h: Any) -> bool:
+    number = (int, float)
+    return isinstance(v, number) and isinstance(h, number) and not isinstance(v, bool) \
+        and not isinstance(h, bool) and v == h
+
+
 @dataclass
 class ParsedRequest:
     kind: Literal["completion", "chat"]
@@ -186,6 +277,9 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     priority: int
+    # the field that set `params.max_tokens` ("max_tokens" or "max_completion_tokens"); None: the server's
+    # default, which the router cuts to what the context window leaves beside the prompt
+    max_tokens_param: str | None = None
 
 
 def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_tokens: int,
@@ -193,6 +287,7 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
     """Validate a JSON body; raises `APIError` (400) naming the offending field. `priority_range`: the
     priorities this server grants its clients (`serve.min_client_priority`, `max_client_priority`)."""
     req = validate(CompletionRequest if kind == "completion" else ChatCompletionRequest, body)
+    refuse_unsupported(body, kind)
     if req.n != 1:
         raise bad_request("n > 1 is not supported; send several requests", "n")
     lo, hi = priority_range
@@ -200,9 +295,10 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
         granted = "only the default priority, 0" if lo == hi == 0 else f"priorities in [{lo}, {hi}]"
         raise bad_request(f"priority {req.priority} is not granted: this server accepts {granted} (its operator sets "
                           "serve.min_client_priority and serve.max_client_priority)", "priority")
-    max_tokens = req.max_tokens
+    max_tokens, max_tokens_param = req.max_tokens, "max_tokens" if req.max_tokens is not None else None
     if kind == "chat" and req.max_completion_tokens is not None:
-        max_tokens = req.max_completion_tokens  # OpenAI's newer name wins
+        max_tokens, max_tokens_param = req.max_completion_tokens, "max_completion_tokens"  # the newer name wins
+    logprobs = _logprobs(req, kind)
     try:
         params = SamplingParams(
             max_tokens=default_max_tokens if max_tokens is None else max_tokens,
@@ -210,11 +306,12 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=0 if req.top_k is None else req.top_k,
             seed=req.seed, stop=[] if req.stop is None else req.stop, stop_token_ids=req.stop_token_ids or [],
-            ignore_eos=req.ignore_eos)
+            ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            min_p=req.min_p or 0.0, logit_bias=req.logit_bias or {}, min_tokens=req.min_tokens or 0, logprobs=logprobs)
     except InvalidRequestError as e:
-        param = "max_completion_tokens" if e.param == "max_tokens" and kind == "chat" and \
-            req.max_completion_tokens is not None else e.param
-        raise bad_request(str(e), param) from None
+        raise bad_request(str(e), max_tokens_param if e.param == "max_tokens" else e.param) from None
     prompt = messages = None
     if kind == "completion":
         prompt = req.prompt
@@ -232,7 +329,17 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
                     raise bad_request("only text content parts are supported", "messages")
                 m["content"] = "".join(p["text"] for p in m["content"])
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ParsedRequest(kind, req.model, prompt, messages, params, req.stream, include_usage, req.priority)
+    return ParsedRequest(kind, req.model, prompt, messages, params, req.stream, include_usage, req.priority,
+                         max_tokens_param)
+
+
+def _logprobs(req: Any, kind: str) -> int | None:
+    """`SamplingParams.logprobs` from chat's `logprobs`/`top_logprobs` or completions' `logprobs: k`."""
+    if kind == "completion":
+        return req.logprobs
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    return (req.top_logprobs or 0) if req.logprobs else None
 
 
 # -- responses -------------------------------------------------------------------------------------------
@@ -245,27 +352,57 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def chat_logprobs(entries: list[TokenLogprob], token_text) -> dict[str, Any]:
+    """OpenAI chat's `choices[].logprobs` for these tokens; `token_text(id)` is a token's text."""
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token_id)
+        return {"token": text, "logprob": max(logprob, MIN_LOGPROB), "bytes": list(text.encode())}
+
+    return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob], token_text, offset: int) -> dict[str, Any]:
+    """Legacy completions' `choices[].logprobs` for these tokens, the first at character `offset` of the text
+    (offsets add up the tokens' texts). `top_logprobs` maps token text to logprob, the sampled token included
+    (as vLLM does); tokens that decode alike (bytes of a split character) share one entry, the likeliest's."""
+    tokens = [token_text(e.token_id) for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    tops = []
+    for e in entries:
+        top: dict[str, float] = {}
+        for t, lp in (*e.top, (e.token_id, e.logprob)):
+            top.setdefault(token_text(t), max(lp, MIN_LOGPROB))  # tokens of the same text: the likeliest
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": [max(e.logprob, MIN_LOGPROB) for e in entries],
+            "top_logprobs": tops, "text_offset": offsets}
+
+
 def full_response(kind: str, rid: str, model: str, created: int, text: str, finish_reason: str | None,
-                  prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+                  prompt_tokens: int, completion_tokens: int, logprobs: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                   "finish_reason": finish_reason}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def stream_chunk(kind: str, rid: str, model: str, created: int, text: str, finish_reason: str | None,
-                 first: bool = False) -> dict[str, Any]:
+                 first: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     if kind == "chat":
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 

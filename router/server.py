@@ -46,6 +46,7 @@ from prometheus_client import CollectorRegistry
 
 from pdserve.engine.block_manager import BlockHash, block_hashes
 from pdserve.engine.config import PdserveConfig
+from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.messages import GenerateRequest, StepItem, WorkerError
 from pdserve.router import protocol as P
 from pdserve.router.admission import DrainRate
@@ -152,6 +153,16 @@ class Router:
         if len(ids) >= self.max_model_len:
             raise P.bad_request(f"the prompt has {len(ids)} tokens; this model's context window is "
                                 f"{self.max_model_len} tokens, leaving no room for output", "prompt")
+        try:
+            parsed.params.check_vocab(self.vocab_size)
+        except InvalidRequestError as e:
+            raise P.bad_request(str(e), e.param) from None
+        room = self.max_model_len - len(ids)
+        if parsed.max_tokens_param is not None and parsed.params.max_tokens > room:  # vLLM's 400, not a cut
+            raise P.bad_request(f"{parsed.max_tokens_param} is too large: this model's context window is "
+                                f"{self.max_model_len} tokens and the prompt has {len(ids)}, leaving room for at "
+                                f"most {room} output tokens; you asked for {parsed.params.max_tokens}",
+                                parsed.max_tokens_param)
         if (parsed.params.stop or parsed.kind == "chat") and self.tokenizer is None:
             raise P.bad_request("stop strings need a tokenizer", "stop")
         return ids
@@ -280,6 +291,7 @@ class Router:
         deadline = None
         if not streamed and why is None and self.serve.ttft_deadline_s is not None:
             deadline = self.serve.ttft_deadline_s - (time.monotonic() - t.arrival)
+        # the server's default max_tokens is cut to what the context leaves (a client's own is checked in `encode`)
         params = dataclasses.replace(parsed.params, max_tokens=min(parsed.params.max_tokens,
                                                                    self.max_model_len - len(ids)))
         return GenerateRequest(attempt, params, tuple(ids), tuple(streamed), parsed.priority, deadline,
@@ -348,7 +360,8 @@ class Router:
                 t.tokens(len(first.token_ids), m, self.model_name)
                 produced += first.token_ids
                 awaiting_decode = not first.finished  # finished: the decode side is aborted (its room released)
-                yield StepItem(first.token_ids, first.text, first.finished, first.finish_reason)
+                yield StepItem(first.token_ids, first.text, first.finished, first.finish_reason,
+                               logprobs=first.logprobs)
                 if first.finished:
                     return
             while True:

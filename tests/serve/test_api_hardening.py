@@ -289,12 +289,15 @@ def test_the_openapi_schema_publishes_the_request_bodies(server):
 
 # -- 6. fuzzing ------------------------------------------------------------------------------------------
 def _clamp(body):
-    """Keep generations short: any max_tokens the fuzzer picks above MAX_TOKENS becomes MAX_TOKENS."""
+    """Keep generations short: any max_tokens (and min_tokens) the fuzzer picks above MAX_TOKENS becomes
+    MAX_TOKENS; and keep logit_bias to the tiny model's 256 ids (the schema cannot know the vocabulary)."""
     if isinstance(body, dict):
-        for k in ("max_tokens", "max_completion_tokens"):
+        for k in ("max_tokens", "max_completion_tokens", "min_tokens"):
             v = body.get(k)
             if isinstance(v, int) and not isinstance(v, bool) and v > MAX_TOKENS:
                 body[k] = MAX_TOKENS
+        if isinstance(body.get("logit_bias"), dict):
+            body["logit_bias"] = {k: v for k, v in body["logit_bias"].items() if not k.isdigit() or int(k) < 256}
     return body
 
 
