@@ -94,7 +94,8 @@ class PrefillWorker(Worker):
         await asyncio.get_running_loop().run_in_executor(None, self.sender.forget, address)
 
     def set_faults(self, faults: FaultConfig | None) -> None:
-        """Chaos: change the transfer fault injection of this worker's sender at run time."""
+        """Chaos: change the fault injection of this worker's engine loop and KV sender at run time."""
+        super().set_faults(faults)
         self.sender.faults = faults
 
     def shutdown(self) -> None:

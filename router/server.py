@@ -24,8 +24,8 @@ worker. Before a decode worker has measured a step, only prompts of at most one 
 stay local. The decisions are counted by path and reason (`disaggregation_decisions`), and a local
 prefill's time shows in the TTFT breakdown as the `local_prefill` stage.
 
-Fault tolerance: a request runs as attempts; when a worker dies, stalls or a KV transfer
-fails, the next attempt re-prefills the prompt plus the tokens already streamed on other
+Fault tolerance: a request runs as attempts; when a worker dies, stalls, fails a step (prefill or
+decode) or a KV transfer fails, the next attempt re-prefills the prompt plus the tokens already streamed on other
 workers and the stream continues (`Router.generate`).
 """
 
@@ -320,6 +320,8 @@ class Router:
                 prefiller, prefill = prefill, None
                 current = decode
                 if isinstance(first, WorkerError):
+                    if first.status >= 500 and not first.unavailable:  # the prefill worker failed (a step
+                        raise _Failover("worker_error", first.message, prefiller)  # error): another prefills
                     if first.retryable:  # the pair failed: try another one
                         raise _Failover("transfer_failed", first.message, prefiller, decode)
                     raise P.from_worker(first)

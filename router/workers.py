@@ -2,7 +2,7 @@
 
 Workers are detached Ray actors named after the router's instance (`pdserve-<instance>-<role>-<n>`),
 so a router that Ray restarts finds and adopts them (`adopt`). A worker joins routing only once it
-has loaded its model and answered (`_spawn`). The health loop fails dead, stalled or silent workers
+has loaded its model and answered (`_spawn`). The health loop fails dead, stalled, silent or failing workers
 and starts replacements up to each pool's target size (`fail_worker`, `_heal`); `scale` changes
 the targets and drains what it removes. A decode worker that leaves is forgotten by every prefill
 worker's KV sender (its connection and channel closed). The prefix index (`router.prefix_index`)
@@ -245,8 +245,9 @@ class WorkerPools:
             self._heal()
 
     async def _check(self, w: WorkerState) -> None:
-        """A worker is routable while it answers in time and its engine loop lives and makes progress.
-        Dead, stalled (work queued, no progress for `stall_timeout_s`) or silent for that long: failed."""
+        """A worker is routable while it answers in time and its engine loop lives, makes progress and
+        does not keep failing. Dead, stalled (work queued, no progress for `stall_timeout_s`), silent for
+        that long, or failing (`max_step_errors` failed steps within `step_error_window_s`): failed."""
         import ray
 
         s = self.serve
@@ -266,6 +267,8 @@ class WorkerPools:
             return self.fail_worker(w, "engine_loop_died")
         if w.stats.busy and w.stats.progress_age_s > s.stall_timeout_s:
             return self.fail_worker(w, "stalled")
+        if w.stats.failing:  # its engine steps keep failing: its emptied KV pool would keep attracting traffic
+            return self.fail_worker(w, "step_errors")
         w.healthy = True
         if quiet and not w.inflight_requests and w.num_dispatched == dispatched:
             self.index.reconcile(w.worker_id, w.stats.num_cached_blocks)

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from pdserve.engine.config import PdserveConfig
+from pdserve.engine.config import FaultConfig, PdserveConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.messages import WorkerInfo, WorkerStats
 from pdserve.worker.engine_loop import EngineLoop
@@ -43,7 +43,9 @@ class Worker:
         self.config = config
         self.worker_id = worker_id
         self.engine = LLMEngine(config)
-        self.loop = EngineLoop(self.engine, name=f"{self.role}-loop").start()
+        s = config.serve
+        self.loop = EngineLoop(self.engine, name=f"{self.role}-loop", max_step_errors=s.max_step_errors,
+                               step_error_window_s=s.step_error_window_s, faults=config.faults).start()
         self.started = time.monotonic()
         self.model_name = config.serve.served_model_name or self.engine.source.model_id
         self.metrics_url = self._serve_metrics()
@@ -82,6 +84,7 @@ class Worker:
         measured = cost.num_observed > 0  # until then its figures are the default model's, not this machine's
         return WorkerStats(
             worker_id=self.worker_id, role=self.role, alive=self.loop.alive, busy=self.loop.has_work,
+            failing=self.loop.failing, step_errors=self.loop.recent_step_errors,
             step_age_s=now - self.loop.last_step_time,
             # since the loop last stepped or a forward pass last finished a layer (a heartbeat)
             progress_age_s=now - max(self.loop.last_step_time, e.last_progress),
@@ -112,6 +115,10 @@ class Worker:
                 return list(self.engine.seqs)
             except RuntimeError:
                 continue
+
+    def set_faults(self, faults: FaultConfig | None) -> None:
+        """Chaos: change this worker's fault injection at run time (its engine loop's step faults)."""
+        self.loop.faults = faults
 
     def debug_stall(self, seconds: float) -> None:
         """Chaos: freeze this worker's engine loop for `seconds` (see `EngineLoop.stall`)."""

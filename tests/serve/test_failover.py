@@ -6,6 +6,7 @@ and every worker's KV pool is checked to be all free afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -24,15 +25,15 @@ MAX_TOKENS = 300
 
 @pytest.fixture(scope="module")
 def expected(tiny_text_model_dir):
-    """The uninterrupted greedy text for a max_tokens, from the bare engine."""
+    """The uninterrupted greedy text for a max_tokens (and a prompt), from the bare engine."""
     engine = LLMEngine(PdserveConfig().replace(model={"model": str(tiny_text_model_dir), **EXACT}))
-    cache: dict[int, str] = {}
+    cache: dict[tuple[int, str], str] = {}
 
-    def text(max_tokens: int = MAX_TOKENS) -> str:
-        if max_tokens not in cache:
+    def text(max_tokens: int = MAX_TOKENS, prompt: str = PROMPT) -> str:
+        if (max_tokens, prompt) not in cache:
             params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-            cache[max_tokens] = engine.generate([PROMPT], params)[0].output_text
-        return cache[max_tokens]
+            cache[max_tokens, prompt] = engine.generate([prompt], params)[0].output_text
+        return cache[max_tokens, prompt]
 
     return text
 
@@ -122,7 +123,8 @@ def kill_after(server: Server, role: str, at_chunk: int, stall_first: bool = Tru
 def disagg(ray_cluster, tiny_text_model_dir):
     server = Server(ray_cluster, tiny_text_model_dir,
                     serve={"prefill_workers": 2, "decode_workers": 2, "health_interval_s": 0.2,
-                           "stall_timeout_s": 2.0, "max_migrations": 3, "drain_timeout_s": 0.5})
+                           "stall_timeout_s": 2.0, "max_migrations": 3, "drain_timeout_s": 0.5,
+                           "max_step_errors": 3})
     yield server
     server.stop()
 
@@ -216,6 +218,59 @@ def test_every_transfer_failing_ends_in_an_explicit_error(disagg):
     finally:
         for w in prefills:
             disagg.ray.get(handle(disagg, w).set_faults.remote(FaultConfig()))
+    disagg.wait_kv_free()
+
+
+def test_a_prefill_step_error_is_retried_on_another_prefill_worker(disagg, expected):
+    """The prefill worker routing picks first (a prompt cached nowhere: the tie goes to the first) fails its
+    engine step: the request is prefilled again on the other one, and the client sees nothing of it."""
+    wait_pools(disagg, 2, 2)
+    victim = pools_of(disagg)["prefill"][0]["worker_id"]
+    before = metric(disagg, "pdserve_request_migrations_total", reason="worker_error")
+    prompt = f"prefill retry. {PROMPT}"
+    try:
+        disagg.ray.get(handle(disagg, victim).set_faults.remote(FaultConfig(step_fail_rate=1.0)))
+        text, error, _ = stream(disagg.url, prompt=prompt, max_tokens=16)
+    finally:
+        disagg.ray.get(handle(disagg, victim).set_faults.remote(FaultConfig()))
+    assert error is None and text == expected(16, prompt)
+    assert metric(disagg, "pdserve_request_migrations_total", reason="worker_error") == before + 1
+    disagg.wait_kv_free()
+
+
+def test_a_worker_whose_steps_keep_failing_is_replaced_and_no_longer_routed_to(disagg, expected):
+    """Every engine step of one decode worker raises. Its KV pool, emptied by each failure, makes it the first
+    pick every time (prompts cached nowhere: the tie goes to the first); each request it gets migrates and
+    comes out exact. After max_step_errors (3) failed steps it reports itself failing and the router
+    replaces it."""
+    wait_pools(disagg, 2, 2)
+    victim = pools_of(disagg)["decode"][0]["worker_id"]
+    failures = metric(disagg, "pdserve_worker_failures_total", role="decode", reason="step_errors")
+    migrations = metric(disagg, "pdserve_request_migrations_total", reason="worker_error")
+
+    def routed() -> bool:
+        return victim in {w["worker_id"] for w in pools_of(disagg)["decode"]}
+
+    victim_handle = handle(disagg, victim)
+    disagg.ray.get(victim_handle.set_faults.remote(FaultConfig(step_fail_rate=1.0)))
+    try:
+        for i in range(8):
+            if not routed():
+                break
+            prompt = f"{i}. {PROMPT}"
+            text, error, _ = stream(disagg.url, prompt=prompt, max_tokens=16)
+            assert error is None and text == expected(16, prompt)
+        wait_for(lambda: not routed(), 5.0, f"{victim} to be failed")
+    finally:  # in case it is still there: the module's later tests need it sound
+        with contextlib.suppress(Exception):
+            disagg.ray.get(victim_handle.set_faults.remote(FaultConfig()), timeout=10)
+    assert metric(disagg, "pdserve_worker_failures_total", role="decode", reason="step_errors") == failures + 1
+    assert metric(disagg, "pdserve_request_migrations_total", reason="worker_error") >= migrations + 3
+    wait_pools(disagg, 2, 2)
+    migrations = metric(disagg, "pdserve_request_migrations_total", reason="worker_error")
+    text, error, _ = stream(disagg.url, prompt=f"after. {PROMPT}", max_tokens=16)  # its replacement serves
+    assert error is None and text == expected(16, f"after. {PROMPT}")
+    assert metric(disagg, "pdserve_request_migrations_total", reason="worker_error") == migrations
     disagg.wait_kv_free()
 
 
