@@ -26,7 +26,9 @@ prefill's time shows in the TTFT breakdown as the `local_prefill` stage.
 
 Fault tolerance: a request runs as attempts; when a worker dies, stalls, fails a step (prefill or
 decode) or a KV transfer fails, the next attempt re-prefills the prompt plus the tokens already streamed on other
-workers and the stream continues (`Router.generate`).
+workers and the stream continues (`Router.generate`). Every wait on a worker has a deadline
+(`serve.prefill_timeout_s`, `serve.stream_timeout_s`): a frozen or cut-off worker that the health checks
+have not failed yet costs the attempt, never the request's whole life.
 """
 
 from __future__ import annotations
@@ -297,9 +299,12 @@ class Router:
         produced: list[int] = []  # this attempt's tokens
         stream_done = False
         current = decode  # the worker a failure is blamed on
+        s = self.serve
+        limit = self.config.kv_transfer.reserve_wait_s + s.stream_timeout_s  # the wait under way, for the message
         try:
             stream = decode.handle.generate.options(num_returns="streaming").remote(request)
-            ready = await (await stream.__anext__())  # registered (and its KV room reserved) on the decode worker
+            async with asyncio.timeout(limit):  # registered (and its KV room reserved) on the decode worker
+                ready = await (await stream.__anext__())
             if isinstance(ready, StepItem):  # refused: no room for the KV within reserve_wait_s
                 stream_done = True
                 if ready.error.retryable and prefill is not None:  # another decode worker may have room
@@ -313,7 +318,9 @@ class Router:
             if prefill is not None:
                 current = prefill
                 prefill_ref = prefill.handle.prefill.remote(request, ready.reservation)
-                first = await prefill_ref
+                limit = s.prefill_timeout_s
+                async with asyncio.timeout(limit):
+                    first = await prefill_ref
                 prefill_ref = None
                 prefill.inflight_requests -= 1
                 prefill.inflight_tokens -= to_compute
@@ -337,8 +344,14 @@ class Router:
                 yield StepItem(first.token_ids, first.text, first.finished, first.finish_reason)
                 if first.finished:
                     return
-            async for ref in stream:
-                item: StepItem = await ref
+            limit = s.stream_timeout_s
+            while True:
+                async with asyncio.timeout(limit):
+                    try:
+                        ref = await stream.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    item: StepItem = await ref
                 if item.error is not None:
                     if item.error.status >= 500 and not item.error.unavailable:  # the worker itself failed
                         raise _Failover("worker_error", item.error.message, decode)
@@ -363,6 +376,8 @@ class Router:
             raise _Failover("worker_died", f"{current.worker_id} died: {type(e).__name__}", current) from None
         except ray.exceptions.RayError as e:  # the call failed inside the worker
             raise _Failover("worker_error", f"{current.worker_id}: {type(e).__name__}: {e}", current) from None
+        except TimeoutError:  # frozen, or cut off, and not (yet) failed by the health checks
+            raise _Failover("timeout", f"{current.worker_id} did not answer within {limit:g}s", current) from None
         finally:
             decode.inflight_requests -= 1
             if prefill is not None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import threading
 import time
 
@@ -272,6 +274,81 @@ def test_a_worker_whose_steps_keep_failing_is_replaced_and_no_longer_routed_to(d
     assert error is None and text == expected(16, f"after. {PROMPT}")
     assert metric(disagg, "pdserve_request_migrations_total", reason="worker_error") == migrations
     disagg.wait_kv_free()
+
+
+def test_a_frozen_worker_is_given_up_within_the_routers_deadlines(ray_cluster, tiny_text_model_dir, expected):
+    """SIGSTOP freezes a worker's process: Ray still counts it alive, and the health checks would fail it only
+    after stall_timeout_s (60 s here). The router's own deadlines (prefill_timeout_s, stream_timeout_s: 3 s)
+    give the attempt up and the request migrates, exact: first with a frozen prefill worker (the one routing
+    picks first, for a prompt cached nowhere), then with a decode worker frozen mid-stream while another stream
+    runs on the other decode worker and finishes. After SIGCONT every block comes back."""
+    server = Server(ray_cluster, tiny_text_model_dir,
+                    serve={"prefill_workers": 2, "decode_workers": 2, "health_interval_s": 0.2, "stall_timeout_s": 60.0,
+                           "prefill_timeout_s": 3.0, "stream_timeout_s": 3.0})
+    frozen: list[int] = []
+
+    def freeze(worker_id: str) -> float:
+        pid = server.ray.get(handle(server, worker_id).__ray_call__.remote(lambda self: os.getpid()))
+        os.kill(pid, signal.SIGSTOP)
+        frozen.append(pid)
+        return time.monotonic()
+
+    def thaw() -> None:
+        while frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen.pop(), signal.SIGCONT)
+
+    try:
+        before = metric(server, "pdserve_request_migrations_total", reason="timeout")
+        prompt = f"frozen prefill. {PROMPT}"
+        t0 = freeze(pools_of(server)["prefill"][0]["worker_id"])
+        text, error, _ = stream(server.url, prompt=prompt, max_tokens=16)
+        took = time.monotonic() - t0
+        assert error is None and text == expected(16, prompt)
+        print(f"the request on a frozen prefill worker took {took:.1f}s")
+        assert 3.0 <= took < 3.0 + 10.0, took
+        assert metric(server, "pdserve_request_migrations_total", reason="timeout") == before + 1
+        thaw()
+        wait_pools(server, 2, 2)
+
+        other: dict = {}
+        frozen_at: list[float] = []
+        other_prompt = f"the other stream. {PROMPT}"  # shares no block with PROMPT: no prefix draws it
+        stalled: list[str] = []
+
+        def on_chunk(n: int) -> None:
+            if n == 5:
+                wid = holder(server, "decode")
+                server.ray.get(handle(server, wid).debug_stall.remote(30))  # it must not finish before the freeze
+                stalled.append(wid)
+                (rest,) = [w for w in server.stats() if w.startswith("decode") and w != wid]
+
+                def free(w: str) -> int:  # as routing sees it, from the last health check
+                    return next(x["free_blocks"] for x in pools_of(server)["decode"] if x["worker_id"] == w)
+
+                wait_for(lambda: free(wid) < free(rest), 10, "routing to see the request's blocks")
+                t = threading.Thread(target=lambda: other.update(
+                    out=stream(server.url, prompt=other_prompt, max_tokens=100)))
+                t.start()  # routed to the other decode worker: it has more free blocks
+                other["thread"] = t
+                wait_for(lambda: server.stats()[rest].busy, 10, "the other stream to run")
+                frozen_at.append(freeze(wid))
+
+        text, error, _ = stream(server.url, on_chunk, max_tokens=100)
+        took = time.monotonic() - frozen_at[0]
+        print(f"the stream frozen mid-way ended {took:.1f}s after the freeze")
+        assert error is None and text == expected(100)
+        assert took < 3.0 + 15.0, took
+        other["thread"].join(60)
+        assert other["out"][1] is None and other["out"][0] == expected(100, other_prompt)
+        assert metric(server, "pdserve_request_migrations_total", reason="timeout") == before + 2
+        thaw()
+        server.ray.get(handle(server, stalled[0]).debug_stall.remote(0))
+        wait_pools(server, 2, 2)
+        server.wait_kv_free()
+    finally:
+        thaw()
+        server.stop()
 
 
 def test_scale_down_past_the_drain_timeout_migrates_what_is_left(ray_cluster, tiny_text_model_dir, reference):
