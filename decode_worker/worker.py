@@ -61,8 +61,8 @@ def output_item(outs: list[RequestOutput | BaseException]) -> StepItem:
 class DecodeWorker(Worker):
     role = "decode"
 
-    def __init__(self, config: PdserveConfig, worker_id: str):
-        super().__init__(config, worker_id)
+    def __init__(self, config: PdserveConfig, worker_id: str, owner=None):
+        super().__init__(config, worker_id, owner)
         self._expected: dict[str, _Expected] = {}
         self._lock = threading.Lock()
         self.receiver = None

@@ -36,8 +36,8 @@ from pdserve.worker.base import Worker
 class PrefillWorker(Worker):
     role = "prefill"
 
-    def __init__(self, config: PdserveConfig, worker_id: str):
-        super().__init__(config, worker_id)
+    def __init__(self, config: PdserveConfig, worker_id: str, owner=None):
+        super().__init__(config, worker_id, owner)
         self.sender = KVSender(config.kv_transfer, KVPool.from_engine(self.engine).fingerprint, worker_id=worker_id,
                                device=self.engine.device, faults=config.faults)
 

@@ -35,13 +35,14 @@ class Worker:
 
     role = "worker"
 
-    def __init__(self, config: PdserveConfig, worker_id: str):
+    def __init__(self, config: PdserveConfig, worker_id: str, owner=None):
         if config.engine.num_threads:
             torch.set_num_threads(config.engine.num_threads)
         if config.serve.worker_nice > 0:  # below the router (see ServeConfig.worker_nice); never above 19
             os.nice(max(0, min(config.serve.worker_nice, 19 - os.nice(0))))
         self.config = config
         self.worker_id = worker_id
+        self._owner = owner  # the router actor that started this (detached) worker, if any
         self.engine = LLMEngine(config)
         s = config.serve
         self.loop = EngineLoop(self.engine, name=f"{self.role}-loop", max_step_errors=s.max_step_errors,
@@ -73,6 +74,11 @@ class Worker:
 
     def ping(self) -> str:
         return self.worker_id
+
+    def owner(self):
+        """The handle of the router actor that started this worker (None if unknown): a router starting up
+        asks it whether it still lives, and ends the workers of a router that died (`WorkerPools`)."""
+        return self._owner
 
     def stats(self) -> WorkerStats:
         """Cheap, thread-safe enough snapshot for routing and health (read without locks)."""
