@@ -159,8 +159,8 @@ class _Subscription:
 class DecodeWorker(Worker):
     role = "decode"
 
-    def __init__(self, config: PdserveConfig, worker_id: str):
-        super().__init__(config, worker_id)
+    def __init__(self, config: PdserveConfig, worker_id: str, owner=None):
+        super().__init__(config, worker_id, owner)
         self._expected: dict[str, _Expected] = {}
         self._subscriptions: dict[str, _Subscription] = {}
         self._lock = threading.Lock()

@@ -132,6 +132,13 @@ class KVTransferConfig:
     # A push stream that goes this long without a message is treated as dead.
     idle_timeout_s: float = 10.0
     rpc_timeout_s: float = 10.0  # deadline of each control call (pair, reserve, release, open channel)
+    # Deadline of one push, from the stream's opening (its first layers ready) to the receiver's acknowledgement.
+    push_timeout_s: float = 120.0
+    # gRPC keepalive on every KV-plane connection, both ways: a peer that does not answer a ping within
+    # `keepalive_timeout_s` (frozen, or cut off by a network split) fails its calls, instead of leaving them
+    # to TCP's retransmission timeout (~15 min) or forever.
+    keepalive_time_s: float = 10.0
+    keepalive_timeout_s: float = 10.0
     chunk_bytes: int = 4 << 20  # KV bytes per message (a layer's tokens are split to stay under it)
     max_message_bytes: int = 16 << 20  # hard gRPC limit, both directions; chunks stay well under it
     # Ship layer l's KV while layer l+1 computes (Mooncake/DistServe-style layer-wise pipelining).
@@ -154,24 +161,29 @@ class KVTransferConfig:
             raise ValueError("TLS needs both tls_cert_file and tls_key_file")
         if not 0 < self.chunk_bytes <= self.max_message_bytes // 2:
             raise ValueError("chunk_bytes must be positive and at most half of max_message_bytes")
-        if self.lease_s <= 0 or self.idle_timeout_s <= 0 or self.rpc_timeout_s <= 0:
-            raise ValueError("lease_s, idle_timeout_s and rpc_timeout_s must be positive")
+        if min(self.lease_s, self.idle_timeout_s, self.rpc_timeout_s, self.push_timeout_s, self.keepalive_time_s,
+               self.keepalive_timeout_s) <= 0:
+            raise ValueError("lease_s, idle_timeout_s, rpc_timeout_s, push_timeout_s, keepalive_time_s and "
+                             "keepalive_timeout_s must be positive")
 
 
 @dataclass(frozen=True)
 class FaultConfig:
-    """Fault injection for chaos testing (off by default). Applied by the KV sender on the
-    prefill side, per transfer, with a seeded RNG so runs are repeatable."""
+    """Fault injection for chaos testing (off by default), with seeded RNGs so runs are repeatable. The
+    transfer faults are applied by the KV sender on the prefill side, per transfer; the step faults by every
+    worker's engine loop, per engine step."""
 
     transfer_fail_rate: float = 0.0  # fraction of transfers that fail before sending anything
     transfer_drop_rate: float = 0.0  # fraction of transfers that lose one chunk on the way
     transfer_corrupt_rate: float = 0.0  # fraction of transfers with one chunk's bytes flipped after checksumming
     transfer_delay_rate: float = 0.0  # fraction of transfers held back by `transfer_delay_s` before sending
     transfer_delay_s: float = 0.0
+    step_fail_rate: float = 0.0  # fraction of engine steps that raise (failing the requests in flight)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("transfer_fail_rate", "transfer_drop_rate", "transfer_corrupt_rate", "transfer_delay_rate"):
+        for name in ("transfer_fail_rate", "transfer_drop_rate", "transfer_corrupt_rate", "transfer_delay_rate",
+                     "step_fail_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.transfer_delay_s < 0:
@@ -179,6 +191,7 @@ class FaultConfig:
 
     @property
     def active(self) -> bool:
+        """Any transfer fault is on (the step faults are the engine loop's own)."""
         return any((self.transfer_fail_rate, self.transfer_drop_rate, self.transfer_corrupt_rate,
                     self.transfer_delay_rate and self.transfer_delay_s))
 
@@ -218,6 +231,18 @@ class ServeConfig:
     # An engine loop with work that has not stepped for this long (or a worker that has not answered
     # health checks for this long) is failed: out of routing, its requests migrated, the actor replaced.
     stall_timeout_s: float = 10.0
+    # A worker whose engine steps failed `max_step_errors` times within `step_error_window_s` reports itself
+    # failing and is failed like a stalled one (out of routing, replaced): a broken worker would otherwise keep
+    # attracting traffic, since failed requests leave its KV pool the emptiest. Each failed step fails the
+    # requests in it; they migrate to other workers.
+    max_step_errors: int = 5
+    step_error_window_s: float = 60.0
+    # Backstops on the router's waits for its workers (a frozen or cut-off worker that the health checks have
+    # not failed yet): the attempt is given up and the request migrates. A prefill worker's answer (queue,
+    # prefill, KV transfer) within `prefill_timeout_s`; a decode worker's next item on a stream within
+    # `stream_timeout_s` (its first, `Ready`, gets `kv_transfer.reserve_wait_s` more: it may wait for room).
+    prefill_timeout_s: float = 300.0
+    stream_timeout_s: float = 300.0
     # Fault tolerance: a request whose worker fails is re-prefilled (prompt + tokens already streamed) and
     # continues on another worker, at most `max_migrations` times; with no worker to move to within
     # `failover_wait_s` it ends with an explicit error.
@@ -255,6 +280,10 @@ class ServeConfig:
             raise ValueError("metrics_prefix must be pdserve_ or vllm:")
         if self.max_migrations < 0 or self.failover_wait_s < 0 or self.drain_timeout_s < 0:
             raise ValueError("max_migrations, failover_wait_s and drain_timeout_s must not be negative")
+        if self.prefill_timeout_s <= 0 or self.stream_timeout_s <= 0:
+            raise ValueError("prefill_timeout_s and stream_timeout_s must be positive")
+        if self.max_step_errors < 1 or self.step_error_window_s <= 0:
+            raise ValueError("max_step_errors must be at least 1 and step_error_window_s positive")
         if self.max_request_body_bytes < 1024 or self.max_header_bytes < 1024:
             raise ValueError("max_request_body_bytes and max_header_bytes must be at least 1024")
         if not self.min_client_priority <= 0 <= self.max_client_priority:

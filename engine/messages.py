@@ -191,6 +191,10 @@ class WorkerStats:
     # token of a prefill, and of one decode step at its current batch size. Disaggregation "auto" weighs them.
     prefill_s_per_token: float = 0.0
     decode_step_s: float = 0.0
+    # Engine steps that failed within `serve.step_error_window_s`; `failing` once they reach
+    # `serve.max_step_errors`: the router then fails the worker.
+    step_errors: int = 0
+    failing: bool = False
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from pdserve.kv_transfer.protocol import (
     MalformedTransfer,
     TransferCancelled,
     error_from_rpc,
+    keepalive_options,
     plan_chunks,
 )
 from pdserve.kv_transfer.source import CommitInfo, LayerKV, LayerStream
@@ -159,6 +160,7 @@ class KVSender:
             c = self.config
             opts = [("grpc.max_receive_message_length", c.max_message_bytes),
                     ("grpc.max_send_message_length", c.max_message_bytes)]
+            opts += keepalive_options(c.keepalive_time_s, c.keepalive_timeout_s, server=False)
             if c.tls_ca_file or c.tls_cert_file:
                 ca = Path(c.tls_ca_file or c.tls_cert_file).read_bytes()
                 if c.tls_server_name:
@@ -305,7 +307,7 @@ class KVSender:
                                                           output_token_ids=c.output_token_ids))
                     return
 
-        call = peer.push(messages(), metadata=self._metadata)
+        call = peer.push(messages(), metadata=self._metadata, timeout=self.config.push_timeout_s)
         first_status = _keep_first_status(call)
         try:
             return await call

@@ -136,6 +136,19 @@ def secret_matches(presented: str | None, expected: str) -> bool:
     return presented is not None and hmac.compare_digest(presented.encode(), f"Bearer {expected}".encode())
 
 
+def keepalive_options(time_s: float, timeout_s: float, server: bool) -> list[tuple[str, int]]:
+    """gRPC keepalive for a KV-plane channel (`server=False`) or server: each side pings the other every
+    `time_s`, calls or not, and a peer that leaves a ping unanswered for `timeout_s` (a frozen process, a
+    network split) fails the calls on that connection. A server accepts its peers' pings that often."""
+    # Every ping, not only keepalive's: a ping in flight (flow control's bandwidth probe, say) holds keepalive's
+    # back, and waits `ping_timeout_ms` (one minute by default) for its answer.
+    opts = [("grpc.keepalive_time_ms", int(time_s * 1000)), ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)), ("grpc.keepalive_permit_without_calls", 1)]
+    if server:  # pings closer than this count as abuse (GOAWAY after two): allow the peer's, with jitter
+        return opts + [("grpc.http2.min_recv_ping_interval_without_data_ms", int(time_s * 500))]
+    return opts + [("grpc.http2.max_pings_without_data", 0)]
+
+
 # -- chunks and checksums ---------------------------------------------------------------------------
 def plan_chunks(first_layer: int, num_layers: int, num_tokens: int, bytes_per_token_layer: int,
                 chunk_bytes: int) -> list[tuple[int, int, int, int]]:

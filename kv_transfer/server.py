@@ -44,6 +44,7 @@ from pdserve.kv_transfer.protocol import (
     decode_push_message,
     grpc_status,
     host_port,
+    keepalive_options,
     secret_matches,
 )
 from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
@@ -152,6 +153,7 @@ class KVReceiver:
         opts = [("grpc.max_receive_message_length", c.max_message_bytes),
                 ("grpc.max_send_message_length", c.max_message_bytes),
                 ("grpc.so_reuseport", 0)]
+        opts += keepalive_options(c.keepalive_time_s, c.keepalive_timeout_s, server=True)
         interceptors = [_AuthInterceptor(c.auth_token)] if c.auth_token else []
         self._server = grpc.aio.server(options=opts, interceptors=interceptors)
         self._server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))

@@ -108,7 +108,38 @@ def banner(url: str, cfg, gcs_address: str) -> str:
             f"scale: pdserve scale --address {gcs_address} --prefill N --decode M")
 
 
+def _token_auth_for(address: str | None) -> None:
+    """Ray >= 2.5x starts local clusters with token auth and keeps the token in ~/.ray/auth_token, but a
+    client connecting to an explicit address only presents it in token mode (read when ray is imported)."""
+    if address and "RAY_AUTH_MODE" not in os.environ and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _wait_for_router_name(ray, timeout: float = 30.0) -> None:
+    """The router's name is free, or about to be: a previous `pdserve serve` killed outright leaves its router
+    to Ray, which ends it shortly (its owner died). A router that still answers is another live server."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            old = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+        except ValueError:
+            return
+        try:
+            ray.get(old.pid.remote(), timeout=5)
+            raise SystemExit(f"another pdserve router ({ROUTER_NAME}) is serving on this Ray cluster")
+        except ray.exceptions.RayActorError:
+            pass  # dead, its name not yet released
+        except ray.exceptions.GetTimeoutError:
+            pass  # being restarted or ended
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the previous pdserve router ({ROUTER_NAME}) did not go away within {timeout:g}s")
+        time.sleep(0.2)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    _token_auth_for(args.address)
     import ray
 
     from pdserve.router.actor import launch_router
@@ -123,6 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # On this node (the head, where `pdserve serve` runs): an actor that needs no resources would
     # otherwise land on any node, away from the address and port the operator exposes.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    _wait_for_router_name(ray)
     router = launch_router(cfg, name=ROUTER_NAME, namespace=NAMESPACE, scheduling_strategy=here)
     url = ray.get(router.start.remote())
     s = cfg.serve
@@ -142,10 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    # Ray >= 2.5x starts local clusters with token auth and keeps the token in ~/.ray/auth_token, but a
-    # client connecting to an explicit address only presents it in token mode (read when ray is imported).
-    if "RAY_AUTH_MODE" not in os.environ and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
-        os.environ["RAY_AUTH_MODE"] = "token"
+    _token_auth_for(args.address)
     import ray
 
     ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)

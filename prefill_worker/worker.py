@@ -43,8 +43,8 @@ from pdserve.worker.base import Worker
 class PrefillWorker(Worker):
     role = "prefill"
 
-    def __init__(self, config: PdserveConfig, worker_id: str):
-        super().__init__(config, worker_id)
+    def __init__(self, config: PdserveConfig, worker_id: str, owner=None):
+        super().__init__(config, worker_id, owner)
         self.sender = KVSender(config.kv_transfer, KVPool.from_engine(self.engine).fingerprint, worker_id=worker_id,
                                device=self.engine.device, faults=config.faults)
 
@@ -103,7 +103,8 @@ class PrefillWorker(Worker):
         await asyncio.get_running_loop().run_in_executor(None, self.sender.forget, address)
 
     def set_faults(self, faults: FaultConfig | None) -> None:
-        """Chaos: change the transfer fault injection of this worker's sender at run time."""
+        """Chaos: change the fault injection of this worker's engine loop and KV sender at run time."""
+        super().set_faults(faults)
         self.sender.faults = faults
 
     def shutdown(self) -> None:

@@ -25,9 +25,11 @@ worker. Before a decode worker has measured a step, only prompts of at most one 
 stay local. The decisions are counted by path and reason (`disaggregation_decisions`), and a local
 prefill's time shows in the TTFT breakdown as the `local_prefill` stage.
 
-Fault tolerance: a request runs as attempts; when a worker dies, stalls or a KV transfer
-fails, the next attempt re-prefills the prompt plus the tokens already streamed on other
-workers and the stream continues (`Router.generate`).
+Fault tolerance: a request runs as attempts; when a worker dies, stalls, fails a step (prefill or
+decode) or a KV transfer fails, the next attempt re-prefills the prompt plus the tokens already streamed on other
+workers and the stream continues (`Router.generate`). Every wait on a worker has a deadline
+(`serve.prefill_timeout_s`, `serve.stream_timeout_s`): a frozen or cut-off worker that the health checks
+have not failed yet costs the attempt, never the request's whole life.
 """
 
 from __future__ import annotations
@@ -323,11 +325,14 @@ class Router:
         produced: list[int] = []  # this attempt's tokens
         stream_done = False
         current = decode  # the worker a failure is blamed on
+        s = self.serve
+        limit = self.config.kv_transfer.reserve_wait_s + s.stream_timeout_s  # the wait under way, for the message
         try:
             relay = self._relay(decode)
             queue = relay.register(attempt)  # before the worker starts it: no item arrives unclaimed
             start_ref = decode.handle.start.remote(request, relay.subscriber)
-            ready = await start_ref  # registered (and its KV room reserved) on the decode worker
+            async with asyncio.timeout(limit):  # registered (and its KV room reserved) on the decode worker
+                ready = await start_ref
             start_ref = None
             if isinstance(ready, StepItem):  # refused: no room for the KV within reserve_wait_s
                 stream_done = True
@@ -342,13 +347,17 @@ class Router:
             if prefill is not None:
                 current = prefill
                 prefill_ref = prefill.handle.prefill.remote(request, ready.reservation)
-                first = await prefill_ref
+                limit = s.prefill_timeout_s
+                async with asyncio.timeout(limit):
+                    first = await prefill_ref
                 prefill_ref = None
                 prefill.inflight_requests -= 1
                 prefill.inflight_tokens -= to_compute
                 prefiller, prefill = prefill, None
                 current = decode
                 if isinstance(first, WorkerError):
+                    if first.status >= 500 and not first.unavailable:  # the prefill worker failed (a step
+                        raise _Failover("worker_error", first.message, prefiller)  # error): another prefills
                     if first.retryable:  # the pair failed: try another one
                         raise _Failover("transfer_failed", first.message, prefiller, decode)
                     raise P.from_worker(first)
@@ -364,8 +373,10 @@ class Router:
                                logprobs=first.logprobs)
                 if first.finished:
                     return
+            limit = s.stream_timeout_s
             while True:
-                item = await queue.get()
+                async with asyncio.timeout(limit):
+                    item = await queue.get()
                 if isinstance(item, BaseException):  # the worker's token stream broke (it died) or ended
                     raise item
                 if item.error is not None:
@@ -392,6 +403,8 @@ class Router:
             raise _Failover("worker_died", f"{current.worker_id} died: {type(e).__name__}", current) from None
         except ray.exceptions.RayError as e:  # the call failed inside the worker
             raise _Failover("worker_error", f"{current.worker_id}: {type(e).__name__}: {e}", current) from None
+        except TimeoutError:  # frozen, or cut off, and not (yet) failed by the health checks
+            raise _Failover("timeout", f"{current.worker_id} did not answer within {limit:g}s", current) from None
         finally:
             decode.inflight_requests -= 1
             if prefill is not None:

@@ -1,10 +1,11 @@
 """The router's worker pools: their lifecycle and health (no request path here).
 
 Workers are detached Ray actors named after the router's instance (`pdserve-<instance>-<role>-<n>`),
-so a router that Ray restarts finds and adopts them (`adopt`). A worker joins routing only once it
-has loaded its model and answered (`_spawn`). The health loop fails dead, stalled or silent workers
-and starts replacements up to each pool's target size (`fail_worker`, `_heal`); `scale` changes
-the targets and drains what it removes. A decode worker that leaves is forgotten by every prefill
+so a router that Ray restarts finds and adopts them (`adopt`); each knows the router actor that started it,
+and a router starting up ends the workers of routers that died for good (`_end_orphans`). A worker joins
+routing only once it has loaded its model and answered (`_spawn`). The health loop fails dead, stalled,
+silent or failing workers and starts replacements up to each pool's target size (`fail_worker`, `_heal`);
+`scale` changes the targets and drains what it removes. A decode worker that leaves is forgotten by every prefill
 worker's KV sender (its connection and channel closed). The prefix index (`router.prefix_index`)
 follows the pools: a worker that joins starts empty there, one that leaves is dropped, and health
 reports reconcile it.
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import time
 from typing import Any
 
@@ -50,6 +52,7 @@ class WorkerPools:
         """Adopt a previous incarnation's workers (`adopt`), fill the pools to their configured sizes and
         start the health loop."""
         s = self.serve
+        await self._end_orphans()
         if adopt:
             await self._adopt()
         want_prefill = s.prefill_workers if s.mode == "disaggregated" else 0
@@ -104,7 +107,7 @@ class WorkerPools:
             # Detached, so that the workers outlive a router that dies: its restart adopts them.
             handle = ray.remote(cls).options(name=self._name_prefix + worker_id, namespace="pdserve",
                                              lifetime="detached", **self._actor_options(role)
-                                             ).remote(self.config.for_workers(), worker_id)
+                                             ).remote(self.config.for_workers(), worker_id, _current_actor())
             # a worker the cluster cannot place (no resources) or that cannot load its model gives up
             info = await asyncio.wait_for(handle.info.remote(), self.serve.worker_start_timeout_s)
             stats = await handle.stats.remote()
@@ -163,6 +166,44 @@ class WorkerPools:
         self._seq = itertools.count(highest + 1)
         for role, pool in self.pools.items():  # the pool sizes the previous incarnation was scaled to
             self.target[role] = max(self.target[role], len(pool))
+
+    async def _end_orphans(self) -> None:
+        """End the workers of routers that are gone. Workers are detached, so those of a router whose process
+        and driver died for good (`pdserve serve` killed with SIGKILL: Ray does not restart an actor whose
+        owner died) would live on, holding their devices and memory. Each worker knows the router actor that
+        started it (`Worker.owner`); one whose router is dead is killed. Workers of a live router, or of one
+        being restarted (its calls wait), or that cannot tell, are left alone."""
+        import ray
+        from ray.util import list_named_actors
+
+        ours = self._name_prefix
+        groups: dict[str, list[str]] = {}  # another router's name prefix -> its workers' actor names
+        for a in list_named_actors(all_namespaces=True):
+            m = _WORKER_NAME.fullmatch(a["name"])
+            if a.get("namespace") == "pdserve" and m and not a["name"].startswith(ours):
+                groups.setdefault(m.group(1), []).append(a["name"])
+
+        async def router_dead(name: str) -> bool:
+            try:
+                owner = await asyncio.wait_for(ray.get_actor(name, namespace="pdserve").owner.remote(),
+                                               self.serve.health_timeout_s)
+                if owner is None:
+                    return False
+                await asyncio.wait_for(owner.pid.remote(), self.serve.health_timeout_s)
+            except ray.exceptions.ActorDiedError:
+                return True
+            except Exception:  # busy, restarting, a worker of an older pdserve: not ours to judge
+                return False
+            return False
+
+        async def sweep(names: list[str]) -> None:
+            if await router_dead(names[0]):
+                logger.warning("ending %d workers whose router is gone: %s", len(names), ", ".join(names))
+                for name in names:
+                    with contextlib.suppress(Exception):
+                        _kill(ray.get_actor(name, namespace="pdserve"))
+
+        await asyncio.gather(*(sweep(names) for names in groups.values()))
 
     async def scale(self, prefill: int | None = None, decode: int | None = None) -> dict:
         """Grow or shrink the pools; removed workers drain (finish what they hold, within
@@ -245,8 +286,9 @@ class WorkerPools:
             self._heal()
 
     async def _check(self, w: WorkerState) -> None:
-        """A worker is routable while it answers in time and its engine loop lives and makes progress.
-        Dead, stalled (work queued, no progress for `stall_timeout_s`) or silent for that long: failed."""
+        """A worker is routable while it answers in time and its engine loop lives, makes progress and
+        does not keep failing. Dead, stalled (work queued, no progress for `stall_timeout_s`), silent for
+        that long, or failing (`max_step_errors` failed steps within `step_error_window_s`): failed."""
         import ray
 
         s = self.serve
@@ -266,9 +308,24 @@ class WorkerPools:
             return self.fail_worker(w, "engine_loop_died")
         if w.stats.busy and w.stats.progress_age_s > s.stall_timeout_s:
             return self.fail_worker(w, "stalled")
+        if w.stats.failing:  # its engine steps keep failing: its emptied KV pool would keep attracting traffic
+            return self.fail_worker(w, "step_errors")
         w.healthy = True
         if quiet and not w.inflight_requests and w.num_dispatched == dispatched:
             self.index.reconcile(w.worker_id, w.stats.num_cached_blocks)
+
+
+_WORKER_NAME = re.compile(r"(pdserve-[0-9a-f]+-)(?:prefill|decode)-\d+")  # detached worker actor names
+
+
+def _current_actor():
+    """This process's actor handle (the router's), or None outside an actor."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().current_actor
+    except Exception:
+        return None
 
 
 def _kill(handle) -> None:

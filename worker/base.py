@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from pdserve.engine.config import PdserveConfig
+from pdserve.engine.config import FaultConfig, PdserveConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.messages import WorkerInfo, WorkerStats
 from pdserve.worker.engine_loop import EngineLoop
@@ -35,15 +35,18 @@ class Worker:
 
     role = "worker"
 
-    def __init__(self, config: PdserveConfig, worker_id: str):
+    def __init__(self, config: PdserveConfig, worker_id: str, owner=None):
         if config.engine.num_threads:
             torch.set_num_threads(config.engine.num_threads)
         if config.serve.worker_nice > 0:  # below the router (see ServeConfig.worker_nice); never above 19
             os.nice(max(0, min(config.serve.worker_nice, 19 - os.nice(0))))
         self.config = config
         self.worker_id = worker_id
+        self._owner = owner  # the router actor that started this (detached) worker, if any
         self.engine = LLMEngine(config)
-        self.loop = EngineLoop(self.engine, name=f"{self.role}-loop").start()
+        s = config.serve
+        self.loop = EngineLoop(self.engine, name=f"{self.role}-loop", max_step_errors=s.max_step_errors,
+                               step_error_window_s=s.step_error_window_s, faults=config.faults).start()
         self.started = time.monotonic()
         self.model_name = config.serve.served_model_name or self.engine.source.model_id
         self.metrics_url = self._serve_metrics()
@@ -72,6 +75,11 @@ class Worker:
     def ping(self) -> str:
         return self.worker_id
 
+    def owner(self):
+        """The handle of the router actor that started this worker (None if unknown): a router starting up
+        asks it whether it still lives, and ends the workers of a router that died (`WorkerPools`)."""
+        return self._owner
+
     def stats(self) -> WorkerStats:
         """Cheap, thread-safe enough snapshot for routing and health (read without locks)."""
         e = self.engine
@@ -82,6 +90,7 @@ class Worker:
         measured = cost.num_observed > 0  # until then its figures are the default model's, not this machine's
         return WorkerStats(
             worker_id=self.worker_id, role=self.role, alive=self.loop.alive, busy=self.loop.has_work,
+            failing=self.loop.failing, step_errors=self.loop.recent_step_errors,
             step_age_s=now - self.loop.last_step_time,
             # since the loop last stepped or a forward pass last finished a layer (a heartbeat)
             progress_age_s=now - max(self.loop.last_step_time, e.last_progress),
@@ -112,6 +121,10 @@ class Worker:
                 return list(self.engine.seqs)
             except RuntimeError:
                 continue
+
+    def set_faults(self, faults: FaultConfig | None) -> None:
+        """Chaos: change this worker's fault injection at run time (its engine loop's step faults)."""
+        self.loop.faults = faults
 
     def debug_stall(self, seconds: float) -> None:
         """Chaos: freeze this worker's engine loop for `seconds` (see `EngineLoop.stall`)."""

@@ -10,6 +10,8 @@ Lifecycle of a request here:
      error: a step that raises fails every request in flight, frees all their
      blocks, and the loop keeps serving. An abort that arrives before its request
      is remembered, and the request is refused when it comes.
+A loop whose steps keep failing (`max_step_errors` within `step_error_window_s`) says so
+(`failing`): its worker reports it in its stats and the router replaces the worker.
 The engine is touched only by the loop thread; sinks are called on it too, so
 they must be quick (e.g. `loop.call_soon_threadsafe` into asyncio).
 """
@@ -17,12 +19,14 @@ they must be quick (e.g. `loop.call_soon_threadsafe` into asyncio).
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pdserve.engine.config import FaultConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import FinishReason, RequestOutput
@@ -34,7 +38,14 @@ _EARLY_ABORTS = 4096  # aborts of unknown requests remembered
 
 
 class EngineStepError(RuntimeError):
-    """The engine step running this request failed; the request's KV has been freed."""
+    """The engine step running this request failed; the request's KV has been freed. The worker failed, not
+    the request: another worker may well serve it (the router migrates it)."""
+
+    retryable = True
+
+
+class InjectedStepFault(RuntimeError):
+    """An engine step failed on purpose (`faults.step_fail_rate`, chaos testing)."""
 
 
 @dataclass
@@ -48,7 +59,8 @@ class _Submit:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, name: str = "engine-loop"):
+    def __init__(self, engine: LLMEngine, name: str = "engine-loop", *, max_step_errors: int = 5,
+                 step_error_window_s: float = 60.0, faults: FaultConfig | None = None):
         self.engine = engine
         self._inbox: deque[_Submit] = deque()
         self._aborts: deque[str] = deque()
@@ -60,6 +72,10 @@ class EngineLoop:
         self._stop = False
         self.last_step_time = time.monotonic()  # heartbeat: advances while the loop lives
         self.num_step_errors = 0
+        self.max_step_errors = max_step_errors
+        self.step_error_window_s = step_error_window_s
+        self._step_errors: deque[float] = deque(maxlen=max_step_errors)  # when the latest ones happened
+        self.faults = faults
         self._stall_until = 0.0  # chaos: `stall()` freezes the loop thread (a hung kernel, a deadlock)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -101,6 +117,28 @@ class EngineLoop:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def faults(self) -> FaultConfig:
+        return self._faults
+
+    @faults.setter
+    def faults(self, faults: FaultConfig | None) -> None:
+        """Chaos: the step faults to inject from now on, drawn from a fresh RNG seeded by `faults.seed`."""
+        self._faults = faults if faults is not None else FaultConfig()
+        self._fault_rng = random.Random(self._faults.seed)
+
+    @property
+    def recent_step_errors(self) -> int:
+        """Failed steps within the last `step_error_window_s`, up to `max_step_errors` (read without a lock:
+        a health report)."""
+        cutoff = time.monotonic() - self.step_error_window_s
+        return sum(t > cutoff for t in list(self._step_errors))
+
+    @property
+    def failing(self) -> bool:
+        """Its steps keep failing: `max_step_errors` within the window. The worker is not fit to serve."""
+        return self.recent_step_errors >= self.max_step_errors
 
     def _post(self, item: _Submit) -> None:
         with self._wake:
@@ -180,9 +218,11 @@ class EngineLoop:
 
     def _step(self) -> None:
         try:
+            if self._faults.step_fail_rate and self._fault_rng.random() < self._faults.step_fail_rate:
+                raise InjectedStepFault("injected fault (faults.step_fail_rate)")
             outputs = self.engine.step()
         except Exception as exc:
-            self.num_step_errors += 1
+            self._count_step_error()
             logger.exception("engine step failed; failing the %d requests in flight", len(self._sinks))
             for rid, sink in list(self._sinks.items()):
                 self.engine.abort(rid)
@@ -198,6 +238,14 @@ class EngineLoop:
             if sink is not None and not _deliver(sink, out) and not out.finished:
                 self._sinks.pop(out.request_id, None)  # its consumer is gone: stop generating for it
                 self.engine.abort(out.request_id)
+
+
+    def _count_step_error(self) -> None:
+        self.num_step_errors += 1
+        self._step_errors.append(time.monotonic())
+        if self.failing:
+            logger.error("%d engine steps failed within %gs: this worker reports itself failing",
+                         self.max_step_errors, self.step_error_window_s)
 
 
 def _deliver(sink: Sink, out: RequestOutput | BaseException) -> bool:

@@ -8,11 +8,12 @@ import time
 
 import pytest
 
+from pdserve.engine.config import FaultConfig
 from pdserve.engine.llm_engine import InvalidRequestError
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import FinishReason
 from pdserve.worker.engine_loop import EngineLoop, EngineStepError
-from tests.helpers import GREEDY, prompts
+from tests.helpers import GREEDY, prompts, wait_for
 
 
 @pytest.fixture
@@ -91,6 +92,30 @@ def test_failed_step_fails_requests_frees_blocks_and_loop_survives(loop, monkeyp
     q = queue.Queue()
     loop.submit("after", prompts(lens=[5])[0], GREEDY, q.put)
     assert collect(q)[-1].finish_reason is FinishReason.LENGTH
+
+
+def test_a_loop_whose_steps_keep_failing_reports_itself_failing_within_the_window(make_engine, tiny_model_dir):
+    """`max_step_errors` failed steps (injected: faults.step_fail_rate) within `step_error_window_s` make the
+    loop `failing` (its worker reports it and the router replaces the worker); older ones stop counting."""
+    lp = EngineLoop(make_engine(tiny_model_dir), max_step_errors=2, step_error_window_s=1.0,
+                    faults=FaultConfig(step_fail_rate=1.0)).start()
+    try:
+        for i in range(2):
+            assert not lp.failing
+            q: queue.Queue = queue.Queue()
+            lp.submit(f"r{i}", prompts(lens=[5])[0], GREEDY, q.put)
+            assert isinstance(collect(q)[-1], EngineStepError)
+        assert lp.failing and lp.recent_step_errors == 2 and lp.alive
+        wait_for(lambda: not lp.failing, 5.0, "the failed steps to leave the window")
+        lp.faults = None
+        q = queue.Queue()
+        lp.submit("after", prompts(lens=[5])[0], GREEDY, q.put)
+        assert collect(q)[-1].finish_reason is FinishReason.LENGTH
+        assert not lp.failing and lp.num_step_errors == 2
+    finally:
+        lp.stop()
+    bm = lp.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])

@@ -37,6 +37,7 @@ from pdserve.kv_transfer import (
     RequestReleased,
     ReservationRefused,
     ReservationTooLarge,
+    TransferTimeout,
 )
 from pdserve.kv_transfer.protocol import REASON_METADATA_KEY
 from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
@@ -293,6 +294,50 @@ def test_sender_process_killed_mid_stream(receiver, transport):
         print(f"{transport}: reclaimed {took:.3f}s after the kill")
     finally:
         proc.kill()
+
+
+RECEIVER_SCRIPT = textwrap.dedent("""
+    import json, sys, threading
+    from pdserve.engine.config import KVTransferConfig
+    from pdserve.kv_transfer import Fingerprint, KVPool, KVReceiver
+    args = json.loads(sys.argv[1])
+    pool = KVPool.standalone(Fingerprint(**args["fp"]), 32)
+    rx = KVReceiver(pool, KVTransferConfig(**args["kv"]), lambda received: None).start()
+    print(rx.address, flush=True)
+    threading.Event().wait()
+""")
+
+
+@pytest.mark.parametrize("bound", ["keepalive", "deadline"])
+def test_a_push_into_a_frozen_receiver_fails_within_its_bound(bound):
+    """The receiver's process is frozen (SIGSTOP: its kernel still accepts the bytes, nothing answers) after it
+    reserved: the push fails with a typed error within keepalive_time_s + keepalive_timeout_s (1.5 s), or
+    within push_timeout_s (2 s) with keepalive at its default (10 + 10 s), plus the bounded release the
+    sender sends after it (rpc_timeout_s, 1 s). Without either it would wait forever."""
+    kv = {"keepalive_time_s": 0.5, "keepalive_timeout_s": 1.0} if bound == "keepalive" else {"push_timeout_s": 2.0}
+    kv["rpc_timeout_s"] = 1.0
+    args = json.dumps({"fp": dataclasses.asdict(FP), "kv": kv})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", RECEIVER_SCRIPT, args], stdout=subprocess.PIPE, env=env, cwd=ROOT)
+    try:
+        address = proc.stdout.readline().decode().strip()
+        tx = KVSender(KVTransferConfig(**kv), FP)
+        try:
+            tx.reserve(address, "frozen", 20)
+            proc.send_signal(signal.SIGSTOP)
+            t0 = time.monotonic()
+            push = tx.push(address, _stream("frozen", 20))
+            with pytest.raises(PeerUnavailable if bound == "keepalive" else TransferTimeout):
+                push.result(15)
+            took = time.monotonic() - t0
+            assert took < (1.5 if bound == "keepalive" else 2.0) + 1.0 + 3.0, took
+            print(f"{bound}: the push failed {took:.2f}s after the receiver froze")
+        finally:
+            tx.close()
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait(10)
 
 
 def test_channels_per_worker_are_bounded(receiver):

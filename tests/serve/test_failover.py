@@ -6,7 +6,10 @@ and every worker's KV pool is checked to be all free afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import threading
 import time
 
@@ -24,15 +27,15 @@ MAX_TOKENS = 300
 
 @pytest.fixture(scope="module")
 def expected(tiny_text_model_dir):
-    """The uninterrupted greedy text for a max_tokens, from the bare engine."""
+    """The uninterrupted greedy text for a max_tokens (and a prompt), from the bare engine."""
     engine = LLMEngine(PdserveConfig().replace(model={"model": str(tiny_text_model_dir), **EXACT}))
-    cache: dict[int, str] = {}
+    cache: dict[tuple[int, str], str] = {}
 
-    def text(max_tokens: int = MAX_TOKENS) -> str:
-        if max_tokens not in cache:
+    def text(max_tokens: int = MAX_TOKENS, prompt: str = PROMPT) -> str:
+        if (max_tokens, prompt) not in cache:
             params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-            cache[max_tokens] = engine.generate([PROMPT], params)[0].output_text
-        return cache[max_tokens]
+            cache[max_tokens, prompt] = engine.generate([prompt], params)[0].output_text
+        return cache[max_tokens, prompt]
 
     return text
 
@@ -122,7 +125,8 @@ def kill_after(server: Server, role: str, at_chunk: int, stall_first: bool = Tru
 def disagg(ray_cluster, tiny_text_model_dir):
     server = Server(ray_cluster, tiny_text_model_dir,
                     serve={"prefill_workers": 2, "decode_workers": 2, "health_interval_s": 0.2,
-                           "stall_timeout_s": 2.0, "max_migrations": 3, "drain_timeout_s": 0.5})
+                           "stall_timeout_s": 2.0, "max_migrations": 3, "drain_timeout_s": 0.5,
+                           "max_step_errors": 3})
     yield server
     server.stop()
 
@@ -217,6 +221,134 @@ def test_every_transfer_failing_ends_in_an_explicit_error(disagg):
         for w in prefills:
             disagg.ray.get(handle(disagg, w).set_faults.remote(FaultConfig()))
     disagg.wait_kv_free()
+
+
+def test_a_prefill_step_error_is_retried_on_another_prefill_worker(disagg, expected):
+    """The prefill worker routing picks first (a prompt cached nowhere: the tie goes to the first) fails its
+    engine step: the request is prefilled again on the other one, and the client sees nothing of it."""
+    wait_pools(disagg, 2, 2)
+    victim = pools_of(disagg)["prefill"][0]["worker_id"]
+    before = metric(disagg, "pdserve_request_migrations_total", reason="worker_error")
+    prompt = f"prefill retry. {PROMPT}"
+    try:
+        disagg.ray.get(handle(disagg, victim).set_faults.remote(FaultConfig(step_fail_rate=1.0)))
+        text, error, _ = stream(disagg.url, prompt=prompt, max_tokens=16)
+    finally:
+        disagg.ray.get(handle(disagg, victim).set_faults.remote(FaultConfig()))
+    assert error is None and text == expected(16, prompt)
+    assert metric(disagg, "pdserve_request_migrations_total", reason="worker_error") == before + 1
+    disagg.wait_kv_free()
+
+
+def test_a_worker_whose_steps_keep_failing_is_replaced_and_no_longer_routed_to(disagg, expected):
+    """Every engine step of one decode worker raises. Its KV pool, emptied by each failure, makes it the first
+    pick every time (prompts cached nowhere: the tie goes to the first); each request it gets migrates and
+    comes out exact. After max_step_errors (3) failed steps it reports itself failing and the router
+    replaces it."""
+    wait_pools(disagg, 2, 2)
+    victim = pools_of(disagg)["decode"][0]["worker_id"]
+    failures = metric(disagg, "pdserve_worker_failures_total", role="decode", reason="step_errors")
+    migrations = metric(disagg, "pdserve_request_migrations_total", reason="worker_error")
+
+    def routed() -> bool:
+        return victim in {w["worker_id"] for w in pools_of(disagg)["decode"]}
+
+    victim_handle = handle(disagg, victim)
+    disagg.ray.get(victim_handle.set_faults.remote(FaultConfig(step_fail_rate=1.0)))
+    try:
+        for i in range(8):
+            if not routed():
+                break
+            prompt = f"{i}. {PROMPT}"
+            text, error, _ = stream(disagg.url, prompt=prompt, max_tokens=16)
+            assert error is None and text == expected(16, prompt)
+        wait_for(lambda: not routed(), 5.0, f"{victim} to be failed")
+    finally:  # in case it is still there: the module's later tests need it sound
+        with contextlib.suppress(Exception):
+            disagg.ray.get(victim_handle.set_faults.remote(FaultConfig()), timeout=10)
+    assert metric(disagg, "pdserve_worker_failures_total", role="decode", reason="step_errors") == failures + 1
+    assert metric(disagg, "pdserve_request_migrations_total", reason="worker_error") >= migrations + 3
+    wait_pools(disagg, 2, 2)
+    migrations = metric(disagg, "pdserve_request_migrations_total", reason="worker_error")
+    text, error, _ = stream(disagg.url, prompt=f"after. {PROMPT}", max_tokens=16)  # its replacement serves
+    assert error is None and text == expected(16, f"after. {PROMPT}")
+    assert metric(disagg, "pdserve_request_migrations_total", reason="worker_error") == migrations
+    disagg.wait_kv_free()
+
+
+def test_a_frozen_worker_is_given_up_within_the_routers_deadlines(ray_cluster, tiny_text_model_dir, expected):
+    """SIGSTOP freezes a worker's process: Ray still counts it alive, and the health checks would fail it only
+    after stall_timeout_s (60 s here). The router's own deadlines (prefill_timeout_s, stream_timeout_s: 3 s)
+    give the attempt up and the request migrates, exact: first with a frozen prefill worker (the one routing
+    picks first, for a prompt cached nowhere), then with a decode worker frozen mid-stream while another stream
+    runs on the other decode worker and finishes. After SIGCONT every block comes back."""
+    server = Server(ray_cluster, tiny_text_model_dir,
+                    serve={"prefill_workers": 2, "decode_workers": 2, "health_interval_s": 0.2, "stall_timeout_s": 60.0,
+                           "prefill_timeout_s": 3.0, "stream_timeout_s": 3.0})
+    frozen: list[int] = []
+
+    def freeze(worker_id: str) -> float:
+        pid = server.ray.get(handle(server, worker_id).__ray_call__.remote(lambda self: os.getpid()))
+        os.kill(pid, signal.SIGSTOP)
+        frozen.append(pid)
+        return time.monotonic()
+
+    def thaw() -> None:
+        while frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen.pop(), signal.SIGCONT)
+
+    try:
+        before = metric(server, "pdserve_request_migrations_total", reason="timeout")
+        prompt = f"frozen prefill. {PROMPT}"
+        t0 = freeze(pools_of(server)["prefill"][0]["worker_id"])
+        text, error, _ = stream(server.url, prompt=prompt, max_tokens=16)
+        took = time.monotonic() - t0
+        assert error is None and text == expected(16, prompt)
+        print(f"the request on a frozen prefill worker took {took:.1f}s")
+        assert 3.0 <= took < 3.0 + 10.0, took
+        assert metric(server, "pdserve_request_migrations_total", reason="timeout") == before + 1
+        thaw()
+        wait_pools(server, 2, 2)
+
+        other: dict = {}
+        frozen_at: list[float] = []
+        other_prompt = f"the other stream. {PROMPT}"  # shares no block with PROMPT: no prefix draws it
+        stalled: list[str] = []
+
+        def on_chunk(n: int) -> None:
+            if n == 5:
+                wid = holder(server, "decode")
+                server.ray.get(handle(server, wid).debug_stall.remote(30))  # it must not finish before the freeze
+                stalled.append(wid)
+                (rest,) = [w for w in server.stats() if w.startswith("decode") and w != wid]
+
+                def free(w: str) -> int:  # as routing sees it, from the last health check
+                    return next(x["free_blocks"] for x in pools_of(server)["decode"] if x["worker_id"] == w)
+
+                wait_for(lambda: free(wid) < free(rest), 10, "routing to see the request's blocks")
+                t = threading.Thread(target=lambda: other.update(
+                    out=stream(server.url, prompt=other_prompt, max_tokens=100)))
+                t.start()  # routed to the other decode worker: it has more free blocks
+                other["thread"] = t
+                wait_for(lambda: server.stats()[rest].busy, 10, "the other stream to run")
+                frozen_at.append(freeze(wid))
+
+        text, error, _ = stream(server.url, on_chunk, max_tokens=100)
+        took = time.monotonic() - frozen_at[0]
+        print(f"the stream frozen mid-way ended {took:.1f}s after the freeze")
+        assert error is None and text == expected(100)
+        assert took < 3.0 + 15.0, took
+        other["thread"].join(60)
+        assert other["out"][1] is None and other["out"][0] == expected(100, other_prompt)
+        assert metric(server, "pdserve_request_migrations_total", reason="timeout") == before + 2
+        thaw()
+        server.ray.get(handle(server, stalled[0]).debug_stall.remote(0))
+        wait_pools(server, 2, 2)
+        server.wait_kv_free()
+    finally:
+        thaw()
+        server.stop()
 
 
 def test_scale_down_past_the_drain_timeout_migrates_what_is_left(ray_cluster, tiny_text_model_dir, reference):

@@ -1,7 +1,8 @@
-"""pdserve serve on a simulated multi-node Ray cluster, and on the default model (slow)."""
+"""pdserve serve on a simulated multi-node Ray cluster, on the default model (slow), and its orphaned workers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -158,3 +159,67 @@ def test_pdserve_serve_and_scale_commands(tiny_text_model_dir):
     finally:
         if serve.poll() is None:
             os.kill(serve.pid, signal.SIGKILL)
+
+
+def test_a_serve_killed_with_sigkill_leaves_workers_the_next_start_ends(ray_cluster, tiny_text_model_dir):
+    """`pdserve serve` killed with SIGKILL: Ray ends its router (the driver owned it), but the detached workers
+    live on, holding their memory (devices, on a GPU node). The next `pdserve serve` on the cluster finds
+    them, learns from each that its router is dead, and ends them before starting its own."""
+    import os
+    import re
+    import signal
+
+    from ray.util import list_named_actors
+
+    from tests.helpers import wait_for
+
+    ray = ray_cluster
+    gcs = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--address", gcs, "--model", str(tiny_text_model_dir),
+           "--port", "0", "--num-kv-blocks", "64", "--threads", "1"]
+    env = {**_env(), "PYTHONPATH": str(ROOT)}
+
+    def workers() -> set[str]:
+        return {a["name"] for a in list_named_actors(all_namespaces=True) if a.get("namespace") == "pdserve"
+                and re.fullmatch(r"pdserve-[0-9a-f]+-(prefill|decode)-\d+", a["name"])}
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in proc.stdout:  # until the banner's last line: the workers are up
+            if line.strip().startswith("scale:"):
+                return proc
+        pytest.fail(f"pdserve serve exited with {proc.wait()} before serving")
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    others = workers()  # other tests' servers on the session cluster: not to be touched
+    first = start()
+    second = None
+    try:
+        orphans = workers() - others
+        assert len(orphans) == 2
+        pids = [ray.get(ray.get_actor(n, namespace="pdserve").__ray_call__.remote(lambda self: os.getpid()))
+                for n in orphans]
+        first.kill()
+        first.wait(10)
+        assert orphans <= workers() and all(map(alive, pids))  # detached: still there
+        t0 = time.monotonic()
+        second = start()
+        print(f"the second pdserve serve was up {time.monotonic() - t0:.1f}s after the first was killed")
+        assert not orphans & workers()
+        wait_for(lambda: not any(map(alive, pids)), 10, "the orphaned workers' processes to exit")
+        assert len(workers() - others) == 2  # its own
+        assert workers() >= others
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(60)
+        for name in workers() - others:  # whatever a failure left behind
+            with contextlib.suppress(Exception):
+                ray.kill(ray.get_actor(name, namespace="pdserve"), no_restart=True)
