@@ -252,40 +252,83 @@ def entrypoint_argv(tmp_path: Path, head_env: dict) -> tuple[list[str], str]:
     return json.loads((tmp_path / "pdserve.json").read_text()), entrypoint
 
 
-def test_rayjob_command_gets_the_secrets_on_the_head_and_builds_a_valid_config(tmp_path):
-    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in head_container()["env"] if "valueFrom" in e}
-    secret = one("Secret", "pdserve-secrets")
-    assert {ref["name"] for ref in env.values()} == {"pdserve-secrets"}
-    assert {ref["key"] for ref in env.values()} <= set(secret["stringData"])
-    head_env = {"PDSERVE_API_KEY": "k3y-from-secret", "PDSERVE_KV_AUTH_TOKEN": "t0ken-from-secret"}
-    assert set(head_env) == set(env)
+SECRET_FLAGS = {"--api-key-file": "api_key", "--admin-key-file": "admin_key", "--kv-auth-token-file": "auth_token"}
 
-    argv, entrypoint = entrypoint_argv(tmp_path, head_env)
-    assert "k3y-from-secret" not in entrypoint and "$PDSERVE_API_KEY" in entrypoint  # expanded on the head only
+
+def test_rayjob_command_reads_the_secrets_from_the_mounted_secret_and_builds_a_valid_config(tmp_path):
+    spec = one("RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
+    secret = one("Secret", "pdserve-secrets")
+    (volume,) = [v["name"] for v in spec["volumes"] if v.get("secret", {}).get("secretName") == "pdserve-secrets"]
+    mount = {m["name"]: m for m in head_container()["volumeMounts"]}[volume]
+    assert mount["readOnly"] is True
+    argv, entrypoint = entrypoint_argv(tmp_path, {})
     assert argv[0] == "serve"
+
+    # Each secret is a file of the Secret's volume: a key the Secret has, under the mount path.
+    # Stand-in values go where the files would be, as the ConfigMap's file does below.
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for flag in SECRET_FLAGS:
+        path = Path(argv[argv.index(flag) + 1])
+        assert path.parent == Path(mount["mountPath"]) and path.name in secret["stringData"], (flag, path)
+        (secrets / path.name).write_text(f"{path.name}-value\n")
+        argv[argv.index(flag) + 1] = str(secrets / path.name)
 
     # The config file: the ConfigMap the head pod mounts where --config points.
     config_path = Path(argv[argv.index("--config") + 1])
     mount = {m["name"]: m["mountPath"] for m in head_container()["volumeMounts"]}["pdserve-config"]
     assert config_path.parent == Path(mount)
     configmap = one("ConfigMap", "pdserve-config")
-    volumes = one("RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]
-    assert {"name": "pdserve-config", "configMap": {"name": "pdserve-config"}} in volumes
+    assert {"name": "pdserve-config", "configMap": {"name": "pdserve-config"}} in spec["volumes"]
     local = tmp_path / config_path.name
     local.write_text(configmap["data"][config_path.name])
     argv[argv.index("--config") + 1] = str(local)
 
-    # pdserve's own argument parser and config tree accept the command line and the file.
+    # pdserve's own argument parser and config tree accept the command line and the files.
     from pdserve.serve import add_serve_args, serve_config
 
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
     cfg = serve_config(parser.parse_args(argv[1:]))
-    assert (cfg.serve.host, cfg.serve.port, cfg.serve.api_key) == ("0.0.0.0", 8000, "k3y-from-secret")
+    assert (cfg.serve.host, cfg.serve.port) == ("0.0.0.0", 8000)
+    assert (cfg.serve.api_key, cfg.serve.admin_key) == ("api-key-value", "admin-key-value")
     kv = cfg.kv_transfer
-    assert (kv.host, kv.port, kv.auth_token) == ("0.0.0.0", 50051, "t0ken-from-secret")
+    assert (kv.host, kv.port, kv.auth_token) == ("0.0.0.0", 50051, "kv-auth-token-value")
     decode = {g["groupName"]: g for g in one("RayCluster")["spec"]["workerGroupSpecs"]}["decode"]
     assert kv.port in {p["containerPort"] for p in decode["template"]["spec"]["containers"][0]["ports"]}
+
+
+def serve_commands() -> dict[str, list[str]]:
+    """Every `pdserve serve` command in deploy/ and the docs that tell how to deploy, per file: from
+    `pdserve serve` to the end of its command (a backtick, a quote, or a line end that neither a
+    backslash nor an indented `--flag` on the next line continues)."""
+    sources = [*DOCS, "README.md", "deploy/ray-cluster/aws.yaml"]
+    found = {src: re.findall(r"pdserve serve(?:\\\n|\n(?=[#\s]*--)|[^`'\n])*", (ROOT / src).read_text())
+             for src in sources}
+    found["serve-job.yaml (RayJob entrypoint)"] = [one("RayJob")["spec"]["entrypoint"]]
+    return found
+
+
+def test_no_secret_on_any_command_line():
+    """A command line is visible to every user of the machine (`ps`) and lands in Ray's job list and
+    in logs: secrets are named by file. Neither a secret-taking flag nor any shell expansion (which
+    is how a secret got onto one: `--api-key "$(cat key)"`, `--api-key "$PDSERVE_API_KEY"`)."""
+    commands = serve_commands()
+    for src in ("deploy/ray-cluster/aws.yaml", "deploy/ray-cluster/README.md", "docs/deploy.md",
+                "deploy/kuberay/README.md"):  # the extraction finds the full commands
+        assert any("--kv-auth-token-file" in c for c in commands[src]), src
+    bad = [(src, cmd) for src, cmds in commands.items() for cmd in cmds
+           if "$" in cmd or re.search(r"--(api-key|admin-key|kv-auth-token)[\s=]", cmd)]
+    assert not bad, bad
+    job = commands["serve-job.yaml (RayJob entrypoint)"][0]
+    assert all(flag in job for flag in SECRET_FLAGS)
+    # ... nor in a container's environment, which `kubectl describe`, crash dumps and Ray's job
+    # supervisor (it copies the head's environment into the driver's) pass on.
+    spec = one("RayCluster")["spec"]
+    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    refs = [e for t in templates for c in t["spec"]["containers"] for e in c.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})]
+    assert not refs, refs
 
 
 def launcher_serve_commands() -> dict[str, str]:
