@@ -5,7 +5,7 @@ only raw tensor bytes cross the channel, so nothing on it is ever deserialised
 into objects.
 
 Groups are created lazily (the first push between a pair), rendezvous through
-a TCPStore the decode worker hosts, and are bounded per worker
+a TCPStore the decode worker hosts (on `kv_transfer.host` only), and are bounded per worker
 (`max_channels`, least recently used idle ones closed first) because each
 NCCL pair costs tens of MB. Every send/recv has a deadline; one that misses it
 or fails tears its channel down (a half-finished send/recv leaves a group in an
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -52,6 +53,25 @@ def create_group(store: dist.Store, channel_id: str, rank: int, backend: str, ti
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def listening_store(host: str, timeout_s: float) -> dist.TCPStore:
+    """The TCPStore a receiver hosts for its channels' rendezvous, listening on `host` only (port
+    chosen by the OS). A TCPStore given a host name still listens on every interface, so the
+    socket is bound here and handed over."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        store = dist.TCPStore(host, port, None, True, timeout=datetime.timedelta(seconds=timeout_s),
+                              wait_for_workers=False, master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns the descriptor now, and closes it
+    return store
 
 
 class TorchChannel:

@@ -71,6 +71,7 @@ from pdserve.kv_transfer.channel import (
     TorchChannel,
     backend_for,
     create_group,
+    listening_store,
 )
 from pdserve.kv_transfer.errors import ChecksumMismatch, KVTransferError, MalformedTransfer, PeerUnavailable
 from pdserve.kv_transfer.protocol import (
@@ -314,9 +315,7 @@ class TorchReceiver(ReceiverPlane):
         if not self.channels.make_room():
             raise KVTransferError(f"all {self.config.max_channels} channels are busy")
         if self._store is None:
-            self._store = dist.TCPStore(self.config.host, 0, None, True,
-                                        timeout=datetime.timedelta(seconds=self.config.channel_timeout_s),
-                                        wait_for_workers=False)
+            self._store = listening_store(self.config.host, self.config.channel_timeout_s)
         store, t = self._store, self.config.channel_timeout_s
         host = advertised_host(self.config.host)  # what the peer dials, and the interface gloo binds
 

@@ -296,6 +296,14 @@ def test_rayjob_command_reads_the_secrets_from_the_mounted_secret_and_builds_a_v
     assert (kv.host, kv.port, kv.auth_token) == ("0.0.0.0", 50051, "kv-auth-token-value")
     decode = {g["groupName"]: g for g in one("RayCluster")["spec"]["workerGroupSpecs"]}["decode"]
     assert kv.port in {p["containerPort"] for p in decode["template"]["spec"]["containers"][0]["ports"]}
+    # The KV plane binds beyond loopback, so it speaks TLS, with files every worker pod mounts.
+    assert not kv.allow_plaintext and kv.tls_cert_file and kv.tls_key_file and kv.tls_ca_file
+    for group in one("RayCluster")["spec"]["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "pdserve-kv-tls"]
+        assert not volume["secret"].get("optional", False)
+        mount = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}[volume["name"]]
+        assert {Path(f).parent for f in (kv.tls_cert_file, kv.tls_key_file, kv.tls_ca_file)} == {Path(mount)}
 
 
 def serve_commands() -> dict[str, list[str]]:
@@ -366,6 +374,10 @@ def test_launcher_serve_command_builds_a_valid_config(tmp_path, source):
     assert (cfg.serve.api_key, cfg.kv_transfer.auth_token) == ("k3y", "t0ken")
     assert (cfg.serve.host, cfg.serve.port, cfg.kv_transfer.host, cfg.kv_transfer.port) == ("0.0.0.0", 8000,
                                                                                             "0.0.0.0", 50051)
+    # TLS files where file_mounts puts ~/pdserve-tls on every node (the ssh user's home).
+    kv, home = cfg.kv_transfer, Path("/home", launcher()["auth"]["ssh_user"])
+    assert not kv.allow_plaintext and "~/pdserve-tls" in launcher()["file_mounts"]
+    assert {Path(f).parent for f in (kv.tls_cert_file, kv.tls_key_file, kv.tls_ca_file)} == {home / "pdserve-tls"}
 
 
 def test_launcher_config_file_builds_a_valid_config():

@@ -24,7 +24,7 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from pdserve.engine.config import KVTransferConfig
+from pdserve.engine.config import InsecureConfig, KVTransferConfig, PdserveConfig
 from pdserve.kv_transfer import (
     AuthenticationFailed,
     KVPool,
@@ -71,6 +71,17 @@ def release_committed(rx: KVReceiver) -> None:
     rec = rx.committed.pop()
     with rx.pool.lock:
         rx.pool.blocks.free(rec.block_table)
+
+
+def push_once(rx: KVReceiver, config: KVTransferConfig, request_id: str, num_tokens: int) -> None:
+    """One whole transfer into `rx` from a fresh sender, then its blocks freed."""
+    tx = KVSender(config, FP)
+    try:
+        tx.reserve(rx.address, request_id, num_tokens)
+        tx.push(rx.address, _stream(request_id, num_tokens)).result(20)
+    finally:
+        tx.close()
+    release_committed(rx)
 
 
 def stub(rx: KVReceiver, token: str | None = None):
@@ -243,22 +254,46 @@ def _self_signed(tmp_path: Path) -> tuple[str, str]:
     return str(cert_file), str(key_file)
 
 
-def test_tls(receiver, tmp_path):
+def test_a_kv_server_beyond_loopback_needs_tls_or_an_explicit_opt_out(receiver, tmp_path):
+    """The wildcard bind a multi-node deployment uses: refused in plaintext (the KV bytes and the
+    auth token would cross the network readable) unless TLS is configured or plaintext is allowed
+    explicitly; with TLS a push works and a plaintext sender is refused."""
+    with pytest.raises(InsecureConfig, match="tls_cert_file"):
+        KVTransferConfig(host="0.0.0.0", auth_token="s3cret")
+    with pytest.raises(InsecureConfig, match="tls_cert_file"):
+        PdserveConfig().replace(kv_transfer={"host": "::", "auth_token": "s3cret"})
+    assert KVTransferConfig(host="0.0.0.0", auth_token="s3cret", allow_plaintext=True).allow_plaintext
     cert, key = _self_signed(tmp_path)
-    rx = receiver(tls_cert_file=cert, tls_key_file=key, auth_token="s3cret")
+    rx = receiver(host="0.0.0.0", tls_cert_file=cert, tls_key_file=key, auth_token="s3cret")
+    address = f"127.0.0.1:{rx.port}"
     plain = KVSender(KVTransferConfig(auth_token="s3cret", rpc_timeout_s=2), FP)
     try:
         with pytest.raises(PeerUnavailable):
-            plain.pair(rx.address)
+            plain.pair(address)
     finally:
         plain.close()
     tx = KVSender(KVTransferConfig(auth_token="s3cret", tls_ca_file=cert, tls_server_name="pdserve-decode"), FP)
     try:
-        tx.reserve(rx.address, "r", 5)
-        tx.push(rx.address, _stream("r", 5)).result(10)
+        tx.reserve(address, "r", 5)
+        assert tx.push(address, _stream("r", 5)).result(10).bytes == 5 * 256 * 2
     finally:
         tx.close()
     release_committed(rx)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines()}
+
+
+def test_the_nccl_transports_store_listens_where_kv_transfer_host_says(receiver):
+    """The TCPStore a decode worker hosts for channel rendezvous (unauthenticated) binds
+    `kv_transfer.host`, as the KV server does; a TCPStore left to itself listens on every interface."""
+    rx = receiver(kv_transport="nccl")
+    push_once(rx, KVTransferConfig(kv_transport="nccl"), "r", 10)
+    store = rx.planes["torch"]._store
+    assert store is not None
+    assert _listening_addresses(store.port) == {"127.0.0.1"}
 
 
 SENDER_SCRIPT = textwrap.dedent("""
@@ -321,13 +356,7 @@ def test_metrics_are_recorded_on_the_receiving_side(receiver):
         ("pdserve_kv_transfer_failures_total", {"transport": "grpc", "reason": "checksum"}),
         ("pdserve_kv_transfer_stage_seconds_count", {"transport": "grpc", "stage": "first_byte"})]
     before = [_sample(*k) for k in keys]
-    tx = KVSender(KVTransferConfig(), FP)
-    try:
-        tx.reserve(rx.address, "ok", 20)
-        tx.push(rx.address, _stream("ok", 20)).result(10)
-    finally:
-        tx.close()
-    release_committed(rx)
+    push_once(rx, KVTransferConfig(), "ok", 20)
     s, md = stub(rx)
     s.Reserve(pb.ReserveRequest(request_id="bad", num_tokens=20, fingerprint_digest=FP.digest()))
     with pytest.raises(grpc.RpcError):
