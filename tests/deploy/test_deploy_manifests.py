@@ -67,7 +67,8 @@ def one(kind: str, name: str | None = None) -> dict:
 
 def test_there_are_manifests():
     names = {p.relative_to(DEPLOY).as_posix() for p in yaml_files()}
-    assert {"kuberay/raycluster.yaml", "kuberay/serve-job.yaml", "ray-cluster/aws.yaml"} <= names
+    assert {"kuberay/raycluster.yaml", "kuberay/serve-job.yaml", "kuberay/networkpolicy.yaml",
+            "ray-cluster/aws.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", yaml_files(), ids=lambda p: p.relative_to(DEPLOY).as_posix())
@@ -337,6 +338,91 @@ def test_no_secret_on_any_command_line():
     refs = [e for t in templates for c in t["spec"]["containers"] for e in c.get("env", [])
             if "secretKeyRef" in e.get("valueFrom", {})]
     assert not refs, refs
+
+
+# -- who may connect: the NetworkPolicies, evaluated ------------------------------------------------
+
+NAMESPACE = "pdserve"  # where the manifests are applied (docs/deploy.md); the operator is elsewhere
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, "the evaluator below knows matchLabels only"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _peer_matches(peer: dict, src: dict) -> bool:
+    assert "ipBlock" not in peer, "the evaluator below knows pod and namespace selectors only"
+    if "namespaceSelector" in peer:
+        return _selects(peer["namespaceSelector"], src["ns_labels"]) and _selects(peer.get("podSelector", {}),
+                                                                                  src["labels"])
+    return src["namespace"] == NAMESPACE and _selects(peer["podSelector"], src["labels"])
+
+
+def admitted(policies: list[dict], src: dict, dst_labels: dict, port: int) -> bool:
+    """Kubernetes' NetworkPolicy semantics for ingress (TCP) to a pod of NAMESPACE: open while no
+    policy selects the pod; then only what some rule of a selecting policy admits (a rule without
+    `from` admits every source, one without `ports` every port)."""
+    selecting = [p["spec"] for p in policies
+                 if _selects(p["spec"]["podSelector"], dst_labels) and "Ingress" in p["spec"]["policyTypes"]]
+    if not selecting:
+        return True
+    return any((not rule.get("from") or any(_peer_matches(peer, src) for peer in rule["from"]))
+               and (not rule.get("ports") or any(pt["port"] == port and pt.get("protocol", "TCP") == "TCP"
+                                                 for pt in rule["ports"]))
+               for spec in selecting for rule in spec.get("ingress", []))
+
+
+def _pod(labels: dict, namespace: str = NAMESPACE) -> dict:
+    return {"namespace": namespace, "ns_labels": {"kubernetes.io/metadata.name": namespace}, "labels": labels}
+
+
+def test_network_policies_admit_only_the_router_port_from_outside_the_ray_cluster():
+    policies = [d for _, d in k8s_docs() if d["kind"] == "NetworkPolicy"]
+    cluster = one("RayCluster")["metadata"]["name"]
+    # The labels KubeRay gives the pods it makes (on top of the templates' own).
+    head = {"ray.io/cluster": cluster, "ray.io/node-type": "head"}
+    prefill = {"ray.io/cluster": cluster, "ray.io/node-type": "worker", "ray.io/group": "prefill"}
+    decode = {"ray.io/cluster": cluster, "ray.io/node-type": "worker", "ray.io/group": "decode"}
+    router_port = one("Service", "pdserve-router")["spec"]["ports"][0]["targetPort"]
+    dashboard_port = {p["name"]: p["containerPort"] for p in head_container()["ports"]}["dashboard"]
+    kv_port = json.loads(one("ConfigMap", "pdserve-config")["data"]["pdserve.json"])["kv_transfer"]["port"]
+    ray_ports = [6379, 10001, 8080, 52365, 12345]  # GCS, client, metrics, agent, a worker port
+    job = one("RayJob")["metadata"]["name"]
+    outsiders = [_pod({"app": "anything"}, "default"), _pod({"app": "anything"}),  # any other pod, in any namespace
+                 _pod({"ray.io/cluster": "another-cluster", "ray.io/node-type": "head"})]
+    operator = _pod({"app.kubernetes.io/name": "kuberay-operator"}, "kuberay")
+    submitter = _pod({"ray.io/originated-from-crd": "RayJob", "ray.io/originated-from-cr-name": job})
+    prometheus = _pod({"app.kubernetes.io/name": "prometheus"}, "monitoring")
+
+    assert admitted([], outsiders[0], decode, kv_port)  # the evaluator: no policy, no isolation
+    for src in outsiders:
+        assert admitted(policies, src, head, router_port)
+        for dst in (head, prefill, decode):
+            for port in (dashboard_port, kv_port, *ray_ports):
+                assert not admitted(policies, src, dst, port), (src, dst, port)
+        assert not admitted(policies, src, decode, router_port)
+    for src in (_pod(head), _pod(prefill), _pod(decode)):  # the cluster's own pods: everything
+        for dst in (head, prefill, decode):
+            assert all(admitted(policies, src, dst, port) for port in (kv_port, dashboard_port, *ray_ports))
+    for src in (operator, submitter):  # the job API, nothing else
+        assert admitted(policies, src, head, dashboard_port)
+        assert not any(admitted(policies, src, dst, port) for dst in (head, decode) for port in (kv_port, *ray_ports))
+    assert all(admitted(policies, prometheus, dst, port) for dst in (head, decode) for port in (8080, 45678))
+
+
+def test_ray_token_authentication_is_on():
+    """KubeRay's authOptions (needs Ray >= 2.52, the first with token authentication); the
+    launcher starts every node in token mode, with the token file it copies to each."""
+    spec = one("RayCluster")["spec"]
+    assert spec["authOptions"] == {"mode": "token"}
+    assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52, 0)
+    cfg = launcher()
+    for cmds in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
+        assert all("RAY_AUTH_MODE=token" in c for c in cmds if "ray start" in c)
+    assert "~/.ray/auth_token" in cfg["file_mounts"]
+    assert any("export RAY_AUTH_MODE=token" in c for c in cfg["setup_commands"])  # ray exec's shells
+    # The launcher's dashboard is left on Ray's default, loopback (reached through `ray dashboard`).
+    assert not any("dashboard-host" in c for c in cfg["head_start_ray_commands"])
 
 
 def launcher_serve_commands() -> dict[str, str]:
