@@ -38,6 +38,8 @@ from pdserve.kv_transfer import (
     ReservationRefused,
     ReservationTooLarge,
 )
+from pdserve.kv_transfer.channel import check_distinct_devices, nccl_error_handling
+from pdserve.kv_transfer.errors import SharedDevice, error_class
 from pdserve.kv_transfer.protocol import REASON_METADATA_KEY
 from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
 from pdserve.kv_transfer.v1 import kv_transfer_pb2_grpc as pb_grpc
@@ -328,6 +330,57 @@ def test_sender_process_killed_mid_stream(receiver, transport):
         print(f"{transport}: reclaimed {took:.3f}s after the kill")
     finally:
         proc.kill()
+    # The survivor tore down its end of the dead push's channel (its state is unknown; no recv was
+    # running, so nothing else would have), and still takes pushes, over a fresh channel.
+    assert len(rx.planes["torch"].channels) == 0
+    push_once(rx, KVTransferConfig(kv_transport=transport), "after", 10)
+
+
+def test_nccl_channels_are_refused_between_ranks_on_one_cuda_device(receiver):
+    """NCCL cannot pair two ranks on one device: OpenChannel refuses it with a typed error before
+    either end builds a group. Identities are GPU UUIDs (`device_identity`); on CPU a pool has none,
+    so the receiver's is set here, and the sender's sent as the wire carries it."""
+    check_distinct_devices("", "")  # CPU: gloo pairs ranks on one host happily
+    check_distinct_devices("GPU-1111", "GPU-2222")
+    with pytest.raises(SharedDevice, match="GPU-1111"):
+        check_distinct_devices("GPU-1111", "GPU-1111")
+    rx = receiver(kv_transport="nccl")
+    rx.planes["torch"].device = "GPU-1111"
+    s, md = stub(rx)
+    with pytest.raises(grpc.RpcError) as e:
+        s.OpenChannel(pb.OpenChannelRequest(channel_id="c", backend="gloo", device="GPU-1111"), metadata=md)
+    assert error_class(dict(e.value.trailing_metadata()).get(REASON_METADATA_KEY), e.value.code().name) is SharedDevice
+    assert len(rx.planes["torch"].channels) == 0 and not rx.planes["torch"]._pending
+
+
+def test_nccl_groups_are_built_to_raise_rather_than_end_the_process(monkeypatch):
+    """TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (abort the communicator, raise from wait) while a
+    ProcessGroupNCCL is built, which reads it then; the operator's environment is left as it was."""
+    for before in (None, "3"):
+        if before is None:
+            monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+        else:
+            monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", before)
+        with nccl_error_handling():
+            assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+        assert os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") == before
+
+
+@pytest.mark.gpu
+def test_a_cuda_pair_on_one_device_is_refused_and_leaves_the_receiver_whole(receiver):
+    """With a real CUDA pool and sender on one GPU: the push fails with SharedDevice (instead of
+    NCCL hanging or aborting), and no block or channel is left behind."""
+    rx = KVReceiver(KVPool.standalone(FP, 32, "cuda:0"), KVTransferConfig(kv_transport="nccl"), lambda _: None).start()
+    tx = KVSender(KVTransferConfig(kv_transport="nccl"), FP, device="cuda:0")
+    try:
+        tx.reserve(rx.address, "r", 10)
+        with pytest.raises(SharedDevice):
+            tx.push(rx.address, _stream("r", 10)).result(30)
+        wait_for(lambda: rx.pool.num_free_blocks == 32, 10, "the refused push's blocks")
+        assert len(rx.planes["torch"].channels) == 0
+    finally:
+        tx.close()
+        rx.stop()
 
 
 def test_channels_per_worker_are_bounded(receiver):
@@ -373,7 +426,7 @@ def test_every_error_names_a_grpc_status_and_comes_back_as_itself():
     from pdserve.kv_transfer.protocol import error_from_rpc, grpc_status
 
     classes = [getattr(errors, n) for n in errors.__all__ if n != "error_class"]
-    assert len(classes) == 14
+    assert len(classes) == 15
     for cls in classes:
         code = grpc_status(cls("x"))
         assert isinstance(code, grpc.StatusCode) and code.name == cls.code
