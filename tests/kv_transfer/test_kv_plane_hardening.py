@@ -367,7 +367,7 @@ def test_nccl_groups_are_built_to_raise_rather_than_end_the_process(monkeypatch)
 
 
 @pytest.mark.gpu
-def test_a_cuda_pair_on_one_device_is_refused_and_leaves_the_receiver_whole(receiver):
+def test_a_cuda_pair_on_one_device_is_refused_and_leaves_the_receiver_whole():
     """With a real CUDA pool and sender on one GPU: the push fails with SharedDevice (instead of
     NCCL hanging or aborting), and no block or channel is left behind."""
     rx = KVReceiver(KVPool.standalone(FP, 32, "cuda:0"), KVTransferConfig(kv_transport="nccl"), lambda _: None).start()
