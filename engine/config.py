@@ -106,6 +106,10 @@ class EngineConfig:
                              f"got {self.attention_backend!r}")
 
 
+class InsecureConfig(ValueError):
+    """A config that would expose a secret or a server to the network unprotected."""
+
+
 @dataclass(frozen=True)
 class KVTransferConfig:
     """The KV-transfer plane between prefill and decode workers (see `kv_transfer`)."""
@@ -119,11 +123,15 @@ class KVTransferConfig:
     port: int = 0
     # Shared secret peers present as gRPC metadata; required when `host` is not loopback.
     auth_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
-    # Optional TLS: the server's certificate and key (PEM); the CA that clients verify it with.
+    # TLS: the server's certificate and key (PEM); the CA that clients verify it with. Required when
+    # `host` is not loopback, unless `allow_plaintext` says the network itself is trusted.
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_ca_file: str | None = None
     tls_server_name: str | None = None  # name to verify the server certificate against (default: its host)
+    # Let a KV server on a non-loopback host speak plaintext: KV bytes and the auth token then cross
+    # the network readable by anyone on its path. An explicit opt-out, for a network that is private.
+    allow_plaintext: bool = False
     # A decode-side reservation the prefill side has not fulfilled (committed) by then is reclaimed.
     lease_s: float = 30.0
     # A prefill worker whose reservation is refused (the decode pool is full) retries for this long,
@@ -154,17 +162,26 @@ class KVTransferConfig:
     def __post_init__(self) -> None:
         if self.kv_transport not in ("grpc", "nccl"):
             raise ValueError(f"kv_transport must be grpc or nccl, got {self.kv_transport!r}")
-        if self.host not in ("127.0.0.1", "localhost", "::1") and not self.auth_token:
-            raise ValueError(f"the KV server would listen on {self.host}: set kv_transfer.auth_token "
+        if not self.loopback and not self.auth_token:
+            raise InsecureConfig(f"the KV server would listen on {self.host}: set kv_transfer.auth_token "
                              "(a shared secret) so that only pdserve workers can push KV into it")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+        if not self.loopback and not self.tls_cert_file and not self.allow_plaintext:
+            raise InsecureConfig(f"the KV server would listen on {self.host} without TLS: set kv_transfer."
+                                 "tls_cert_file and tls_key_file (and tls_ca_file for the senders), or "
+                                 "kv_transfer.allow_plaintext if the network between the workers is private")
         if not 0 < self.chunk_bytes <= self.max_message_bytes // 2:
             raise ValueError("chunk_bytes must be positive and at most half of max_message_bytes")
         if min(self.lease_s, self.idle_timeout_s, self.rpc_timeout_s, self.push_timeout_s, self.keepalive_time_s,
                self.keepalive_timeout_s) <= 0:
             raise ValueError("lease_s, idle_timeout_s, rpc_timeout_s, push_timeout_s, keepalive_time_s and "
                              "keepalive_timeout_s must be positive")
+
+    @property
+    def loopback(self) -> bool:
+        """The KV server (and the nccl transport's TCPStore) listens on loopback only."""
+        return self.host in ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ only raw tensor bytes cross the channel, so nothing on it is ever deserialised
 into objects.
 
 Groups are created lazily (the first push between a pair), rendezvous through
-a TCPStore the decode worker hosts, and are bounded per worker
+a TCPStore the decode worker hosts (on `kv_transfer.host` only), and are bounded per worker
 (`max_channels`, least recently used idle ones closed first) because each
 NCCL pair costs tens of MB. Every send/recv has a deadline; one that misses it
 or fails tears its channel down (a half-finished send/recv leaves a group in an
@@ -18,8 +18,11 @@ sent over the authenticated gRPC stream, matches.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import os
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -27,7 +30,7 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
-from pdserve.kv_transfer.errors import PeerUnavailable, TransferTimeout
+from pdserve.kv_transfer.errors import PeerUnavailable, SharedDevice, TransferTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,47 @@ SENDER_RANK, RECEIVER_RANK = 0, 1
 
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+# NCCL's watchdog, by default (TORCH_NCCL_ASYNC_ERROR_HANDLING=3, "SkipCleanUp"), tears the whole
+# process down when an operation fails or times out: a peer dying mid-transfer would take the surviving
+# worker with it. 2 ("CleanUpOnly") aborts the communicator instead, and the failed work's wait() raises,
+# so the failure costs one channel (TorchChannel tears it down). ProcessGroupNCCL reads the variable in
+# its constructor and has no option for it, so it is set around that call only (`nccl_error_handling`).
+NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+_env_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def nccl_error_handling():
+    """NCCL_ENV in the environment while a ProcessGroupNCCL is built, the previous values after."""
+    with _env_lock:
+        saved = {k: os.environ.get(k) for k in NCCL_ENV}
+        os.environ.update(NCCL_ENV)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def device_identity(device: torch.device) -> str:
+    """What tells CUDA devices apart across processes and hosts: the GPU's UUID ("" off CUDA, where a
+    process group's ranks may share the device)."""
+    if torch.device(device).type != "cuda":
+        return ""
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def check_distinct_devices(sender: str, receiver: str) -> None:
+    """`SharedDevice` if both ends of a channel would be one CUDA device (identities as `device_identity`)."""
+    if sender and sender == receiver:
+        raise SharedDevice(f"both ends of the channel are on CUDA device {sender}: NCCL cannot pair two ranks "
+                           "on one device; give the prefill and decode workers different GPUs, or use the grpc "
+                           "transport")
 
 
 def create_group(store: dist.Store, channel_id: str, rank: int, backend: str, timeout_s: float, host: str):
@@ -50,8 +94,28 @@ def create_group(store: dist.Store, channel_id: str, rank: int, backend: str, ti
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
-        return dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
+        with nccl_error_handling():
+            return dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def listening_store(host: str, timeout_s: float) -> dist.TCPStore:
+    """The TCPStore a receiver hosts for its channels' rendezvous, listening on `host` only (port
+    chosen by the OS). A TCPStore given a host name still listens on every interface, so the
+    socket is bound here and handed over."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        store = dist.TCPStore(host, port, None, True, timeout=datetime.timedelta(seconds=timeout_s),
+                              wait_for_workers=False, master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns the descriptor now, and closes it
+    return store
 
 
 class TorchChannel:
@@ -64,9 +128,12 @@ class TorchChannel:
         self.backend = backend
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.lock = threading.Lock()
+        self._guard = threading.Lock()
         self.last_used = time.monotonic()
         self.broken = False
         self._staging: torch.Tensor | None = None
+        self._in_flight = 0  # sends/recvs running on worker threads
+        self._retired = False  # close once they are done
 
     def staging(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A receive buffer, reused across chunks (one transfer at a time uses a channel, and a
@@ -86,16 +153,43 @@ class TorchChannel:
         self._run(lambda: self.group.recv([t], SENDER_RANK, 0), "recv")
 
     def _run(self, op, what: str) -> None:
-        if self.broken:
-            raise PeerUnavailable(f"channel {self.channel_id} is closed")
+        with self._guard:
+            if self.broken or self._retired:
+                raise PeerUnavailable(f"channel {self.channel_id} is closed")
+            self._in_flight += 1
         self.last_used = time.monotonic()
         try:
             op().wait(self.timeout)
         except Exception as e:
-            self.close()
+            self._done(close=True)
             msg = f"channel {self.channel_id}: {what} failed: {e}"
             raise (TransferTimeout(msg) if "imed out" in str(e) else PeerUnavailable(msg)) from e
+        self._done(close=False)
         self.last_used = time.monotonic()
+
+    def _done(self, close: bool) -> None:
+        with self._guard:
+            self._in_flight -= 1
+            close = close or (self._retired and not self._in_flight)
+        if close:
+            self.close()
+
+    def retire(self, now: bool) -> None:
+        """A transfer on the channel failed midway, so its state is unknown: it takes no more, and is
+        closed as soon as no send/recv runs on it (a group is not closed under a running operation).
+        `now`: the peer is gone, close it at once; else the peer is told the failure on the control
+        stream and may still be sending: closing then would turn that typed failure into a lost
+        connection on its side, so the channel waits for its table's next sweep (`ChannelTable`)."""
+        with self._guard:
+            self._retired = True
+            idle = not self._in_flight
+        if idle and now:
+            self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Closed, or to be closed once its running operation returns: unusable either way."""
+        return self.broken or self._retired
 
     def close(self) -> None:
         if self.broken:
@@ -123,8 +217,9 @@ class ChannelTable:
     def get(self, key: str) -> TorchChannel | None:
         with self._lock:
             ch = self._channels.get(key)
-            if ch is not None and ch.broken:
+            if ch is not None and ch.closed:
                 del self._channels[key]
+                ch.close()
                 return None
             if ch is not None:
                 self._channels.move_to_end(key)
@@ -133,8 +228,8 @@ class ChannelTable:
     def make_room(self) -> bool:
         """Evict idle channels until one more fits; False if every channel is busy."""
         with self._lock:
-            for key in [k for k, c in self._channels.items() if c.broken]:
-                del self._channels[key]
+            for key in [k for k, c in self._channels.items() if c.closed]:
+                self._channels.pop(key).close()
             while len(self._channels) >= self.max_channels:
                 idle = next((k for k, c in self._channels.items() if not c.lock.locked()), None)
                 if idle is None:
@@ -154,7 +249,7 @@ class ChannelTable:
 
     def __len__(self) -> int:
         with self._lock:
-            return sum(1 for c in self._channels.values() if not c.broken)
+            return sum(1 for c in self._channels.values() if not c.closed)
 
     def close_all(self) -> None:
         with self._lock:

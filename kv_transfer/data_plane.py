@@ -70,7 +70,10 @@ from pdserve.kv_transfer.channel import (
     ChannelTable,
     TorchChannel,
     backend_for,
+    check_distinct_devices,
     create_group,
+    device_identity,
+    listening_store,
 )
 from pdserve.kv_transfer.errors import ChecksumMismatch, KVTransferError, MalformedTransfer, PeerUnavailable
 from pdserve.kv_transfer.protocol import (
@@ -135,6 +138,10 @@ class ReceiverLink(ABC):
         checksum (`ChecksumMismatch`) and size (`MalformedTransfer`). `next_message` reads the
         Push stream (bounded by the idle timeout and the lease) for planes that carry bytes on it."""
 
+    def abandon(self, sender_gone: bool) -> None:  # noqa: B027 (optional: a link that holds nothing beyond its push)
+        """The push failed midway: tear down what it ran on, since its state is unknown (the sender
+        tears down its end as well). `sender_gone`: the push was cancelled or its connection lost."""
+
 
 class ReceiverPlane(ABC):
     """A `KVReceiver`'s half of a data plane. Called on the receiver's loop thread."""
@@ -147,9 +154,9 @@ class ReceiverPlane(ABC):
     async def attach(self, header: pb.TransferHeader) -> ReceiverLink:
         """The way the push under `header` brings its bytes (`PeerUnavailable` if it is gone)."""
 
-    def open_channel(self, channel_id: str, backend: str) -> tuple[str, int]:
+    def open_channel(self, channel_id: str, backend: str, device: str = "") -> tuple[str, int]:
         """The OpenChannel call, for planes with channels: start the receiving end, return where the
-        sender meets it."""
+        sender meets it. `device`: the sender's (`channel.device_identity`)."""
         raise MalformedTransfer(f"the {backend} backend opens no channels here")
 
     def close(self) -> None:  # noqa: B027 (optional: a plane that holds no resources)
@@ -252,8 +259,8 @@ class TorchSender(SenderPlane):
         channel_id = f"{self.worker_id}-{uuid.uuid4().hex[:12]}"
         backend = backend_for(self.device)
         try:
-            resp = await peer.stub.OpenChannel(pb.OpenChannelRequest(channel_id=channel_id, backend=backend),
-                                               timeout=self.config.rpc_timeout_s, metadata=metadata)
+            req = pb.OpenChannelRequest(channel_id=channel_id, backend=backend, device=device_identity(self.device))
+            resp = await peer.stub.OpenChannel(req, timeout=self.config.rpc_timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e) from None
         t, host = self.config.channel_timeout_s, advertised_host(self.config.host)
@@ -283,6 +290,9 @@ class _TorchReceiveLink(ReceiverLink):
         _check_sum(chunk, checksum(buf, chunk.checksum_algo) == chunk.checksum)
         return buf
 
+    def abandon(self, sender_gone: bool) -> None:
+        self.channel.retire(now=sender_gone)
+
 
 class TorchReceiver(ReceiverPlane):
     def __init__(self, pool: KVPool, config: KVTransferConfig):
@@ -292,6 +302,7 @@ class TorchReceiver(ReceiverPlane):
                                                               thread_name_prefix="kv-recv")
         self._pending: dict[str, concurrent.futures.Future] = {}  # channel id -> its group being built
         self._store: dist.TCPStore | None = None
+        self.device = device_identity(pool.kv.device)
 
     async def attach(self, header: pb.TransferHeader) -> ReceiverLink:
         channel_id = header.channel_id
@@ -306,17 +317,16 @@ class TorchReceiver(ReceiverPlane):
             raise PeerUnavailable(f"no open channel {channel_id!r}")
         return _TorchReceiveLink(self, ch)
 
-    def open_channel(self, channel_id: str, backend: str) -> tuple[str, int]:
+    def open_channel(self, channel_id: str, backend: str, device: str = "") -> tuple[str, int]:
         """Start the receiving end of a channel (its group is built on a worker thread, as joining
         blocks until the sender joins); returns the store address the sender rendezvouses at."""
         if backend != backend_for(self.pool.kv.device):
             raise MalformedTransfer(f"backend {backend} cannot reach a pool on {self.pool.kv.device}")
+        check_distinct_devices(device, self.device)
         if not self.channels.make_room():
             raise KVTransferError(f"all {self.config.max_channels} channels are busy")
         if self._store is None:
-            self._store = dist.TCPStore(self.config.host, 0, None, True,
-                                        timeout=datetime.timedelta(seconds=self.config.channel_timeout_s),
-                                        wait_for_workers=False)
+            self._store = listening_store(self.config.host, self.config.channel_timeout_s)
         store, t = self._store, self.config.channel_timeout_s
         host = advertised_host(self.config.host)  # what the peer dials, and the interface gloo binds
 

@@ -104,10 +104,17 @@ class AuthenticationFailed(KVTransferError):
     reason, code = "unauthenticated", "UNAUTHENTICATED"
 
 
+class SharedDevice(KVTransferError):
+    """Both ends of an NCCL channel are on one CUDA device: NCCL cannot pair two ranks there (it
+    hangs or fails), so the channel is refused before either end joins."""
+
+    reason, code = "shared_device", "FAILED_PRECONDITION"
+
+
 _BY_REASON: dict[str, type[KVTransferError]] = {c.reason: c for c in (
     ReservationRefused, ReservationTooLarge, LayoutMismatch, ChecksumMismatch, MalformedTransfer, OversizedMessage,
     UnknownRequest, RequestReleased, DuplicateRequest, TransferTimeout, TransferCancelled, PeerUnavailable,
-    AuthenticationFailed)}
+    AuthenticationFailed, SharedDevice)}
 # A status with no reason attached comes from gRPC itself (a deadline, a dropped connection, its own
 # message limit), not from our server: these are the classes such statuses stand for.
 _BY_CODE: dict[str, type[KVTransferError]] = {
@@ -123,5 +130,5 @@ def error_class(reason: str | None, code: str) -> type[KVTransferError]:
 __all__ = [
     "AuthenticationFailed", "ChecksumMismatch", "DuplicateRequest", "KVTransferError", "LayoutMismatch",
     "MalformedTransfer", "OversizedMessage", "PeerUnavailable", "RequestReleased", "ReservationRefused",
-    "ReservationTooLarge", "TransferCancelled", "TransferTimeout", "UnknownRequest", "error_class",
+    "ReservationTooLarge", "SharedDevice", "TransferCancelled", "TransferTimeout", "UnknownRequest", "error_class",
 ]

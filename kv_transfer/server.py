@@ -221,9 +221,9 @@ class KVReceiver:
         """The receiving half of the plane a push's header names (`MalformedTransfer` if none)."""
         return self.planes[data_plane.for_wire(wire_name).wire_name]
 
-    def open_channel(self, channel_id: str, backend: str) -> tuple[str, int]:
+    def open_channel(self, channel_id: str, backend: str, device: str = "") -> tuple[str, int]:
         """The OpenChannel call (on the loop thread), answered by the plane with `backend` channels."""
-        return self.planes[data_plane.for_backend(backend).wire_name].open_channel(channel_id, backend)
+        return self.planes[data_plane.for_backend(backend).wire_name].open_channel(channel_id, backend, device)
 
 
 def _failed(e: BaseException) -> concurrent.futures.Future:
@@ -284,7 +284,7 @@ class _Servicer:
 
     async def OpenChannel(self, request, context):
         try:
-            host, port = self.rx.open_channel(request.channel_id, request.backend)
+            host, port = self.rx.open_channel(request.channel_id, request.backend, request.device)
         except KVTransferError as e:
             await _abort(context, e)
         return pb.OpenChannelResponse(store_host=host, store_port=port,
@@ -294,7 +294,7 @@ class _Servicer:
         rx, table, transport = self.rx, self.rx.table, self.rx.config.kv_transport
         opened = time.perf_counter()
         timings = pb.StageTimings()
-        r = None
+        r = link = None
         nbytes = 0
         try:
             header = await self._next(request_iterator, None)
@@ -337,14 +337,14 @@ class _Servicer:
                 else:
                     raise MalformedTransfer(f"unexpected {kind} message in a push")
         except KVTransferError as e:
-            self._fail(r, e.reason)
+            self._fail(r, e.reason, link)
             await _abort(context, e)
         except asyncio.CancelledError:  # the sender cancelled, died, or the connection dropped
-            self._fail(r, "cancelled")
+            self._fail(r, "cancelled", link)
             raise
         except Exception as e:
             logger.exception("KV push failed")
-            self._fail(r, "internal")
+            self._fail(r, "internal", link)
             await _abort(context, KVTransferError(f"internal error: {e}"))
         timings.total = time.perf_counter() - opened
         metrics.TRANSFER_LATENCY.labels(transport).observe(timings.total)
@@ -368,11 +368,13 @@ class _Servicer:
         except TimeoutError:
             raise TransferTimeout("the sender went quiet (idle timeout or lease expired)") from None
 
-    def _fail(self, r, reason: str) -> None:
+    def _fail(self, r, reason: str, link=None) -> None:
         transport = self.rx.config.kv_transport
         metrics.TRANSFER_FAILURES.labels(transport, reason).inc()
         if r is not None:
             self.rx.table.release(r.request_id, reason)
+        if link is not None:  # the push died midway: its channel (if it has one) is in an unknown state
+            link.abandon(sender_gone=reason == "cancelled")
 
 
 async def _abort(context, e: KVTransferError):

@@ -67,7 +67,8 @@ def one(kind: str, name: str | None = None) -> dict:
 
 def test_there_are_manifests():
     names = {p.relative_to(DEPLOY).as_posix() for p in yaml_files()}
-    assert {"kuberay/raycluster.yaml", "kuberay/serve-job.yaml", "ray-cluster/aws.yaml"} <= names
+    assert {"kuberay/raycluster.yaml", "kuberay/serve-job.yaml", "kuberay/networkpolicy.yaml",
+            "ray-cluster/aws.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", yaml_files(), ids=lambda p: p.relative_to(DEPLOY).as_posix())
@@ -252,40 +253,176 @@ def entrypoint_argv(tmp_path: Path, head_env: dict) -> tuple[list[str], str]:
     return json.loads((tmp_path / "pdserve.json").read_text()), entrypoint
 
 
-def test_rayjob_command_gets_the_secrets_on_the_head_and_builds_a_valid_config(tmp_path):
-    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in head_container()["env"] if "valueFrom" in e}
-    secret = one("Secret", "pdserve-secrets")
-    assert {ref["name"] for ref in env.values()} == {"pdserve-secrets"}
-    assert {ref["key"] for ref in env.values()} <= set(secret["stringData"])
-    head_env = {"PDSERVE_API_KEY": "k3y-from-secret", "PDSERVE_KV_AUTH_TOKEN": "t0ken-from-secret"}
-    assert set(head_env) == set(env)
+SECRET_FLAGS = {"--api-key-file": "api_key", "--admin-key-file": "admin_key", "--kv-auth-token-file": "auth_token"}
 
-    argv, entrypoint = entrypoint_argv(tmp_path, head_env)
-    assert "k3y-from-secret" not in entrypoint and "$PDSERVE_API_KEY" in entrypoint  # expanded on the head only
+
+def test_rayjob_command_reads_the_secrets_from_the_mounted_secret_and_builds_a_valid_config(tmp_path):
+    spec = one("RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
+    secret = one("Secret", "pdserve-secrets")
+    (volume,) = [v["name"] for v in spec["volumes"] if v.get("secret", {}).get("secretName") == "pdserve-secrets"]
+    mount = {m["name"]: m for m in head_container()["volumeMounts"]}[volume]
+    assert mount["readOnly"] is True
+    argv, entrypoint = entrypoint_argv(tmp_path, {})
     assert argv[0] == "serve"
+
+    # Each secret is a file of the Secret's volume: a key the Secret has, under the mount path.
+    # Stand-in values go where the files would be, as the ConfigMap's file does below.
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for flag in SECRET_FLAGS:
+        path = Path(argv[argv.index(flag) + 1])
+        assert path.parent == Path(mount["mountPath"]) and path.name in secret["stringData"], (flag, path)
+        (secrets / path.name).write_text(f"{path.name}-value\n")
+        argv[argv.index(flag) + 1] = str(secrets / path.name)
 
     # The config file: the ConfigMap the head pod mounts where --config points.
     config_path = Path(argv[argv.index("--config") + 1])
     mount = {m["name"]: m["mountPath"] for m in head_container()["volumeMounts"]}["pdserve-config"]
     assert config_path.parent == Path(mount)
     configmap = one("ConfigMap", "pdserve-config")
-    volumes = one("RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]
-    assert {"name": "pdserve-config", "configMap": {"name": "pdserve-config"}} in volumes
+    assert {"name": "pdserve-config", "configMap": {"name": "pdserve-config"}} in spec["volumes"]
     local = tmp_path / config_path.name
     local.write_text(configmap["data"][config_path.name])
     argv[argv.index("--config") + 1] = str(local)
 
-    # pdserve's own argument parser and config tree accept the command line and the file.
+    # pdserve's own argument parser and config tree accept the command line and the files.
     from pdserve.serve import add_serve_args, serve_config
 
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
     cfg = serve_config(parser.parse_args(argv[1:]))
-    assert (cfg.serve.host, cfg.serve.port, cfg.serve.api_key) == ("0.0.0.0", 8000, "k3y-from-secret")
+    assert (cfg.serve.host, cfg.serve.port) == ("0.0.0.0", 8000)
+    assert (cfg.serve.api_key, cfg.serve.admin_key) == ("api-key-value", "admin-key-value")
     kv = cfg.kv_transfer
-    assert (kv.host, kv.port, kv.auth_token) == ("0.0.0.0", 50051, "t0ken-from-secret")
+    assert (kv.host, kv.port, kv.auth_token) == ("0.0.0.0", 50051, "kv-auth-token-value")
     decode = {g["groupName"]: g for g in one("RayCluster")["spec"]["workerGroupSpecs"]}["decode"]
     assert kv.port in {p["containerPort"] for p in decode["template"]["spec"]["containers"][0]["ports"]}
+    # The KV plane binds beyond loopback, so it speaks TLS, with files every worker pod mounts.
+    assert not kv.allow_plaintext and kv.tls_cert_file and kv.tls_key_file and kv.tls_ca_file
+    for group in one("RayCluster")["spec"]["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "pdserve-kv-tls"]
+        assert not volume["secret"].get("optional", False)
+        mount = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}[volume["name"]]
+        assert {Path(f).parent for f in (kv.tls_cert_file, kv.tls_key_file, kv.tls_ca_file)} == {Path(mount)}
+
+
+def serve_commands() -> dict[str, list[str]]:
+    """Every `pdserve serve` command in deploy/ and the docs that tell how to deploy, per file: from
+    `pdserve serve` to the end of its command (a backtick, a quote, or a line end that neither a
+    backslash nor an indented `--flag` on the next line continues)."""
+    sources = [*DOCS, "README.md", "deploy/ray-cluster/aws.yaml"]
+    found = {src: re.findall(r"pdserve serve(?:\\\n|\n(?=[#\s]*--)|[^`'\n])*", (ROOT / src).read_text())
+             for src in sources}
+    found["serve-job.yaml (RayJob entrypoint)"] = [one("RayJob")["spec"]["entrypoint"]]
+    return found
+
+
+def test_no_secret_on_any_command_line():
+    """A command line is visible to every user of the machine (`ps`) and lands in Ray's job list and
+    in logs: secrets are named by file. Neither a secret-taking flag nor any shell expansion (which
+    is how a secret got onto one: `--api-key "$(cat key)"`, `--api-key "$PDSERVE_API_KEY"`)."""
+    commands = serve_commands()
+    for src in ("deploy/ray-cluster/aws.yaml", "deploy/ray-cluster/README.md", "docs/deploy.md",
+                "deploy/kuberay/README.md"):  # the extraction finds the full commands
+        assert any("--kv-auth-token-file" in c for c in commands[src]), src
+    bad = [(src, cmd) for src, cmds in commands.items() for cmd in cmds
+           if "$" in cmd or re.search(r"--(api-key|admin-key|kv-auth-token)[\s=]", cmd)]
+    assert not bad, bad
+    job = commands["serve-job.yaml (RayJob entrypoint)"][0]
+    assert all(flag in job for flag in SECRET_FLAGS)
+    # ... nor in a container's environment, which `kubectl describe`, crash dumps and Ray's job
+    # supervisor (it copies the head's environment into the driver's) pass on.
+    spec = one("RayCluster")["spec"]
+    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    refs = [e for t in templates for c in t["spec"]["containers"] for e in c.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})]
+    assert not refs, refs
+
+
+# -- who may connect: the NetworkPolicies, evaluated ------------------------------------------------
+
+NAMESPACE = "pdserve"  # where the manifests are applied (docs/deploy.md); the operator is elsewhere
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, "the evaluator below knows matchLabels only"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _peer_matches(peer: dict, src: dict) -> bool:
+    assert "ipBlock" not in peer, "the evaluator below knows pod and namespace selectors only"
+    if "namespaceSelector" in peer:
+        return _selects(peer["namespaceSelector"], src["ns_labels"]) and _selects(peer.get("podSelector", {}),
+                                                                                  src["labels"])
+    return src["namespace"] == NAMESPACE and _selects(peer["podSelector"], src["labels"])
+
+
+def admitted(policies: list[dict], src: dict, dst_labels: dict, port: int) -> bool:
+    """Kubernetes' NetworkPolicy semantics for ingress (TCP) to a pod of NAMESPACE: open while no
+    policy selects the pod; then only what some rule of a selecting policy admits (a rule without
+    `from` admits every source, one without `ports` every port)."""
+    selecting = [p["spec"] for p in policies
+                 if _selects(p["spec"]["podSelector"], dst_labels) and "Ingress" in p["spec"]["policyTypes"]]
+    if not selecting:
+        return True
+    return any((not rule.get("from") or any(_peer_matches(peer, src) for peer in rule["from"]))
+               and (not rule.get("ports") or any(pt["port"] == port and pt.get("protocol", "TCP") == "TCP"
+                                                 for pt in rule["ports"]))
+               for spec in selecting for rule in spec.get("ingress", []))
+
+
+def _pod(labels: dict, namespace: str = NAMESPACE) -> dict:
+    return {"namespace": namespace, "ns_labels": {"kubernetes.io/metadata.name": namespace}, "labels": labels}
+
+
+def test_network_policies_admit_only_the_router_port_from_outside_the_ray_cluster():
+    policies = [d for _, d in k8s_docs() if d["kind"] == "NetworkPolicy"]
+    cluster = one("RayCluster")["metadata"]["name"]
+    # The labels KubeRay gives the pods it makes (on top of the templates' own).
+    head = {"ray.io/cluster": cluster, "ray.io/node-type": "head"}
+    prefill = {"ray.io/cluster": cluster, "ray.io/node-type": "worker", "ray.io/group": "prefill"}
+    decode = {"ray.io/cluster": cluster, "ray.io/node-type": "worker", "ray.io/group": "decode"}
+    router_port = one("Service", "pdserve-router")["spec"]["ports"][0]["targetPort"]
+    dashboard_port = {p["name"]: p["containerPort"] for p in head_container()["ports"]}["dashboard"]
+    kv_port = json.loads(one("ConfigMap", "pdserve-config")["data"]["pdserve.json"])["kv_transfer"]["port"]
+    ray_ports = [6379, 10001, 8080, 52365, 12345]  # GCS, client, metrics, agent, a worker port
+    job = one("RayJob")["metadata"]["name"]
+    outsiders = [_pod({"app": "anything"}, "default"), _pod({"app": "anything"}),  # any other pod, in any namespace
+                 _pod({"ray.io/cluster": "another-cluster", "ray.io/node-type": "head"})]
+    operator = _pod({"app.kubernetes.io/name": "kuberay-operator"}, "kuberay")
+    submitter = _pod({"ray.io/originated-from-crd": "RayJob", "ray.io/originated-from-cr-name": job})
+    prometheus = _pod({"app.kubernetes.io/name": "prometheus"}, "monitoring")
+
+    assert admitted([], outsiders[0], decode, kv_port)  # the evaluator: no policy, no isolation
+    for src in outsiders:
+        assert admitted(policies, src, head, router_port)
+        for dst in (head, prefill, decode):
+            for port in (dashboard_port, kv_port, *ray_ports):
+                assert not admitted(policies, src, dst, port), (src, dst, port)
+        assert not admitted(policies, src, decode, router_port)
+    for src in (_pod(head), _pod(prefill), _pod(decode)):  # the cluster's own pods: everything
+        for dst in (head, prefill, decode):
+            assert all(admitted(policies, src, dst, port) for port in (kv_port, dashboard_port, *ray_ports))
+    for src in (operator, submitter):  # the job API, nothing else
+        assert admitted(policies, src, head, dashboard_port)
+        assert not any(admitted(policies, src, dst, port) for dst in (head, decode) for port in (kv_port, *ray_ports))
+    assert all(admitted(policies, prometheus, dst, port) for dst in (head, decode) for port in (8080, 45678))
+
+
+def test_ray_token_authentication_is_on():
+    """KubeRay's authOptions (needs Ray >= 2.52, the first with token authentication); the
+    launcher starts every node in token mode, with the token file it copies to each."""
+    spec = one("RayCluster")["spec"]
+    assert spec["authOptions"] == {"mode": "token"}
+    assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52, 0)
+    cfg = launcher()
+    for cmds in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
+        assert all("RAY_AUTH_MODE=token" in c for c in cmds if "ray start" in c)
+    assert "~/.ray/auth_token" in cfg["file_mounts"]
+    assert any("export RAY_AUTH_MODE=token" in c for c in cfg["setup_commands"])  # ray exec's shells
+    # The launcher's dashboard is left on Ray's default, loopback (reached through `ray dashboard`).
+    assert not any("dashboard-host" in c for c in cfg["head_start_ray_commands"])
 
 
 def launcher_serve_commands() -> dict[str, str]:
@@ -323,6 +460,10 @@ def test_launcher_serve_command_builds_a_valid_config(tmp_path, source):
     assert (cfg.serve.api_key, cfg.kv_transfer.auth_token) == ("k3y", "t0ken")
     assert (cfg.serve.host, cfg.serve.port, cfg.kv_transfer.host, cfg.kv_transfer.port) == ("0.0.0.0", 8000,
                                                                                             "0.0.0.0", 50051)
+    # TLS files where file_mounts puts ~/pdserve-tls on every node (the ssh user's home).
+    kv, home = cfg.kv_transfer, Path("/home", launcher()["auth"]["ssh_user"])
+    assert not kv.allow_plaintext and "~/pdserve-tls" in launcher()["file_mounts"]
+    assert {Path(f).parent for f in (kv.tls_cert_file, kv.tls_key_file, kv.tls_ca_file)} == {home / "pdserve-tls"}
 
 
 def test_launcher_config_file_builds_a_valid_config():

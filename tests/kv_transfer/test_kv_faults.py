@@ -128,6 +128,9 @@ def test_fault_at_rate_one_fails_typed_and_frees_the_reservation(side, transport
         assert s.pool.num_free_blocks == s.pool.blocks.num_blocks
         assert s.rx.state_of(rid) == "released"
         assert not s.committed, "a faulted transfer was committed"
+        # Both ends tore the failed push's channel down (or never opened one): none is left open.
+        if transport == "nccl":
+            assert len(s.rx.planes["torch"].channels) == len(s.tx.plane.channels) == 0
     assert _failures(transport, reason) - failures0 == 2
     assert _injected(transport, fault) - injected0 == 2
     s.tx.faults = None  # off at run time: the next push goes through

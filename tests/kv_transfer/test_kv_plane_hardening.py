@@ -24,7 +24,7 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from pdserve.engine.config import KVTransferConfig
+from pdserve.engine.config import InsecureConfig, KVTransferConfig, PdserveConfig
 from pdserve.kv_transfer import (
     AuthenticationFailed,
     KVPool,
@@ -39,6 +39,8 @@ from pdserve.kv_transfer import (
     ReservationTooLarge,
     TransferTimeout,
 )
+from pdserve.kv_transfer.channel import check_distinct_devices, nccl_error_handling
+from pdserve.kv_transfer.errors import SharedDevice, error_class
 from pdserve.kv_transfer.protocol import REASON_METADATA_KEY
 from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
 from pdserve.kv_transfer.v1 import kv_transfer_pb2_grpc as pb_grpc
@@ -72,6 +74,17 @@ def release_committed(rx: KVReceiver) -> None:
     rec = rx.committed.pop()
     with rx.pool.lock:
         rx.pool.blocks.free(rec.block_table)
+
+
+def push_once(rx: KVReceiver, config: KVTransferConfig, request_id: str, num_tokens: int) -> None:
+    """One whole transfer into `rx` from a fresh sender, then its blocks freed."""
+    tx = KVSender(config, FP)
+    try:
+        tx.reserve(rx.address, request_id, num_tokens)
+        tx.push(rx.address, _stream(request_id, num_tokens)).result(20)
+    finally:
+        tx.close()
+    release_committed(rx)
 
 
 def stub(rx: KVReceiver, token: str | None = None):
@@ -244,22 +257,46 @@ def _self_signed(tmp_path: Path) -> tuple[str, str]:
     return str(cert_file), str(key_file)
 
 
-def test_tls(receiver, tmp_path):
+def test_a_kv_server_beyond_loopback_needs_tls_or_an_explicit_opt_out(receiver, tmp_path):
+    """The wildcard bind a multi-node deployment uses: refused in plaintext (the KV bytes and the
+    auth token would cross the network readable) unless TLS is configured or plaintext is allowed
+    explicitly; with TLS a push works and a plaintext sender is refused."""
+    with pytest.raises(InsecureConfig, match="tls_cert_file"):
+        KVTransferConfig(host="0.0.0.0", auth_token="s3cret")
+    with pytest.raises(InsecureConfig, match="tls_cert_file"):
+        PdserveConfig().replace(kv_transfer={"host": "::", "auth_token": "s3cret"})
+    assert KVTransferConfig(host="0.0.0.0", auth_token="s3cret", allow_plaintext=True).allow_plaintext
     cert, key = _self_signed(tmp_path)
-    rx = receiver(tls_cert_file=cert, tls_key_file=key, auth_token="s3cret")
+    rx = receiver(host="0.0.0.0", tls_cert_file=cert, tls_key_file=key, auth_token="s3cret")
+    address = f"127.0.0.1:{rx.port}"
     plain = KVSender(KVTransferConfig(auth_token="s3cret", rpc_timeout_s=2), FP)
     try:
         with pytest.raises(PeerUnavailable):
-            plain.pair(rx.address)
+            plain.pair(address)
     finally:
         plain.close()
     tx = KVSender(KVTransferConfig(auth_token="s3cret", tls_ca_file=cert, tls_server_name="pdserve-decode"), FP)
     try:
-        tx.reserve(rx.address, "r", 5)
-        tx.push(rx.address, _stream("r", 5)).result(10)
+        tx.reserve(address, "r", 5)
+        assert tx.push(address, _stream("r", 5)).result(10).bytes == 5 * 256 * 2
     finally:
         tx.close()
     release_committed(rx)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines()}
+
+
+def test_the_nccl_transports_store_listens_where_kv_transfer_host_says(receiver):
+    """The TCPStore a decode worker hosts for channel rendezvous (unauthenticated) binds
+    `kv_transfer.host`, as the KV server does; a TCPStore left to itself listens on every interface."""
+    rx = receiver(kv_transport="nccl")
+    push_once(rx, KVTransferConfig(kv_transport="nccl"), "r", 10)
+    store = rx.planes["torch"]._store
+    assert store is not None
+    assert _listening_addresses(store.port) == {"127.0.0.1"}
 
 
 SENDER_SCRIPT = textwrap.dedent("""
@@ -294,6 +331,57 @@ def test_sender_process_killed_mid_stream(receiver, transport):
         print(f"{transport}: reclaimed {took:.3f}s after the kill")
     finally:
         proc.kill()
+    # The survivor tore down its end of the dead push's channel (its state is unknown; no recv was
+    # running, so nothing else would have), and still takes pushes, over a fresh channel.
+    assert len(rx.planes["torch"].channels) == 0
+    push_once(rx, KVTransferConfig(kv_transport=transport), "after", 10)
+
+
+def test_nccl_channels_are_refused_between_ranks_on_one_cuda_device(receiver):
+    """NCCL cannot pair two ranks on one device: OpenChannel refuses it with a typed error before
+    either end builds a group. Identities are GPU UUIDs (`device_identity`); on CPU a pool has none,
+    so the receiver's is set here, and the sender's sent as the wire carries it."""
+    check_distinct_devices("", "")  # CPU: gloo pairs ranks on one host happily
+    check_distinct_devices("GPU-1111", "GPU-2222")
+    with pytest.raises(SharedDevice, match="GPU-1111"):
+        check_distinct_devices("GPU-1111", "GPU-1111")
+    rx = receiver(kv_transport="nccl")
+    rx.planes["torch"].device = "GPU-1111"
+    s, md = stub(rx)
+    with pytest.raises(grpc.RpcError) as e:
+        s.OpenChannel(pb.OpenChannelRequest(channel_id="c", backend="gloo", device="GPU-1111"), metadata=md)
+    assert error_class(dict(e.value.trailing_metadata()).get(REASON_METADATA_KEY), e.value.code().name) is SharedDevice
+    assert len(rx.planes["torch"].channels) == 0 and not rx.planes["torch"]._pending
+
+
+def test_nccl_groups_are_built_to_raise_rather_than_end_the_process(monkeypatch):
+    """TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (abort the communicator, raise from wait) while a
+    ProcessGroupNCCL is built, which reads it then; the operator's environment is left as it was."""
+    for before in (None, "3"):
+        if before is None:
+            monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+        else:
+            monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", before)
+        with nccl_error_handling():
+            assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+        assert os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") == before
+
+
+@pytest.mark.gpu
+def test_a_cuda_pair_on_one_device_is_refused_and_leaves_the_receiver_whole():
+    """With a real CUDA pool and sender on one GPU: the push fails with SharedDevice (instead of
+    NCCL hanging or aborting), and no block or channel is left behind."""
+    rx = KVReceiver(KVPool.standalone(FP, 32, "cuda:0"), KVTransferConfig(kv_transport="nccl"), lambda _: None).start()
+    tx = KVSender(KVTransferConfig(kv_transport="nccl"), FP, device="cuda:0")
+    try:
+        tx.reserve(rx.address, "r", 10)
+        with pytest.raises(SharedDevice):
+            tx.push(rx.address, _stream("r", 10)).result(30)
+        wait_for(lambda: rx.pool.num_free_blocks == 32, 10, "the refused push's blocks")
+        assert len(rx.planes["torch"].channels) == 0
+    finally:
+        tx.close()
+        rx.stop()
 
 
 RECEIVER_SCRIPT = textwrap.dedent("""
@@ -366,13 +454,7 @@ def test_metrics_are_recorded_on_the_receiving_side(receiver):
         ("pdserve_kv_transfer_failures_total", {"transport": "grpc", "reason": "checksum"}),
         ("pdserve_kv_transfer_stage_seconds_count", {"transport": "grpc", "stage": "first_byte"})]
     before = [_sample(*k) for k in keys]
-    tx = KVSender(KVTransferConfig(), FP)
-    try:
-        tx.reserve(rx.address, "ok", 20)
-        tx.push(rx.address, _stream("ok", 20)).result(10)
-    finally:
-        tx.close()
-    release_committed(rx)
+    push_once(rx, KVTransferConfig(), "ok", 20)
     s, md = stub(rx)
     s.Reserve(pb.ReserveRequest(request_id="bad", num_tokens=20, fingerprint_digest=FP.digest()))
     with pytest.raises(grpc.RpcError):
@@ -389,7 +471,7 @@ def test_every_error_names_a_grpc_status_and_comes_back_as_itself():
     from pdserve.kv_transfer.protocol import error_from_rpc, grpc_status
 
     classes = [getattr(errors, n) for n in errors.__all__ if n != "error_class"]
-    assert len(classes) == 14
+    assert len(classes) == 15
     for cls in classes:
         code = grpc_status(cls("x"))
         assert isinstance(code, grpc.StatusCode) and code.name == cls.code

@@ -419,7 +419,7 @@ def test_engine_loop_decodes_received_requests(transfer_env):
 def test_non_loopback_server_needs_a_secret():
     with pytest.raises(ValueError, match="auth_token"):
         KVTransferConfig(host="0.0.0.0")
-    KVTransferConfig(host="0.0.0.0", auth_token="s3cret")
+    KVTransferConfig(host="0.0.0.0", auth_token="s3cret", allow_plaintext=True)
 
 
 def _zeros_stream(rid: str, n: int, layers: int = 2) -> LayerStream:
