@@ -16,9 +16,9 @@ A request's life here (the numbers are the hops of docs/architecture.md):
      receiver's own loop thread); on commit `_on_commit` hands the blocks and the request
      to the engine loop thread (`EngineLoop.submit_received`).
   6. Each engine step's new tokens come back on the loop thread through the request's sink into its
-     subscription's buffer, which wakes the actor's event loop once per batch; there they are merged
-     per request (`output_item`) and yielded as one `StepBatch`; a request's last item is
-     `finished` or carries a `WorkerError`.
+     subscription's buffer; after the step (`EngineLoop.on_round_end`) the actor's event loop is woken
+     once, merges them per request (`output_item`) and yields one `StepBatch`; a request's last item
+     is `finished` or carries a `WorkerError`.
   7. When the router gives a request up (its client went away, or it moved the request elsewhere)
      it calls `abort`: the request is aborted in the engine and its reservation released, neither
      of which waits on the actor's event loop, so every block comes back and no other stream on this
@@ -81,9 +81,9 @@ def output_item(outs: list[RequestOutput | BaseException]) -> StepItem:
 
 class _Subscription:
     """One subscriber's requests on this worker: their sinks buffer what the engine loop thread hands
-    them, and the first output of a batch wakes the actor's event loop, which takes the whole buffer as
-    one `StepBatch`. So the event loop wakes, and the router gets a message, about once per engine step
-    however many streams that step advanced."""
+    them, and at the end of the loop's round (`flush`) the actor's event loop is woken once and takes the
+    whole buffer as one `StepBatch`. So the event loop wakes, and the router gets a message, once per
+    engine step however many streams that step advanced (fewer when the router reads slower)."""
 
     def __init__(self, aio: asyncio.AbstractEventLoop):
         self._aio = aio
@@ -105,12 +105,17 @@ class _Subscription:
                 if self._closed:
                     raise RuntimeError("the subscriber is gone")
                 self._pending.setdefault(rid, []).append(out)
-                wake = not self._woken
-                self._woken = True
-            if wake:
-                self._aio.call_soon_threadsafe(self._wake.set)
 
         return put
+
+    def flush(self) -> None:
+        """Send what the sinks buffered (on the engine loop thread, after each round): wakes the event loop
+        once for the whole round, however many requests it advanced."""
+        with self._lock:
+            if not self._pending or self._woken or self._closed:
+                return
+            self._woken = True
+        self._aio.call_soon_threadsafe(self._wake.set)
 
     def drop(self, rid: str) -> None:
         with self._lock:
@@ -164,6 +169,7 @@ class DecodeWorker(Worker):
         self._expected: dict[str, _Expected] = {}
         self._subscriptions: dict[str, _Subscription] = {}
         self._lock = threading.Lock()
+        self.loop.on_round_end = self._flush
         self.receiver = None
         if config.serve.mode == "disaggregated":
             from pdserve.kv_transfer.pool import KVPool
@@ -223,6 +229,12 @@ class DecodeWorker(Worker):
             self.abort(rid)
             sub.drop(rid)
             raise
+
+    def _flush(self) -> None:
+        with self._lock:
+            subscriptions = list(self._subscriptions.values())
+        for sub in subscriptions:
+            sub.flush()
 
     def _subscription(self, subscriber: str) -> _Subscription:
         with self._lock:

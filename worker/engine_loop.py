@@ -76,6 +76,9 @@ class EngineLoop:
         self.step_error_window_s = step_error_window_s
         self._step_errors: deque[float] = deque(maxlen=max_step_errors)  # when the latest ones happened
         self.faults = faults
+        # Called on the loop thread after each round (admissions, aborts, a step) has handed its outputs to the
+        # sinks: sinks that buffer (the decode worker's subscriptions) send them on then, one batch per round.
+        self.on_round_end: Callable[[], None] | None = None
         self._stall_until = 0.0  # chaos: `stall()` freezes the loop thread (a hung kernel, a deadlock)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -168,15 +171,24 @@ class EngineLoop:
                 self._abort(rid)
             if engine.has_unfinished():
                 self._step()
+            self._round_end()
             self.last_step_time = time.monotonic()
         for rid in list(self._sinks):
             self._abort(rid)
+        self._round_end()
         with self._wake:
             leftover, self._inbox = self._inbox, deque()
         for item in leftover:  # received KV the loop owns but never admitted
             if item.received is not None:
                 with engine.kv_lock:
                     engine.block_manager.free(item.received.block_table)
+
+    def _round_end(self) -> None:
+        if self.on_round_end is not None:
+            try:
+                self.on_round_end()
+            except Exception:  # like a failing sink: never the loop thread's end
+                logger.warning("the round-end hook failed", exc_info=True)
 
     def _admit(self, item: _Submit) -> None:
         if self._early_aborts.pop(item.request_id, 0) is None:  # aborted before it arrived

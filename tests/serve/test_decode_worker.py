@@ -72,7 +72,7 @@ def test_a_request_that_can_never_fit_is_refused_with_a_typed_error(worker):
 def test_tokens_of_many_requests_travel_coalesced_one_batch_per_step(worker):
     """Eight colocated requests on one subscription: every batch carries at most one item per request,
     each request's tokens arrive in full and end `finished`, and the batches are far fewer than the tokens
-    (one per engine step, not one per token of each stream)."""
+    (one per engine step, not one per token of each stream, however slowly the subscriber reads)."""
     n, max_tokens = 8, 12
 
     async def run():
@@ -98,7 +98,8 @@ def test_tokens_of_many_requests_travel_coalesced_one_batch_per_step(worker):
 
     tokens, batches = asyncio.run(run())
     assert tokens == {f"m{i}": max_tokens for i in range(n)}
-    assert batches <= max_tokens + 2 < n * max_tokens  # the first step may admit some, the next the rest
+    # one batch per engine step: 12 steps each, the requests admitted over up to n rounds (never a batch a token)
+    assert batches <= max_tokens + n < n * max_tokens
 
 
 def test_a_subscriber_that_goes_away_aborts_its_requests(worker):
