@@ -64,6 +64,8 @@ class DecodeCase:
         """`LlamaModel._attention` for one layer: writes the new tokens' KV, returns [batch, heads, hd] in the
         rows' own order."""
         model = SimpleNamespace(scale=self.q.shape[-1] ** -0.5)
+        self.kv.k[0].index_copy_(0, meta.slot_mapping, self.k[order])  # as the model's forward does first
+        self.kv.v[0].index_copy_(0, meta.slot_mapping, self.v[order])
         out = LlamaModel._attention(model, self.q[order], self.k[order], self.v[order], meta, self.kv.k[0],
                                     self.kv.v[0])
         back = torch.empty_like(out)

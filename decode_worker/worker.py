@@ -224,6 +224,7 @@ class DecodeWorker(Worker):
                 aborted = rid not in self._expected
             if aborted:  # the router gave up while we waited for room: what we reserved goes back
                 self.abort(rid)
+                sub.drop(rid)
             return Ready(reservation)
         except BaseException:
             self.abort(rid)
