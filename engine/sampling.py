@@ -80,8 +80,7 @@ class SamplingParams:
             raise InvalidSamplingParams("stop", f"stop takes at most {MAX_STOP_STRINGS} strings of at most "
                                         f"{MAX_STOP_STRING_CHARS} characters each (got {len(self.stop)} strings, "
                                         f"the longest {max(map(len, self.stop))} characters)")
-        if not isinstance(self.stop_token_ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+        if not isinstance(self.stop_token_ids, list) or not all(_int(t) for t in self.stop_token_ids):
             raise InvalidSamplingParams("stop_token_ids", "stop_token_ids must be a list of integers")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise InvalidSamplingParams("stop_token_ids", f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids "

@@ -110,4 +110,3 @@ class PrefillWorker(Worker):
     def shutdown(self) -> None:
         self.sender.close()
         super().shutdown()
-

@@ -251,7 +251,6 @@ class EngineLoop:
                 self._sinks.pop(out.request_id, None)  # its consumer is gone: stop generating for it
                 self.engine.abort(out.request_id)
 
-
     def _count_step_error(self) -> None:
         self.num_step_errors += 1
         self._step_errors.append(time.monotonic())
