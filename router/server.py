@@ -278,6 +278,8 @@ class Router:
         if relay is None or not relay.alive or relay.handle is not decode.handle:
             if relay is not None:
                 relay.close()
+            for worker_id in [w for w, r in self._relays.items() if not r.alive]:  # workers gone since
+                del self._relays[worker_id]
             relay = self._relays[decode.worker_id] = StepRelay(decode.handle, decode.worker_id,
                                                                f"router-{self.instance}-{self._incarnation}")
         return relay
