@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
 import os
 import signal
@@ -285,8 +286,23 @@ def test_a_kv_server_beyond_loopback_needs_tls_or_an_explicit_opt_out(receiver, 
 
 
 def _listening_addresses(port: int) -> set[str]:
-    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines()}
+    """The local addresses of the TCP sockets listening on `port`, from /proc/net/tcp and tcp6 (what `ss -ltn`
+    reads; iproute2 is not on every machine the tests run on)."""
+    addresses = set()
+    for path, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            rows = Path(path).read_text().splitlines()[1:]
+        except FileNotFoundError:  # no IPv6 in this kernel
+            continue
+        for row in rows:
+            fields = row.split()
+            host, hex_port = fields[1].split(":")
+            if fields[3] != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(host)  # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            addresses.add(str(ipaddress.IPv6Address(raw) if v6 else ipaddress.IPv4Address(raw)))
+    return addresses
 
 
 def test_the_nccl_transports_store_listens_where_kv_transfer_host_says(receiver):
