@@ -283,7 +283,8 @@ def run(w: Workload, runs: int, threads: int, out: TextIO, attention_backend: st
     cfg = PdserveConfig().replace(engine={"num_threads": threads, "attention_backend": attention_backend},
                                   model={"dtype": dtype},
                                   scheduler={"max_num_seqs": 64, "max_num_batched_tokens": 4096},
-                                  cache={"num_kv_blocks": 2048})
+                                  # off: the timed runs repeat their prompts, which would hit the cache
+                                  cache={"num_kv_blocks": 2048, "enable_prefix_caching": False})
     e = LLMEngine(cfg)
     model_dir = e.source.path
     p = make_prompts(w, e.arch.vocab_size)
@@ -356,7 +357,8 @@ def calibrate(threads: int, runs: int) -> dict[str, float]:
     `step_overhead_s + prefill_token_s * prefill tokens + decode_token_s * decode tokens`."""
     cfg = PdserveConfig().replace(engine={"num_threads": threads},
                                   scheduler={"max_num_seqs": 64, "max_num_batched_tokens": 4096},
-                                  cache={"num_kv_blocks": 2048})
+                                  # off: the timed runs repeat their prompts, which would hit the cache
+                                  cache={"num_kv_blocks": 2048, "enable_prefix_caching": False})
     e = LLMEngine(cfg)
     p = make_prompts(FULL, e.arch.vocab_size)
     steps = 16

@@ -18,6 +18,7 @@ KV hand-over between engines (disaggregated serving, see `kv_transfer`):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
 from pdserve.engine.config import PdserveConfig, SchedulerConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.errors import InvalidRequestError
-from pdserve.engine.kernels import decode_attention_kernel
+from pdserve.engine.kernels import decode_attention_kernel, prefill_attention_kernel
 from pdserve.engine.kv_cache import PagedKVCache
 from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.model import AttentionMetadata, load_model, mkldnn_bf16_linear_available
@@ -81,6 +82,9 @@ class LLMEngine:
         if self.decode_kernel is not None and self.dtype == torch.bfloat16:  # the same library's fused bf16 ops
             self.model.use_fused_ops(torch.ops.pdserve)
         arch = self.arch = self.model.arch
+        # prefill attention: the same library's paged prefill kernel where it runs (bf16, AVX-512-BF16)
+        self.prefill_kernel = prefill_attention_kernel(self.decode_kernel, self.dtype, arch.head_dim,
+                                                       arch.num_heads // arch.num_kv_heads)
         logger.info("loaded %s in %.1fs", self.source.model_id, time.perf_counter() - t0)
 
         self.max_model_len = min(config.model.max_model_len or arch.max_position_embeddings,
@@ -342,20 +346,33 @@ class LLMEngine:
                 mask = valid.view(len(group), 1, 1, max_ctx).to(dev)
             groups.append((r0, r0 + len(group), slots.to(dev), mask))
         prefills = []
+        p_tables = p_starts = p_lens = None
+        prefill_kernel = self.prefill_kernel if len(plan) > d else None
+        if prefill_kernel is not None:  # the kernel reads each chunk's blocks in place
+            chunks = plan[d:]
+            ends = [seq.num_computed_tokens + n for seq, n in chunks]
+            nblk = [-(-e // bs) for e in ends]
+            width = max(nblk)
+            p_tables = torch.tensor([seq.block_table[:k] + [0] * (width - k)
+                                     for (seq, _), k in zip(chunks, nblk, strict=True)], dtype=torch.int32).to(dev)
+            p_starts = torch.tensor([0, *itertools.accumulate(n for _, n in chunks)], dtype=torch.int32).to(dev)
+            p_lens = torch.tensor(ends, dtype=torch.int32).to(dev)
         q = d
         for seq, n in plan[d:]:
             start = seq.num_computed_tokens
             end = start + n
             slots = self.kv.slots(seq.block_table, 0, end)
             slot_parts.append(slots[start:])
-            if start == 0:
-                prefills.append((q, q + n, None, None))
-            else:
-                mask = torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None]
-                prefills.append((q, q + n, slots.to(dev), mask))
+            if prefill_kernel is None:
+                if start == 0:
+                    prefills.append((q, q + n, None, None))
+                else:
+                    mask = torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None]
+                    prefills.append((q, q + n, slots.to(dev), mask))
             q += n
         slot_mapping = torch.cat(slot_parts).to(dev)
-        return AttentionMetadata(slot_mapping, d, groups, prefills, kernel, tables, lens, bs)
+        return AttentionMetadata(slot_mapping, d, groups, prefills, kernel, tables, lens, bs,
+                                 prefill_kernel, p_tables, p_starts, p_lens)
 
     # -- bookkeeping -----------------------------------------------------------
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:

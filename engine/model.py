@@ -81,6 +81,13 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None
     decode_context_lens: torch.Tensor | None = None
     block_size: int = 0
+    # With a prefill kernel (bf16 on AVX-512-BF16) the prefill rows (all rows after the decode rows) need
+    # no `prefills` entries either, only per chunk its block table [chunks, max_blocks], where its rows
+    # start among the prefill rows [chunks + 1] and its context length with the chunk [chunks] (int32).
+    prefill_kernel: Callable | None = None
+    prefill_block_tables: torch.Tensor | None = None
+    prefill_query_starts: torch.Tensor | None = None
+    prefill_context_lens: torch.Tensor | None = None
 
 
 def mkldnn_bf16_linear_available() -> bool:
@@ -298,6 +305,9 @@ class LlamaModel:
         if meta.decode_kernel is not None and d:
             meta.decode_kernel(out[:d], q[:d], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
                                meta.block_size, self.scale)
+        if meta.prefill_kernel is not None and n > d:
+            meta.prefill_kernel(out[d:], q[d:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_starts,
+                                meta.prefill_context_lens, meta.block_size, self.scale)
         # torch's CPU SDPA is far slower on one-token bf16 queries than in fp32: there the torch path
         # computes decode attention in fp32 (the gather stays in the cache's dtype)
         upcast = q.device.type == "cpu" and q.dtype != torch.float32

@@ -1,7 +1,8 @@
 """C++ kernels for the CPU engine, compiled on the machine that runs them.
 
 `paged_attention.cpp` holds `torch.ops.pdserve.paged_decode_attention`: decode attention that reads
-K/V blocks where they lie in the paged cache (no gather into a contiguous copy). It is compiled with
+K/V blocks where they lie in the paged cache (no gather into a contiguous copy), and
+`paged_prefill_attention`, the same for prefill chunks (causal, over earlier context and the chunk). It is compiled with
 `-O3 -march=native` into `<build_root>/<key>/`, where the key hashes the source, the torch version,
 the compiler and this CPU's feature flags: a new source, torch or CPU builds anew, anything else
 loads the cached library. The first build takes ~20 s (measured on 2 cores); `python -m
@@ -15,6 +16,8 @@ behind, and every later loader would wait on it forever).
 
 `decode_attention_kernel(backend, device, dtype)` picks the engine's decode attention: the kernel,
 or None for the torch path (gather + SDPA), per `EngineConfig.attention_backend`.
+`prefill_attention_kernel` picks the prefill attention from the same library: its paged prefill kernel
+(bf16, built where the CPU has AVX-512-BF16), or None for the torch path.
 """
 
 from __future__ import annotations
@@ -165,3 +168,16 @@ def decode_attention_kernel(backend: str, device: torch.device, dtype: torch.dty
             _warned.add(reason)
             logger.warning("paged-attention kernel unavailable, using the torch path (gather + SDPA): %s", e)
         return None
+
+
+def prefill_attention_kernel(decode_kernel: Callable | None, dtype: torch.dtype, head_dim: int,
+                             group: int) -> Callable | None:
+    """`torch.ops.pdserve.paged_prefill_attention` where it runs: the library is loaded (the decode kernel
+    is in use, so `attention_backend` allows it) and was built for AVX-512-BF16, the cache is bf16, and
+    the head shape is one it is compiled for. None keeps the torch prefill path (gather + SDPA)."""
+    if decode_kernel is None or dtype != torch.bfloat16:
+        return None
+    ops = torch.ops.pdserve
+    if not ops.paged_prefill_attention_supported(dtype, head_dim, group):
+        return None
+    return ops.paged_prefill_attention

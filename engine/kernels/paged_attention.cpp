@@ -20,7 +20,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define PDSERVE_AVX512_BF16 1
+#endif
 
 namespace {
 
@@ -67,6 +73,131 @@ inline void axpy(float* acc, float p, const T* v, int64_t hd) {
   for (int64_t i = 0; i < hd; ++i) acc[i] += p * load(v, i);
 }
 
+#ifdef PDSERVE_AVX512_BF16
+// AVX-512-BF16 paths for a bf16 cache (the default dtype where the CPU has them). The portable loops
+// above spend most of their time in one horizontal sum per (query head, key): here the q . k products
+// run on VDPBF16PS (bf16 pairs multiplied exactly, summed in fp32) for eight keys at a time, whose
+// sixteen-lane partial sums are reduced together by one transpose-and-add tree; the V pass keeps a
+// group's accumulators in registers and widens each V row once for the whole group.
+namespace avx512 {
+
+using bf16 = c10::BFloat16;
+
+// The totals of eight vectors of sixteen partial sums, as one vector of eight.
+inline __m256 sum8(const __m512* a) {
+  auto pairs = [](__m512 x, __m512 y) { return _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y)); };
+  auto quads = [](__m512 x, __m512 y) {
+    const __m512d xd = _mm512_castps_pd(x), yd = _mm512_castps_pd(y);
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(xd, yd)), _mm512_castpd_ps(_mm512_unpackhi_pd(xd, yd)));
+  };
+  const __m512 u0 = quads(pairs(a[0], a[1]), pairs(a[2], a[3]));  // per 128-bit lane: keys 0-3
+  const __m512 u1 = quads(pairs(a[4], a[5]), pairs(a[6], a[7]));  // keys 4-7
+  const __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 y = _mm512_shuffle_f32x4(x, x, _MM_SHUFFLE(3, 1, 2, 0));
+  return _mm256_add_ps(_mm512_castps512_ps256(y), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1)));
+}
+
+inline __m512bh load_bh(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+// Sixteen bf16 widened to fp32.
+inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// Pass 1 for one (sequence, kv head): scale * q . k for each query head of the group and each context
+// position, into scores[g * ctx + pos]; the max per head into mx.
+template <int64_t HD>
+void scores(const bf16* const* qrows, int64_t group, const bf16* kp, const int32_t* table, int64_t block_size,
+            int64_t ctx, int64_t row, int64_t h, float scale, float* scores, float* mx) {
+  constexpr int64_t C = HD / 32;
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int64_t g = 0; g < group; ++g) {
+    __m512bh qv[C];
+    for (int64_t c = 0; c < C; ++c) qv[c] = load_bh(qrows[g] + 32 * c);
+    float* sg = scores + g * ctx;
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    float m = -INFINITY;
+    for (int64_t b = 0, pos = 0; pos < ctx; ++b) {
+      const bf16* kb = kp + static_cast<int64_t>(table[b]) * block_size * row + h * HD;
+      const int64_t len = std::min(block_size, ctx - pos);
+      int64_t o = 0;
+      for (; o + 8 <= len; o += 8) {
+        __m512 acc[8];
+        for (int j = 0; j < 8; ++j) {
+          const bf16* kr = kb + (o + j) * row;
+          acc[j] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], load_bh(kr));
+          for (int64_t c = 1; c < C; ++c) acc[j] = _mm512_dpbf16_ps(acc[j], qv[c], load_bh(kr + 32 * c));
+        }
+        const __m256 s = _mm256_mul_ps(sum8(acc), vscale);
+        _mm256_storeu_ps(sg + pos + o, s);
+        vmax = _mm256_max_ps(vmax, s);
+      }
+      for (; o < len; ++o) {
+        const bf16* kr = kb + o * row;
+        __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], load_bh(kr));
+        for (int64_t c = 1; c < C; ++c) acc = _mm512_dpbf16_ps(acc, qv[c], load_bh(kr + 32 * c));
+        const float s = _mm512_reduce_add_ps(acc) * scale;
+        sg[pos + o] = s;
+        m = std::max(m, s);
+      }
+      pos += len;
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmax);
+    for (float l : lanes) m = std::max(m, l);
+    mx[g] = m;
+  }
+}
+
+// Pass 3 for one (sequence, kv head): acc[g * HD + i] = sum over pos of p[g][pos] * v[pos][i].
+template <int64_t HD, int64_t G>
+void weighted_values(float* acc_out, const float* probs, int64_t ctx, const bf16* vp, const int32_t* table,
+                     int64_t block_size, int64_t row, int64_t h) {
+  constexpr int64_t C = HD / 16;
+  __m512 acc[G][C];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t b = 0, pos = 0; pos < ctx; ++b) {
+    const bf16* vb = vp + static_cast<int64_t>(table[b]) * block_size * row + h * HD;
+    const int64_t len = std::min(block_size, ctx - pos);
+    for (int64_t o = 0; o < len; ++o, ++pos) {
+      const bf16* vr = vb + o * row;
+      __m512 v[C];
+      for (int64_t c = 0; c < C; ++c) v[c] = load16(vr + 16 * c);
+      for (int64_t g = 0; g < G; ++g) {
+        const __m512 p = _mm512_set1_ps(probs[g * ctx + pos]);
+        for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(acc_out + g * HD + 16 * c, acc[g][c]);
+}
+
+// Whether pass 3 has a register-blocked instance for this shape; `weighted_values` dispatched on G.
+template <int64_t HD>
+constexpr bool has_weighted_values(int64_t group) {
+  return HD == 64 ? group >= 1 && group <= 4 : HD == 128 ? group >= 1 && group <= 2 : false;
+}
+
+template <int64_t HD>
+void weighted_values(int64_t group, float* acc_out, const float* probs, int64_t ctx, const bf16* vp,
+                     const int32_t* table, int64_t block_size, int64_t row, int64_t h) {
+  switch (group) {
+    case 1: return weighted_values<HD, 1>(acc_out, probs, ctx, vp, table, block_size, row, h);
+    case 2: return weighted_values<HD, 2>(acc_out, probs, ctx, vp, table, block_size, row, h);
+    case 3: if constexpr (HD == 64) return weighted_values<HD, 3>(acc_out, probs, ctx, vp, table, block_size, row, h);
+            break;
+    case 4: if constexpr (HD == 64) return weighted_values<HD, 4>(acc_out, probs, ctx, vp, table, block_size, row, h);
+            break;
+  }
+  TORCH_CHECK(false, "no register-blocked V pass for group ", group, " and head_dim ", HD);
+}
+
+}  // namespace avx512
+#endif
+
 template <typename T, int64_t HD>
 void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
@@ -104,6 +235,15 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lens[a] > lens[b]; });
   const int64_t items = n * kvh;
   std::atomic<int64_t> next{0};
+#ifdef PDSERVE_AVX512_BF16
+  // bf16 with a head_dim of a multiple of 32 known at compile time takes the AVX-512-BF16 passes.
+  constexpr bool kFastBf16 = std::is_same_v<T, c10::BFloat16> && HD > 0 && HD % 32 == 0;
+  bool fast_k = false, fast_v = false;
+  if constexpr (kFastBf16) {
+    fast_k = group <= 8;
+    fast_v = avx512::has_weighted_values<HD>(group);
+  }
+#endif
 
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores(group * max_ctx), qf(group * hd), acc(group * hd), mx(group), sum(group);
@@ -118,6 +258,15 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
           mx[g] = -INFINITY;
         }
         // pass 1: scores and their max, block by block
+#ifdef PDSERVE_AVX512_BF16
+        if (kFastBf16 && fast_k) {
+          if constexpr (kFastBf16) {
+            const c10::BFloat16* qrows[8];
+            for (int64_t g = 0; g < group; ++g) qrows[g] = qp + s * q_s0 + (h * group + g) * q_s1;
+            avx512::scores<HD>(qrows, group, kp, table, block_size, ctx, row, h, scale, scores.data(), mx.data());
+          }
+        } else
+#endif
         for (int64_t b = 0, pos = 0; pos < ctx; ++b) {
           const int64_t base = static_cast<int64_t>(table[b]) * block_size;
           const int64_t len = std::min(block_size, ctx - pos);
@@ -144,6 +293,13 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
           sum[g] = z;
         }
         // pass 3: the weighted sum of V rows
+#ifdef PDSERVE_AVX512_BF16
+        if (kFastBf16 && fast_v) {
+          if constexpr (kFastBf16)
+            avx512::weighted_values<HD>(group, acc.data(), scores.data(), ctx, vp, table, block_size, row, h);
+        } else
+#endif
+        {
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t b = 0, pos = 0; pos < ctx; ++b) {
           const int64_t base = static_cast<int64_t>(table[b]) * block_size;
@@ -152,6 +308,7 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
             const T* vr = vp + (base + o) * row + h * hd;
             for (int64_t g = 0; g < group; ++g) axpy<HD>(acc.data() + g * hd, scores[g * ctx + pos], vr, hd);
           }
+        }
         }
         for (int64_t g = 0; g < group; ++g) {
           T* orow = op + s * o_s0 + (h * group + g) * o_s1;
@@ -209,6 +366,259 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
     default:
       TORCH_CHECK(false, "paged_decode_attention: float32 or bfloat16, not ", q.scalar_type());
   }
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// Paged prefill attention (bf16, AVX-512-BF16): the queries of each prefill chunk attend, causally, to
+// their sequence's keys where they lie in the paged cache: the earlier context (cached prefix, earlier
+// chunks) and the chunk's own KV, which the forward pass has written there before calling. No gather,
+// no mask tensor, one call for every prefill of the step.
+//
+// One work item is (sequence, kv head, tile of up to 16 query rows), so the group's query heads share
+// each K and V row. Keys are taken sixteen at a time, flash-attention style (online softmax, fp32 max
+// and sum): K is transposed into bf16 pairs, so a query's sixteen scores are 32 VDPBF16PS with the
+// query's pairs broadcast, no horizontal sums; the probabilities are rounded to bf16 (as HF's bf16
+// attention rounds its softmax before multiplying V) and multiplied with V interleaved in key pairs.
+
+#ifdef PDSERVE_AVX512_BF16
+namespace avx512 {
+
+// exp(x) for x <= 0, sixteen lanes: `exp_nonpositive`'s range reduction and polynomial.
+inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr int64_t kTileRows = 16;  // query rows per work item
+constexpr int64_t kKeys = 64;      // keys per inner step (a multiple of 16)
+
+struct PrefillScratch {
+  std::vector<uint32_t> kt, vt;  // K chunk as [HD / 2][16] pairs of dims; V chunk as [8][HD] pairs of keys
+  std::vector<float> o, m, l;    // per query vector: output accumulator [HD], running max, running sum
+};
+
+template <int64_t HD>
+void prefill_tile(bf16* op, int64_t o_s0, int64_t o_s1, const bf16* qp, int64_t q_s0, int64_t q_s1,
+                  const bf16* kp, const bf16* vp, const int32_t* table, int64_t block_size, int64_t row, int64_t h,
+                  int64_t group, int64_t r0, int64_t nr, int64_t pos0, float scale, PrefillScratch& w) {
+  constexpr int64_t D2 = HD / 2, V = kKeys / 16;  // dim pairs; sixteen-key vectors per step
+  const int64_t nq = nr * group;  // query vectors: qi = r * group + g
+  std::fill(w.o.begin(), w.o.begin() + nq * HD, 0.0f);
+  std::fill(w.m.begin(), w.m.begin() + nq, -INFINITY);
+  std::fill(w.l.begin(), w.l.begin() + nq, 0.0f);
+  uint32_t* kt = w.kt.data();
+  uint32_t* vt = w.vt.data();
+  const int64_t last = pos0 + nr - 1;  // the last key any row of the tile sees
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  const uint32_t* krow[kKeys];
+  const uint16_t* vrow[kKeys];
+  for (int64_t kb = 0; kb <= last; kb += kKeys) {
+    const int64_t len = std::min(kKeys, last + 1 - kb);
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t key = kb + j;
+      const int64_t slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
+      krow[j] = reinterpret_cast<const uint32_t*>(kp + slot * row + h * HD);
+      vrow[j] = reinterpret_cast<const uint16_t*>(vp + slot * row + h * HD);
+    }
+    // K as [D2][kKeys] dim pairs, V as [kKeys / 2][HD] key pairs; zeros past `len`
+    for (int64_t j = 0; j < len; ++j)
+      for (int64_t d2 = 0; d2 < D2; ++d2) kt[d2 * kKeys + j] = krow[j][d2];
+    for (int64_t j = len; j < kKeys; ++j)
+      for (int64_t d2 = 0; d2 < D2; ++d2) kt[d2 * kKeys + j] = 0u;
+    const int64_t pairs = (len + 1) / 2;
+    for (int64_t j2 = 0; j2 < pairs; ++j2) {
+      const uint16_t* x = vrow[2 * j2];
+      uint32_t* t = vt + j2 * HD;
+      if (2 * j2 + 1 < len) {
+        const uint16_t* y = vrow[2 * j2 + 1];
+        for (int64_t d = 0; d < HD; ++d) t[d] = x[d] | static_cast<uint32_t>(y[d]) << 16;
+      } else {
+        for (int64_t d = 0; d < HD; ++d) t[d] = x[d];
+      }
+    }
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const int64_t r = qi / group, g = qi % group;
+      const int64_t pos = pos0 + r;  // this row sees keys 0..pos
+      if (kb > pos) continue;
+      const uint32_t* qq = reinterpret_cast<const uint32_t*>(qp + (r0 + r) * q_s0 + (h * group + g) * q_s1);
+      const int64_t seen = std::min(len, pos - kb + 1);  // keys of this step the row sees
+      const int64_t nv = (seen + 15) / 16;
+      __m512 sv[V], part[V];
+      for (int64_t v = 0; v < nv; ++v) sv[v] = part[v] = _mm512_setzero_ps();
+      for (int64_t d2 = 0; d2 < D2; d2 += 2) {  // two chains per key vector: VDPBF16PS takes several cycles
+        const __m512bh qa = (__m512bh)_mm512_set1_epi32(static_cast<int>(qq[d2]));
+        const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(qq[d2 + 1]));
+        for (int64_t v = 0; v < nv; ++v) {
+          sv[v] = _mm512_dpbf16_ps(sv[v], qa, (__m512bh)_mm512_loadu_si512(kt + d2 * kKeys + 16 * v));
+          part[v] = _mm512_dpbf16_ps(part[v], qb, (__m512bh)_mm512_loadu_si512(kt + (d2 + 1) * kKeys + 16 * v));
+        }
+      }
+      __m512 vmax = neg_inf;
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t left = seen - 16 * v;
+        const __mmask16 valid = static_cast<__mmask16>(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+        sv[v] = _mm512_mask_blend_ps(valid, neg_inf, _mm512_mul_ps(_mm512_add_ps(sv[v], part[v]), vscale));
+        vmax = _mm512_max_ps(vmax, sv[v]);
+      }
+      const float m_old = w.m[qi];
+      const float m_new = std::max(m_old, _mm512_reduce_max_ps(vmax));
+      const __m512 vm = _mm512_set1_ps(m_new);
+      __m512 psum = _mm512_setzero_ps();
+      alignas(64) uint32_t pp[kKeys / 2];
+      for (int64_t v = 0; v < nv; ++v) {
+        // masked lanes hold -inf: exp clamps them to ~1e-38, zeroed here
+        const __m512 p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sv[v], neg_inf, _CMP_NEQ_OQ),
+                                             exp_nonpositive16(_mm512_sub_ps(sv[v], vm)));
+        psum = _mm512_add_ps(psum, p);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pp + 8 * v), (__m256i)_mm512_cvtneps_pbh(p));
+      }
+      const float alpha = m_old == m_new ? 1.0f : std::exp(m_old - m_new);
+      w.l[qi] = w.l[qi] * alpha + _mm512_reduce_add_ps(psum);
+      w.m[qi] = m_new;
+      float* o = w.o.data() + qi * HD;
+      const __m512 va = _mm512_set1_ps(alpha);
+      __m512 acc[HD / 16];  // the row's HD outputs in registers: HD / 16 independent chains
+      for (int64_t c = 0; c < HD / 16; ++c) acc[c] = _mm512_mul_ps(_mm512_loadu_ps(o + 16 * c), va);
+      const int64_t seen_pairs = (seen + 1) / 2;  // an odd last key pairs with a zero probability
+      for (int64_t j2 = 0; j2 < seen_pairs; ++j2) {
+        const __m512bh pj = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[j2]));
+        for (int64_t c = 0; c < HD / 16; ++c)
+          acc[c] = _mm512_dpbf16_ps(acc[c], pj, (__m512bh)_mm512_loadu_si512(vt + j2 * HD + 16 * c));
+      }
+      for (int64_t c = 0; c < HD / 16; ++c) _mm512_storeu_ps(o + 16 * c, acc[c]);
+    }
+  }
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    const int64_t r = qi / group, g = qi % group;
+    bf16* orow = op + (r0 + r) * o_s0 + (h * group + g) * o_s1;
+    const float inv = 1.0f / w.l[qi];
+    const float* o = w.o.data() + qi * HD;
+    for (int64_t i = 0; i < HD; ++i) orow[i] = static_cast<bf16>(o[i] * inv);
+  }
+}
+
+template <int64_t HD>
+void prefill_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& block_tables, const at::Tensor& query_starts, const at::Tensor& context_lens,
+                       int64_t block_size, double scale) {
+  const int64_t seqs = context_lens.numel(), nh = q.size(1), kvh = k_cache.size(1), group = nh / kvh;
+  const int64_t max_blocks = block_tables.size(1), num_slots = k_cache.size(0), row = kvh * HD;
+  const int32_t* tables = block_tables.const_data_ptr<int32_t>();
+  const int32_t* starts = query_starts.const_data_ptr<int32_t>();
+  const int32_t* lens = context_lens.const_data_ptr<int32_t>();
+  TORCH_CHECK(starts[0] == 0 && starts[seqs] == q.size(0), "query_starts must run from 0 to the number of rows");
+  struct Item { int64_t s, h, r0, nr; };
+  std::vector<Item> items;
+  for (int64_t s = 0; s < seqs; ++s) {
+    const int64_t qn = starts[s + 1] - starts[s], ctx = lens[s];
+    TORCH_CHECK(qn >= 1 && qn <= ctx && ctx <= max_blocks * block_size, "sequence ", s, ": ", qn,
+                " query rows and a context of ", ctx, " (at most ", max_blocks * block_size, ")");
+    for (int64_t b = 0; b * block_size < ctx; ++b) {
+      const int64_t blk = tables[s * max_blocks + b];
+      TORCH_CHECK(blk >= 0 && (blk + 1) * block_size <= num_slots, "block ", blk, " of sequence ", s,
+                  " is outside the cache");
+    }
+    for (int64_t t = 0; t < qn; t += kTileRows)
+      for (int64_t h = 0; h < kvh; ++h) items.push_back({s, h, t, std::min(kTileRows, qn - t)});
+  }
+  // most keys first: items are taken from a shared counter, so the last to start are the cheap ones
+  auto end_pos = [&](const Item& it) { return lens[it.s] - (starts[it.s + 1] - starts[it.s]) + it.r0 + it.nr; };
+  std::stable_sort(items.begin(), items.end(), [&](const Item& a, const Item& b) { return end_pos(a) > end_pos(b); });
+  std::atomic<int64_t> next{0};
+  const auto* qp = reinterpret_cast<const bf16*>(q.const_data_ptr());
+  const auto* kp = reinterpret_cast<const bf16*>(k_cache.const_data_ptr());
+  const auto* vp = reinterpret_cast<const bf16*>(v_cache.const_data_ptr());
+  auto* op = reinterpret_cast<bf16*>(out.mutable_data_ptr());
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const float sc = static_cast<float>(scale);
+  auto work = [&](int64_t, int64_t) {
+    PrefillScratch w;
+    w.kt.resize(HD / 2 * kKeys);
+    w.vt.resize(kKeys / 2 * HD);
+    w.o.resize(kTileRows * group * HD);
+    w.m.resize(kTileRows * group);
+    w.l.resize(kTileRows * group);
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_items;) {
+      const Item& it = items[i];
+      const int64_t qn = starts[it.s + 1] - starts[it.s];
+      prefill_tile<HD>(op, out.stride(0), out.stride(1), qp, q.stride(0), q.stride(1), kp, vp,
+                       tables + it.s * max_blocks, block_size, row, it.h, group, starts[it.s] + it.r0, it.nr,
+                       lens[it.s] - qn + it.r0, sc, w);
+    }
+  };
+  if (n_items <= 1) work(0, 1);
+  else at::parallel_for(0, at::get_num_threads(), 1, work);
+}
+
+}  // namespace avx512
+#endif
+
+// Whether `paged_prefill_attention` runs here: compiled for AVX-512-BF16; bf16, head_dim 16, 32, 64 or
+// 128. Elsewhere the engine keeps its torch prefill path.
+bool paged_prefill_attention_supported(at::ScalarType dtype, int64_t head_dim, int64_t group) {
+#ifdef PDSERVE_AVX512_BF16
+  return dtype == at::kBFloat16 && (head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128) &&
+         group >= 1;
+#else
+  (void)dtype, (void)head_dim, (void)group;
+  return false;
+#endif
+}
+
+void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& block_tables,
+                             const at::Tensor& query_starts, const at::Tensor& context_lens, int64_t block_size,
+                             double scale) {
+  TORCH_CHECK(q.dim() == 3 && out.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3,
+              "q, out: [n, heads, head_dim]; caches: [slots, kv_heads, head_dim]");
+  TORCH_CHECK(q.device().is_cpu() && out.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "CPU tensors only");
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "the caches must be contiguous and of one shape");
+  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "q and out need a contiguous last dimension");
+  TORCH_CHECK(k_cache.size(2) == q.size(2) && q.size(1) % k_cache.size(1) == 0,
+              "q's heads must be a multiple of the cache's kv heads, with the same head_dim");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type() &&
+                  q.scalar_type() == out.scalar_type(),
+              "q, out and the caches must share a dtype");
+  TORCH_CHECK(paged_prefill_attention_supported(q.scalar_type(), q.size(2), q.size(1) / k_cache.size(1)),
+              "paged_prefill_attention does not run ", q.scalar_type(), " with head_dim ", q.size(2),
+              " on this build (it needs AVX-512-BF16 and bfloat16)");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && query_starts.scalar_type() == at::kInt &&
+                  context_lens.scalar_type() == at::kInt && block_tables.is_contiguous() &&
+                  query_starts.is_contiguous() && context_lens.is_contiguous(),
+              "block_tables, query_starts and context_lens: contiguous int32");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == context_lens.numel() &&
+                  query_starts.numel() == context_lens.numel() + 1,
+              "block_tables [seqs, max_blocks], query_starts [seqs + 1], context_lens [seqs]");
+  TORCH_CHECK(block_size >= 1, "block_size must be positive");
+  if (q.size(0) == 0) return;
+#ifdef PDSERVE_AVX512_BF16
+  auto run = [&](auto hd) {
+    avx512::prefill_attention<decltype(hd)::value>(out, q, k_cache, v_cache, block_tables, query_starts,
+                                                   context_lens, block_size, scale);
+  };
+  switch (q.size(2)) {
+    case 16: return run(std::integral_constant<int64_t, 16>{});
+    case 32: return run(std::integral_constant<int64_t, 32>{});
+    case 64: return run(std::integral_constant<int64_t, 64>{});
+    default: return run(std::integral_constant<int64_t, 128>{});
+  }
+#endif
 }
 
 }  // namespace
@@ -397,6 +807,11 @@ TORCH_LIBRARY(pdserve, m) {
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, int block_size, float scale) -> ()",
         &paged_decode_attention);
+  m.def("paged_prefill_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor query_starts, Tensor context_lens, int block_size, float scale) -> ()",
+        &paged_prefill_attention);
+  m.def("paged_prefill_attention_supported(ScalarType dtype, int head_dim, int group) -> bool",
+        &paged_prefill_attention_supported);
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()", &rms_norm);
   m.def("add_rms_norm(Tensor(a!) x, Tensor delta, Tensor weight, Tensor(b!) out, float eps) -> ()", &add_rms_norm);
   m.def("rope_kv_cache(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, "

@@ -77,6 +77,85 @@ def test_other_head_dims(kernel, head_dim):
     torch.testing.assert_close(_attention(case, kernel).double(), _reference(case), atol=2e-6, rtol=0)
 
 
+# -- the prefill kernel ----------------------------------------------------------------------------------
+PREFILL_SUPPORTED = torch.ops.pdserve.paged_prefill_attention_supported if kernels.load() else None
+
+
+def _prefill_case(chunks: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, block_size: int,
+                  seed: int):
+    """Prefill chunks (query rows, context length with them) over random bf16 KV scattered through a shuffled
+    pool; q a head slice of a wider qkv tensor, as the model passes it."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    nblk = [-(-ctx // block_size) for _, ctx in chunks]
+    pool = list(range(sum(nblk) + 3))
+    rng.shuffle(pool)
+    k_cache = torch.randn(len(pool) * block_size, kv_heads, head_dim, generator=gen).bfloat16()
+    v_cache = torch.randn(len(pool) * block_size, kv_heads, head_dim, generator=gen).bfloat16()
+    tables, used = [], 0
+    for k in nblk:
+        tables.append(pool[used:used + k] + [0] * (max(nblk) - k))
+        used += k
+    rows = sum(n for n, _ in chunks)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=gen).bfloat16()
+    q = qkv[:, :heads * head_dim].view(rows, heads, head_dim)
+    starts = [0]
+    for n, _ in chunks:
+        starts.append(starts[-1] + n)
+    return (q, k_cache, v_cache, torch.tensor(tables, dtype=torch.int32), torch.tensor(starts, dtype=torch.int32),
+            torch.tensor([ctx for _, ctx in chunks], dtype=torch.int32), block_size)
+
+
+def _prefill_reference(q, k_cache, v_cache, tables, starts, lens, block_size) -> torch.Tensor:
+    """float64 causal attention: row i of a chunk of n rows with context c sits at position c - n + i."""
+    group = q.shape[1] // k_cache.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for s in range(len(lens)):
+        c, q0, q1 = int(lens[s]), int(starts[s]), int(starts[s + 1])
+        pos = torch.arange(c)
+        slots = tables[s][pos // block_size].long() * block_size + pos % block_size
+        keys = k_cache[slots].double().repeat_interleave(group, 1)
+        values = v_cache[slots].double().repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,thd->hqt", q[q0:q1].double(), keys) * q.shape[-1] ** -0.5
+        visible = pos[None, :] <= torch.arange(c - (q1 - q0), c)[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[q0:q1] = torch.einsum("hqt,thd->qhd", scores.softmax(-1), values)
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (4, 2, 16), (8, 1, 32)])
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_prefill_kernel_matches_reference(kernel, heads, kv_heads, head_dim, block_size):
+    """Whole prompts, chunks after cached context (a prefix hit, a later chunk), one-row chunks, lengths at
+    the edges of the kernel's 16-row tiles and 64-key steps, all in one call."""
+    chunks = [(5, 5), (1, 37), (17, 17), (3, 50), (40, 100), (64, 64), (65, 65), (16, 129), (31, 200), (100, 1000)]
+    case = _prefill_case(chunks, heads, kv_heads, head_dim, block_size, seed=head_dim + block_size)
+    q = case[0]
+    out = torch.empty_like(q)
+    if not PREFILL_SUPPORTED(torch.bfloat16, head_dim, heads // kv_heads):
+        with pytest.raises(RuntimeError, match="does not run"):
+            torch.ops.pdserve.paged_prefill_attention(out, *case, head_dim ** -0.5)
+        return
+    torch.ops.pdserve.paged_prefill_attention(out, *case, head_dim ** -0.5)
+    # bf16 output (and bf16 probabilities times V, as HF's bf16 attention rounds them)
+    torch.testing.assert_close(out.double(), _prefill_reference(*case), atol=3e-2, rtol=0)
+
+
+def test_prefill_kernel_checks_its_inputs(kernel):
+    q, k_cache, v_cache, tables, starts, lens, bs = _prefill_case([(4, 10)], 4, 2, 16, 16, seed=1)
+    out = torch.empty_like(q)
+    op = torch.ops.pdserve.paged_prefill_attention
+    with pytest.raises(RuntimeError):  # more query rows than context
+        op(out, q, k_cache, v_cache, tables, starts, torch.tensor([3], dtype=torch.int32), bs, 0.25)
+    with pytest.raises(RuntimeError):  # a block outside the cache
+        op(out, q, k_cache, v_cache, torch.full_like(tables, 10_000), starts, lens, bs, 0.25)
+    with pytest.raises(RuntimeError):  # rows that do not add up
+        op(out, q, k_cache, v_cache, tables, torch.tensor([0, 3], dtype=torch.int32), lens, bs, 0.25)
+    with pytest.raises(RuntimeError):  # fp32
+        op(out.float(), q.float(), k_cache.float(), v_cache.float(), tables, starts, lens, bs, 0.25)
+    assert not PREFILL_SUPPORTED(torch.float32, 64, 3)
+
+
 def test_kernel_checks_its_inputs(kernel):
     case = _decode_case(4, 4, 2, 64, torch.float32, seed=0)
     kv, q = case.kv, case.q
@@ -188,10 +267,16 @@ def test_engine_backends_match_hf(make_engine, tiny_model_dir, hf_reference, bac
 
 
 def test_engine_bf16_backends_agree(make_engine, tiny_model_dir):
-    """bf16 rounds differently on each path: the two agree on most greedy tokens, not all."""
+    """bf16 rounds differently on each path: the two agree on most greedy tokens, not all. The kernels'
+    run covers the prefill kernel too where the CPU has it, with chunks after earlier context."""
     outs = {}
     for backend in ("torch", "cpu_kernel"):
-        engine = make_engine(tiny_model_dir, engine={"attention_backend": backend}, model={"dtype": "bfloat16"})
+        engine = make_engine(tiny_model_dir, engine={"attention_backend": backend}, model={"dtype": "bfloat16"},
+                             scheduler={"max_prefill_chunk": 7, "max_num_batched_tokens": 12})
+        arch = engine.arch
+        expect_prefill = backend == "cpu_kernel" and torch.ops.pdserve.paged_prefill_attention_supported(
+            torch.bfloat16, arch.head_dim, arch.num_heads // arch.num_kv_heads)
+        assert (engine.prefill_kernel is not None) == expect_prefill
         outs[backend] = [o.output_token_ids for o in engine.generate(prompts(), GREEDY)]
     pairs = [(a, b) for x, y in zip(outs["torch"], outs["cpu_kernel"], strict=True) for a, b in zip(x, y, strict=True)]
     assert sum(a == b for a, b in pairs) >= 0.9 * len(pairs)
