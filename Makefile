@@ -65,7 +65,7 @@ test: lint system-deps
 bench: install proto
 	$(BIN)/pdserve bench compare --plot docs/compare
 
-# The chaos suite on the default model: kill, stall, corrupt, disconnect, scale down and overload a live
+# The chaos suite on the default model: kill, stall, corrupt, disconnect, scale down, overload and attack a live
 # deployment under load; results: docs/reliability.md. A short version (tiny model) runs in `make test`.
 chaos: install proto
 	$(BIN)/pdserve chaos --markdown docs/reliability-table.md --json docs/reliability.json

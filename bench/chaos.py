@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -60,9 +61,21 @@ SCENARIOS: dict[str, str] = {
     "scale-down": "scale prefill 2->1 and decode 2->1 at 30% of the run (the removed workers drain)",
     "overload-10x": "open-loop arrivals at 10x the baseline's throughput against a bounded queue "
                     "(serve.max_num_queued_requests: the baseline's rate x its TTFT p50, Little's law)",
+    # hostile clients (issue 14): streaming victims measured quiet, then during the attack
+    "stop-storm": "attackers send the most stop strings allowed (64 x 256 characters: served, exact) and far more "
+                  "(10,000 stop strings or stop_token_ids: refused with 400) while victims stream",
+    "priority-flood": "attackers flood requests at priorities -1,000,000 and +1,000,000, outside the operator's grant "
+                      "(refused with 400: nobody is preempted) while victims stream",
+    "huge-prompts": "attackers send 3 MiB chat and completion prompts (under the 4 MiB body limit: refused with 400 "
+                    "before tokenizing) and 5 MiB bodies (413) while victims stream",
+    "frozen-peer": "SIGSTOP the process of the busiest decode worker (alive to Ray, answering nothing, its KV plane "
+                   "silent) while victims stream: it is failed, replaced, and its requests migrate",
 }
 ALL = list(SCENARIOS)
+ATTACKS = ["stop-storm", "priority-flood", "huge-prompts", "frozen-peer"]
 FAULT_AT = 0.3  # fraction of the requests started when the fault is injected
+ATTACKERS = 4  # concurrent hostile clients (closed loop: each sends its next request once answered)
+ATTACK_INDEX = 1_000_000  # attackers' request indices start here (the victims' are below)
 
 PROMPTS = [
     "Once upon a time, in a land far away,",
@@ -98,6 +111,7 @@ class Spec:
     prompt: int  # index into PROMPTS
     stream: bool
     priority: int
+    kind: str = ""  # an attack's request kind ("" for a normal client)
 
 
 @dataclass
@@ -110,6 +124,8 @@ class Record:
     start: float = 0.0  # monotonic
     headers_s: float | None = None  # response status and headers received, from the start
     ttft_s: float | None = None  # first content chunk (streaming), from the start
+    last_s: float | None = None  # last content chunk (streaming), from the start
+    max_gap_s: float = 0.0  # the longest wait between two content chunks (streaming)
     end: float = 0.0
     text: str = ""
 
@@ -145,6 +161,7 @@ class Result:
     errors: list = field(default_factory=list)  # distinct error messages (a sample)
     mismatches: list = field(default_factory=list)  # a sample: where the text diverged
     overload: dict = field(default_factory=dict)
+    attack: dict = field(default_factory=dict)  # hostile-client scenarios: the victims' TPOT, what attackers got
     harness_error: str = ""  # the suite itself failed (deployment did not start, ...)
     phases_s: dict = field(default_factory=dict)  # where the scenario's wall time went
 
@@ -182,9 +199,10 @@ def reference_texts(model: str | None, max_tokens: int) -> list[str]:
     return out
 
 
-def workload(n: int, seed: int, all_stream: bool = False) -> list[Spec]:
+def workload(n: int, seed: int, all_stream: bool = False, priority: int | None = None, first: int = 0) -> list[Spec]:
     rng = random.Random(seed)
-    return [Spec(i, i % len(PROMPTS), all_stream or rng.random() < 0.6, (-1, 0, 1)[i % 3]) for i in range(n)]
+    return [Spec(i, i % len(PROMPTS), all_stream or rng.random() < 0.6, (-1, 0, 1)[i % 3] if priority is None
+                 else priority) for i in range(first, first + n)]
 
 
 # -- one request --------------------------------------------------------------------------------------------
@@ -196,17 +214,21 @@ def _error_message(raw: bytes) -> str | None:
         return None
 
 
-async def request(client, url: str, spec: Spec, s: Settings, reference: list[str], cut: int | None = None) -> Record:
+async def request(client, url: str, spec: Spec, s: Settings, reference: list[str], cut: int | None = None,
+                  extra: dict | None = None, raw: tuple[str, bytes] | None = None) -> Record:
     """Send one completion and classify what came back (see the module docstring). `cut`: close the
-    stream after that many content chunks (a client that goes away)."""
+    stream after that many content chunks (a client that goes away). `extra`: fields added to the body;
+    `raw`: (path, body bytes) sent instead (an attacker's pre-encoded request)."""
     import httpx
 
     body = {"prompt": PROMPTS[spec.prompt], "max_tokens": s.max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": spec.stream or cut is not None, "priority": spec.priority}
+            "stream": spec.stream or cut is not None, "priority": spec.priority, **(extra or {})}
+    path, content = raw if raw is not None else ("/v1/completions", json.dumps(body).encode())
     rec = Record(spec, start=time.monotonic())
     try:
         async with asyncio.timeout(s.request_timeout_s):
-            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            async with client.stream("POST", f"{url}{path}", content=content,
+                                     headers={"Content-Type": "application/json"}) as r:
                 rec.status = r.status_code
                 rec.headers_s = time.monotonic() - rec.start
                 if r.status_code != 200:
@@ -238,8 +260,12 @@ async def request(client, url: str, spec: Spec, s: Settings, reference: list[str
                             continue
                         text = chunk_text(obj)
                         if text:
+                            now = time.monotonic() - rec.start
                             if rec.ttft_s is None:
-                                rec.ttft_s = time.monotonic() - rec.start
+                                rec.ttft_s = now
+                            else:
+                                rec.max_gap_s = max(rec.max_gap_s, now - rec.last_s)
+                            rec.last_s = now
                             rec.text += text
                             chunks += 1
                             if cut is not None and chunks >= cut:
@@ -560,6 +586,8 @@ async def run_scenario(name: str, s: Settings, reference: list[str], baseline: R
             pid_before = await dep.call("pid")
             if name == "overload-10x":
                 await _overload(dep, s, reference, baseline, queue_limit, res)
+            elif name in ATTACKS:
+                want = await _attack(name, dep, client, s, reference, res)
             else:
                 want = await _closed_loop(name, dep, client, s, reference, res)
             # quiet: every worker's KV back, nothing running or waiting (a prefill worker's reservation on
@@ -710,6 +738,139 @@ async def _overload(dep: Deployment, s: Settings, reference: list[str], baseline
                                                   if r.rejected and r.headers_s is not None), reverse=True)[:8]}
 
 
+# -- hostile clients ------------------------------------------------------------------------------------------
+def _attack_requests(name: str, s: Settings) -> list[tuple[str, dict | None, tuple[str, bytes] | None, bool]]:
+    """The attack's request kinds, sent in turn: (kind, extra body fields, raw (path, body), stream).
+    Raw bodies are encoded once here: the load generator's event loop must not spend its time on them."""
+    if name == "stop-storm":
+        # 64 strings of 256 characters: the most a request may carry (engine/sampling.py), and longer than any
+        # answer here, so none matches and the answer must equal the reference exactly
+        most = [f"{k:03d}" + "~" * 253 for k in range(64)]
+        return [("stop: the most allowed", {"stop": most}, None, True),
+                ("stop: 10,000 strings", {"stop": [f"stop-{k}" for k in range(10_000)]}, None, False),
+                ("stop: the most allowed", {"stop": most}, None, False),
+                ("stop_token_ids: 10,000", {"stop_token_ids": list(range(10_000))}, None, True)]
+    if name == "priority-flood":
+        return [("priority -1,000,000", {"priority": -1_000_000}, None, True),
+                ("priority +1,000,000", {"priority": 1_000_000}, None, False)]
+    if name == "huge-prompts":
+        big = "lorem ipsum " * (3 * 2**20 // 12)  # 3 MiB of text
+        chat = json.dumps({"messages": [{"role": "user", "content": big}], "max_tokens": s.max_tokens}).encode()
+        completion = json.dumps({"prompt": big, "max_tokens": s.max_tokens}).encode()
+        # (bodies past the 4 MiB limit are refused on their Content-Length, before they are read: the server
+        # answers 413 and closes, and a client still uploading sees the connection reset; tests/serve/
+        # test_api_hardening.py covers that path)
+        return [("chat: 3 MiB prompt", None, ("/v1/chat/completions", chat), False),
+                ("completion: 3 MiB prompt", None, ("/v1/completions", completion), False)]
+    return []
+
+
+async def _attackers(name: str, url: str, s: Settings, reference: list[str], stop: asyncio.Event,
+                     records: list[Record]) -> None:
+    """ATTACKERS closed-loop hostile clients (their own connections) until `stop` is set."""
+    import httpx
+
+    kinds = _attack_requests(name, s)
+    if not kinds:
+        return
+    seq = itertools.count()
+    limits = httpx.Limits(max_connections=ATTACKERS + 2, max_keepalive_connections=ATTACKERS + 2)
+
+    async def attacker(client) -> None:
+        while not stop.is_set():
+            i = next(seq)
+            kind, extra, raw, stream = kinds[i % len(kinds)]
+            spec = Spec(ATTACK_INDEX + i, i % len(PROMPTS), stream, 0, kind)
+            records.append(await request(client, url, spec, s, reference, extra=extra, raw=raw))
+
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(s.request_timeout_s, connect=5)) as client:
+        await asyncio.gather(*(attacker(client) for _ in range(ATTACKERS)))
+
+
+def _tpot(records: list[Record], s: Settings) -> dict:
+    """The victims' time per output token, per completed stream: (last chunk - first chunk) / (tokens - 1)
+    (greedy with ignore_eos: every completed answer has exactly max_tokens tokens), and the longest gap
+    between two chunks of one stream."""
+    done = [r for r in records if r.outcome == COMPLETED and r.spec.stream and r.last_s is not None]
+    tpot = [(r.last_s - r.ttft_s) / max(1, s.max_tokens - 1) for r in done]
+    gaps = [r.max_gap_s for r in done]
+    return {"streams": len(done), "tpot_p50_ms": _ms(percentile(tpot, 50)), "tpot_p99_ms": _ms(percentile(tpot, 99)),
+            "max_gap_p50_ms": _ms(percentile(gaps, 50)), "max_gap_p99_ms": _ms(percentile(gaps, 99)),
+            "max_gap_max_ms": _ms(max(gaps)) if gaps else None}
+
+
+async def _freeze(dep: Deployment, role: str) -> tuple[str, int, dict]:
+    """SIGSTOP the process of the busiest worker of `role` (its engine loop frozen first, so that what it
+    holds is known: see frozen_holding): (worker id, pid, what it held)."""
+    import signal
+
+    wid, h, held = await frozen_holding(dep, role)
+    pid = await _future(h.__ray_call__.remote(lambda self: os.getpid()))
+    os.kill(pid, signal.SIGSTOP)
+    return wid, pid, held
+
+
+async def _attack(name: str, dep: Deployment, client, s: Settings, reference: list[str], res: Result) -> dict:
+    """Normal streaming clients (priority 0) measured quiet, then again while the attack runs: ATTACKERS
+    hostile clients, or (frozen-peer) a decode worker's process frozen once 30% of the second half has
+    started. Every request, the attackers' included, is tallied; the pools must end at full size."""
+    import signal
+
+    want = {"prefill": 2, "decode": 2}
+    half = max(s.concurrency, s.requests // 2)
+    quiet = Load(client, dep.url, workload(half, s.seed, all_stream=True, priority=0), s, reference)
+    t0 = time.monotonic()
+    await quiet.run()
+    attack = Load(client, dep.url, workload(half, s.seed + 1, all_stream=True, priority=0, first=half), s, reference)
+    hostile: list[Record] = []
+    stop = asyncio.Event()
+    recovery: dict[str, Any] = {}
+    frozen: list[int] = []
+
+    async def victims() -> None:
+        try:
+            await attack.run()
+        finally:
+            stop.set()
+
+    async def freeze() -> None:
+        await attack.fault_due.wait()
+        wid, pid, held = await _freeze(dep, "decode")
+        frozen.append(pid)
+        t = time.monotonic()
+        res.fault = {"what": "SIGSTOP", "worker": wid, "inflight": held["held"],
+                     "router_inflight": held["router_inflight"], "started": attack.started}
+        recovery["s"] = await recovered(dep, client, t, want, wid, 120)
+
+    try:
+        jobs = [victims(), _attackers(name, dep.url, s, reference, stop, hostile)]
+        await asyncio.gather(*jobs, *([freeze()] if name == "frozen-peer" else []))
+    finally:
+        for pid in frozen:  # the router kills it (SIGKILL ends a stopped process); else it must not stay stopped
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    duration = time.monotonic() - t0
+    res.recovery_s = recovery.get("s")
+    if name == "frozen-peer" and res.recovery_s is None:
+        res.errors.append("did not recover within 120 s")
+    records = quiet.records + attack.records + hostile
+    _tally(res, records, reference, planned=2 * half + len(hostile))
+    res.duration_s = duration
+    res.throughput_rps = res.completed / duration if duration else 0.0
+    by_kind: dict[str, dict[str, int]] = {}
+    for r in hostile:
+        key = "completed" if r.outcome == COMPLETED else f"HTTP {r.status}" if r.outcome == FAILED else r.outcome
+        kind = by_kind.setdefault(r.spec.kind, {})
+        kind[key] = kind.get(key, 0) + 1
+    victims_ok = sum(r.outcome == COMPLETED for r in quiet.records + attack.records)
+    attack_s = max((r.end for r in attack.records), default=0.0) - min((r.start for r in attack.records), default=0.0)
+    res.attack = {"victims": 2 * half, "victims_completed": victims_ok, "quiet": _tpot(quiet.records, s),
+                  "during": _tpot(attack.records, s), "attackers": ATTACKERS if hostile else 0,
+                  "attack_requests": len(hostile), "attack_s": attack_s,
+                  "attack_rps": len(hostile) / attack_s if attack_s > 0 else 0.0, "by_kind": by_kind}
+    return want
+
+
 def _ms(v: float) -> float | None:
     return None if v is None or math.isnan(v) else round(v * 1e3, 1)
 
@@ -826,9 +987,19 @@ def markdown(report: dict) -> str:
                          f"max_num_queued_requests {o['max_num_queued_requests']} (baseline rate x its TTFT p50 "
                          f"{o['baseline_ttft_p50_ms']} ms, Little's law); rejections (503 + Retry-After) "
                          f"answered in p50 {o['rejection_p50_ms']} / p99 {o['rejection_p99_ms']} ms; accepted: {by}")
+        if r.get("attack"):
+            a, q, d = r["attack"], r["attack"]["quiet"], r["attack"]["during"]
+            got = "; ".join(f"{k}: " + ", ".join(f"{n} {o}" for o, n in sorted(v.items()))
+                            for k, v in a["by_kind"].items())
+            notes.append(f"- {r['scenario']}: victims {a['victims_completed']}/{a['victims']} completed exactly; their "
+                         f"TPOT p50 / p99 quiet {q['tpot_p50_ms']} / {q['tpot_p99_ms']} ms, during the attack "
+                         f"{d['tpot_p50_ms']} / {d['tpot_p99_ms']} ms; longest gap between chunks p99 "
+                         f"{q['max_gap_p99_ms']} ms quiet, {d['max_gap_p99_ms']} ms during (max {d['max_gap_max_ms']})"
+                         + (f"; {a['attack_requests']} attack requests from {a['attackers']} clients "
+                            f"({a['attack_rps']:.1f}/s): {got}" if a["attack_requests"] else ""))
         if r["mismatches"]:
             notes.append(f"- {r['scenario']}: texts differing from the reference: {r['mismatches']}")
-        if r["lost"] or r["conn_errors"] or (r["failed"] and r["scenario"] != "overload-10x"):
+        if r["lost"] or r["conn_errors"] or (r["failed"] and r["scenario"] not in ("overload-10x", *ATTACKS)):
             notes.append(f"- {r['scenario']} errors: " + "; ".join(r["errors"]))
     s = report["settings"]
     head = (f"{s['requests']} requests per scenario (more, open loop, for overload-10x), concurrency "

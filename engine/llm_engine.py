@@ -399,7 +399,9 @@ class LLMEngine:
             sink.commit(seq.prompt_token_ids, seq.output_token_ids)
             reason = FinishReason.PREFILLED
         if reason is not None:
-            if detok is not None:
+            # A prefill-only request goes on on a decode worker, which replays this token to the same
+            # held-back state (stop strings): releasing the held tail here would stream it twice.
+            if detok is not None and reason is not FinishReason.PREFILLED:
                 new_text += detok.flush()
             self._finish(seq, reason)
         if detok is not None:

@@ -156,8 +156,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     _wait_for_router_name(ray)
     router = launch_router(cfg, name=ROUTER_NAME, namespace=NAMESPACE, scheduling_strategy=here)
-    url = ray.get(router.start.remote())
     s = cfg.serve
+    # bounded: every worker start is (worker_start_timeout_s), and so is each call adopting or ending one
+    url = ray.get(router.start.remote(), timeout=s.worker_start_timeout_s + 60)
     print(banner(url, cfg, ctx.address_info["gcs_address"]), flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -179,7 +180,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
     ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
     router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
-    print(json.dumps(ray.get(router.scale.remote(args.prefill, args.decode)), indent=2))
+    # the router bounds each worker start by its serve.worker_start_timeout_s; this bounds the call itself
+    print(json.dumps(ray.get(router.scale.remote(args.prefill, args.decode), timeout=args.timeout), indent=2))
     return 0
 
 
@@ -187,3 +189,5 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="auto", help="the Ray cluster pdserve serve runs on")
     p.add_argument("--prefill", type=int, default=None, help="prefill pool size")
     p.add_argument("--decode", type=int, default=None, help="decode pool size")
+    p.add_argument("--timeout", type=float, default=660.0, help="seconds to wait for the router's answer "
+                   "(default: the default serve.worker_start_timeout_s, 600, plus a minute)")

@@ -66,9 +66,12 @@ class RouterActor:
                     if w.worker_id == worker_id)
 
     async def worker_stats(self) -> dict[str, WorkerStats]:
-        """Every worker's current stats (free KV blocks, running, waiting), fetched now."""
+        """Every worker's current stats (free KV blocks, running, waiting), fetched now; a worker that does
+        not answer within `serve.health_timeout_s` (dead, frozen, cut off) is left out."""
         workers = [w for pool in self.router.pools.values() for w in pool.values()]
-        stats = await asyncio.gather(*(w.handle.stats.remote() for w in workers), return_exceptions=True)
+        timeout = self.router.serve.health_timeout_s
+        stats = await asyncio.gather(*(asyncio.wait_for(w.handle.stats.remote(), timeout) for w in workers),
+                                     return_exceptions=True)
         return {w.worker_id: st for w, st in zip(workers, stats, strict=True) if not isinstance(st, BaseException)}
 
     async def stop(self) -> None:

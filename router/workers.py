@@ -110,7 +110,8 @@ class WorkerPools:
                                              ).remote(self.config.for_workers(), worker_id, _current_actor())
             # a worker the cluster cannot place (no resources) or that cannot load its model gives up
             info = await asyncio.wait_for(handle.info.remote(), self.serve.worker_start_timeout_s)
-            stats = await handle.stats.remote()
+            # up and answering: from here a frozen or cut-off worker is given up like a failed health check
+            stats = await asyncio.wait_for(handle.stats.remote(), self.serve.health_timeout_s)
         except Exception as e:  # TimeoutError included
             logger.error("could not start %s: %s", worker_id, e)
             if handle is not None:
@@ -150,9 +151,11 @@ class WorkerPools:
             role = worker_id.split("-", 1)[0]
             try:
                 handle = ray.get_actor(name, namespace="pdserve")
+                # each call bounded: a worker frozen (or cut off) at any point of the adoption is not adopted
+                # (and is ended) instead of holding the restarted router's start-up forever
                 info = await asyncio.wait_for(handle.info.remote(), self.serve.health_timeout_s)
-                aborted = await handle.abort_all.remote()
-                stats = await handle.stats.remote()
+                aborted = await asyncio.wait_for(handle.abort_all.remote(), self.serve.health_timeout_s)
+                stats = await asyncio.wait_for(handle.stats.remote(), self.serve.health_timeout_s)
             except Exception as e:
                 logger.warning("not adopting %s: %s", name, e)
                 with contextlib.suppress(Exception):

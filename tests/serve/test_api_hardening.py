@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from schemathesis import GenerationMode
 
 from pdserve.engine.config import ServeConfig
+from pdserve.engine.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from pdserve.router import protocol as P
 from tests.helpers import Server, wait_for
 
@@ -353,17 +354,26 @@ _PART = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]) | 
                               optional={"text": TEXT | HOSTILE})
 _MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]) | HOSTILE},
                                  optional={"content": st.one_of(TEXT, TEXT, st.lists(_PART, max_size=3), HOSTILE)})
+# The hostile sizes of issue 14, around each bound: stop lists near their caps (64 strings of 256 characters,
+# 256 ids) and far past them, priorities far outside the operator's grant, prompts near and past the body limit
+# and the prompt-character bound (the tiny model's context window in characters)
+HUGE_STOP = st.one_of(st.integers(60, 5000).map(lambda n: [f"s{k}" for k in range(n)]),
+                      st.integers(250, 5000).map(lambda n: ["x" * n]))
+HUGE_STOP_IDS = st.integers(250, 5000).map(lambda n: list(range(n)))
+HUGE_TEXT = st.integers(1000, MAX_BODY + 1000).map(lambda n: "lorem ipsum " * (n // 12))
+PRIORITY = st.sampled_from([-1_000_000, 1_000_000, -(2**63), -1, 1]) | INTS
 FIELDS = {
-    **dict.fromkeys(["max_tokens", "max_completion_tokens", "top_k", "seed", "n", "priority"], INTS),
+    **dict.fromkeys(["max_tokens", "max_completion_tokens", "top_k", "seed", "n"], INTS),
+    "priority": PRIORITY,
     **dict.fromkeys(["temperature", "top_p"], FLOATS),
     **dict.fromkeys(["ignore_eos", "stream"], st.booleans()),
     **dict.fromkeys(["model", "user", "unknown_field"], TEXT),
-    "stop": TEXT | st.lists(TEXT, max_size=3),
-    "stop_token_ids": st.lists(INTS, max_size=3),
+    "stop": TEXT | st.lists(TEXT, max_size=3) | HUGE_STOP,
+    "stop_token_ids": st.lists(INTS, max_size=3) | HUGE_STOP_IDS,
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans() | HOSTILE}),
     "prompt": st.one_of(TEXT, TEXT, TEXT, st.lists(st.integers(min_value=-2, max_value=300), max_size=8),
-                        st.lists(TEXT, max_size=2), st.lists(st.lists(INTS, max_size=3), max_size=2)),
-    "messages": st.lists(_MESSAGE, max_size=3),
+                        st.lists(TEXT, max_size=2), st.lists(st.lists(INTS, max_size=3), max_size=2), HUGE_TEXT),
+    "messages": st.lists(_MESSAGE, max_size=3) | HUGE_TEXT.map(lambda t: [{"role": "user", "content": t}]),
 }
 _CHAT_ONLY, _COMPLETION_ONLY = {"messages", "max_completion_tokens"}, {"prompt"}
 
@@ -384,6 +394,17 @@ def hostile_requests(draw) -> tuple[str, dict]:
     return path, _clamp(body)
 
 
+def _past_a_bound(body: dict) -> bool:
+    """The request carries a list past its cap, a string past its length, or a priority outside the
+    fixture's grant (the default: only 0): it must be refused, whatever else it holds."""
+    stop, ids, prio = body.get("stop"), body.get("stop_token_ids"), body.get("priority")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    return (isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS
+            or any(isinstance(x, str) and len(x) > MAX_STOP_STRING_CHARS for x in stops)
+            or isinstance(ids, list) and len(ids) > MAX_STOP_TOKEN_IDS
+            or isinstance(prio, int) and not isinstance(prio, bool) and prio != 0)
+
+
 def test_fuzzing_request_fields_with_hostile_values_never_gets_a_5xx(server):
     client = httpx.Client(base_url=server.url, headers=api(), timeout=30)
 
@@ -392,10 +413,15 @@ def test_fuzzing_request_fields_with_hostile_values_never_gets_a_5xx(server):
               suppress_health_check=list(HealthCheck))
     def run(req):
         path, body = req
-        r = client.post(path, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        assert r.status_code < 500, (path, body, r.status_code, r.text[:500])
+        content = json.dumps(body).encode()
+        r = client.post(path, content=content, headers={"Content-Type": "application/json"})
+        assert r.status_code < 500, (path, str(body)[:500], r.status_code, r.text[:500])
         if r.status_code >= 400:
             assert_error(r, r.status_code)
+        if len(content) > MAX_BODY:
+            assert r.status_code == 413, (path, str(body)[:500], r.status_code)
+        elif _past_a_bound(body):
+            assert r.status_code == 400, (path, str(body)[:500], r.status_code, r.text[:500])
 
     with client:
         run()

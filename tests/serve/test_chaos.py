@@ -2,15 +2,16 @@
 deployment of the tiny model under steady load, once per session (a few minutes on 2 cores), then
 what each client saw is checked: nothing lost, no token lost or repeated (every completed text
 equals the bare engine's greedy run), no KV block left on any worker, migration hiding worker
-failures, a restarted router within 20 s, and fast rejections under overload."""
+failures, a restarted router within 20 s, fast rejections under overload, and hostile clients (a stop-list
+storm, a priority flood, huge prompts, a frozen peer) refused or survived while the others are served."""
 
 from __future__ import annotations
 
 import pytest
 
-from pdserve.bench.chaos import ALL, Settings, run_suite
+from pdserve.bench.chaos import ALL, ATTACKERS, ATTACKS, Settings, run_suite
 
-# ~4 minutes: ten deployments of four workers each, all in the module fixture. pytest-timeout counts a
+# ~5 minutes: fourteen deployments of four workers each, all in the module fixture. pytest-timeout counts a
 # fixture's setup against the first test that requests it, so every test here gets room for all of it.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -109,3 +110,42 @@ def test_overload_rejects_fast_and_serves_the_rest(results):
     assert o["rejection_p50_ms"] < 200 and o["rejection_p90_ms"] < 600, o
     # "10x overload" is what the clients really did: the arrival rate achieved, not the one planned
     assert o["achieved_rps"] >= 8 * o["sustainable_rps"] > 0, o
+
+
+# What each kind of hostile request must get: served exactly (within the caps) or refused with a 400
+REFUSED = {"HTTP 400"}
+EXPECTED = {
+    "stop-storm": {"stop: the most allowed": {"completed"}, "stop: 10,000 strings": REFUSED,
+                   "stop_token_ids: 10,000": REFUSED},
+    "priority-flood": {"priority -1,000,000": REFUSED, "priority +1,000,000": REFUSED},
+    "huge-prompts": {"chat: 3 MiB prompt": REFUSED, "completion: 3 MiB prompt": REFUSED},
+    "frozen-peer": {},
+}
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_hostile_clients_are_refused_and_the_others_served(results, name):
+    r = results[name]
+    a = r["attack"]
+    print(name, {k: a[k] for k in ("quiet", "during", "attack_requests", "attack_rps", "by_kind")})
+    assert a["victims_completed"] == a["victims"] >= 48, r["errors"]  # every normal client's text exact
+    for phase in ("quiet", "during"):  # the TPOT figures were measured over every victim's stream
+        assert a[phase]["streams"] == a["victims"] // 2 and a[phase]["tpot_p99_ms"] is not None, a
+    outcomes = {kind: set(got) for kind, got in a["by_kind"].items()}
+    assert outcomes == EXPECTED[name], a["by_kind"]  # every kind was sent, and each got what it must
+    refused = sum(n for got in a["by_kind"].values() for o, n in got.items() if o != "completed")
+    assert r["failed"] == refused and r["rejected"] == 0, r["errors"]  # no normal client failed
+    if name != "frozen-peer":
+        assert a["attack_requests"] >= ATTACKERS
+        # Issue 14 measured a 5.3 s stop in another client's stream while 3 MiB prompts were tokenized on the
+        # router's loop; here the longest gap seen while attacked was ~0.3 s (the 600+/s priority flood's
+        # refusals sharing the router with the streams on 2 cores): 2 s is far from both
+        assert a["during"]["max_gap_p99_ms"] < 2000, a
+
+
+def test_a_frozen_peer_is_failed_and_its_requests_migrate(results):
+    r = results["frozen-peer"]
+    assert r["fault"]["inflight"] > 0, r["fault"]
+    assert r["worker_failures"] == {"decode/unresponsive": 1}, r["worker_failures"]
+    assert r["migrations"] >= r["fault"]["inflight"], (r["migrations_by_reason"], r["fault"])
+    assert r["recovery_s"] is not None, r["errors"]

@@ -301,13 +301,21 @@ def test_a_frozen_worker_is_given_up_within_the_routers_deadlines(ray_cluster, t
     try:
         before = metric(server, "pdserve_request_migrations_total", reason="timeout")
         prompt = f"frozen prefill. {PROMPT}"
-        t0 = freeze(pools_of(server)["prefill"][0]["worker_id"])
+        frozen_id = pools_of(server)["prefill"][0]["worker_id"]
+        t0 = freeze(frozen_id)
         text, error, _ = stream(server.url, prompt=prompt, max_tokens=16)
         took = time.monotonic() - t0
         assert error is None and text == expected(16, prompt)
         print(f"the request on a frozen prefill worker took {took:.1f}s")
         assert 3.0 <= took < 3.0 + 10.0, took
         assert metric(server, "pdserve_request_migrations_total", reason="timeout") == before + 1
+        # the router's own calls to its workers are bounded too: its stats call (the operators', the leak checks')
+        # answers within serve.health_timeout_s (3 s) with the other three, instead of waiting for the frozen one
+        t1 = time.monotonic()
+        stats = server.ray.get(server.actor.worker_stats.remote(), timeout=20)
+        everyone = {w["worker_id"] for ws in pools_of(server).values() for w in ws}
+        assert len(everyone) == 4 and set(stats) == everyone - {frozen_id}, (stats, everyone)
+        assert time.monotonic() - t1 < 3.0 + 5.0
         thaw()
         wait_pools(server, 2, 2)
 

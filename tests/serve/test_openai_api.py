@@ -75,6 +75,37 @@ def test_sampling_controls_match_the_bare_engine_in_every_mode(servers, tiny_tex
         server.wait_kv_free()
 
 
+def test_stop_strings_hold_text_back_across_the_prefill_handover(servers, tiny_text_model_dir):
+    """Stop strings make the detokenizer hold back the text that could still begin one. Disaggregated, the
+    first token's text is held back on the prefill worker and the decode worker replays that token to the same
+    state: the text equals the bare engine's, streamed and not, with stops that never match (the chaos suite's
+    stop storm once found the first character streamed twice: the prefill worker released its held-back text)
+    and with one that matches mid-answer."""
+    from pdserve.engine.config import PdserveConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.sampling import SamplingParams
+    from tests.helpers import EXACT
+
+    engine = LLMEngine(PdserveConfig().replace(model={"model": str(tiny_text_model_dir), **EXACT}))
+    prompt, n = "The three primary colors are", 24
+    plain = engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0].output_text
+    # a stop string first found at character k >= 4 of the answer
+    k = next(k for k in range(4, n - 3) if plain.find(plain[k:k + 3]) == k and "\ufffd" not in plain[k:k + 3])
+    for stop, cut in ((["~" * 256] * 3, len(plain)), ([plain[k:k + 3]], k)):  # never matches; matches at k
+        want = engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True,
+                                                        stop=stop))[0].output_text
+        assert want == plain[:cut]
+        body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stop": stop}
+        for name, server in servers.items():
+            r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, (name, stop, r.text)
+            with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+                chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+            assert "".join(c["choices"][0]["text"] for c in chunks) == want, (name, stop, chunks)
+            server.wait_kv_free()
+
+
 def test_logprobs_match_hf_through_both_modes_streamed_and_not(servers, tiny_text_model_dir):
     """Disaggregated, the first token's logprobs come from the prefill worker (in `FirstToken`) and the rest
     from the decode worker (`StepItem`): all of them, in OpenAI's shapes, equal HF's fp32 log-softmax."""
