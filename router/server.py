@@ -376,11 +376,19 @@ class Router:
                 if first.finished:
                     return
             limit = s.stream_timeout_s
+            held = None  # an item taken while coalescing that ends the run (an error): next
             while True:
-                async with asyncio.timeout(limit):
-                    item = await queue.get()
+                if held is not None:
+                    item, held = held, None
+                elif not queue.empty():  # the router is behind: no wait, so no deadline to arm
+                    item = queue.get_nowait()
+                else:
+                    async with asyncio.timeout(limit):
+                        item = await queue.get()
                 if isinstance(item, BaseException):  # the worker's token stream broke (it died) or ended
                     raise item
+                if item.error is None:
+                    item, held = _coalesce(item, queue)
                 if item.error is not None:
                     if item.error.status >= 500 and not item.error.unavailable:  # the worker itself failed
                         raise _Failover("worker_error", item.error.message, decode)
@@ -486,6 +494,33 @@ class Router:
         await self.workers.stop()
 
 
+def _coalesce(item: StepItem, queue: asyncio.Queue) -> tuple[StepItem, object]:
+    """`item` and every plain item already queued behind it as one: when the router falls behind, a
+    stream's tokens leave in one SSE chunk (one socket write) instead of one per step, so its cost per
+    token falls as its load rises; a router keeping up sees one item at a time and adds no delay. Returns
+    the merged item and the first queued one that cannot join (an error, the stream's end), or None."""
+    if item.finished or queue.empty():
+        return item, None
+    tokens, text, logprobs = list(item.token_ids), [item.text], list(item.logprobs or ())
+    last = item
+    while not last.finished and not queue.empty():
+        nxt = queue.get_nowait()
+        if isinstance(nxt, BaseException) or nxt.error is not None:
+            return _joined(last, tokens, text, logprobs, item), nxt
+        tokens += nxt.token_ids
+        text.append(nxt.text)
+        logprobs += nxt.logprobs or ()
+        last = nxt
+    return _joined(last, tokens, text, logprobs, item), None
+
+
+def _joined(last: StepItem, tokens: list[int], text: list[str], logprobs: list, first: StepItem) -> StepItem:
+    if last is first:
+        return first
+    return StepItem(tuple(tokens), "".join(text), last.finished, last.finish_reason, last.num_output_tokens,
+                    logprobs=tuple(logprobs) if first.logprobs is not None or last.logprobs is not None else None)
+
+
 class _Failover(Exception):
     """An attempt failed in a way other workers need not (a worker died or stalled, a KV transfer
     failed): the request migrates."""
@@ -504,6 +539,7 @@ class _Timing:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.n_out = 0
+        self._itl = None  # the ITL histogram's series for the model (looked up once, used every token)
 
     def tokens(self, k: int, m: RouterMetrics, model: str) -> None:
         if not k:
@@ -513,8 +549,11 @@ class _Timing:
             self.first_at = now
             m.ttft.labels(model).observe(now - self.arrival)
         elif self.last_at is not None:
+            itl = self._itl or m.itl.labels(model)
+            self._itl = itl
+            gap = (now - self.last_at) / k
             for _ in range(k):
-                m.itl.labels(model).observe((now - self.last_at) / k)
+                itl.observe(gap)
         self.last_at = now
         self.n_out += k
 
