@@ -5,7 +5,8 @@ so the workers make tokens faster than the router can relay them) on a local Ray
 runs `--streams` concurrent streaming completions (`--tokens` each, `ignore_eos`) per level and
 reports the tokens delivered per second, the router actor process's CPU use over the run (its
 /proc utime + stime: how many cores it kept busy) and its CPU ms per 1,000 tokens, whence the
-ceiling: tokens per second one router core can relay. At concurrency 1 it reports the client's
+ceiling: tokens per second one router core can relay (and, beside it, the pool manager's cores:
+health checks, which do not grow with the token rate). At concurrency 1 it reports the client's
 inter-token interval (p50, p99). The client is a bare asyncio HTTP/1.1 reader (no HTTP library),
 so it takes as little of the shared CPU as it can; on a small machine the workers, the client and
 the router still share cores, so delivered tok/s is the machine's, while the router's ms per
@@ -77,12 +78,13 @@ def _body(tokens: int, i: int) -> bytes:
                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}).encode()
 
 
-async def _level(host: str, port: int, streams: int, tokens: int, pid: int) -> dict:
-    c0, t0 = proc_cpu_seconds(pid), time.perf_counter()
+async def _level(host: str, port: int, streams: int, tokens: int, pid: int, pools_pid: int) -> dict:
+    c0, p0, t0 = proc_cpu_seconds(pid), proc_cpu_seconds(pools_pid), time.perf_counter()
     got = await asyncio.gather(*(stream_one(host, port, _body(tokens, i)) for i in range(streams)))
     wall, cpu = time.perf_counter() - t0, proc_cpu_seconds(pid) - c0
     n = sum(got)
     return {"streams": streams, "tokens": n, "wall_s": wall, "tok_s": n / wall, "router_cores": cpu / wall,
+            "pool_manager_cores": (proc_cpu_seconds(pools_pid) - p0) / wall,
             "router_cpu_ms_per_1k_tokens": cpu / n * 1e6, "tok_s_per_router_core": n / cpu if cpu else None}
 
 
@@ -127,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     router = launch_router(cfg)
     try:
         url = ray.get(router.start.remote(), timeout=300)
-        pid = ray.get(router.pid.remote())
+        pid, pools_pid = ray.get([router.pid.remote(), router.pools_pid.remote()])
         host, port = url.removeprefix("http://").rsplit(":", 1)
 
         async def run() -> dict:
-            await _level(host, int(port), 8, 32, pid)  # warm-up: connections, the workers' first steps
-            return {"levels": [await _level(host, int(port), s, args.tokens, pid) for s in levels],
+            await _level(host, int(port), 8, 32, pid, pools_pid)  # warm-up: connections, the workers' first steps
+            return {"levels": [await _level(host, int(port), s, args.tokens, pid, pools_pid) for s in levels],
                     "concurrency_1": await _itl(host, int(port), args.itl_requests, args.tokens)}
 
         res = asyncio.run(run())
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         per_core = r["tok_s_per_router_core"]
         print(f"{r['streams']:4d} streams x {args.tokens} tokens: {r['tok_s']:8.0f} tok/s delivered, router "
               f"{r['router_cores']:.2f} cores, {r['router_cpu_ms_per_1k_tokens']:.1f} ms CPU per 1k tokens "
-              f"(ceiling ~{per_core or 0:,.0f} tok/s per router core)")
+              f"(ceiling ~{per_core or 0:,.0f} tok/s per router core); pool manager {r['pool_manager_cores']:.2f} "
+              "cores")
     c1 = res["concurrency_1"]
     print(f"concurrency 1: ITL p50 {c1['itl_ms_p50']:.2f} ms, p99 {c1['itl_ms_p99']:.2f} ms "
           f"({c1['requests']} x {c1['tokens']} tokens)")

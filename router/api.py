@@ -241,9 +241,11 @@ def build_app(router: Router) -> FastAPI:
 
     @app.get("/metrics/targets")
     async def targets(request: Request):
-        """Prometheus http_sd: the router and every live worker's own endpoint."""
+        """Prometheus http_sd: every router replica (this one as the client reached it) and every live worker's
+        own endpoint."""
         host = request.url.netloc
-        groups = [{"targets": [host], "labels": {"role": "router"}}]
+        others = sorted({u.split("://", 1)[-1] for u in router.workers.replicas} - {router.advertised})
+        groups = [{"targets": [host, *others], "labels": {"role": "router"}}]
         for role, pool in router.pools.items():
             for w in pool.values():
                 groups.append({"targets": [w.info.metrics_url], "labels": {"role": role, "engine": w.worker_id}})
