@@ -66,6 +66,8 @@ def launch_deployment(config: PdserveConfig, *, names: tuple[str, str] | None = 
     routers = []
     for i, (node, port) in enumerate(placed):
         opts = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)} if node else {}
+        if nodes:  # a sliver of the node's router resource: in use, so an autoscaler never takes it for idle
+            opts["resources"] = {s.router_resource: 0.001}
         name = names and (names[1] if i == 0 else f"{names[1]}-{i}")
         routers.append(launch_router(config.replace(serve={"port": port}), name=name, namespace=namespace,
                                      pools=pools, replica=i, instance=instance, **opts))
