@@ -50,8 +50,8 @@ SCENARIOS: dict[str, str] = {
     "kill-decode": "ray.kill the decode worker holding the most requests at 30% of the run (frozen first, so "
                    "that the requests it holds when read are still there when it dies)",
     "kill-prefill": "ray.kill the prefill worker holding the most requests at 30% of the run (frozen first)",
-    "kill-router": "ray.kill the router actor at 30% of the run; Ray restarts it on the same port and it "
-                   "adopts the detached workers",
+    "kill-router": "ray.kill the router actor at 30% of the run; Ray restarts it on the same port over the "
+                   "same pools (the pool manager's) and it frees what its previous incarnation left",
     "stall-decode": "freeze the engine loop of the busiest decode worker for 60 s at 30% of the run "
                     "(alive, answering, stuck)",
     "transfer-fail-5pct": "every prefill worker fails 5% of its KV transfers (fault injection, from the start)",

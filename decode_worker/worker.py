@@ -272,6 +272,14 @@ class DecodeWorker(Worker):
             return []
         return block_hashes(request.prompt_token_ids + request.output_token_ids, self.engine.block_manager.block_size)
 
+    def abort_prefix(self, prefix: str) -> int:
+        with self._lock:
+            expected = [rid for rid in self._expected if rid.startswith(prefix)]
+        rids = set(expected) | {rid for rid in self._engine_request_ids() if rid.startswith(prefix)}
+        for rid in rids:
+            self.abort(rid)
+        return len(rids)
+
     def abort_all(self) -> int:
         with self._lock:
             expected = list(self._expected)

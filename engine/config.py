@@ -225,6 +225,11 @@ class ServeConfig:
     decode_workers: int = 1
     host: str = "127.0.0.1"
     port: int = 8000
+    # Router replicas, each serving the HTTP API on its own port (port + i; 0: any free port) over the same
+    # pools, which one pool manager owns. On a cluster that defines `router_resource`, one replica per node
+    # carrying it instead (each on `port`), with a load balancer (a Kubernetes Service) in front.
+    routers: int = 1
+    router_resource: str = "router"
     api_key: str | None = field(default=None, repr=False)  # guards /v1/*; /health and /metrics stay open
     served_model_name: str | None = None  # default: the model's id
     # Router-wide bound on requests not yet decoding: beyond it a 503 whose Retry-After is the queue ahead
@@ -293,6 +298,8 @@ class ServeConfig:
             raise ValueError(f"disaggregation must be auto, always or never, got {self.disaggregation!r}")
         if self.decode_workers < 1 or self.prefill_workers < (1 if self.mode == "disaggregated" else 0):
             raise ValueError("need at least one decode worker (and one prefill worker when disaggregated)")
+        if not 1 <= self.routers <= 64:
+            raise ValueError(f"routers must be in [1, 64], got {self.routers}")
         if self.metrics_prefix not in ("pdserve_", "vllm:"):
             raise ValueError("metrics_prefix must be pdserve_ or vllm:")
         if self.max_migrations < 0 or self.failover_wait_s < 0 or self.drain_timeout_s < 0:

@@ -91,6 +91,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from pdserve.bench.project import main as bench_main
     elif args.what == "peer":
         from pdserve.bench.peer import main as bench_main
+    elif args.what == "router":
+        from pdserve.bench.router import main as bench_main
     else:
         from pdserve.bench.schedule import main as bench_main
     return bench_main(args.rest)
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = sub.add_parser("bench", help="benchmarks (pdserve bench WHAT --help)")
     bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise", "overhead", "serve",
-                                          "compare", "project", "peer", "attention"])
+                                          "compare", "project", "peer", "attention", "router"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 

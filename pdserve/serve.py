@@ -11,7 +11,7 @@ import threading
 
 from pdserve.engine.config import ATTENTION_BACKENDS
 
-ROUTER_NAME, NAMESPACE = "pdserve-router", "pdserve"
+ROUTER_NAME, POOLS_NAME, NAMESPACE = "pdserve-router", "pdserve-pools", "pdserve"
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +33,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add("--kv-auth-token", dest="kv_transfer.auth_token")
     add("--host", dest="serve.host")
     add("--port", dest="serve.port", type=int)
+    add("--routers", dest="serve.routers", type=int,
+        help="router replicas over the same pools, on ports port..port+N-1 (default 1); on a cluster whose nodes "
+        "carry a `router` resource, one per such node instead, each on --port")
     add("--api-key", dest="serve.api_key", help="guards /v1/*; prefer --api-key-file (a command line is visible "
         "to every user of the machine and lands in job logs)")
     p.add_argument("--api-key-file", default=None, help="read serve.api_key from this file")
@@ -116,60 +119,63 @@ def _token_auth_for(address: str | None) -> None:
 
 
 def _wait_for_router_name(ray, timeout: float = 30.0) -> None:
-    """The router's name is free, or about to be: a previous `pdserve serve` killed outright leaves its router
-    to Ray, which ends it shortly (its owner died). A router that still answers is another live server."""
+    """The router's and the pool manager's names are free, or about to be: a previous `pdserve serve` killed
+    outright leaves them to Ray, which ends them shortly (their owner died). One that still answers belongs
+    to another live server."""
     import time
 
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            old = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
-        except ValueError:
-            return
-        try:
-            ray.get(old.pid.remote(), timeout=5)
-            raise SystemExit(f"another pdserve router ({ROUTER_NAME}) is serving on this Ray cluster")
-        except ray.exceptions.RayActorError:
-            pass  # dead, its name not yet released
-        except ray.exceptions.GetTimeoutError:
-            pass  # being restarted or ended
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the previous pdserve router ({ROUTER_NAME}) did not go away within {timeout:g}s")
-        time.sleep(0.2)
+    for name in (ROUTER_NAME, POOLS_NAME):
+        while True:
+            try:
+                old = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                break
+            try:
+                ray.get(old.pid.remote(), timeout=5)
+                raise SystemExit(f"another pdserve deployment ({name}) is serving on this Ray cluster")
+            except ray.exceptions.RayActorError:
+                pass  # dead, its name not yet released
+            except ray.exceptions.GetTimeoutError:
+                pass  # being restarted or ended
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the previous pdserve deployment ({name}) did not go away within {timeout:g}s")
+            time.sleep(0.2)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _token_auth_for(args.address)
     import ray
 
-    from pdserve.router.actor import launch_router
+    from pdserve.router.actor import launch_deployment
 
     cfg = serve_config(args)
     if args.address:
         ctx = ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=True)
     else:
         ctx = ray.init(namespace=NAMESPACE, include_dashboard=False)
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    # On this node (the head, where `pdserve serve` runs): an actor that needs no resources would
-    # otherwise land on any node, away from the address and port the operator exposes.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     _wait_for_router_name(ray)
-    router = launch_router(cfg, name=ROUTER_NAME, namespace=NAMESPACE, scheduling_strategy=here)
+    # The routers on this node (the head, where `pdserve serve` runs): an actor that needs no resources would
+    # otherwise land on any node, away from the address and port the operator exposes.
+    pools, routers = launch_deployment(cfg, names=(POOLS_NAME, ROUTER_NAME), namespace=NAMESPACE,
+                                       here=ray.get_runtime_context().get_node_id())
     s = cfg.serve
     # bounded: every worker start is (worker_start_timeout_s), and so is each call adopting or ending one
-    url = ray.get(router.start.remote(), timeout=s.worker_start_timeout_s + 60)
-    print(banner(url, cfg, ctx.address_info["gcs_address"]), flush=True)
+    urls = ray.get([r.start.remote() for r in routers], timeout=s.worker_start_timeout_s + 60)
+    print(banner(urls[0], cfg, ctx.address_info["gcs_address"]), flush=True)
+    if len(urls) > 1:
+        print(f"{len(urls)} routers (put a load balancer in front): {' '.join(urls)}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     # Graceful: refuse new requests, let those in flight finish (up to drain_timeout_s), then stop.
     print(f"draining (up to {s.drain_timeout_s:g}s for requests in flight)", file=sys.stderr, flush=True)
-    left = ray.get(router.drain.remote(), timeout=s.drain_timeout_s + 30)
+    left = sum(ray.get([r.drain.remote() for r in routers], timeout=s.drain_timeout_s + 30))
     print(f"shutting down ({left} requests still running were cut off)" if left else "shutting down",
           file=sys.stderr, flush=True)
-    ray.get(router.stop.remote(), timeout=60)
+    ray.get([r.stop.remote() for r in routers], timeout=60)
+    ray.get(pools.stop.remote(), timeout=60)
     ray.shutdown()
     return 0
 
@@ -179,9 +185,9 @@ def cmd_scale(args: argparse.Namespace) -> int:
     import ray
 
     ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
-    router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
-    # the router bounds each worker start by its serve.worker_start_timeout_s; this bounds the call itself
-    print(json.dumps(ray.get(router.scale.remote(args.prefill, args.decode), timeout=args.timeout), indent=2))
+    pools = ray.get_actor(POOLS_NAME, namespace=NAMESPACE)  # scaling happens once, there, for every router
+    # the pool manager bounds each worker start by its serve.worker_start_timeout_s; this bounds the call itself
+    print(json.dumps(ray.get(pools.scale.remote(args.prefill, args.decode), timeout=args.timeout), indent=2))
     return 0
 
 

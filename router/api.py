@@ -241,9 +241,11 @@ def build_app(router: Router) -> FastAPI:
 
     @app.get("/metrics/targets")
     async def targets(request: Request):
-        """Prometheus http_sd: the router and every live worker's own endpoint."""
+        """Prometheus http_sd: every router replica (this one as the client reached it) and every live worker's
+        own endpoint."""
         host = request.url.netloc
-        groups = [{"targets": [host], "labels": {"role": "router"}}]
+        others = sorted({u.split("://", 1)[-1] for u in router.workers.replicas} - {router.advertised})
+        groups = [{"targets": [host, *others], "labels": {"role": "router"}}]
         for role, pool in router.pools.items():
             for w in pool.values():
                 groups.append({"targets": [w.info.metrics_url], "labels": {"role": role, "engine": w.worker_id}})
@@ -422,15 +424,19 @@ async def _sse_stream(router: Router, call: _Call, first: StepItem):
     reason = None
     model = router.model_name
     logprobs = _LogprobsBody(router, call)
+    plain = P.TextChunks(call.kind, call.rid, model, call.created)
     try:
         is_first = True
         async for item in _chain(first, call.events):
             n_out += len(item.token_ids)
+            if not (item.finished or is_first or item.logprobs):  # the common chunk: text only
+                if item.text:
+                    yield plain(item.text)
+                continue
             reason = item.finish_reason if item.finished else None
-            if item.text or item.finished or is_first or item.logprobs:
-                yield _sse(P.stream_chunk(call.kind, call.rid, model, call.created, item.text, reason,
-                                          first=is_first, logprobs=logprobs.of(item.logprobs)))
-                is_first = False
+            yield _sse(P.stream_chunk(call.kind, call.rid, model, call.created, item.text, reason,
+                                      first=is_first, logprobs=logprobs.of(item.logprobs)))
+            is_first = False
         router.metrics.success.labels(model, reason or "stop").inc()
         if call.parsed.include_usage:
             yield _sse(P.usage_chunk(call.kind, call.rid, model, call.created, len(call.ids), n_out))

@@ -407,6 +407,24 @@ def stream_chunk(kind: str, rid: str, model: str, created: int, text: str, finis
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 
 
+class TextChunks:
+    """The SSE bytes of a stream's plain text chunks (neither its first nor its last, no logprobs), built
+    from a template made once per stream: the text is the only part that changes. Byte for byte what
+    `stream_chunk` + compact `json.dumps` give, at a fraction of the cost (no dict, no encoder walk):
+    the router frames every token of every stream, so this is its hottest path."""
+
+    def __init__(self, kind: str, rid: str, model: str, created: int):
+        head = stream_chunk(kind, rid, model, created, "\x00", None)
+        framed = "data: " + json.dumps(head, separators=(",", ":")) + "\n\n"
+        self._head, self._tail = (part.encode() for part in framed.split('"\\u0000"'))
+
+    def __call__(self, text: str) -> bytes:
+        return self._head + _json_str(text).encode() + self._tail
+
+
+_json_str = json.encoder.encode_basestring_ascii  # what json.dumps does to a str (ensure_ascii, the default)
+
+
 def usage_chunk(kind: str, rid: str, model: str, created: int, prompt_tokens: int,
                 completion_tokens: int) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",

@@ -53,6 +53,7 @@ from pdserve.engine.messages import GenerateRequest, StepItem, WorkerError
 from pdserve.router import protocol as P
 from pdserve.router.admission import DrainRate
 from pdserve.router.metrics import PoolCollector, RouterMetrics
+from pdserve.router.pool_view import PoolView
 from pdserve.router.pools import (
     Choice,
     KVAwarePolicy,
@@ -64,7 +65,6 @@ from pdserve.router.pools import (
     place_prefill,
 )
 from pdserve.router.relay import RelayClosed, StepRelay
-from pdserve.router.workers import WorkerPools
 
 logger = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -73,7 +73,7 @@ _ids = itertools.count()
 class Router:
     """The request path over the worker pools; runs on the router actor's event loop."""
 
-    def __init__(self, config: PdserveConfig, policy: RoutingPolicy | None = None, instance: str | None = None):
+    def __init__(self, config: PdserveConfig, manager, replica: str, policy: RoutingPolicy | None = None):
         from pdserve.engine.model_source import load_tokenizer, resolve_model
 
         self.config = config
@@ -98,7 +98,9 @@ class Router:
         self.registry = CollectorRegistry()
         self.metrics = RouterMetrics(self.serve.metrics_prefix, self.model_name, self.registry)
         self.policy = policy or KVAwarePolicy()
-        self.workers = WorkerPools(config, self.metrics, self.model_name, instance or uuid.uuid4().hex[:6])
+        # the pools live in the pool manager (`router.control`), shared by every replica; this is our mirror
+        self.replica = replica  # this replica's name: stable across its restarts, and prefixes its request ids
+        self.workers = PoolView(config, self.metrics, self.model_name, manager, replica)
         self.pools = self.workers.pools  # role -> worker id -> WorkerState
         self.index = self.workers.index  # the prefixes each worker is believed to have cached
         self.block_size = config.cache.block_size  # every worker's
@@ -113,10 +115,7 @@ class Router:
         self._relays: dict[str, StepRelay] = {}  # decode worker id -> its token stream to this router
         self._incarnation = uuid.uuid4().hex[:8]  # names this router's subscriptions (a restart opens new ones)
         self.url = ""
-
-    @property
-    def instance(self) -> str:
-        return self.workers.instance
+        self.advertised = ""  # host:port others reach this replica's HTTP server at
 
     async def scale(self, prefill: int | None = None, decode: int | None = None) -> dict:
         return await self.workers.scale(prefill, decode)
@@ -191,7 +190,7 @@ class Router:
         so the client's stream goes on without a token lost or repeated (for greedy requests the
         text equals an uninterrupted run's). After `max_migrations`, or with no worker to move to
         within `failover_wait_s`, it ends with an explicit error instead."""
-        rid = f"req-{next(_ids)}-{time.monotonic_ns()}"
+        rid = f"{self.request_prefix}{next(_ids)}-{time.monotonic_ns()}"
         t = _Timing(arrival)
         streamed: list[int] = []  # token ids the client already has
         migrations = 0
@@ -281,7 +280,7 @@ class Router:
             for worker_id in [w for w, r in self._relays.items() if not r.alive]:  # workers gone since
                 del self._relays[worker_id]
             relay = self._relays[decode.worker_id] = StepRelay(decode.handle, decode.worker_id,
-                                                               f"router-{self.instance}-{self._incarnation}")
+                                                               f"{self.replica}-{self._incarnation}")
         return relay
 
     def _decoded(self, decode: WorkerState, tokens: list[int], names: list[BlockHash]) -> None:
@@ -376,11 +375,19 @@ class Router:
                 if first.finished:
                     return
             limit = s.stream_timeout_s
+            held = None  # an item taken while coalescing that ends the run (an error): next
             while True:
-                async with asyncio.timeout(limit):
-                    item = await queue.get()
+                if held is not None:
+                    item, held = held, None
+                elif not queue.empty():  # the router is behind: no wait, so no deadline to arm
+                    item = queue.get_nowait()
+                else:
+                    async with asyncio.timeout(limit):
+                        item = await queue.get()
                 if isinstance(item, BaseException):  # the worker's token stream broke (it died) or ended
                     raise item
+                if item.error is None:
+                    item, held = _coalesce(item, queue)
                 if item.error is not None:
                     if item.error.status >= 500 and not item.error.unavailable:  # the worker itself failed
                         raise _Failover("worker_error", item.error.message, decode)
@@ -444,7 +451,6 @@ class Router:
             import uvicorn
 
             s = self.serve
-            await self.workers.start(adopt)
             from pdserve.router.api import build_app
 
             # h11 explicitly (httptools, when installed, ignores the header limit)
@@ -460,8 +466,27 @@ class Router:
                     raise RuntimeError("the HTTP server stopped while starting")
                 await asyncio.sleep(0.02)
             port = self._server.servers[0].sockets[0].getsockname()[1]
-            self.url = f"http://{s.host}:{port}"
+            url = f"http://{s.host}:{port}"
+            host = s.host if s.host not in ("0.0.0.0", "::", "") else _node_ip()
+            self.advertised = f"{host}:{port}"  # where the other replicas' /metrics/targets list this one
+            await self.workers.start(f"http://{self.advertised}")  # /health answers 503 until the pools are ready
+            if adopt:  # restarted: what the previous incarnation had in flight went with its clients
+                await self._abort_previous()
+            self.url = url
             return self.url
+
+    @property
+    def request_prefix(self) -> str:
+        """Every request id this replica makes starts with it (its restart aborts what is left of them)."""
+        return f"req-{self.replica}-"
+
+    async def _abort_previous(self) -> None:
+        """Free what this replica's previous incarnation left on the workers (its clients are gone)."""
+        workers = [w for pool in self.pools.values() for w in pool.values()]
+        done = await asyncio.gather(*(w.handle.abort_prefix.remote(self.request_prefix) for w in workers),
+                                    return_exceptions=True)
+        n = sum(d for d in done if isinstance(d, int))
+        logger.warning("router %s restarted: aborted %d requests of its previous incarnation", self.replica, n)
 
     async def drain(self, timeout: float | None = None) -> int:
         """Graceful shutdown, first half: refuse new requests (503 + Retry-After; /health turns 503
@@ -483,7 +508,40 @@ class Router:
         for relay in self._relays.values():
             relay.close()
         self._relays.clear()
-        await self.workers.stop()
+        await self.workers.stop()  # the pools stay: they are the pool manager's
+
+
+def _coalesce(item: StepItem, queue: asyncio.Queue) -> tuple[StepItem, object]:
+    """`item` and every plain item already queued behind it as one: when the router falls behind, a
+    stream's tokens leave in one SSE chunk (one socket write) instead of one per step, so its cost per
+    token falls as its load rises; a router keeping up sees one item at a time and adds no delay. Returns
+    the merged item and the first queued one that cannot join (an error, the stream's end), or None."""
+    if item.finished or queue.empty():
+        return item, None
+    tokens, text, logprobs = list(item.token_ids), [item.text], list(item.logprobs or ())
+    last = item
+    while not last.finished and not queue.empty():
+        nxt = queue.get_nowait()
+        if isinstance(nxt, BaseException) or nxt.error is not None:
+            return _joined(last, tokens, text, logprobs, item), nxt
+        tokens += nxt.token_ids
+        text.append(nxt.text)
+        logprobs += nxt.logprobs or ()
+        last = nxt
+    return _joined(last, tokens, text, logprobs, item), None
+
+
+def _joined(last: StepItem, tokens: list[int], text: list[str], logprobs: list, first: StepItem) -> StepItem:
+    if last is first:
+        return first
+    return StepItem(tuple(tokens), "".join(text), last.finished, last.finish_reason, last.num_output_tokens,
+                    logprobs=tuple(logprobs) if first.logprobs is not None or last.logprobs is not None else None)
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
 class _Failover(Exception):
@@ -504,6 +562,7 @@ class _Timing:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.n_out = 0
+        self._itl = None  # the ITL histogram's series for the model (looked up once, used every token)
 
     def tokens(self, k: int, m: RouterMetrics, model: str) -> None:
         if not k:
@@ -513,8 +572,11 @@ class _Timing:
             self.first_at = now
             m.ttft.labels(model).observe(now - self.arrival)
         elif self.last_at is not None:
+            itl = self._itl or m.itl.labels(model)
+            self._itl = itl
+            gap = (now - self.last_at) / k
             for _ in range(k):
-                m.itl.labels(model).observe((now - self.last_at) / k)
+                itl.observe(gap)
         self.last_at = now
         self.n_out += k
 

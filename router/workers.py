@@ -1,8 +1,9 @@
-"""The router's worker pools: their lifecycle and health (no request path here).
+"""The worker pools: their lifecycle and health (no request path here). They live in one place, the
+pool manager actor (`router.control`), whatever the number of router replicas reading them.
 
-Workers are detached Ray actors named after the router's instance (`pdserve-<instance>-<role>-<n>`),
-so a router that Ray restarts finds and adopts them (`adopt`); each knows the router actor that started it,
-and a router starting up ends the workers of routers that died for good (`_end_orphans`). A worker joins
+Workers are detached Ray actors named after the deployment's instance (`pdserve-<instance>-<role>-<n>`),
+so a pool manager that Ray restarts finds and adopts them (`adopt`); each knows the actor that started it,
+and a pool manager starting up ends the workers of deployments that died for good (`_end_orphans`). A worker joins
 routing only once it has loaded its model and answered (`_spawn`). The health loop fails dead, stalled,
 silent or failing workers and starts replacements up to each pool's target size (`fail_worker`, `_heal`);
 `scale` changes the targets and drains what it removes. A decode worker that leaves is forgotten by every prefill
@@ -47,6 +48,24 @@ class WorkerPools:
         self.spawning = {"prefill": 0, "decode": 0}
         self._seq = itertools.count()
         self._tasks: list[asyncio.Task] = []
+        self.version = 0  # bumped by every change router replicas must see (`touch`)
+        self._changed = asyncio.Event()
+        # Requests the routers have in flight on a worker (the manager sums its replicas' reports); a drain
+        # waits for it to fall to 0, and for every replica to have seen the drain (`drained`).
+        self.drained = lambda w, version: not w.inflight_requests
+        self.on_failure = lambda role, reason: None  # counts it where the routers read it
+
+    def touch(self) -> None:
+        """Something routers must see changed (membership, health, draining, load): wake their watches."""
+        self.version += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def changed(self, version: int, timeout: float) -> None:
+        """Returns once the pools' version differs from `version`, or after `timeout` seconds."""
+        if version == self.version:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
 
     async def start(self, adopt: bool = False) -> None:
         """Adopt a previous incarnation's workers (`adopt`), fill the pools to their configured sizes and
@@ -133,12 +152,13 @@ class WorkerPools:
                             last_ok=time.monotonic())
         self.pools[role][worker_id] = state
         self.index.add_worker(worker_id, info.num_blocks or stats.num_blocks)
+        self.touch()
         return state
 
     async def _adopt(self) -> None:
-        """A restarted router takes over the workers its previous incarnation started (they are
-        detached and named after this router's instance id) and aborts what they still hold: the
-        clients of those requests went with the old router."""
+        """A restarted pool manager takes over the workers its previous incarnation started (they are
+        detached and named after this deployment's instance id). What they hold stays: the router
+        replicas' streams run straight to the workers and never went through the manager."""
         import ray
         from ray.util import list_named_actors
 
@@ -154,7 +174,6 @@ class WorkerPools:
                 # each call bounded: a worker frozen (or cut off) at any point of the adoption is not adopted
                 # (and is ended) instead of holding the restarted router's start-up forever
                 info = await asyncio.wait_for(handle.info.remote(), self.serve.health_timeout_s)
-                aborted = await asyncio.wait_for(handle.abort_all.remote(), self.serve.health_timeout_s)
                 stats = await asyncio.wait_for(handle.stats.remote(), self.serve.health_timeout_s)
             except Exception as e:
                 logger.warning("not adopting %s: %s", name, e)
@@ -162,7 +181,7 @@ class WorkerPools:
                     _kill(ray.get_actor(name, namespace="pdserve"))
                 return
             self._join(role, worker_id, handle, info, stats)
-            logger.info("adopted %s (aborted %d requests of the previous router)", worker_id, aborted)
+            logger.info("adopted %s", worker_id)
 
         await asyncio.gather(*(adopt(n) for n in names))
         highest = max((int(w.split("-")[-1]) for pool in self.pools.values() for w in pool), default=-1)
@@ -224,16 +243,18 @@ class WorkerPools:
             jobs += [self._spawn(role) for _ in range(want - len(live) - self.spawning[role])]
             for w in live[want:] if want < len(live) else []:
                 w.draining = True
-                self._tasks.append(asyncio.create_task(self._drain(w)))
+                self._tasks.append(asyncio.create_task(self._drain(w, self.version + 1)))
+        self.touch()
         await asyncio.gather(*jobs)
         return self.status()
 
     def _live(self, role: str) -> list[WorkerState]:
         return [w for w in self.pools[role].values() if not w.draining]
 
-    async def _drain(self, w: WorkerState) -> None:
+    async def _drain(self, w: WorkerState, version: int) -> None:
+        """`version`: the pools' version that shows `w` draining (routers that saw it route nothing new there)."""
         deadline = time.monotonic() + self.serve.drain_timeout_s
-        while w.inflight_requests and time.monotonic() < deadline:
+        while not self.drained(w, version) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self._remove(w)
         if w.inflight_requests:  # killed outright: its requests see it die and migrate
@@ -249,6 +270,7 @@ class WorkerPools:
         if self.pools[w.role].get(w.worker_id) is w:
             del self.pools[w.role][w.worker_id]
             self.index.drop(w.worker_id)
+            self.touch()
         if w.role == "decode" and w.info.kv_address:  # its KV address is dead: senders close what they hold
             for p in list(self.pools["prefill"].values()):
                 p.handle.forget_peer.remote(w.info.kv_address)
@@ -261,6 +283,7 @@ class WorkerPools:
         logger.error("%s failed (%s): replacing it", w.worker_id, reason)
         self._remove(w)
         self.metrics.worker_failures.labels(self.model_name, w.role, reason).inc()
+        self.on_failure(w.role, reason)
         _kill(w.handle)
         self._heal()
 
@@ -287,6 +310,7 @@ class WorkerPools:
             await asyncio.sleep(self.serve.health_interval_s)
             await asyncio.gather(*(self._check(w) for pool in self.pools.values() for w in list(pool.values())))
             self._heal()
+            self.touch()  # fresh load figures for the routers
 
     async def _check(self, w: WorkerState) -> None:
         """A worker is routable while it answers in time and its engine loop lives, makes progress and

@@ -104,6 +104,14 @@ class Worker:
             prefill_s_per_token=(cost(512, 0) - cost(0, 0)) / 512 if measured else 0.0,
             decode_step_s=cost(0, max(1, num_running)) if measured else 0.0)
 
+    def abort_prefix(self, prefix: str) -> int:
+        """Abort every request whose id starts with `prefix`: a restarted router replica's (each names its
+        requests after itself), whose clients went with its previous incarnation. Returns how many."""
+        rids = [rid for rid in self._engine_request_ids() if rid.startswith(prefix)]
+        for rid in rids:
+            self.abort(rid)
+        return len(rids)
+
     def abort_all(self) -> int:
         """Abort every request this worker holds (a restarted router adopting it: the requests'
         clients went with the old router). Returns how many were aborted."""

@@ -161,7 +161,10 @@ def custom_resources(group: dict) -> dict:
 def test_raycluster_has_a_prefill_and_a_decode_group_pinned_by_custom_resources():
     spec = one("RayCluster")["spec"]
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
-    assert set(groups) == {"prefill", "decode"}
+    assert set(groups) == {"prefill", "decode", "router"}
+    router = groups.pop("router")  # the router replicas' pods: no GPU, no worker actor (num-cpus 0)
+    assert custom_resources(router) == {"router": 1} and router["rayStartParams"]["num-cpus"] == "0"
+    assert "nvidia.com/gpu" not in router["template"]["spec"]["containers"][0]["resources"]["limits"]
     for name, group in groups.items():
         assert custom_resources(group) == {name: 1}
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
@@ -178,7 +181,8 @@ def test_raycluster_autoscales():
     spec = one("RayCluster")["spec"]
     assert spec["enableInTreeAutoscaling"] is True
     assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
-    assert all(g["maxReplicas"] > g["minReplicas"] for g in spec["workerGroupSpecs"])
+    # the worker pools' groups; the router group is sized by hand (its replicas are placed at start)
+    assert all(g["maxReplicas"] > g["minReplicas"] for g in spec["workerGroupSpecs"] if g["groupName"] != "router")
 
 
 def test_ray_autoscaler_sees_the_groups_and_their_resources():
@@ -223,12 +227,20 @@ def test_rayjob_targets_the_cluster_and_runs_pdserve_serve_joining_it():
     assert "pdserve serve" in entry and "--address auto" in entry
 
 
-def test_router_service_selects_the_head_pod_on_the_router_port():
+def test_router_service_selects_the_router_pods_on_the_router_port():
+    """One router replica per pod of the router group (`serve.router_resource`), all behind the Service,
+    which keeps only the pods whose replica passes /health."""
     svc = one("Service", "pdserve-router")["spec"]
-    assert svc["selector"] == {"ray.io/cluster": one("RayCluster")["metadata"]["name"], "ray.io/node-type": "head"}
+    assert svc["selector"] == {"ray.io/cluster": one("RayCluster")["metadata"]["name"], "ray.io/group": "router"}
     assert [(p["port"], p["targetPort"]) for p in svc["ports"]] == [(8000, 8000)]
     assert "--port 8000" in one("RayJob")["spec"]["entrypoint"]
-    assert 8000 in {p["containerPort"] for p in head_container()["ports"]}
+    router = {g["groupName"]: g for g in one("RayCluster")["spec"]["workerGroupSpecs"]}["router"]
+    container = router["template"]["spec"]["containers"][0]
+    assert 8000 in {p["containerPort"] for p in container["ports"]}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8000}
+    from pdserve.engine.config import ServeConfig
+
+    assert custom_resources(router) == {ServeConfig().router_resource: 1}
 
 
 def entrypoint_argv(tmp_path: Path, head_env: dict) -> tuple[list[str], str]:
@@ -300,6 +312,8 @@ def test_rayjob_command_reads_the_secrets_from_the_mounted_secret_and_builds_a_v
     # The KV plane binds beyond loopback, so it speaks TLS, with files every worker pod mounts.
     assert not kv.allow_plaintext and kv.tls_cert_file and kv.tls_key_file and kv.tls_ca_file
     for group in one("RayCluster")["spec"]["workerGroupSpecs"]:
+        if group["groupName"] == "router":
+            continue  # no KV plane there
         pod = group["template"]["spec"]
         (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "pdserve-kv-tls"]
         assert not volume["secret"].get("optional", False)
@@ -383,6 +397,7 @@ def test_network_policies_admit_only_the_router_port_from_outside_the_ray_cluste
     head = {"ray.io/cluster": cluster, "ray.io/node-type": "head"}
     prefill = {"ray.io/cluster": cluster, "ray.io/node-type": "worker", "ray.io/group": "prefill"}
     decode = {"ray.io/cluster": cluster, "ray.io/node-type": "worker", "ray.io/group": "decode"}
+    router = {"ray.io/cluster": cluster, "ray.io/node-type": "worker", "ray.io/group": "router"}
     router_port = one("Service", "pdserve-router")["spec"]["ports"][0]["targetPort"]
     dashboard_port = {p["name"]: p["containerPort"] for p in head_container()["ports"]}["dashboard"]
     kv_port = json.loads(one("ConfigMap", "pdserve-config")["data"]["pdserve.json"])["kv_transfer"]["port"]
@@ -396,13 +411,14 @@ def test_network_policies_admit_only_the_router_port_from_outside_the_ray_cluste
 
     assert admitted([], outsiders[0], decode, kv_port)  # the evaluator: no policy, no isolation
     for src in outsiders:
-        assert admitted(policies, src, head, router_port)
-        for dst in (head, prefill, decode):
+        assert admitted(policies, src, router, router_port)
+        for dst in (head, prefill, decode, router):
             for port in (dashboard_port, kv_port, *ray_ports):
                 assert not admitted(policies, src, dst, port), (src, dst, port)
-        assert not admitted(policies, src, decode, router_port)
-    for src in (_pod(head), _pod(prefill), _pod(decode)):  # the cluster's own pods: everything
-        for dst in (head, prefill, decode):
+        for dst in (head, decode):
+            assert not admitted(policies, src, dst, router_port)
+    for src in (_pod(head), _pod(prefill), _pod(decode), _pod(router)):  # the cluster's own pods: everything
+        for dst in (head, prefill, decode, router):
             assert all(admitted(policies, src, dst, port) for port in (kv_port, dashboard_port, *ray_ports))
     for src in (operator, submitter):  # the job API, nothing else
         assert admitted(policies, src, head, dashboard_port)
