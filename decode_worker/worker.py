@@ -207,7 +207,7 @@ class DecodeWorker(Worker):
             if not request.remote_prefill:  # colocated: this engine prefills
                 self.loop.submit(rid, list(request.prompt_token_ids), request.params, sink,
                                  priority=request.priority, output_token_ids=list(request.output_token_ids),
-                                 ttft_deadline=request.ttft_deadline)
+                                 ttft_deadline=request.ttft_deadline, fork_of=request.fork_of)
                 return Ready()
             if self.receiver is None:
                 raise ValueError("a remote prefill needs a KV receiver: this decode worker runs colocated")

@@ -135,13 +135,17 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int] | list[dict], params: SamplingParams,
                     *, arrival_time: float | None = None, priority: int = 0, ttft_deadline: float | None = None,
-                    detokenize: bool = True, kv_sink=None, output_token_ids: list[int] | None = None) -> Sequence:
+                    detokenize: bool = True, kv_sink=None, output_token_ids: list[int] | None = None,
+                    fork_of: str | None = None) -> Sequence:
         """Queue a request. `priority`: lower runs first; `ttft_deadline`: seconds from arrival
         by which the first token is due (SLA-aware admission). `kv_sink` (a
         `kv_transfer.source.LayerStream`) makes it prefill-only (see the module docstring).
         `output_token_ids` resumes a request another worker was generating (migration): those
         tokens count as already generated and already streamed (their text is not emitted again);
         prompt and outputs are prefilled together, as after a recompute preemption.
+        `fork_of`: the id of a request of the same prompt running here (parallel sampling, n > 1): this one
+        shares its prompt KV (`Scheduler.fork`) and prefills only the last block's tokens; when that request
+        is gone or preempted, this one prefills its whole prompt.
         Raises `InvalidRequestError`, or `QueueFullError` when the scheduler's overload
         policy refuses it."""
         ids = self.encode_prompt(prompt)
@@ -155,7 +159,9 @@ class LLMEngine:
             raise InvalidRequestError("max_tokens", "the resumed request has already generated max_tokens")
         seq = Sequence(request_id, ids, params, arrival_time=arrival, priority=priority, output_token_ids=outputs,
                        deadline=None if ttft_deadline is None else arrival + ttft_deadline)
-        self.scheduler.add(seq, now)
+        parent = self.seqs.get(fork_of) if fork_of is not None and not outputs else None
+        with self.kv_lock:
+            self.scheduler.add(seq, now, fork_from=parent)
         self._register(seq, detokenize)
         if outputs and request_id in self._detok:
             self._detok[request_id].replay(outputs)  # already streamed: advance past their text silently

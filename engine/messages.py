@@ -43,6 +43,9 @@ class GenerateRequest:
     # True: a prefill worker computes the KV and pushes it to the decode worker (disaggregated);
     # False: the decode worker prefills the prompt itself (colocated).
     remote_prefill: bool = False
+    # Parallel sampling (n > 1): the attempt id of a sibling of the same prompt on the same decode worker,
+    # whose prompt KV this one shares (`LLMEngine.add_request(fork_of=)`); never with `remote_prefill`.
+    fork_of: str | None = None
 
     @property
     def num_kv_tokens(self) -> int:

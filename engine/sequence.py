@@ -56,6 +56,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0
+    # Parallel sampling (n > 1): prompt tokens whose KV blocks this sequence shares with the sequence it was
+    # forked from (`Scheduler.add(..., fork_from=)`); they count as computed. 0 once a preemption drops them.
+    num_forked_tokens: int = 0
 
     @property
     def num_output_tokens(self) -> int:
