@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 # Decode rows attended together (sorted by context length); 4-8 measured best
 # on 32 mixed-length sequences (64..512 tokens) on a 2-core CPU.
 DECODE_GROUP_SIZE = 8
+PROMPT_LOGPROBS_CHUNK = 256  # prompt positions whose [positions, vocab] logits are materialised at once
 
 
 def pick_device(name: str) -> torch.device:
@@ -106,6 +107,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._prompt_lps: dict[str, list[TokenLogprob]] = {}  # prompt logprobs until the first output
         self._rng = torch.Generator().manual_seed(config.engine.seed)
         self.last_progress = time.monotonic()  # the last layer a forward pass finished (see `forward`)
 
@@ -268,8 +270,12 @@ class LLMEngine:
         positions: list[int] = []
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
+        prompt_rows: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, its row, rows)
         for seq, n in plan:
             start = seq.num_computed_tokens
+            last = len(seq.prompt_token_ids) - 1  # positions before it predict a prompt token
+            if seq.params.prompt_logprobs is not None and start < last and not seq.num_output_tokens:
+                prompt_rows.append((seq, start, len(ids), min(start + n, last) - start))
             ids.extend(seq.token_slice(start, start + n))
             positions.extend(range(start, start + n))
             if start + n == seq.num_tokens:
@@ -293,9 +299,30 @@ class LLMEngine:
             for seq, n in plan:
                 seq.num_computed_tokens += n
                 self.scheduler.cache_computed(seq)  # full blocks join the prefix cache
+        if prompt_rows:
+            self._prompt_logprobs(hidden, prompt_rows)
         if not sampled:
             return [], None
         return sampled, self.model.logits(hidden.index_select(0, torch.tensor(sample_rows, device=dev)))
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[Sequence, int, int, int]]) -> None:
+        """The raw model's log-softmax at the prompt positions this step computed, for the requests that asked
+        (`SamplingParams.prompt_logprobs`): each position's next prompt token and the k most likely ones. Kept
+        per request until its first output carries them (position p's entry is index p: a prefill cut into
+        chunks, or recomputed after a preemption, fills the list in order)."""
+        for seq, start, row, count in prompt_rows:
+            acc = self._prompt_lps.setdefault(seq.request_id, [])
+            del acc[start:]
+            k = seq.params.prompt_logprobs
+            for r0 in range(0, count, PROMPT_LOGPROBS_CHUNK):  # [rows, vocab] float32 a chunk at a time
+                n = min(PROMPT_LOGPROBS_CHUNK, count - r0)
+                rows = torch.arange(row + r0, row + r0 + n, device=self.device)
+                lp = torch.log_softmax(self.model.logits(hidden.index_select(0, rows)), dim=-1)
+                nxt = seq.prompt_token_ids[start + r0 + 1:start + r0 + 1 + n]
+                chosen = lp.gather(1, torch.tensor(nxt, device=self.device)[:, None]).squeeze(1).tolist()
+                top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0])
+                for t, c, ti, tv in zip(nxt, chosen, top_i.tolist(), top_v.tolist(), strict=True):
+                    acc.append(TokenLogprob(t, c, tuple(zip(ti, tv, strict=True))))
 
     def _kv_to_ship(self, plan: list[tuple[Sequence, int]]) -> list[tuple[object, torch.Tensor]]:
         """Prefill-only sequences whose prompt completes in this step, with the slots of the KV to ship."""
@@ -397,6 +424,8 @@ class LLMEngine:
                             len(seq.prompt_token_ids), len(seq.output_token_ids))
         if logprob is not None:
             out.logprobs = [logprob]
+        if seq.num_output_tokens == 1 and seq.request_id in self._prompt_lps:
+            out.prompt_logprobs = self._prompt_lps.pop(seq.request_id)
         if seq.first_scheduled_time is not None:
             out.queue_time = seq.first_scheduled_time - seq.arrival_time
         if seq.finished:
@@ -413,6 +442,7 @@ class LLMEngine:
         self.seqs.pop(seq.request_id, None)
         self._generators.pop(seq.request_id, None)
         self._detok.pop(seq.request_id, None)
+        self._prompt_lps.pop(seq.request_id, None)
 
     def _register(self, seq: Sequence, detokenize: bool) -> None:
         self.seqs[seq.request_id] = seq

@@ -144,6 +144,7 @@ class FirstToken:
     finish_reason: str | None = None
     stages: StageTimings | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # prompt tokens 1.. (`SamplingParams.prompt_logprobs`)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ class StepItem:
     num_output_tokens: int = 0
     error: WorkerError | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # on a request's first item, when it asked
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,7 @@ class Scheduler:
         bs = self.blocks.block_size
         k = (len(seq.prompt_token_ids) - 1) // bs
         if (k <= 0 or seq.block_table or seq.num_computed_tokens or seq.status is not SequenceStatus.WAITING
+                or seq.params.prompt_logprobs is not None
                 or parent.status is not SequenceStatus.RUNNING or len(parent.block_table) < k
                 or parent.num_computed_tokens < k * bs or parent.prompt_token_ids != seq.prompt_token_ids):
             return 0
@@ -349,7 +350,8 @@ class Scheduler:
 
     def _match_prefix(self, seq: Sequence) -> None:
         """A request with no KV yet takes the cached blocks of its longest cached prefix."""
-        if not self.blocks.enable_caching or seq.num_computed_tokens or seq.block_table:
+        if not self.blocks.enable_caching or seq.num_computed_tokens or seq.block_table or \
+                seq.params.prompt_logprobs is not None:  # it needs every prompt position's logits
             return
         n = self._cacheable_blocks(seq)
         if n <= 0:
@@ -369,7 +371,7 @@ class Scheduler:
 
     def cached_tokens(self, seq: Sequence) -> int:
         """Tokens of a request with no KV yet that the cache would supply now (a peek: nothing is taken)."""
-        if not self.blocks.enable_caching or seq.num_computed_tokens:
+        if not self.blocks.enable_caching or seq.num_computed_tokens or seq.params.prompt_logprobs is not None:
             return 0
         n = self._cacheable_blocks(seq)
         if n <= 0:

@@ -107,3 +107,5 @@ class RequestOutput:
     output_text: str = ""
     queue_time: float | None = None  # seconds from arrival to the first step that ran the request
     logprobs: list[TokenLogprob] | None = None  # of `new_token_ids`, when the request asked
+    # prompt tokens 1.. (the first has no context), on the first output, when the request asked
+    prompt_logprobs: list[TokenLogprob] | None = None
