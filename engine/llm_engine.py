@@ -35,7 +35,7 @@ from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.model import AttentionMetadata, load_model, mkldnn_bf16_linear_available
 from pdserve.engine.model_source import ModelSource, load_tokenizer, resolve_model
 from pdserve.engine.platform import cpu_has_fast_bf16, keep_freed_memory
-from pdserve.engine.sampler import make_generator, sample
+from pdserve.engine.sampler import advance_generator, make_generator, sample
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import MeasuredStepCost, Scheduler
 from pdserve.engine.sequence import FinishReason, RequestOutput, Sequence
@@ -397,6 +397,7 @@ class LLMEngine:
         self.last_progress = time.monotonic()
         p = seq.params
         seq.output_token_ids.append(token)
+        prompt_lps = self._prompt_lps.pop(seq.request_id, None) if seq.num_output_tokens == 1 else None
         new_text = ""
         reason = None
         detok = self._detok.get(seq.request_id)
@@ -424,8 +425,7 @@ class LLMEngine:
                             len(seq.prompt_token_ids), len(seq.output_token_ids))
         if logprob is not None:
             out.logprobs = [logprob]
-        if seq.num_output_tokens == 1 and seq.request_id in self._prompt_lps:
-            out.prompt_logprobs = self._prompt_lps.pop(seq.request_id)
+        out.prompt_logprobs = prompt_lps
         if seq.first_scheduled_time is not None:
             out.queue_time = seq.first_scheduled_time - seq.arrival_time
         if seq.finished:
@@ -457,6 +457,11 @@ class LLMEngine:
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
             g = self._generators[seq.request_id] = make_generator(seed, self.device)
+            if seq.params.seed is not None and not seq.params.greedy:
+                # Tokens sampled elsewhere (a prefill worker's first token, a migrated request's stream) each took
+                # one draw from this seed's stream: skip them, so a seeded request samples what it would have in
+                # one engine, in every mode and across migrations.
+                advance_generator(g, self.arch.vocab_size, seq.num_output_tokens, self.device)
         return g
 
     def _validate(self, request_id: str, ids: list[int], outputs: list[int], params: SamplingParams) -> None:

@@ -29,6 +29,14 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return g
 
 
+def advance_generator(g: torch.Generator, vocab: int, draws: int, device: torch.device) -> None:
+    """Move `g` past `draws` of `sample`'s draws over a `vocab`-sized row. A draw is `torch.multinomial` of one
+    sample, which takes one exponential per token of the row whatever the probabilities (the exponential-race
+    form of the Gumbel-max trick in ATen), so drawing that many exponentials consumes exactly the same."""
+    for _ in range(draws):
+        torch.empty(vocab, dtype=torch.float32, device=device).exponential_(1, generator=g)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator],
            eos_token_ids: frozenset[int] | set[int] = frozenset()) -> tuple[list[int], list[TokenLogprob | None]]:
     """One token per row of `logits` [n, vocab] (float32; the controls are applied to it in place), row i

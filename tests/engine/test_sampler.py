@@ -213,3 +213,17 @@ def test_prompt_logprobs_match_hf_log_softmax_in_fp32(make_engine, tiny_model_di
         assert abs(e.logprob - ref[pos, prompt[pos + 1]].item()) < 1e-4
         assert [t for t, _ in e.top] == ref[pos].topk(3).indices.tolist()
         assert max(abs(v - w) for (_, v), w in zip(e.top, ref[pos].topk(3).values.tolist(), strict=True)) < 1e-4
+
+
+def test_a_seeded_request_handed_over_mid_stream_samples_what_one_engine_would(make_engine, tiny_model_dir):
+    """A decode worker (or a migration's new worker) continues a seeded request from the tokens sampled elsewhere:
+    its generator skips the draws they took, so the text equals an uninterrupted run's."""
+    engine = make_engine(tiny_model_dir)
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    whole = engine.generate([[5, 6, 7, 8]], params)[0].output_token_ids
+    for cut in (1, 5):
+        engine.add_request("resumed", [5, 6, 7, 8], params, output_token_ids=whole[:cut])
+        rest = []
+        while engine.has_unfinished():
+            rest += [t for o in engine.step() for t in o.new_token_ids]
+        assert whole[:cut] + rest == whole, cut
