@@ -136,16 +136,22 @@ def reset(e: LLMEngine) -> None:
     assert not e.has_unfinished() and bm.num_free_blocks == bm.num_blocks, "KV blocks leaked"
 
 
-def add(e: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> None:
+# The sampling controls of the penalties case (`--penalties`): all three penalties on every row.
+PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.2}
+
+
+def add(e: LLMEngine, prompts: list[list[int]], max_tokens: list[int], controls: dict[str, float] | None = None
+        ) -> None:
     reset(e)
     for ids, n in zip(prompts, max_tokens, strict=True):
-        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **(controls or {}))
         e.add_request(f"bench-{next(_request_ids)}", ids, params, detokenize=False)
 
 
-def prefilled(e: LLMEngine, prompts: list[list[int]], max_tokens: int) -> None:
+def prefilled(e: LLMEngine, prompts: list[list[int]], max_tokens: int, controls: dict[str, float] | None = None
+              ) -> None:
     """Add `prompts` and step until every one has its first token (early ones decode meanwhile)."""
-    add(e, prompts, [max_tokens] * len(prompts))
+    add(e, prompts, [max_tokens] * len(prompts), controls)
     while e.waiting or any(s.num_output_tokens == 0 for s in e.running):
         e.step()
 
@@ -157,11 +163,26 @@ def decode_steps(e: LLMEngine, steps: int) -> None:
         assert len(outs) == batch and not any(o.finished for o in outs), "decode batch changed while timed"
 
 
-def engine_decode_tok_s(e: LLMEngine, prompts: list[list[int]], steps: int, runs: int) -> float:
+def engine_decode_tok_s(e: LLMEngine, prompts: list[list[int]], steps: int, runs: int,
+                        controls: dict[str, float] | None = None) -> float:
     margin = steps + 64  # covers the decode steps that overlap a multi-step prefill
-    t = median_seconds(lambda _: decode_steps(e, steps), runs, lambda: prefilled(e, prompts, steps + margin))
+    t = median_seconds(lambda _: decode_steps(e, steps), runs,
+                       lambda: prefilled(e, prompts, steps + margin, controls))
     reset(e)
     return len(prompts) * steps / t
+
+
+def penalties_figures(e: LLMEngine, prompts: list[list[int]], steps: int, runs: int) -> dict[str, float]:
+    """Batch decode with every row's presence, frequency and repetition penalties on, against off
+    (`engine.sampler.process_logits`: the cost of the controls on a step's logits). Off and on alternate
+    run by run, so drift on a shared machine reaches both alike."""
+    off, on = [], []
+    for _ in range(runs):
+        off.append(engine_decode_tok_s(e, prompts, steps, 1))
+        on.append(engine_decode_tok_s(e, prompts, steps, 1, PENALTIES))
+    res = {"decode_b32_tok_s": statistics.median(off), "decode_b32_penalties_tok_s": statistics.median(on)}
+    res["penalties_vs_off"] = res["decode_b32_penalties_tok_s"] / res["decode_b32_tok_s"]
+    return res
 
 
 def engine_prefill_tok_s(e: LLMEngine, prompts: list[list[int]], runs: int) -> float:
@@ -385,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                     help="the engine's decode attention (EngineConfig.attention_backend)")
     ap.add_argument("--engine-only", action="store_true", help="skip the HF baselines (engine figures only)")
+    ap.add_argument("--penalties", action="store_true",
+                    help="only batch decode with presence, frequency and repetition penalties on vs off")
     ap.add_argument("--calibrate", type=Path, default=None, metavar="FILE",
                     help="only measure the simulator's step costs and write them to FILE (JSON)")
     args = ap.parse_args(argv)
@@ -397,11 +420,33 @@ def main(argv: list[str] | None = None) -> int:
     w = replace(QUICK if args.quick else FULL, hf_static_runs=args.hf_static_runs)
     runs = args.runs or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
+    if args.penalties:
+        return _penalties_main(w, runs, args)
     t0 = time.perf_counter()
     res = run(w, runs, args.threads, sys.stderr if args.json else sys.stdout, args.attention_backend,
               hf=not args.engine_only, dtype=args.dtype, hf_dtype=args.hf_dtype)
     res["wall_s"] = time.perf_counter() - t0
     print(json.dumps(res, indent=2) if args.json else table(res))
+    return 0
+
+
+def _penalties_main(w: Workload, runs: int, args: argparse.Namespace) -> int:
+    cfg = PdserveConfig().replace(engine={"num_threads": args.threads, "attention_backend": args.attention_backend},
+                                  model={"dtype": args.dtype},
+                                  scheduler={"max_num_seqs": 64, "max_num_batched_tokens": 4096},
+                                  cache={"num_kv_blocks": 2048})
+    e = LLMEngine(cfg)
+    p = make_prompts(w, e.arch.vocab_size)
+    log(f"engine decode, batch {w.batch}, penalties off and on")
+    res = {"runs": runs, "machine": cpu_description(args.threads), "dtype": str(e.dtype).removeprefix("torch."),
+           "batch": w.batch, "steps": w.batch_steps, "penalties": PENALTIES,
+           **penalties_figures(e, p.batch, w.batch_steps, runs)}
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"machine: {res['machine']}; {res['dtype']}; median of {runs} runs\n"
+              f"decode, batch {w.batch} (tok/s): penalties off {res['decode_b32_tok_s']:.1f}, "
+              f"on {res['decode_b32_penalties_tok_s']:.1f}, on/off {res['penalties_vs_off']:.3f}")
     return 0
 
 

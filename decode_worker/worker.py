@@ -64,10 +64,13 @@ def output_item(outs: list[RequestOutput | BaseException]) -> StepItem:
     """Merge the outputs one request produced since the last item into one `StepItem`."""
     token_ids: list[int] = []
     logprobs: list[TokenLogprob] | None = None
+    prompt = None
     text, n = "", 0
     for out in outs:
         if isinstance(out, BaseException):
-            return StepItem(tuple(token_ids), text, True, None, n, WorkerError.of(out), freeze_logprobs(logprobs))
+            return StepItem(tuple(token_ids), text, True, None, n, WorkerError.of(out), freeze_logprobs(logprobs),
+                            freeze_logprobs(prompt))
+        prompt = prompt or out.prompt_logprobs
         token_ids += out.new_token_ids
         if out.logprobs is not None:
             logprobs = (logprobs or []) + out.logprobs
@@ -75,8 +78,9 @@ def output_item(outs: list[RequestOutput | BaseException]) -> StepItem:
         n = out.num_output_tokens
         if out.finished:
             return StepItem(tuple(token_ids), text, True, out.finish_reason.value if out.finish_reason else None, n,
-                            logprobs=freeze_logprobs(logprobs))
-    return StepItem(tuple(token_ids), text, False, None, n, logprobs=freeze_logprobs(logprobs))
+                            logprobs=freeze_logprobs(logprobs), prompt_logprobs=freeze_logprobs(prompt))
+    return StepItem(tuple(token_ids), text, False, None, n, logprobs=freeze_logprobs(logprobs),
+                    prompt_logprobs=freeze_logprobs(prompt))
 
 
 class _Subscription:
@@ -207,7 +211,7 @@ class DecodeWorker(Worker):
             if not request.remote_prefill:  # colocated: this engine prefills
                 self.loop.submit(rid, list(request.prompt_token_ids), request.params, sink,
                                  priority=request.priority, output_token_ids=list(request.output_token_ids),
-                                 ttft_deadline=request.ttft_deadline)
+                                 ttft_deadline=request.ttft_deadline, fork_of=request.fork_of)
                 return Ready()
             if self.receiver is None:
                 raise ValueError("a remote prefill needs a KV receiver: this decode worker runs colocated")

@@ -237,6 +237,10 @@ class ServeConfig:
     # queues without limit; None lifts the bound.
     max_num_queued_requests: int | None = 256
     default_max_tokens: int = 256  # when a request names none (capped by the context window)
+    # Parallel sampling: the most choices (`n`) one request may ask for; each is a sequence decoding on the
+    # same decode worker, so n multiplies a request's cost (several servers had denial-of-service bugs
+    # through n). Beyond it, or when the n sequences' KV cannot fit one decode worker's pool, a 400.
+    max_n: int = 16
     # SLA-aware admission: a request whose first token cannot come within this many seconds of its
     # arrival (the prefill engine's estimate, from its measured step times) is refused at once with
     # 503 + Retry-After instead of queueing past its deadline. None: no deadline.
@@ -300,6 +304,8 @@ class ServeConfig:
             raise ValueError("need at least one decode worker (and one prefill worker when disaggregated)")
         if not 1 <= self.routers <= 64:
             raise ValueError(f"routers must be in [1, 64], got {self.routers}")
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be at least 1, got {self.max_n}")
         if self.metrics_prefix not in ("pdserve_", "vllm:"):
             raise ValueError("metrics_prefix must be pdserve_ or vllm:")
         if self.max_migrations < 0 or self.failover_wait_s < 0 or self.drain_timeout_s < 0:

@@ -36,7 +36,7 @@ from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.model import AttentionMetadata, load_model, mkldnn_bf16_linear_available
 from pdserve.engine.model_source import ModelSource, load_tokenizer, resolve_model
 from pdserve.engine.platform import cpu_has_fast_bf16, keep_freed_memory
-from pdserve.engine.sampler import make_generator, sample
+from pdserve.engine.sampler import advance_generator, make_generator, sample
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import MeasuredStepCost, Scheduler
 from pdserve.engine.sequence import FinishReason, RequestOutput, Sequence
@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 # Decode rows attended together (sorted by context length); 4-8 measured best
 # on 32 mixed-length sequences (64..512 tokens) on a 2-core CPU.
 DECODE_GROUP_SIZE = 8
+PROMPT_LOGPROBS_CHUNK = 256  # prompt positions whose [positions, vocab] logits are materialised at once
 
 
 def pick_device(name: str) -> torch.device:
@@ -110,6 +111,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._prompt_lps: dict[str, list[TokenLogprob]] = {}  # prompt logprobs until the first output
         self._rng = torch.Generator().manual_seed(config.engine.seed)
         self.last_progress = time.monotonic()  # the last layer a forward pass finished (see `forward`)
 
@@ -139,13 +141,17 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int] | list[dict], params: SamplingParams,
                     *, arrival_time: float | None = None, priority: int = 0, ttft_deadline: float | None = None,
-                    detokenize: bool = True, kv_sink=None, output_token_ids: list[int] | None = None) -> Sequence:
+                    detokenize: bool = True, kv_sink=None, output_token_ids: list[int] | None = None,
+                    fork_of: str | None = None) -> Sequence:
         """Queue a request. `priority`: lower runs first; `ttft_deadline`: seconds from arrival
         by which the first token is due (SLA-aware admission). `kv_sink` (a
         `kv_transfer.source.LayerStream`) makes it prefill-only (see the module docstring).
         `output_token_ids` resumes a request another worker was generating (migration): those
         tokens count as already generated and already streamed (their text is not emitted again);
         prompt and outputs are prefilled together, as after a recompute preemption.
+        `fork_of`: the id of a request of the same prompt running here (parallel sampling, n > 1): this one
+        shares its prompt KV (`Scheduler.fork`) and prefills only the last block's tokens; when that request
+        is gone or preempted, this one prefills its whole prompt.
         Raises `InvalidRequestError`, or `QueueFullError` when the scheduler's overload
         policy refuses it."""
         ids = self.encode_prompt(prompt)
@@ -159,7 +165,9 @@ class LLMEngine:
             raise InvalidRequestError("max_tokens", "the resumed request has already generated max_tokens")
         seq = Sequence(request_id, ids, params, arrival_time=arrival, priority=priority, output_token_ids=outputs,
                        deadline=None if ttft_deadline is None else arrival + ttft_deadline)
-        self.scheduler.add(seq, now)
+        parent = self.seqs.get(fork_of) if fork_of is not None and not outputs else None
+        with self.kv_lock:
+            self.scheduler.add(seq, now, fork_from=parent)
         self._register(seq, detokenize)
         if outputs and request_id in self._detok:
             self._detok[request_id].replay(outputs)  # already streamed: advance past their text silently
@@ -266,8 +274,12 @@ class LLMEngine:
         positions: list[int] = []
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
+        prompt_rows: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, its row, rows)
         for seq, n in plan:
             start = seq.num_computed_tokens
+            last = len(seq.prompt_token_ids) - 1  # positions before it predict a prompt token
+            if seq.params.prompt_logprobs is not None and start < last and not seq.num_output_tokens:
+                prompt_rows.append((seq, start, len(ids), min(start + n, last) - start))
             ids.extend(seq.token_slice(start, start + n))
             positions.extend(range(start, start + n))
             if start + n == seq.num_tokens:
@@ -291,9 +303,30 @@ class LLMEngine:
             for seq, n in plan:
                 seq.num_computed_tokens += n
                 self.scheduler.cache_computed(seq)  # full blocks join the prefix cache
+        if prompt_rows:
+            self._prompt_logprobs(hidden, prompt_rows)
         if not sampled:
             return [], None
         return sampled, self.model.logits(hidden.index_select(0, torch.tensor(sample_rows, device=dev)))
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[Sequence, int, int, int]]) -> None:
+        """The raw model's log-softmax at the prompt positions this step computed, for the requests that asked
+        (`SamplingParams.prompt_logprobs`): each position's next prompt token and the k most likely ones. Kept
+        per request until its first output carries them (position p's entry is index p: a prefill cut into
+        chunks, or recomputed after a preemption, fills the list in order)."""
+        for seq, start, row, count in prompt_rows:
+            acc = self._prompt_lps.setdefault(seq.request_id, [])
+            del acc[start:]
+            k = seq.params.prompt_logprobs
+            for r0 in range(0, count, PROMPT_LOGPROBS_CHUNK):  # [rows, vocab] float32 a chunk at a time
+                n = min(PROMPT_LOGPROBS_CHUNK, count - r0)
+                rows = torch.arange(row + r0, row + r0 + n, device=self.device)
+                lp = torch.log_softmax(self.model.logits(hidden.index_select(0, rows)), dim=-1)
+                nxt = seq.prompt_token_ids[start + r0 + 1:start + r0 + 1 + n]
+                chosen = lp.gather(1, torch.tensor(nxt, device=self.device)[:, None]).squeeze(1).tolist()
+                top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0])
+                for t, c, ti, tv in zip(nxt, chosen, top_i.tolist(), top_v.tolist(), strict=True):
+                    acc.append(TokenLogprob(t, c, tuple(zip(ti, tv, strict=True))))
 
     def _kv_to_ship(self, plan: list[tuple[Sequence, int]]) -> list[tuple[object, torch.Tensor]]:
         """Prefill-only sequences whose prompt completes in this step, with the slots of the KV to ship."""
@@ -381,6 +414,7 @@ class LLMEngine:
         self.last_progress = time.monotonic()
         p = seq.params
         seq.output_token_ids.append(token)
+        prompt_lps = self._prompt_lps.pop(seq.request_id, None) if seq.num_output_tokens == 1 else None
         new_text = ""
         reason = None
         detok = self._detok.get(seq.request_id)
@@ -410,6 +444,7 @@ class LLMEngine:
                             len(seq.prompt_token_ids), len(seq.output_token_ids))
         if logprob is not None:
             out.logprobs = [logprob]
+        out.prompt_logprobs = prompt_lps
         if seq.first_scheduled_time is not None:
             out.queue_time = seq.first_scheduled_time - seq.arrival_time
         if seq.finished:
@@ -426,6 +461,7 @@ class LLMEngine:
         self.seqs.pop(seq.request_id, None)
         self._generators.pop(seq.request_id, None)
         self._detok.pop(seq.request_id, None)
+        self._prompt_lps.pop(seq.request_id, None)
 
     def _register(self, seq: Sequence, detokenize: bool) -> None:
         self.seqs[seq.request_id] = seq
@@ -440,6 +476,11 @@ class LLMEngine:
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
             g = self._generators[seq.request_id] = make_generator(seed, self.device)
+            if seq.params.seed is not None and not seq.params.greedy:
+                # Tokens sampled elsewhere (a prefill worker's first token, a migrated request's stream) each took
+                # one draw from this seed's stream: skip them, so a seeded request samples what it would have in
+                # one engine, in every mode and across migrations.
+                advance_generator(g, self.arch.vocab_size, seq.num_output_tokens, self.device)
         return g
 
     def _validate(self, request_id: str, ids: list[int], outputs: list[int], params: SamplingParams) -> None:

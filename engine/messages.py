@@ -43,6 +43,9 @@ class GenerateRequest:
     # True: a prefill worker computes the KV and pushes it to the decode worker (disaggregated);
     # False: the decode worker prefills the prompt itself (colocated).
     remote_prefill: bool = False
+    # Parallel sampling (n > 1): the attempt id of a sibling of the same prompt on the same decode worker,
+    # whose prompt KV this one shares (`LLMEngine.add_request(fork_of=)`); never with `remote_prefill`.
+    fork_of: str | None = None
 
     @property
     def num_kv_tokens(self) -> int:
@@ -141,6 +144,7 @@ class FirstToken:
     finish_reason: str | None = None
     stages: StageTimings | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # prompt tokens 1.. (`SamplingParams.prompt_logprobs`)
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ class StepItem:
     num_output_tokens: int = 0
     error: WorkerError | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # on a request's first item, when it asked
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,13 @@
 `process_logits` applies the controls that read a request's tokens, batched over the rows of a step's
 logits, in vLLM's order: `logit_bias`, the `min_tokens` mask, then the penalties (repetition over prompt
 and output tokens, frequency and presence over output tokens). Each runs only on the rows that ask for
-it, as a few tensor operations over those rows (the token counts are scattered from the sequences' token
-ids each step), so a step in which no row uses one pays nothing for it. Then each row is sampled:
-greedy rows take the argmax; the others divide by their temperature and drop tokens by min-p, top-k and
-top-p before drawing from their own generator. Logprobs, for the rows that ask, are the log-softmax of the
-processed logits (after the controls, before temperature and the min-p, top-k and top-p cuts: vLLM by
-default returns the raw model's instead; without controls the two agree).
+it, as a few tensor operations over those rows (the penalties count the (row, token) pairs of the rows'
+token ids each step and change only those logits), so a step in which no row uses one pays nothing for
+it. Then each row is sampled: greedy rows take the argmax; the others divide by their temperature and
+drop tokens by min-p, top-k and top-p before drawing from their own generator. Logprobs, for the rows
+that ask, are the log-softmax of the processed logits (after the controls, before temperature and the
+min-p, top-k and top-p cuts: vLLM by default returns the raw model's instead; without controls the two
+agree).
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+def advance_generator(g: torch.Generator, vocab: int, draws: int, device: torch.device) -> None:
+    """Move `g` past `draws` of `sample`'s draws over a `vocab`-sized row. A draw is `torch.multinomial` of one
+    sample, which takes one exponential per token of the row whatever the probabilities (the exponential-race
+    form of the Gumbel-max trick in ATen), so drawing that many exponentials consumes exactly the same."""
+    for _ in range(draws):
+        torch.empty(vocab, dtype=torch.float32, device=device).exponential_(1, generator=g)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator],
@@ -93,43 +102,49 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence],
 
 
 def _penalize(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
-    """vLLM's penalties on `logits[rows]`: per-row token counts scattered from the sequences' token ids."""
+    """vLLM's penalties on `logits[rows]`, touching only the logits of tokens a row has seen: the (row, token)
+    pairs of the rows' tokens are counted with one `unique` (a few thousand pairs, where a dense [rows, vocab]
+    count would pass over every logit of every row several times, ~20% of a batch-32 decode step)."""
     vocab = logits.shape[-1]
     dev = logits.device
-    r = len(rows)
-    all_rows = r == logits.shape[0]
-    idx = None if all_rows else torch.tensor(rows, device=dev)
-    sub = logits if all_rows else logits.index_select(0, idx)
-    counts = _counts([s.output_token_ids for s in seqs], r, vocab, sub.dtype, dev)  # output tokens only
     params = [s.params for s in seqs]
+    out_keys = _keys([s.output_token_ids for s in seqs], rows, vocab)
+    out_pairs, out_counts = torch.unique(out_keys, return_counts=True) if out_keys.numel() else (out_keys, out_keys)
     rep_rows = [j for j, p in enumerate(params) if p.repetition_penalty != 1.0]
     if rep_rows:
         rep_set = set(rep_rows)
-        seen = counts > 0  # in the prompt or the output
-        seen |= _counts([s.prompt_token_ids if j in rep_set else [] for j, s in enumerate(seqs)], r, vocab,
-                        sub.dtype, dev) > 0
-        rep = torch.tensor([p.repetition_penalty for p in params], dtype=sub.dtype, device=dev)[:, None]
-        rep = torch.where(seen, rep, torch.ones((), dtype=sub.dtype, device=dev))
-        sub = torch.where(sub > 0, sub / rep, sub * rep)
-    freq = torch.tensor([p.frequency_penalty for p in params], dtype=sub.dtype, device=dev)[:, None]
-    pres = torch.tensor([p.presence_penalty for p in params], dtype=sub.dtype, device=dev)[:, None]
-    sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
-    if all_rows:
-        logits.copy_(sub)
-    else:
-        logits.index_copy_(0, idx, sub)
+        prompt_keys = _keys([s.prompt_token_ids if j in rep_set else [] for j, s in enumerate(seqs)], rows, vocab)
+        out_rep = out_pairs
+        if len(rep_rows) < len(rows):  # the output tokens of the rows with a repetition penalty
+            rep_row_ids = torch.tensor([rows[j] for j in rep_rows])
+            out_rep = out_pairs[torch.isin(out_pairs // vocab, rep_row_ids)]
+        seen = torch.unique(torch.cat([prompt_keys, out_rep]))  # in the prompt or the output
+        rep = torch.ones(logits.shape[0], dtype=logits.dtype)
+        rep[rows] = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype)
+        _update(logits, seen, vocab, lambda v, r: torch.where(v > 0, v / rep.to(dev)[r], v * rep.to(dev)[r]))
+    if out_pairs.numel() and any(p.frequency_penalty or p.presence_penalty for p in params):
+        freq = torch.zeros(logits.shape[0], dtype=logits.dtype)
+        pres = torch.zeros(logits.shape[0], dtype=logits.dtype)
+        freq[rows] = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype)
+        pres[rows] = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype)
+        counts = out_counts.to(device=dev, dtype=logits.dtype)
+        _update(logits, out_pairs, vocab, lambda v, r: v - freq.to(dev)[r] * counts - pres.to(dev)[r])
 
 
-def _counts(token_lists: list[list[int]], rows: int, vocab: int, dtype: torch.dtype,
-            device: torch.device) -> torch.Tensor:
-    """[rows, vocab]: how often each token occurs in each row's list (one scatter over every token)."""
-    counts = torch.zeros(rows * vocab, dtype=dtype, device=device)
+def _keys(token_lists: list[list[int]], rows: list[int], vocab: int) -> torch.Tensor:
+    """row * vocab + token for every token of each row's list (int64, on the CPU)."""
     lengths = torch.tensor([len(ts) for ts in token_lists])
-    if int(lengths.sum()):
-        flat = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
-        flat += torch.repeat_interleave(torch.arange(rows) * vocab, lengths)
-        counts.index_add_(0, flat.to(device), torch.ones(flat.numel(), dtype=dtype, device=device))
-    return counts.view(rows, vocab)
+    if not int(lengths.sum()):
+        return torch.empty(0, dtype=torch.long)
+    flat = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
+    return flat + torch.repeat_interleave(torch.tensor(rows, dtype=torch.long) * vocab, lengths)
+
+
+def _update(logits: torch.Tensor, keys: torch.Tensor, vocab: int, fn) -> None:
+    """`logits[row, token] = fn(logits[row, token], row)` at the (row, token) pairs `keys` (row * vocab + token)."""
+    keys = keys.to(logits.device)
+    r, c = keys // vocab, keys % vocab
+    logits[r, c] = fn(logits[r, c], r)
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

@@ -51,6 +51,10 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and the stop token ids cannot be sampled before this many output tokens
     # None: no logprobs; k: each sampled token's logprob and the k most likely tokens' (`engine.sampler`)
     logprobs: int | None = None
+    # None: no prompt logprobs; k: each prompt token's logprob (but the first's) and the k most likely tokens'
+    # at its position, from the raw model (completions' echo with logprobs). Such a request is computed whole:
+    # a cached prefix has no logits to give.
+    prompt_logprobs: int | None = None
     stop_token_set: frozenset[int] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +104,9 @@ class SamplingParams:
         self._check_logit_bias()
         if self.logprobs is not None and (not _int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidSamplingParams("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        k = self.prompt_logprobs
+        if k is not None and (not _int(k) or not 0 <= k <= MAX_LOGPROBS):
+            raise InvalidSamplingParams("prompt_logprobs", f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {k}")
         if not _int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidSamplingParams("min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
                                         f"got {self.min_tokens}")

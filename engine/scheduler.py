@@ -171,8 +171,10 @@ class Scheduler:
         self.prefix_cache_hits = 0  # of those, tokens the cache supplied
 
     # -- requests ------------------------------------------------------------
-    def add(self, seq: Sequence, now: float) -> None:
-        """Queue a request; raises `QueueFullError` when the overload policy refuses it."""
+    def add(self, seq: Sequence, now: float, fork_from: Sequence | None = None) -> None:
+        """Queue a request; raises `QueueFullError` when the overload policy refuses it. `fork_from`: a
+        sequence of the same prompt (a sibling of a parallel-sampling request) whose prompt KV it shares
+        where it can (`fork`)."""
         c = self.config
         if c.max_num_queued_requests is not None and len(self.waiting) >= c.max_num_queued_requests:
             raise QueueFullError(f"the waiting queue is full ({len(self.waiting)} requests)",
@@ -184,6 +186,26 @@ class Scheduler:
                                      f"allowed {seq.deadline - now:.3f}s)", self._drain_estimate(), "deadline")
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        if fork_from is not None:
+            self.fork(seq, fork_from)
+
+    def fork(self, seq: Sequence, parent: Sequence) -> int:
+        """Let a queued sequence with no KV yet share `parent`'s prompt KV: a reference to each of its full
+        blocks before the block of the last prompt token. The child computes that last block's tokens
+        itself (at most a block's worth), into a block of its own, and samples its first token from its own
+        logits; so no shared block is ever written, and sharing needs no copy. Returns the tokens shared
+        (0: nothing to share, e.g. the parent was preempted or its prompt is under two blocks)."""
+        bs = self.blocks.block_size
+        k = (len(seq.prompt_token_ids) - 1) // bs
+        if (k <= 0 or seq.block_table or seq.num_computed_tokens or seq.status is not SequenceStatus.WAITING
+                or seq.params.prompt_logprobs is not None
+                or parent.status is not SequenceStatus.RUNNING or len(parent.block_table) < k
+                or parent.num_computed_tokens < k * bs or parent.prompt_token_ids != seq.prompt_token_ids):
+            return 0
+        seq.block_table = self.blocks.share(parent.block_table[:k])
+        seq.num_computed_tokens = seq.num_forked_tokens = k * bs
+        seq.num_registered_blocks = min(k, parent.num_registered_blocks)
+        return k * bs
 
     def add_running(self, seq: Sequence) -> None:
         """A request whose KV is already in the pool (imported from a prefill worker)."""
@@ -328,7 +350,8 @@ class Scheduler:
 
     def _match_prefix(self, seq: Sequence) -> None:
         """A request with no KV yet takes the cached blocks of its longest cached prefix."""
-        if not self.blocks.enable_caching or seq.num_computed_tokens or seq.block_table:
+        if not self.blocks.enable_caching or seq.num_computed_tokens or seq.block_table or \
+                seq.params.prompt_logprobs is not None:  # it needs every prompt position's logits
             return
         n = self._cacheable_blocks(seq)
         if n <= 0:
@@ -339,15 +362,16 @@ class Scheduler:
         seq.num_computed_tokens = len(blocks) * self.blocks.block_size
 
     def _unmatch(self, seq: Sequence) -> None:
-        """Undo `_match_prefix` for a request that stays queued (its blocks go back to the cache)."""
-        if seq.status is SequenceStatus.WAITING and seq.block_table:
+        """Undo `_match_prefix` for a request that stays queued (its blocks go back to the cache). A forked
+        one keeps the blocks it shares with its parent: they are its KV, not a guess at it."""
+        if seq.status is SequenceStatus.WAITING and seq.block_table and not seq.num_forked_tokens:
             self.blocks.free(seq.block_table)
             seq.block_table = []
             seq.num_computed_tokens = seq.num_registered_blocks = 0
 
     def cached_tokens(self, seq: Sequence) -> int:
         """Tokens of a request with no KV yet that the cache would supply now (a peek: nothing is taken)."""
-        if not self.blocks.enable_caching or seq.num_computed_tokens:
+        if not self.blocks.enable_caching or seq.num_computed_tokens or seq.params.prompt_logprobs is not None:
             return 0
         n = self._cacheable_blocks(seq)
         if n <= 0:
@@ -458,7 +482,7 @@ class Scheduler:
         # recompute ("recompute", or a full swap pool): drop the KV, prefill prompt + output again
         self.blocks.free(seq.block_table)  # its computed prefix stays cached: resuming may not recompute it all
         seq.block_table = []
-        seq.num_computed_tokens = seq.num_registered_blocks = 0
+        seq.num_computed_tokens = seq.num_registered_blocks = seq.num_forked_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 

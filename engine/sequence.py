@@ -56,6 +56,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0
+    # Parallel sampling (n > 1): prompt tokens whose KV blocks this sequence shares with the sequence it was
+    # forked from (`Scheduler.add(..., fork_from=)`); they count as computed. 0 once a preemption drops them.
+    num_forked_tokens: int = 0
 
     @property
     def num_output_tokens(self) -> int:
@@ -104,3 +107,5 @@ class RequestOutput:
     output_text: str = ""
     queue_time: float | None = None  # seconds from arrival to the first step that ran the request
     logprobs: list[TokenLogprob] | None = None  # of `new_token_ids`, when the request asked
+    # prompt tokens 1.. (the first has no context), on the first output, when the request asked
+    prompt_logprobs: list[TokenLogprob] | None = None

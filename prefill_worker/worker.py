@@ -75,7 +75,8 @@ class PrefillWorker(Worker):
                 with contextlib.suppress(Exception):
                     await push
                 return FirstToken(tuple(out.new_token_ids), out.new_text, True, out.finish_reason.value,
-                                  logprobs=freeze_logprobs(out.logprobs))
+                                  logprobs=freeze_logprobs(out.logprobs),
+                                  prompt_logprobs=freeze_logprobs(out.prompt_logprobs))
             try:
                 transfer = await push
             except KVTransferError as e:  # another prefill/decode pair may well succeed: the router retries
@@ -86,7 +87,8 @@ class PrefillWorker(Worker):
             self.metrics.prefill.observe(compute)
             stages = StageTimings(queue, compute, time.perf_counter() - t_prefilled, transfer.bytes)
             return FirstToken(tuple(out.new_token_ids), out.new_text, stages=stages,
-                              logprobs=freeze_logprobs(out.logprobs))
+                              logprobs=freeze_logprobs(out.logprobs),
+                              prompt_logprobs=freeze_logprobs(out.prompt_logprobs))
         except asyncio.CancelledError:  # the router gave the request up
             self.abort(rid)
             with contextlib.suppress(Exception):

@@ -61,6 +61,10 @@ _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "Permis
                 431: "RequestHeaderFieldsTooLarge"}
 
 
+# Paths outside /v1/ that the API key guards too: they spend the tokenizer's time.
+_KEYED = ("/tokenize", "/detokenize")
+
+
 class BodyTooLarge(P.APIError):
     def __init__(self, limit: int):
         super().__init__(413, f"the request body is larger than this server's limit of {limit} bytes",
@@ -72,7 +76,7 @@ class _Guard:
 
     - a request line and headers over `max_header_bytes` -> 431 (a header block still incomplete
       past uvicorn's `h11_max_incomplete_event_size` never gets here: h11 answers its own 400);
-    - /v1/* without `Authorization: Bearer <api_key>` (when one is set) -> 401;
+    - /v1/*, /tokenize and /detokenize without `Authorization: Bearer <api_key>` (when one is set) -> 401;
     - /admin/*: 403 while `admin_key` is unset, 401 without `Authorization: Bearer <admin_key>`;
     - a body over `max_request_body_bytes` -> 413: refused unread when Content-Length says so, else
       (chunked) counted while the route reads it; the read fails once over, so nothing is buffered
@@ -107,7 +111,8 @@ class _Guard:
                 return await self._refuse(send, P.APIError(401, "invalid or missing admin key",
                                                            type="AuthenticationError",
                                                            headers={"WWW-Authenticate": "Bearer"}))
-        elif self.api_key is not None and path.startswith("/v1/") and not _key_matches(headers, self.api_key):
+        elif self.api_key is not None and (path.startswith("/v1/") or path in _KEYED) and \
+                not _key_matches(headers, self.api_key):
             return await self._refuse(send, P.APIError(401, "invalid or missing API key", type="AuthenticationError",
                                                        headers={"WWW-Authenticate": "Bearer"}))
         length = _content_length(headers)
@@ -269,6 +274,25 @@ def build_app(router: Router) -> FastAPI:
     async def chat(request: Request):
         return await handle(request, "chat")
 
+    def check_model(model: str | None) -> None:
+        if model is not None and model != router.model_name:
+            raise P.APIError(404, f"the model {model!r} does not exist; this server serves {router.model_name!r}",
+                             type="NotFoundError", param="model")
+
+    @app.post("/tokenize", openapi_extra=_openapi("TokenizeRequest", 400, 404, 413, 431))
+    async def tokenize(request: Request):
+        """vLLM's: a prompt's token ids (chat messages through the chat template), tokenized off the event loop."""
+        req = P.parse_tokenize(await _json_body(request))
+        check_model(req.model)
+        ids = await router.tokenize_only(req)
+        return {"count": len(ids), "max_model_len": router.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize", openapi_extra=_openapi("DetokenizeRequest", 400, 404, 413, 431))
+    async def detokenize(request: Request):
+        req = P.validate(P.DetokenizeRequest, await _json_body(request))
+        check_model(req.model)
+        return {"prompt": await router.detokenize(req.tokens)}
+
     @app.post("/admin/scale", openapi_extra=_openapi("ScaleRequest", 400, 401, 403, 413, 431))
     async def admin_scale(request: Request):
         """Grow or shrink the pools (`Authorization: Bearer <serve.admin_key>`); answers the new status."""
@@ -304,9 +328,10 @@ class _Call:
     kind: str  # "completion" or "chat"
     parsed: P.ParsedRequest
     ids: list[int]
-    events: AsyncIterator[StepItem]  # the router's stream of items for it
+    events: AsyncIterator[tuple[int, StepItem]]  # the router's stream of (choice index, item) for it
     rid: str
     created: int
+    echo_text: str | None = None  # completions' echo: the prompt's text, before each choice's
 
 
 class _LogprobsBody:
@@ -332,6 +357,15 @@ class _LogprobsBody:
         self.offset += sum(len(t) for t in body["tokens"])
         return body
 
+    def with_echo(self, prompt_ids: list[int], prompt_entries, entries) -> dict | None:
+        """`of(entries)` after the echoed prompt's logprobs (the first piece of a choice that echoes)."""
+        if not self.asked:
+            return None
+        head = P.echo_logprobs(prompt_ids, list(prompt_entries or ()), self.token_text)
+        self.offset = sum(len(t) for t in head["tokens"])
+        tail = self.of(entries)
+        return {k: head[k] + tail[k] for k in head}
+
 
 async def _admit(router: Router, request: Request, kind: str) -> _Call:
     """The checks before a call runs (draining, the queue bound, the body, the model), then tokenizing."""
@@ -349,24 +383,27 @@ async def _admit(router: Router, request: Request, kind: str) -> _Call:
     router.queued += 1
     try:
         parsed = P.parse_request(await _json_body(request), kind, serve.default_max_tokens,
-                                 (serve.min_client_priority, serve.max_client_priority))
+                                 (serve.min_client_priority, serve.max_client_priority), serve.max_n)
         if parsed.model is not None and parsed.model != router.model_name:
             raise P.APIError(404, f"the model {parsed.model!r} does not exist; this server serves "
                              f"{router.model_name!r}", type="NotFoundError", param="model")
         ids = await router.tokenize(parsed)
+        echo = None
+        if parsed.echo:  # the prompt as sent, or its ids decoded (on the tokenizer's thread)
+            echo = parsed.prompt if isinstance(parsed.prompt, str) else await router.detokenize(ids)
     except BaseException:  # refused (4xx), or the client went away while it was being read or tokenized
         router.queued -= 1
         raise
-    return _Call(kind, parsed, ids, router.generate(parsed, ids, arrival), P.new_id(kind), P.now())
+    return _Call(kind, parsed, ids, router.generate_choices(parsed, ids, arrival), P.new_id(kind), P.now(), echo)
 
 
-async def _first_item(router: Router, call: _Call) -> StepItem:
+async def _first_item(router: Router, call: _Call) -> tuple[int, StepItem]:
     """The call's first item: an error before it still gets a proper HTTP status. The call leaves the
     router's queue (counted since `_admit`) when it comes."""
     try:
         return await anext(call.events)
     except StopAsyncIteration:
-        return StepItem(finished=True, finish_reason="stop")
+        return 0, StepItem(finished=True, finish_reason="stop")
     except P.APIError as e:
         if e.status >= 500:
             router.metrics.rejected.labels(router.model_name, "unavailable").inc()
@@ -379,18 +416,22 @@ async def _first_item(router: Router, call: _Call) -> StepItem:
         router.drain_rate.departed()
 
 
-async def _whole_response(router: Router, request: Request, call: _Call, first: StepItem) -> Response:
+async def _whole_response(router: Router, request: Request, call: _Call, first: tuple[int, StepItem]) -> Response:
     """A non-streaming answer; a client that disconnects meanwhile stops the generation everywhere."""
-    text, n_out, reason = first.text, len(first.token_ids), first.finish_reason
-    logprobs = list(first.logprobs or ())
+    n = call.parsed.n
+    text, reason = [""] * n, [None] * n
+    logprobs: list[list] = [[] for _ in range(n)]
+    n_out = 0
+    prompt_logprobs = None
 
     async def collect() -> None:
-        nonlocal text, n_out, reason
-        async for item in call.events:
-            text += item.text
+        nonlocal n_out, prompt_logprobs
+        async for i, item in _chain(first, call.events):
+            prompt_logprobs = prompt_logprobs or item.prompt_logprobs
+            text[i] += item.text
             n_out += len(item.token_ids)
-            reason = item.finish_reason
-            logprobs.extend(item.logprobs or ())
+            reason[i] = item.finish_reason
+            logprobs[i].extend(item.logprobs or ())
 
     consume = asyncio.create_task(collect())
     gone = asyncio.create_task(_client_gone(request))
@@ -412,31 +453,58 @@ async def _whole_response(router: Router, request: Request, call: _Call, first: 
         raise _worker_failed(e) from e
     finally:
         gone.cancel()
-    router.metrics.success.labels(router.model_name, reason or "stop").inc()
-    return JSONResponse(P.full_response(call.kind, call.rid, router.model_name, call.created, text, reason,
-                                        len(call.ids), n_out, _LogprobsBody(router, call).of(logprobs)))
+    router.metrics.success.labels(router.model_name, reason[0] or "stop").inc()
+    body = None
+    for i in range(n):  # one body per choice, merged: choice i at index i, usage over all of them
+        lp = _LogprobsBody(router, call)
+        if call.echo_text is None:
+            one = P.full_response(call.kind, call.rid, router.model_name, call.created, text[i], reason[i],
+                                  len(call.ids), n_out, lp.of(logprobs[i]))
+        else:
+            one = P.full_response(call.kind, call.rid, router.model_name, call.created, call.echo_text + text[i],
+                                  reason[i], len(call.ids), n_out, lp.with_echo(call.ids, prompt_logprobs,
+                                                                                logprobs[i]))
+        one["choices"][0]["index"] = i
+        if body is None:
+            body = one
+        else:
+            body["choices"].append(one["choices"][0])
+    return JSONResponse(body)
 
 
-async def _sse_stream(router: Router, call: _Call, first: StepItem):
-    """The SSE body: a chunk per item with text (and the first and last), usage if asked, an error chunk
-    if a worker fails mid-stream, then [DONE]."""
+async def _sse_stream(router: Router, call: _Call, first: tuple[int, StepItem]):
+    """The SSE body: a chunk per item with text (and each choice's first and last), usage if asked, an
+    error chunk if a worker fails mid-stream, then [DONE]. Choices interleave, each chunk naming its index."""
     n_out = 0
     reason = None
     model = router.model_name
-    logprobs = _LogprobsBody(router, call)
-    plain = P.TextChunks(call.kind, call.rid, model, call.created)
+    n = call.parsed.n
+    logprobs = [_LogprobsBody(router, call) for _ in range(n)]
+    plain = [P.TextChunks(call.kind, call.rid, model, call.created, index=i) for i in range(n)]
+    prompt_logprobs = None
     try:
-        is_first = True
-        async for item in _chain(first, call.events):
+        is_first = [True] * n
+        async for i, item in _chain(first, call.events):
             n_out += len(item.token_ids)
-            if not (item.finished or is_first or item.logprobs):  # the common chunk: text only
+            if not (item.finished or is_first[i] or item.logprobs):  # the common chunk: text only
                 if item.text:
-                    yield plain(item.text)
+                    yield plain[i](item.text)
                 continue
             reason = item.finish_reason if item.finished else None
-            yield _sse(P.stream_chunk(call.kind, call.rid, model, call.created, item.text, reason,
-                                      first=is_first, logprobs=logprobs.of(item.logprobs)))
-            is_first = False
+            prompt_logprobs = prompt_logprobs or item.prompt_logprobs
+            if is_first[i] and call.echo_text is not None:  # the echoed prompt leads each choice
+                chunk = P.stream_chunk(call.kind, call.rid, model, call.created, call.echo_text + item.text, reason,
+                                       first=True, logprobs=logprobs[i].with_echo(call.ids, prompt_logprobs,
+                                                                                  item.logprobs))
+            elif item.text or item.finished or is_first[i] or item.logprobs:
+                chunk = P.stream_chunk(call.kind, call.rid, model, call.created, item.text, reason,
+                                       first=is_first[i], logprobs=logprobs[i].of(item.logprobs))
+            else:
+                chunk = None
+            if chunk is not None:
+                chunk["choices"][0]["index"] = i
+                yield _sse(chunk)
+                is_first[i] = False
         router.metrics.success.labels(model, reason or "stop").inc()
         if call.parsed.include_usage:
             yield _sse(P.usage_chunk(call.kind, call.rid, model, call.created, len(call.ids), n_out))

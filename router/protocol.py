@@ -100,7 +100,7 @@ class _Sampling(_Base):
                                                                           le=MAX_ABS_LOGIT_BIAS)]] | None = \
         Field(None, max_length=MAX_LOGIT_BIAS_ENTRIES)
     min_tokens: int | None = Field(None, ge=0)  # vLLM's; at most max_tokens
-    n: int = 1
+    n: int = Field(1, ge=1)  # at most serve.max_n
     stream: bool = False
     stream_options: StreamOptions | None = None
     priority: int = 0  # lower runs first (vLLM's convention)
@@ -110,6 +110,8 @@ class _Sampling(_Base):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # the alternatives per token
+    # the prompt before the completion (with logprobs: the prompt tokens' too); strict: 0 is not False
+    echo: bool = Field(False, strict=True)
 
 
 class ContentPart(_Base):
@@ -127,6 +129,23 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the alternatives per token; needs logprobs
+
+
+class TokenizeRequest(_Base):
+    """vLLM's `POST /tokenize`: a completion `prompt`, or chat `messages` through the chat template."""
+
+    model: str | None = None
+    prompt: str | list[int] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True  # chat only
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (as vLLM)
+
+
+class DetokenizeRequest(_Base):
+    """vLLM's `POST /detokenize`."""
+
+    model: str | None = None
+    tokens: list[int]
 
 
 class ScaleRequest(BaseModel):
@@ -151,6 +170,7 @@ class ErrorResponse(BaseModel):
 def openapi_schemas() -> dict[str, Any]:
     """JSON schemas of the request and error bodies, keyed by model name, for `components.schemas`."""
     _, top = models_json_schema([(m, "validation") for m in (CompletionRequest, ChatCompletionRequest,
+                                                              TokenizeRequest, DetokenizeRequest,
                                                               ScaleRequest, ErrorResponse)],
                                 ref_template="#/components/schemas/{model}")
     return top["$defs"]
@@ -210,7 +230,6 @@ _BOTH, _CHAT, _COMPLETION = ("chat", "completion"), ("chat",), ("completion",)
 UNSUPPORTED: dict[str, tuple[tuple[str, ...], tuple[Any, ...]]] = {
     # field: (the endpoints that know it, the values accepted because they ask for nothing)
     "best_of": (_COMPLETION, (1,)),
-    "echo": (_COMPLETION, (False,)),
     "suffix": (_COMPLETION, ("",)),
     "response_format": (_CHAT, ({"type": "text"},)),
     "tools": (_CHAT, ([],)),
@@ -280,16 +299,19 @@ class ParsedRequest:
     # the field that set `params.max_tokens` ("max_tokens" or "max_completion_tokens"); None: the server's
     # default, which the router cuts to what the context window leaves beside the prompt
     max_tokens_param: str | None = None
+    n: int = 1  # choices, each sampled independently (parallel sampling, `Router.generate_choices`)
+    echo: bool = False  # completions: the prompt's text (and logprobs) before each choice's
 
 
 def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_tokens: int,
-                  priority_range: tuple[int, int] = (0, 0)) -> ParsedRequest:
+                  priority_range: tuple[int, int] = (0, 0), max_n: int = 1) -> ParsedRequest:
     """Validate a JSON body; raises `APIError` (400) naming the offending field. `priority_range`: the
-    priorities this server grants its clients (`serve.min_client_priority`, `max_client_priority`)."""
+    priorities this server grants its clients (`serve.min_client_priority`, `max_client_priority`); `max_n`:
+    the most choices a request may ask for (`serve.max_n`)."""
     req = validate(CompletionRequest if kind == "completion" else ChatCompletionRequest, body)
     refuse_unsupported(body, kind)
-    if req.n != 1:
-        raise bad_request("n > 1 is not supported; send several requests", "n")
+    if not 1 <= req.n <= max_n:
+        raise bad_request(f"n must be in [1, {max_n}] on this server (serve.max_n), got {req.n}", "n")
     lo, hi = priority_range
     if not lo <= req.priority <= hi:
         granted = "only the default priority, 0" if lo == hi == 0 else f"priorities in [{lo}, {hi}]"
@@ -309,7 +331,8 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
             ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            min_p=req.min_p or 0.0, logit_bias=req.logit_bias or {}, min_tokens=req.min_tokens or 0, logprobs=logprobs)
+            min_p=req.min_p or 0.0, logit_bias=req.logit_bias or {}, min_tokens=req.min_tokens or 0, logprobs=logprobs,
+            prompt_logprobs=logprobs if kind == "completion" and req.echo else None)
     except InvalidRequestError as e:
         raise bad_request(str(e), max_tokens_param if e.param == "max_tokens" else e.param) from None
     prompt = messages = None
@@ -330,7 +353,7 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
                 m["content"] = "".join(p["text"] for p in m["content"])
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return ParsedRequest(kind, req.model, prompt, messages, params, req.stream, include_usage, req.priority,
-                         max_tokens_param)
+                         max_tokens_param, req.n, kind == "completion" and req.echo)
 
 
 def _logprobs(req: Any, kind: str) -> int | None:
@@ -340,6 +363,33 @@ def _logprobs(req: Any, kind: str) -> int | None:
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     return (req.top_logprobs or 0) if req.logprobs else None
+
+
+@dataclass
+class ParsedTokenize:
+    """A validated `/tokenize` body: exactly one of `prompt` (str or ids) and `messages` (flattened to text)."""
+
+    model: str | None
+    prompt: str | list[int] | None
+    messages: list[dict[str, Any]] | None
+    add_generation_prompt: bool
+    add_special_tokens: bool
+
+
+def parse_tokenize(body: Any) -> ParsedTokenize:
+    req = validate(TokenizeRequest, body)
+    if (req.prompt is None) == (req.messages is None):
+        raise bad_request("give exactly one of prompt and messages", "prompt" if req.prompt is None else "messages")
+    messages = None
+    if req.messages is not None:
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        for m in messages:
+            if isinstance(m.get("content"), list):  # text parts only
+                if any(p["type"] != "text" for p in m["content"]):
+                    raise bad_request("only text content parts are supported", "messages")
+                m["content"] = "".join(p["text"] for p in m["content"])
+    special = req.add_special_tokens if req.add_special_tokens is not None else req.messages is None
+    return ParsedTokenize(req.model, req.prompt, messages, req.add_generation_prompt, special)
 
 
 # -- responses -------------------------------------------------------------------------------------------
@@ -381,6 +431,15 @@ def completion_logprobs(entries: list[TokenLogprob], token_text, offset: int) ->
             "top_logprobs": tops, "text_offset": offsets}
 
 
+def echo_logprobs(prompt_ids: list[int], entries: list[TokenLogprob], token_text) -> dict[str, Any]:
+    """Completions' `logprobs` of an echoed prompt: its first token has none (null, as in OpenAI and vLLM);
+    `entries` are the others' (`SamplingParams.prompt_logprobs`)."""
+    first = token_text(prompt_ids[0])
+    rest = completion_logprobs(entries, token_text, len(first))
+    return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
+
+
 def full_response(kind: str, rid: str, model: str, created: int, text: str, finish_reason: str | None,
                   prompt_tokens: int, completion_tokens: int, logprobs: dict[str, Any] | None = None
                   ) -> dict[str, Any]:
@@ -413,8 +472,9 @@ class TextChunks:
     `stream_chunk` + compact `json.dumps` give, at a fraction of the cost (no dict, no encoder walk):
     the router frames every token of every stream, so this is its hottest path."""
 
-    def __init__(self, kind: str, rid: str, model: str, created: int):
+    def __init__(self, kind: str, rid: str, model: str, created: int, index: int = 0):
         head = stream_chunk(kind, rid, model, created, "\x00", None)
+        head["choices"][0]["index"] = index
         framed = "data: " + json.dumps(head, separators=(",", ":")) + "\n\n"
         self._head, self._tail = (part.encode() for part in framed.split('"\\u0000"'))
 

@@ -50,6 +50,7 @@ from pdserve.engine.block_manager import BlockHash, block_hashes
 from pdserve.engine.config import PdserveConfig
 from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.messages import GenerateRequest, StepItem, WorkerError
+from pdserve.engine.sampling import INT64_MIN
 from pdserve.router import protocol as P
 from pdserve.router.admission import DrainRate
 from pdserve.router.metrics import PoolCollector, RouterMetrics
@@ -129,7 +130,24 @@ class Router:
     # -- requests ---------------------------------------------------------------------------------------
     async def tokenize(self, parsed: P.ParsedRequest) -> list[int]:
         """`encode`, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize, self.encode, parsed)
+        ids = await asyncio.get_running_loop().run_in_executor(self._tokenize, self.encode, parsed)
+        if parsed.n > 1:
+            self._check_n_fits(parsed, len(ids))
+        return ids
+
+    def _check_n_fits(self, parsed: P.ParsedRequest, num_prompt: int) -> None:
+        """The n sequences of a parallel-sampling request decode on one decode worker: their KV (the shared
+        prompt, then each one's last prompt block and output) must fit the largest decode worker's pool."""
+        pools = [w.info.num_blocks for w in self.pools["decode"].values() if w.info.num_blocks]
+        if not pools:
+            return
+        bs, n = self.block_size, parsed.n
+        max_tokens = min(parsed.params.max_tokens, self.max_model_len - num_prompt)
+        need = -(-num_prompt // bs) + n * (-(-max_tokens // bs) + 1)
+        if need > max(pools):
+            raise P.bad_request(f"n={n} sequences of up to {max_tokens} tokens beside a {num_prompt}-token prompt need "
+                                f"{need} KV blocks; a decode worker here holds {max(pools)}: lower n or max_tokens",
+                                "n")
 
     def encode(self, parsed: P.ParsedRequest) -> list[int]:
         self._check_prompt_chars(parsed)
@@ -168,6 +186,43 @@ class Router:
             raise P.bad_request("stop strings need a tokenizer", "stop")
         return ids
 
+    # -- /tokenize and /detokenize (vLLM's), on the tokenizer's thread as well ---------------------------
+    async def tokenize_only(self, req: P.ParsedTokenize) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, self._tokenize_only, req)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        self._check_ids(ids, "tokens", self.max_model_len)
+        if self.tokenizer is None:
+            raise P.bad_request("this model has no tokenizer", "tokens")
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, self.tokenizer.decode, ids)
+
+    def _tokenize_only(self, req: P.ParsedTokenize) -> list[int]:
+        if isinstance(req.prompt, list):
+            self._check_ids(req.prompt, "prompt", self.max_model_len)
+            return list(req.prompt)
+        param = "messages" if req.messages is not None else "prompt"
+        if self.tokenizer is None:
+            raise P.bad_request("this model has no tokenizer", param)
+        chars = sum(len(m.get("content") or "") for m in req.messages) if req.messages else len(req.prompt)
+        if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
+            raise P.bad_request(f"the prompt has {chars} characters, more than the {self.max_model_len}-token context "
+                                f"window can hold (at most {self.max_prompt_chars} characters with this tokenizer)",
+                                param)
+        text = req.prompt
+        if req.messages is not None:
+            try:
+                text = self.tokenizer.apply_chat_template(req.messages, tokenize=False,
+                                                          add_generation_prompt=req.add_generation_prompt)
+            except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
+                raise P.bad_request(f"the chat template rejected the messages: {e}", "messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+
+    def _check_ids(self, ids: list[int], param: str, max_len: int) -> None:
+        if len(ids) > max_len:
+            raise P.bad_request(f"{param} has {len(ids)} token ids; at most {max_len} (the context window)", param)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            raise P.bad_request(f"token ids must be in [0, {self.vocab_size})", param)
+
     def _check_prompt_chars(self, parsed: P.ParsedRequest) -> None:
         if self.max_prompt_chars is None:
             return
@@ -181,7 +236,64 @@ class Router:
                                 f"window can hold (at most {self.max_prompt_chars} characters with this tokenizer)",
                                 param)
 
-    async def generate(self, parsed: P.ParsedRequest, ids: list[int], arrival: float) -> AsyncIterator[StepItem]:
+    async def generate_choices(self, parsed: P.ParsedRequest, ids: list[int], arrival: float
+                               ) -> AsyncIterator[tuple[int, StepItem]]:
+        """(choice index, `StepItem`) for each of the request's `n` choices, merged as they come; raises
+        `APIError` (or a worker failure) as `generate` does, for whichever choice meets it first.
+
+        Parallel sampling (n > 1). Choice 0 runs as any request. Once a decode worker has produced one of
+        its tokens (its prompt KV is there: prefilled there, or pushed by a prefill worker, so one prefill
+        and one transfer), choices 1..n-1 start on that same worker with `fork_of`: each shares choice 0's
+        prompt KV blocks there (`Scheduler.fork`) and computes only the last prompt block itself. Each
+        choice samples with its own generator; with a seed, choice i uses seed + i, so it equals an n=1
+        request with that seed. When choice 0 ends before that point (or fails first), the others run as
+        independent requests (each prefills). Each choice is its own request from then on: its own abort,
+        and migration as any request's (re-prefilled with the tokens it streamed, on another worker). The
+        request ends, on every worker, when the consumer stops or any choice fails."""
+        if parsed.n == 1:
+            async for item in self.generate(parsed, ids, arrival):
+                yield 0, item
+            return
+        fork: asyncio.Future = asyncio.get_running_loop().create_future()
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def run(i: int) -> None:
+            try:
+                if i == 0:
+                    gen = self.generate(parsed, ids, arrival, fork_point=fork)
+                else:
+                    where = await asyncio.shield(fork)
+                    # the prompt's logprobs (echo) are choice 0's: the others share its prompt
+                    params = dataclasses.replace(parsed.params, seed=_child_seed(parsed.params.seed, i),
+                                                 prompt_logprobs=None)
+                    gen = self.generate(dataclasses.replace(parsed, params=params), ids, arrival, fork_from=where,
+                                        index=i)
+                async for item in gen:
+                    merged.put_nowait((i, item))
+            except Exception as e:
+                merged.put_nowait((i, e))
+            finally:
+                if not fork.done():
+                    fork.set_result(None)  # choice 0 ended (or failed) first: the others run on their own
+
+        tasks = [asyncio.create_task(run(i)) for i in range(parsed.n)]
+        try:
+            left = parsed.n
+            while left:
+                i, item = await merged.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    left -= 1
+                yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each aborts its request on its workers
+
+    async def generate(self, parsed: P.ParsedRequest, ids: list[int], arrival: float, *,
+                       fork_point: asyncio.Future | None = None, fork_from: tuple[WorkerState, str] | None = None,
+                       index: int = 0) -> AsyncIterator[StepItem]:
         """`StepItem`s (text, token ids, finished, finish reason); raises `APIError` before the first one.
 
         A request runs as one or more attempts. When a worker fails under an attempt (it died, was
@@ -189,7 +301,11 @@ class Router:
         workers re-prefills the prompt plus every token already streamed and continues from there,
         so the client's stream goes on without a token lost or repeated (for greedy requests the
         text equals an uninterrupted run's). After `max_migrations`, or with no worker to move to
-        within `failover_wait_s`, it ends with an explicit error instead."""
+        within `failover_wait_s`, it ends with an explicit error instead.
+
+        Parallel sampling (`generate_choices`): `fork_point` is set to (decode worker, attempt id) once a
+        decode worker holds this request's prompt KV; `fork_from` runs the first attempt on that worker,
+        sharing that KV. A migration drops both. `index`: the choice (only choice 0 counts the prompt)."""
         rid = f"{self.request_prefix}{next(_ids)}-{time.monotonic_ns()}"
         t = _Timing(arrival)
         streamed: list[int] = []  # token ids the client already has
@@ -201,7 +317,8 @@ class Router:
             while True:
                 attempt = rid if not migrations else f"{rid}.m{migrations}"
                 try:
-                    async for item in self._attempt(attempt, parsed, ids, streamed, t, avoid, why):
+                    fork = (fork_point, fork_from) if not migrations else (None, None)
+                    async for item in self._attempt(attempt, parsed, ids, streamed, t, avoid, why, *fork):
                         streamed += item.token_ids
                         yield item
                     return
@@ -217,7 +334,7 @@ class Router:
                                    migrations + 1)
         finally:
             self.active -= 1
-            self._observe_end(t, len(ids))
+            self._observe_end(t, 0 if index else len(ids))
 
     def _route(self, kv_tokens: list[int]) -> tuple[Route, list[BlockHash]]:
         """The attempt as routing sees it, and the names of its KV's full blocks (none with caching off)."""
@@ -290,27 +407,37 @@ class Router:
             self.index.insert(decode.worker_id, block_hashes(tokens[:-1], self.block_size, start=list(names)))
 
     def _request(self, attempt: str, parsed: P.ParsedRequest, ids: list[int], streamed: list[int], t: _Timing,
-                 why: str | None, remote_prefill: bool) -> GenerateRequest:
+                 why: str | None, remote_prefill: bool, fork_of: str | None = None) -> GenerateRequest:
         deadline = None
         if not streamed and why is None and self.serve.ttft_deadline_s is not None:
             deadline = self.serve.ttft_deadline_s - (time.monotonic() - t.arrival)
         # the server's default max_tokens is cut to what the context leaves (a client's own is checked in `encode`)
+        # prompt logprobs come with the first token: an attempt after some were streamed does not redo them
         params = dataclasses.replace(parsed.params, max_tokens=min(parsed.params.max_tokens,
-                                                                   self.max_model_len - len(ids)))
+                                                                   self.max_model_len - len(ids)),
+                                     prompt_logprobs=None if streamed else parsed.params.prompt_logprobs)
         return GenerateRequest(attempt, params, tuple(ids), tuple(streamed), parsed.priority, deadline,
-                               remote_prefill=remote_prefill)
+                               remote_prefill=remote_prefill, fork_of=fork_of)
 
     async def _attempt(self, attempt: str, parsed: P.ParsedRequest, ids: list[int], streamed: list[int],
-                       t: _Timing, avoid: set[str], why: str | None) -> AsyncIterator[StepItem]:
-        """One try at (the rest of) a request on one decode worker (and one prefill worker)."""
+                       t: _Timing, avoid: set[str], why: str | None, fork_point: asyncio.Future | None = None,
+                       fork_from: tuple[WorkerState, str] | None = None) -> AsyncIterator[StepItem]:
+        """One try at (the rest of) a request on one decode worker (and one prefill worker); see `generate`
+        for `fork_point` and `fork_from`."""
         import ray
 
         kv_tokens = ids + streamed
         route, names = self._route(kv_tokens)
         retry = why is not None
-        decode, prefill, placement = await self._pick(route, avoid, why)
+        fork_of = None
+        if fork_from is not None and self.pools["decode"].get(fork_from[0].worker_id) is fork_from[0] \
+                and fork_from[0].routable:
+            (decode, fork_of), prefill, placement = fork_from, None, None  # beside its sibling, sharing its KV
+        else:
+            decode, prefill, placement = await self._pick(route, avoid, why)
         local = placement is not None and placement.local  # disaggregated, prefilled by the decode worker
-        request = self._request(attempt, parsed, ids, streamed, t, why, remote_prefill=prefill is not None)
+        request = self._request(attempt, parsed, ids, streamed, t, why, remote_prefill=prefill is not None,
+                                fork_of=fork_of)
         to_compute = route.uncached_tokens(prefill) if prefill else 0  # the prefill worker's share
         m = self.metrics
         relay = start_ref = None
@@ -371,7 +498,7 @@ class Router:
                 produced += first.token_ids
                 awaiting_decode = not first.finished  # finished: the decode side is aborted (its room released)
                 yield StepItem(first.token_ids, first.text, first.finished, first.finish_reason,
-                               logprobs=first.logprobs)
+                               logprobs=first.logprobs, prompt_logprobs=first.prompt_logprobs)
                 if first.finished:
                     return
             limit = s.stream_timeout_s
@@ -400,6 +527,8 @@ class Router:
                     m.stage.labels(self.model_name, "local_prefill").observe(time.monotonic() - ready_at)
                 t.tokens(k, m, self.model_name)
                 produced += item.token_ids
+                if k and fork_point is not None and not fork_point.done():
+                    fork_point.set_result((decode, attempt))  # its prompt KV is on `decode` now
                 stream_done = item.finished
                 if stream_done:  # before yielding: the caller may close this generator at the last item
                     self._decoded(decode, kv_tokens + produced, names)
@@ -535,13 +664,21 @@ def _joined(last: StepItem, tokens: list[int], text: list[str], logprobs: list, 
     if last is first:
         return first
     return StepItem(tuple(tokens), "".join(text), last.finished, last.finish_reason, last.num_output_tokens,
-                    logprobs=tuple(logprobs) if first.logprobs is not None or last.logprobs is not None else None)
+                    logprobs=tuple(logprobs) if first.logprobs is not None or last.logprobs is not None else None,
+                    prompt_logprobs=first.prompt_logprobs)
 
 
 def _node_ip() -> str:
     import ray
 
     return ray.util.get_node_ip_address()
+
+
+def _child_seed(seed: int | None, index: int) -> int | None:
+    """Choice `index`'s seed: seed + index (as vLLM), wrapped into the 64-bit range torch generators take."""
+    if seed is None:
+        return None
+    return (seed + index - INT64_MIN) % 2**64 + INT64_MIN
 
 
 class _Failover(Exception):

@@ -188,3 +188,42 @@ def test_logprobs_match_hf_log_softmax_in_fp32(make_engine, tiny_model_dir, tiny
             top_v, top_i = ref[pos].topk(k) if k else (ref[pos, :0], ref[pos, :0])
             assert [t for t, _ in e.top] == top_i.tolist()
             assert max((abs(v - w) for (_, v), w in zip(e.top, top_v.tolist(), strict=True)), default=0) < 1e-4
+
+
+@pytest.mark.parametrize("chunk,caching", [(None, True), (7, True), (None, False)])
+def test_prompt_logprobs_match_hf_log_softmax_in_fp32(make_engine, tiny_model_dir, tiny_hf, chunk, caching):
+    """Every prompt position's logits are kept for a request that asks (completions' echo with logprobs), in a
+    batch beside one that does not, across prefill chunks; a cached prefix does not cut them short."""
+    engine = make_engine(tiny_model_dir, cache={"block_size": 4, "enable_prefix_caching": caching},
+                         scheduler={"max_prefill_chunk": chunk, "policy": "chunked" if chunk else "continuous"})
+    prompt = list(range(30, 63))
+    engine.generate([prompt], SamplingParams(max_tokens=1))  # its blocks are cached now (when caching is on)
+    engine.add_request("asks", prompt, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))
+    engine.add_request("not", [5, 6, 7, 8, 9], SamplingParams(max_tokens=2, temperature=0))
+    first = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            first.setdefault(out.request_id, out)
+    assert first["not"].prompt_logprobs is None
+    got = first["asks"].prompt_logprobs
+    with torch.no_grad():
+        ref = torch.log_softmax(tiny_hf(torch.tensor([prompt])).logits[0, :-1].float(), dim=-1)
+    assert [e.token_id for e in got] == prompt[1:]
+    for pos, e in enumerate(got):
+        assert abs(e.logprob - ref[pos, prompt[pos + 1]].item()) < 1e-4
+        assert [t for t, _ in e.top] == ref[pos].topk(3).indices.tolist()
+        assert max(abs(v - w) for (_, v), w in zip(e.top, ref[pos].topk(3).values.tolist(), strict=True)) < 1e-4
+
+
+def test_a_seeded_request_handed_over_mid_stream_samples_what_one_engine_would(make_engine, tiny_model_dir):
+    """A decode worker (or a migration's new worker) continues a seeded request from the tokens sampled elsewhere:
+    its generator skips the draws they took, so the text equals an uninterrupted run's."""
+    engine = make_engine(tiny_model_dir)
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    whole = engine.generate([[5, 6, 7, 8]], params)[0].output_token_ids
+    for cut in (1, 5):
+        engine.add_request("resumed", [5, 6, 7, 8], params, output_token_ids=whole[:cut])
+        rest = []
+        while engine.has_unfinished():
+            rest += [t for o in engine.step() for t in o.new_token_ids]
+        assert whole[:cut] + rest == whole, cut

@@ -143,6 +143,28 @@ def test_decode_worker_killed_mid_stream_migrates_without_losing_a_token(disagg,
     disagg.wait_kv_free()
 
 
+def test_an_n2_request_whose_decode_worker_dies_migrates_each_choice_as_its_own_request(disagg, reference):
+    """Parallel sampling: both choices decode on one worker (the second forked from the first's prompt KV);
+    when it dies, each choice migrates like any request, re-prefilled with the tokens it streamed."""
+    wait_pools(disagg, 2, 2)
+    on_chunk, killed = kill_after(disagg, "decode", 8)
+    before = metric(disagg, "pdserve_request_migrations_total", reason="worker_died")
+    texts, chunks = ["", ""], 0
+    with httpx.stream("POST", f"{disagg.url}/v1/completions", json=body(n=2), timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                obj = json.loads(line[6:])
+                assert "error" not in obj, obj
+                for c in obj["choices"]:
+                    texts[c["index"]] += c["text"]
+                chunks += 1
+                on_chunk(chunks)
+    assert killed and texts == [reference, reference]
+    assert metric(disagg, "pdserve_request_migrations_total", reason="worker_died") == before + 2
+    wait_pools(disagg, 2, 2)
+    disagg.wait_kv_free()
+
+
 def test_prefill_worker_killed_while_holding_the_request_is_transparent(disagg, reference):
     wait_pools(disagg, 2, 2)
     prefills = [w for w in disagg.stats() if w.startswith("prefill")]

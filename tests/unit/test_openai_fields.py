@@ -35,7 +35,6 @@ def refused(kind: str, **fields) -> P.APIError:
     ("chat", "store", True),
     ("chat", "service_tier", "flex"),
     ("completion", "best_of", 2),
-    ("completion", "echo", True),
     ("completion", "suffix", "end"),
     ("chat", "guided_json", {"type": "object"}),
     ("completion", "guided_regex", "a+"),
@@ -122,3 +121,18 @@ def test_logprob_bodies_have_openais_shapes():
     comp = P.completion_logprobs(entries, chr, 7)
     assert comp == {"tokens": ["h", "i"], "token_logprobs": [-0.5, P.MIN_LOGPROB],
                     "top_logprobs": [{"h": -0.5, "i": -1.5}, {"i": P.MIN_LOGPROB}], "text_offset": [7, 8]}
+
+
+def test_n_is_bounded_by_the_server_and_echo_asks_for_prompt_logprobs():
+    assert P.parse_request({**COMPLETION, "n": 16}, "completion", 16, max_n=16).n == 16
+    for n in (0, 17):
+        with pytest.raises(P.APIError) as err:
+            P.parse_request({**COMPLETION, "n": n}, "completion", 16, max_n=16)
+        assert err.value.param == "n"
+    assert refused("chat", n=2).param == "n"  # the default bound is 1
+    p = parse("completion", echo=True, logprobs=2)
+    assert p.echo and p.params.prompt_logprobs == 2 and p.params.logprobs == 2
+    p = parse("completion", echo=True)
+    assert p.echo and p.params.prompt_logprobs is None
+    assert not parse("completion", logprobs=2).echo and parse("completion", logprobs=2).params.prompt_logprobs is None
+    assert not parse("chat", echo=True).echo  # not a chat field

@@ -7,7 +7,7 @@ import pytest
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import SchedulerConfig
 from pdserve.engine.sampling import SamplingParams
-from pdserve.engine.scheduler import QueueFullError, Scheduler, default_step_cost
+from pdserve.engine.scheduler import QueueFullError, Scheduler, SchedulerOutput, default_step_cost
 from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -450,3 +450,53 @@ def test_measured_step_cost_with_only_decode_steps_keeps_a_sane_prefill_estimate
         cost.observe(0, d, 2 * default_step_cost(0, d))  # a machine twice as slow as the default model
     assert cost(0, 4) == pytest.approx(2 * default_step_cost(0, 4), rel=0.05)
     assert 0 < cost(512, 0) - cost(0, 0) < 10 * 512 * 2e-3  # the prior still prices a prompt token, sanely
+
+
+# -- parallel sampling: forked sequences share their parent's prompt blocks ------------------------------
+def test_forked_children_share_the_prompt_blocks_and_compute_only_the_last_block():
+    s = make(num_blocks=64, block_size=4, policy="continuous", max_num_seqs=8)
+    parent = req("p", prompt=10, out=3)  # prompt blocks: [0..3] [4..7] [8, 9]
+    s.add(parent, now=0)
+    assert run_step(s, 0) == [("p", 10)]
+    used = s.blocks.num_blocks - s.blocks.num_free_blocks
+    children = [req(f"c{i}", prompt=10, out=3) for i in range(3)]
+    for c in children:
+        s.add(c, now=1, fork_from=parent)
+        assert c.num_forked_tokens == c.num_computed_tokens == 8  # two full blocks; the last one is its own
+        assert c.block_table == parent.block_table[:2]
+    assert all(s.blocks.ref_count(b) == 4 for b in parent.block_table[:2])
+    assert s.blocks.num_blocks - s.blocks.num_free_blocks == used  # sharing takes no block
+    got = dict(run_step(s, 1))
+    assert got == {"p": 1, "c0": 2, "c1": 2, "c2": 2}  # each child computes tokens 8 and 9 only
+    assert all(c.block_table[:2] == parent.block_table[:2] and c.block_table[2] != parent.block_table[2]
+               for c in children)
+    s.blocks.check_invariants()
+    drain(s, 2)
+    assert_clean(s)
+
+
+def test_a_fork_shares_nothing_when_it_cannot_and_an_aborted_or_preempted_child_frees_its_share():
+    s = make(num_blocks=64, block_size=4, policy="continuous")
+    parent = req("p", prompt=10, out=8)
+    s.add(parent, now=0)
+    early = req("early", prompt=10)
+    s.add(early, now=0, fork_from=parent)  # the parent has computed nothing yet
+    assert early.num_computed_tokens == 0 and not early.block_table
+    short = req("short", prompt=4)
+    run_step(s, 0)
+    s.add(short, now=1, fork_from=parent)  # another prompt
+    assert short.num_computed_tokens == 0
+    child = req("c", prompt=10, out=8)
+    s.add(child, now=1, fork_from=parent)
+    assert child.num_forked_tokens == 8
+    s.finish(child, FinishReason.ABORT)  # aborted while queued: its references go, the parent's stay
+    assert all(s.blocks.ref_count(b) == 1 for b in parent.block_table[:2])
+    other = req("c2", prompt=10, out=8)
+    s.add(other, now=1, fork_from=parent)
+    run_step(s, 1)
+    s._preempt(other, SchedulerOutput())  # recompute: the shared blocks are dropped, not freed for the parent
+    assert other.num_forked_tokens == 0 and not other.block_table
+    assert all(s.blocks.ref_count(b) >= 1 for b in parent.block_table)
+    s.blocks.check_invariants()
+    drain(s, 3)
+    assert_clean(s)
