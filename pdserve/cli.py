@@ -122,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(sim)
     sim.set_defaults(func=run_cli)
 
+    from pdserve.bench.plan import add_arguments as add_plan_args
+    from pdserve.bench.plan import run as run_plan
+
+    plan = sub.add_parser("plan", help="the placement search: the prefill:decode split (or colocated replicas) of a "
+                          "device budget with the highest simulated goodput for a workload and SLOs")
+    add_plan_args(plan)
+    plan.set_defaults(func=lambda a: run_plan(a, plan))
+
     from pdserve.serve import add_scale_args, add_serve_args, cmd_scale, cmd_serve
 
     serve = sub.add_parser("serve", help="the distributed deployment: router + prefill and decode pools on Ray")
