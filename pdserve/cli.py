@@ -87,6 +87,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from pdserve.bench.compare import main as bench_main
     elif args.what == "attention":
         from pdserve.bench.attention import main as bench_main
+    elif args.what == "autoscale":
+        from pdserve.bench.autoscale import main as bench_main
     elif args.what == "project":
         from pdserve.bench.project import main as bench_main
     elif args.what == "peer":
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = sub.add_parser("bench", help="benchmarks (pdserve bench WHAT --help)")
     bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise", "overhead", "serve",
-                                          "compare", "project", "peer", "attention"])
+                                          "compare", "project", "peer", "attention", "autoscale"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 

@@ -212,15 +212,25 @@ class Planner:
 
     def _fit_budget(self, want: dict[str, int], current: dict[str, int], reasons: dict[str, str],
                     s: Signals) -> None:
-        """Trim growth to `max_devices`, one worker at a time from the grown pool whose predicted margin
-        suffers least (its predicted TTFT or TPOT over the target, one worker smaller)."""
+        """Fit growth into `max_devices`: first a pool that a smaller size serves at the target utilization
+        gives up workers at once (no scale-down wait: a short pool needs its devices), then growth is trimmed,
+        one worker at a time, from the grown pool whose predicted margin suffers least (its predicted TTFT
+        or TPOT over the target, one worker smaller)."""
         budget = self.config.max_devices
-        if budget is None:
+        if budget is None or s.colocated:
             return
         while sum(want.values()) > budget:
             grown = [r for r in ROLES if want[r] > current[r]]
             if not grown:
                 return  # already over budget without growth: shrinking is not this tick's business
+            donors = [r for r in ROLES if r not in grown and want[r] > self.needed(r, s, self.config.target_utilization)
+                      and s.now - self.last_change.get(r, -math.inf) >= self.config.cooldown_s]
+            if donors:
+                donor = donors[0]
+                want[donor] -= 1
+                reasons[donor] = (f"shrink {current[donor]} -> {want[donor]}: gives its device to the "
+                                  f"{grown[0]} pool (max_devices {budget}); " + reasons[donor])
+                continue
             def harm(r: str) -> float:
                 p = self.predict(r, want[r] - 1, s)
                 return max(p.ttft_s / self.config.ttft_slo_s, p.tpot_s / self.config.tpot_slo_s, p.utilization)

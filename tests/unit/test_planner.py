@@ -82,6 +82,16 @@ def test_never_past_min_or_max_or_the_budget():
     assert planner.decide(load(1e6, 5, 0, **LIGHT)).size("prefill") == 3
 
 
+def test_a_full_budget_moves_devices_to_the_short_pool_at_once():
+    cfg = AutoscaleConfig(max_prefill=5, max_decode=5, max_devices=6, cooldown_s=10, scale_down_after_s=600)
+    planner = Planner(cfg, COSTS)
+    sizes, decisions = run(planner, [(PREFILL_HEAVY, 3), (DECODE_HEAVY, 3)], p=5, d=1)
+    # the prefill pool is not made to wait scale_down_after_s: it hands the decode pool what it needs
+    assert sizes[2] == (5, 1) and sizes[3] == (3, 3)
+    assert "gives its device to the decode pool" in decisions[3].reasons["prefill"]
+    assert all(p + d <= 6 for p, d in sizes)
+
+
 def test_steady_noisy_load_does_not_flap():
     planner = Planner(CFG, COSTS)
     rng = random.Random(0)
