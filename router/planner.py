@@ -30,6 +30,7 @@ model says loses least by it.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 from pdserve.engine.config import AutoscaleConfig
@@ -241,3 +242,57 @@ class Planner:
 
 def _ms(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x * 1e3:.0f} ms"
+
+
+class LoadWindow:
+    """The router's arrivals and completions over a sliding window: what `Signals`' rates come from.
+
+    The output a request will produce is estimated at its arrival from the `max_tokens` it asks for, scaled by
+    the share of their `max_tokens` that the requests finished in the window actually generated (1.0 before
+    any finished): decode work is known when a request arrives, not when it ends."""
+
+    def __init__(self, horizon_s: float = 600.0):
+        self.horizon_s = horizon_s
+        self.arrivals: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, max_tokens)
+        self.finished: deque[tuple[float, int, int]] = deque()  # (time, max_tokens, generated tokens)
+
+    def arrived(self, now: float, prompt_tokens: int, max_tokens: int) -> None:
+        self.arrivals.append((now, prompt_tokens, max_tokens))
+        self._trim(now)
+
+    def done(self, now: float, max_tokens: int, generated: int) -> None:
+        self.finished.append((now, max_tokens, generated))
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        for q in (self.arrivals, self.finished):
+            while q and q[0][0] < now - self.horizon_s:
+                q.popleft()
+
+    def rates(self, now: float, window_s: float, since: float) -> tuple[float, float, float]:
+        """(requests/s, prompt tokens/s, expected output tokens per request) over the last `window_s`
+        (or since `since`, the loop's start, when that is shorter)."""
+        lo = now - window_s
+        span = max(min(window_s, now - since), 1e-9)
+        arr = [a for a in self.arrivals if a[0] > lo]
+        fin = [f for f in self.finished if f[0] > lo]
+        asked = sum(f[1] for f in fin)
+        share = sum(f[2] for f in fin) / asked if asked else 1.0
+        out = share * sum(a[2] for a in arr) / len(arr) if arr else 1.0
+        return len(arr) / span, sum(a[1] for a in arr) / span, out
+
+
+def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Prometheus' `histogram_quantile` over cumulative (upper bound, count) buckets (+Inf last), linear within
+    a bucket; None for an empty histogram. A quantile in the +Inf bucket answers the largest finite bound."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    prev_le, prev_n = 0.0, 0.0
+    for le, n in buckets:
+        if n >= rank:
+            if math.isinf(le):
+                return prev_le
+            return prev_le + (le - prev_le) * ((rank - prev_n) / (n - prev_n) if n > prev_n else 1.0)
+        prev_le, prev_n = le, n
+    return prev_le

@@ -53,6 +53,7 @@ from pdserve.engine.messages import GenerateRequest, StepItem, WorkerError
 from pdserve.router import protocol as P
 from pdserve.router.admission import DrainRate
 from pdserve.router.metrics import PoolCollector, RouterMetrics
+from pdserve.router.planner import LoadWindow
 from pdserve.router.pools import (
     Choice,
     KVAwarePolicy,
@@ -113,6 +114,13 @@ class Router:
         self._relays: dict[str, StepRelay] = {}  # decode worker id -> its token stream to this router
         self._incarnation = uuid.uuid4().hex[:8]  # names this router's subscriptions (a restart opens new ones)
         self.url = ""
+        self.load = LoadWindow()  # arrivals and completions: the SLA planner's rates (router.autoscale)
+        self.autoscaler = None
+        if config.autoscale.enabled:
+            from pdserve.router.autoscale import AutoscaleCollector, Autoscaler
+
+            self.autoscaler = Autoscaler(self)
+            self.registry.register(AutoscaleCollector(self.serve.metrics_prefix, self.model_name, self.autoscaler))
 
     @property
     def instance(self) -> str:
@@ -198,6 +206,7 @@ class Router:
         avoid: set[str] = set()
         why = None
         self.active += 1
+        self.load.arrived(time.monotonic(), len(ids), parsed.params.max_tokens)
         try:
             while True:
                 attempt = rid if not migrations else f"{rid}.m{migrations}"
@@ -219,6 +228,7 @@ class Router:
         finally:
             self.active -= 1
             self._observe_end(t, len(ids))
+            self.load.done(time.monotonic(), parsed.params.max_tokens, t.n_out)
 
     def _route(self, kv_tokens: list[int]) -> tuple[Route, list[BlockHash]]:
         """The attempt as routing sees it, and the names of its KV's full blocks (none with caching off)."""
@@ -445,6 +455,8 @@ class Router:
 
             s = self.serve
             await self.workers.start(adopt)
+            if self.autoscaler is not None:
+                self._tasks.append(asyncio.create_task(self.autoscaler.run()))
             from pdserve.router.api import build_app
 
             # h11 explicitly (httptools, when installed, ignores the header limit)
