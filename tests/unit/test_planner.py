@@ -5,12 +5,20 @@ max nor the device budget; an observed SLO miss outranks the model; and a steady
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
 from pdserve.engine.config import AutoscaleConfig
-from pdserve.router.planner import CostModel, Planner, Signals, fit_decode_costs
+from pdserve.router.planner import (
+    CostModel,
+    LoadWindow,
+    Planner,
+    Signals,
+    fit_decode_costs,
+    histogram_quantile,
+)
 
 COSTS = CostModel(step_overhead_s=0.010, prefill_token_s=0.001, decode_token_s=0.002)
 CFG = AutoscaleConfig(enabled=True, min_prefill=1, max_prefill=6, min_decode=1, max_decode=6, ttft_slo_s=2.0,
@@ -151,3 +159,27 @@ def test_config_refuses_bad_bounds():
         AutoscaleConfig(max_devices=1)
     with pytest.raises(ValueError):
         AutoscaleConfig(scale_down_utilization=0.8, target_utilization=0.7)
+
+
+def test_load_window_rates_and_expected_output():
+    w = LoadWindow(horizon_s=100)
+    for i in range(20):  # 2 req/s for 10 s, 100-token prompts asking for 50 tokens
+        w.arrived(0.25 + i * 0.5, 100, 50)
+    rate, prompt_rate, out = w.rates(10.0, window_s=5.0, since=0.0)
+    assert rate == pytest.approx(2.0) and prompt_rate == pytest.approx(200.0) and out == 50
+    w.done(9.0, 50, 20)  # finished requests generated 40% of what they asked for (EOS)
+    assert w.rates(10.0, 5.0, 0.0)[2] == pytest.approx(20.0)
+    young = LoadWindow()
+    for t in (0.25, 0.75, 1.25, 1.75):
+        young.arrived(t, 10, 10)
+    assert young.rates(2.0, 5.0, since=0.0)[0] == pytest.approx(2.0)  # a young loop: over its 2 s, not 5
+    w.arrived(500.0, 1, 1)
+    assert len(w.arrivals) == 1  # older than the horizon: dropped
+
+
+def test_histogram_quantile_matches_prometheus():
+    buckets = [(0.1, 10.0), (0.5, 90.0), (1.0, 100.0), (math.inf, 100.0)]
+    assert histogram_quantile(buckets, 0.5) == pytest.approx(0.1 + 0.4 * 40 / 80)
+    assert histogram_quantile(buckets, 0.9) == pytest.approx(0.5)
+    assert histogram_quantile([(0.1, 0.0), (math.inf, 0.0)], 0.9) is None
+    assert histogram_quantile([(0.1, 0.0), (math.inf, 4.0)], 0.9) == 0.1  # in +Inf: the largest finite bound
