@@ -183,3 +183,20 @@ def test_histogram_quantile_matches_prometheus():
     assert histogram_quantile(buckets, 0.9) == pytest.approx(0.5)
     assert histogram_quantile([(0.1, 0.0), (math.inf, 0.0)], 0.9) is None
     assert histogram_quantile([(0.1, 0.0), (math.inf, 4.0)], 0.9) == 0.1  # in +Inf: the largest finite bound
+
+
+def test_serve_flags_fill_the_autoscale_section():
+    import argparse
+
+    from pdserve.serve import add_serve_args, serve_config
+
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    cfg = serve_config(p.parse_args(["--autoscale", "--max-prefill-workers", "3", "--max-decode-workers", "5",
+                                     "--max-workers", "6", "--autoscale-ttft-s", "1.5", "--autoscale-tpot-s", "0.08"]))
+    a = cfg.autoscale
+    assert (a.enabled, a.max_prefill, a.max_decode, a.max_devices, a.ttft_slo_s, a.tpot_slo_s) == (
+        True, 3, 5, 6, 1.5, 0.08)
+    assert serve_config(p.parse_args([])).autoscale.enabled is False
+    with pytest.raises(ValueError):
+        serve_config(p.parse_args(["--autoscale", "--min-decode-workers", "3", "--max-decode-workers", "2"]))
