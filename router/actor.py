@@ -53,7 +53,9 @@ class RouterActor:
         return await self.router.scale(prefill, decode)
 
     async def status(self) -> dict:
-        return {"url": self.router.url, "healthy": self.router.healthy(), "pools": self.router.status()}
+        a = self.router.autoscaler
+        return {"url": self.router.url, "healthy": self.router.healthy(), "pools": self.router.status(),
+                "autoscale": a.last.reasons if a is not None and a.last is not None else None}
 
     async def pid(self) -> int:
         import os

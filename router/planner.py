@@ -200,6 +200,9 @@ class Planner:
         if missed:
             self.low_since.pop(role, None)
             return cur, f"hold at max {hi}: {missed}" if cur == hi else f"hold: {missed}"
+        if cur == hi and not self._fits(role, cur, s, cfg.target_utilization, 1.0):
+            self.low_since.pop(role, None)
+            return cur, f"hold at max {hi}: short ({now_text})"
         down = self.needed(role, s, cfg.scale_down_utilization, cfg.scale_down_utilization / cfg.target_utilization)
         if down >= cur:
             self.low_since.pop(role, None)

@@ -85,6 +85,7 @@ def test_never_past_min_or_max_or_the_budget():
     sizes, decisions = run(planner, [(flood, 5), (LIGHT, 10), (flood, 5)], p=2, d=1)
     assert all(2 <= p <= 3 and 1 <= d <= 2 and p + d <= 4 for p, d in sizes)
     assert sizes[4] in ((3, 1), (2, 2)) and sizes[14] == (2, 1)
+    assert "hold at max" in " ".join(decisions[4].reasons.values())
     assert "max_devices" in " ".join(decisions[0].reasons.values())
     # sizes outside the bounds (a config changed under a running server) are brought inside
     assert planner.decide(load(1e6, 5, 0, **LIGHT)).size("prefill") == 3
