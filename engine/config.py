@@ -321,6 +321,50 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class AutoscaleConfig:
+    """`pdserve serve --autoscale`: the SLA planner (`router.planner`) that sizes the prefill and decode pools.
+
+    Every `interval_s` it reads the router's TTFT and TPOT, the request and prompt-token rates and each pool's
+    queue over the last `window_s`, predicts with the cost model (`costs`, else the workers' measured step
+    costs) the smallest pools that keep TTFT and TPOT within the targets at `target_utilization`, and resizes
+    through the scale path. Hysteresis: a pool grows at once when it is short, shrinks only after its load
+    has stayed below `scale_down_utilization` of the smaller size for `scale_down_after_s`, one worker at a
+    time; no pool changes twice within `cooldown_s`. Sizes stay within min/max and, with `max_devices`, their
+    sum within that budget. When Ray has no room for a new worker the planner asks its autoscaler for it."""
+
+    enabled: bool = False
+    min_prefill: int = 1  # disaggregated mode; colocated mode has no prefill pool
+    max_prefill: int = 4
+    min_decode: int = 1
+    max_decode: int = 4
+    max_devices: int | None = None  # prefill + decode workers at most (None: the two maxima)
+    ttft_slo_s: float = 2.0
+    tpot_slo_s: float = 0.1
+    interval_s: float = 5.0
+    window_s: float = 30.0
+    cooldown_s: float = 30.0
+    scale_down_after_s: float = 60.0
+    target_utilization: float = 0.75
+    scale_down_utilization: float = 0.5
+    # A cost calibration (`pdserve bench engine --calibrate`'s JSON: step_overhead_s, prefill_token_s,
+    # decode_token_s); None: the workers' own measured step costs.
+    costs: str | None = None
+    request_resources: bool = True  # ask Ray's autoscaler (KubeRay) for a worker's resources when none are free
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.min_prefill <= self.max_prefill and 1 <= self.min_decode <= self.max_decode):
+            raise ValueError("autoscale needs 0 <= min_prefill <= max_prefill and 1 <= min_decode <= max_decode")
+        if self.max_devices is not None and self.max_devices < self.min_prefill + self.min_decode:
+            raise ValueError("autoscale.max_devices is below min_prefill + min_decode")
+        if min(self.ttft_slo_s, self.tpot_slo_s, self.interval_s, self.window_s) <= 0:
+            raise ValueError("autoscale SLOs, interval_s and window_s must be positive")
+        if self.cooldown_s < 0 or self.scale_down_after_s < 0:
+            raise ValueError("autoscale cooldown_s and scale_down_after_s must not be negative")
+        if not 0 < self.scale_down_utilization < self.target_utilization < 1:
+            raise ValueError("autoscale needs 0 < scale_down_utilization < target_utilization < 1")
+
+
+@dataclass(frozen=True)
 class PdserveConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -329,6 +373,7 @@ class PdserveConfig:
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
 
     def for_workers(self) -> PdserveConfig:
         """This config without the router's own secrets (the API and admin keys): what workers get. Ray

@@ -294,6 +294,32 @@ class Cluster:
         return f"colocated, {self.devices} device{'s' * (self.devices > 1)}"
 
 
+@dataclass
+class PoolView:
+    """What a `Controller` sees at one of its ticks: the pool sizes (ready or starting, not draining), the
+    requests so far (arrived: their traces), and the queues now."""
+
+    now: float
+    prefill: int  # 0 when colocated
+    decode: int  # colocated: the devices
+    traces: list[RequestTrace]  # every request that has arrived, in arrival order
+    prefill_queue_tokens: int  # prompt tokens not yet computed at the instances that prefill
+    decode_waiting: int  # disaggregated: requests whose KV arrived and wait for a decode slot
+
+
+class Controller:
+    """Resizes a simulated cluster while it runs (`simulate(controller=...)`): called every `interval_s`
+    of simulated time with a `PoolView`, it answers the sizes it wants (prefill, decode; colocated: prefill
+    is ignored). A new instance takes `startup_s` before it is routed to; a removed one drains (is routed
+    nothing new and finishes what it holds)."""
+
+    interval_s: float = 5.0
+    startup_s: float = 0.0
+
+    def __call__(self, view: PoolView) -> tuple[int, int]:
+        raise NotImplementedError
+
+
 class _Instance:
     """One device: a scheduler, the step in flight (if any) and, for a decode instance, the requests whose
     KV arrived and wait for a slot (and blocks); for a prefill instance, when its KV link is next free."""
@@ -306,6 +332,8 @@ class _Instance:
         self.step: tuple[SchedulerOutput, float, float] | None = None  # (output, start, duration)
         self.inbox: deque[Sequence] = deque()
         self.link_free = 0.0
+        self.ready_at = 0.0  # a controller's new instance is routed to from then on
+        self.draining = False  # a controller removed it: routed nothing new, it finishes what it holds
 
     @property
     def busy_until(self) -> float | None:
@@ -331,11 +359,12 @@ class _Instance:
 
 def simulate(workload: list[SimRequest], config: SchedulerConfig, cost, num_blocks: int = 1 << 20,
              block_size: int = 16, cluster: Cluster | None = None, decode_config: SchedulerConfig | None = None,
-             slos: dict[str, float] | None = None) -> SimResult:
+             slos: dict[str, float] | None = None, controller: Controller | None = None) -> SimResult:
     """Event-driven and deterministic: every instance has its own clock; events at the same time are taken
     in a fixed order (steps ending, KV arriving, requests arriving, then idle instances start their next
     step, in instance order). A step's effects land when it ends. `config` is every colocated instance's
-    scheduler, or the prefill pool's; `decode_config` the decode pool's (default: `config`)."""
+    scheduler, or the prefill pool's; `decode_config` the decode pool's (default: `config`). A `controller`
+    resizes the pools as it runs (`cluster` gives the starting sizes)."""
     cluster = cluster or Cluster()
     discrete = cost.discrete
 
@@ -365,6 +394,8 @@ def simulate(workload: list[SimRequest], config: SchedulerConfig, cost, num_bloc
     turns = {"entry": itertools.count(), "decode": itertools.count()}
 
     def pick(pool: list[_Instance], turn: str, key) -> _Instance:
+        pool = ([x for x in pool if not x.draining and x.ready_at <= now] or [x for x in pool if not x.draining]
+                or pool)
         if cluster.router == "round-robin":
             return pool[next(turns[turn]) % len(pool)]
         return min(pool, key=key)  # ties: the first instance
@@ -453,6 +484,28 @@ def simulate(workload: list[SimRequest], config: SchedulerConfig, cost, num_bloc
         events.append((t, rid, "kv_ready", inst.name))
         inst.inbox.append(seq)
 
+    names = itertools.count(len(instances))
+    next_tick = 0.0 if controller else math.inf
+
+    def control(now: float) -> None:
+        pools = {"prefill" if cluster.disaggregated else "colocated": entry, "decode": decode}
+        live = {role: [x for x in pool if not x.draining] for role, pool in pools.items()}
+        sizes = (len(live["prefill"]), len(live["decode"])) if cluster.disaggregated else (0, len(live["colocated"]))
+        view = PoolView(now, *sizes, [traces[r.id] for r in pending[:i]], sum(x.load()[0] for x in entry),
+                        sum(len(x.inbox) for x in decode))
+        want_p, want_d = controller(view)
+        wants = {"prefill": want_p, "decode": want_d} if cluster.disaggregated else {"colocated": want_d}
+        for role, want in wants.items():
+            pool, have = pools[role], live[role]
+            cfg = (decode_config or config) if role == "decode" else config
+            for _ in range(want - len(have)):
+                inst = make(f"{role if role != 'colocated' else 'device'}{next(names)}", role, cfg)
+                inst.ready_at = now + controller.startup_s
+                pool.append(inst)
+                instances.append(inst)
+            for inst in have[max(want, 1):][::-1]:  # the newest go first
+                inst.draining = True
+
     now, i = 0.0, 0
     while True:
         for inst in instances:
@@ -464,6 +517,9 @@ def simulate(workload: list[SimRequest], config: SchedulerConfig, cost, num_bloc
         while i < len(pending) and pending[i].arrival <= now:
             route(pending[i], now)
             i += 1
+        if now >= next_tick:
+            control(now)
+            next_tick = now + controller.interval_s
         for inst in instances:
             inst.admit_arrived_kv()
             if inst.step is None:
@@ -476,6 +532,8 @@ def simulate(workload: list[SimRequest], config: SchedulerConfig, cost, num_bloc
             wake.append(pending[i].arrival)
         if transfers:
             wake.append(transfers[0][0])
+        if wake and next_tick < math.inf:  # the controller ticks while anything is left to happen
+            wake.append(next_tick)
         if not wake:
             if any(inst.sched.has_unfinished() or inst.inbox for inst in instances):
                 raise RuntimeError(f"scheduler stalled at t={now} with work queued")

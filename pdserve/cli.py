@@ -87,6 +87,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from pdserve.bench.compare import main as bench_main
     elif args.what == "attention":
         from pdserve.bench.attention import main as bench_main
+    elif args.what == "autoscale":
+        from pdserve.bench.autoscale import main as bench_main
     elif args.what == "project":
         from pdserve.bench.project import main as bench_main
     elif args.what == "peer":
@@ -124,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(sim)
     sim.set_defaults(func=run_cli)
 
+    from pdserve.bench.plan import add_arguments as add_plan_args
+    from pdserve.bench.plan import run as run_plan
+
+    plan = sub.add_parser("plan", help="the placement search: the prefill:decode split (or colocated replicas) of a "
+                          "device budget with the highest simulated goodput for a workload and SLOs")
+    add_plan_args(plan)
+    plan.set_defaults(func=lambda a: run_plan(a, plan))
+
     from pdserve.serve import add_scale_args, add_serve_args, cmd_scale, cmd_serve
 
     serve = sub.add_parser("serve", help="the distributed deployment: router + prefill and decode pools on Ray")
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = sub.add_parser("bench", help="benchmarks (pdserve bench WHAT --help)")
     bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise", "overhead", "serve",
-                                          "compare", "project", "peer", "attention", "router"])
+                                          "compare", "project", "peer", "attention", "router", "autoscale"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 

@@ -64,6 +64,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="the most urgent priority a client may ask for (lower runs first; default 0: none below the default)")
     add("--max-client-priority", dest="serve.max_client_priority", type=int,
         help="the least urgent priority a client may ask for (default 0)")
+    add("--autoscale", dest="autoscale.enabled", action="store_const", const=True,
+        help="the SLA planner resizes the prefill and decode pools to keep TTFT and TPOT within the targets "
+        "(docs/planner.md); the pools start at --prefill-workers/--decode-workers")
+    add("--min-prefill-workers", dest="autoscale.min_prefill", type=int)
+    add("--max-prefill-workers", dest="autoscale.max_prefill", type=int)
+    add("--min-decode-workers", dest="autoscale.min_decode", type=int)
+    add("--max-decode-workers", dest="autoscale.max_decode", type=int)
+    add("--max-workers", dest="autoscale.max_devices", type=int, help="autoscale: prefill + decode workers at most")
+    add("--autoscale-ttft-s", dest="autoscale.ttft_slo_s", type=float, help="autoscale: the TTFT target (p90)")
+    add("--autoscale-tpot-s", dest="autoscale.tpot_slo_s", type=float, help="autoscale: the TPOT target (p90)")
+    add("--autoscale-costs", dest="autoscale.costs",
+        help="autoscale: a cost calibration (pdserve bench engine --calibrate); default: the workers' measurements")
 
 
 def serve_config(args: argparse.Namespace):

@@ -41,7 +41,9 @@ def launch_router(config: PdserveConfig, *, name: str | None = None, namespace: 
     opts = {"num_cpus": 0, "max_concurrency": 10_000, "max_restarts": -1, "max_task_retries": 3, **options}
     if name:
         opts.update(name=name, namespace=namespace)
-    return ray.remote(RouterActor).options(**opts).remote(config, f"{instance}-r{replica}", pools, owns)
+    # the SLA planner (`autoscale`) runs in replica 0 alone: its decisions happen once, in the pool manager
+    return ray.remote(RouterActor).options(**opts).remote(config, f"{instance}-r{replica}", pools, owns,
+                                                          planner=replica == 0)
 
 
 def launch_deployment(config: PdserveConfig, *, names: tuple[str, str] | None = None, namespace: str | None = None,
@@ -77,13 +79,13 @@ def launch_deployment(config: PdserveConfig, *, names: tuple[str, str] | None = 
 class RouterActor:
     """The Ray actor (`launch_router`) that hosts `Router` and its HTTP server."""
 
-    def __init__(self, config: PdserveConfig, replica: str, pools, owns_pools: bool = False):
+    def __init__(self, config: PdserveConfig, replica: str, pools, owns_pools: bool = False, planner: bool = True):
         import ray
 
         logging.basicConfig(level=logging.INFO)
         self.pools = pools
         self.owns_pools = owns_pools
-        self.router = Router(config, pools, replica)
+        self.router = Router(config, pools, replica, planner=planner)
         ctx = ray.get_runtime_context()
         with warnings.catch_warnings():  # Ray 2.60 reads it through a deprecated state API; still supported
             warnings.simplefilter("ignore")
@@ -102,8 +104,10 @@ class RouterActor:
         return await self.router.scale(prefill, decode)
 
     async def status(self) -> dict:
+        a = self.router.autoscaler
         return {"url": self.router.url, "healthy": self.router.healthy(), "pools": self.router.status(),
-                "replica": self.router.replica}
+                "replica": self.router.replica,
+                "autoscale": a.last.reasons if a is not None and a.last is not None else None}
 
     async def pid(self) -> int:
         import os

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from pdserve.engine.config import PdserveConfig
 from pdserve.engine.messages import WorkerStats
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.workers import WorkerPools
+from pdserve.router.workers import WorkerPools, worker_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ class PoolSnapshot:
     workers: tuple[WorkerView, ...]
     replicas: tuple[str, ...]
     failures: tuple[tuple[str, str, int], ...]
+    target: tuple[tuple[str, int], ...] = ()  # role -> the size the pool is kept at (scaling moves it)
+    # role -> the resources one worker takes (the SLA planner's request to Ray's autoscaler)
+    bundles: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
 
 
 class PoolManager:
@@ -91,6 +94,7 @@ class PoolManager:
         self.pools.drained = self._drained
         self.pools.on_failure = self._count_failure
         self.replicas: dict[str, _Replica] = {}
+        self._bundles = None  # PoolSnapshot.bundles, once the cluster's resources are known
         self._started: asyncio.Task | None = None
         ctx = ray.get_runtime_context()
         import warnings
@@ -121,8 +125,12 @@ class PoolManager:
         p = self.pools
         workers = tuple(WorkerView(w.worker_id, w.role, w.handle, w.info, w.stats, w.healthy, w.draining)
                         for pool in p.pools.values() for w in pool.values())
+        if self._bundles is None:
+            self._bundles = tuple((role, tuple(worker_bundle(p._actor_options(role)).items()))
+                                  for role in ("prefill", "decode"))
         return PoolSnapshot(p.version, workers, tuple(r.url for r in self._live_replicas().values() if r.url),
-                            tuple((role, reason, n) for (role, reason), n in self.failures.items()))
+                            tuple((role, reason, n) for (role, reason), n in self.failures.items()),
+                            tuple(p.target.items()), self._bundles)
 
     async def leave(self, replica: str) -> None:
         """A replica stops (drained, shut down): it no longer holds drains up or shows in the targets."""

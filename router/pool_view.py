@@ -33,6 +33,8 @@ class PoolView:
         self.index = PrefixIndex()
         self.version = -1  # the pools' version this mirror holds
         self.replicas: tuple[str, ...] = ()  # every live replica's URL (the scrape targets)
+        self.target: dict[str, int] = {"prefill": 0, "decode": 0}  # the manager's pool sizes
+        self.bundles: dict[str, dict[str, float]] = {}  # role -> the resources one worker takes
         self.url = ""
         self._failed: set[str] = set()  # failed here, not yet gone from the manager's pools
         self._dispatched: dict[str, int] = {}  # worker id -> its num_dispatched at the previous refresh
@@ -96,6 +98,8 @@ class PoolView:
                 self.metrics.worker_failures.labels(self.model_name, role, reason).inc(new)
             self._failures[(role, reason)] = n
         self.version, self.replicas = snap.version, snap.replicas
+        self.target.update(snap.target)
+        self.bundles = {role: dict(b) for role, b in snap.bundles}
 
     def ready(self) -> bool:
         """Every pool the mode needs has a routable worker."""

@@ -54,6 +54,7 @@ from pdserve.engine.sampling import INT64_MIN
 from pdserve.router import protocol as P
 from pdserve.router.admission import DrainRate
 from pdserve.router.metrics import PoolCollector, RouterMetrics
+from pdserve.router.planner import LoadWindow
 from pdserve.router.pool_view import PoolView
 from pdserve.router.pools import (
     Choice,
@@ -74,7 +75,8 @@ _ids = itertools.count()
 class Router:
     """The request path over the worker pools; runs on the router actor's event loop."""
 
-    def __init__(self, config: PdserveConfig, manager, replica: str, policy: RoutingPolicy | None = None):
+    def __init__(self, config: PdserveConfig, manager, replica: str, policy: RoutingPolicy | None = None,
+                 planner: bool = True):
         from pdserve.engine.model_source import load_tokenizer, resolve_model
 
         self.config = config
@@ -117,6 +119,13 @@ class Router:
         self._incarnation = uuid.uuid4().hex[:8]  # names this router's subscriptions (a restart opens new ones)
         self.url = ""
         self.advertised = ""  # host:port others reach this replica's HTTP server at
+        self.load = LoadWindow()  # arrivals and completions: the SLA planner's rates (router.autoscale)
+        self.autoscaler = None
+        if config.autoscale.enabled and planner:  # one replica plans for the deployment
+            from pdserve.router.autoscale import AutoscaleCollector, Autoscaler
+
+            self.autoscaler = Autoscaler(self)
+            self.registry.register(AutoscaleCollector(self.serve.metrics_prefix, self.model_name, self.autoscaler))
 
     async def scale(self, prefill: int | None = None, decode: int | None = None) -> dict:
         return await self.workers.scale(prefill, decode)
@@ -313,6 +322,7 @@ class Router:
         avoid: set[str] = set()
         why = None
         self.active += 1
+        self.load.arrived(time.monotonic(), len(ids), parsed.params.max_tokens)
         try:
             while True:
                 attempt = rid if not migrations else f"{rid}.m{migrations}"
@@ -335,6 +345,7 @@ class Router:
         finally:
             self.active -= 1
             self._observe_end(t, 0 if index else len(ids))
+            self.load.done(time.monotonic(), parsed.params.max_tokens, t.n_out)
 
     def _route(self, kv_tokens: list[int]) -> tuple[Route, list[BlockHash]]:
         """The attempt as routing sees it, and the names of its KV's full blocks (none with caching off)."""
@@ -599,6 +610,8 @@ class Router:
             host = s.host if s.host not in ("0.0.0.0", "::", "") else _node_ip()
             self.advertised = f"{host}:{port}"  # where the other replicas' /metrics/targets list this one
             await self.workers.start(f"http://{self.advertised}")  # /health answers 503 until the pools are ready
+            if self.autoscaler is not None:
+                self._tasks.append(asyncio.create_task(self.autoscaler.run()))
             if adopt:  # restarted: what the previous incarnation had in flight went with its clients
                 await self._abort_previous()
             self.url = url

@@ -361,3 +361,10 @@ def _kill(handle) -> None:
 
     with contextlib.suppress(Exception):
         ray.kill(handle, no_restart=True)
+
+
+def worker_bundle(options: dict) -> dict[str, float]:
+    """The resources a worker with these actor options takes, as a placement bundle."""
+    b = {"CPU": float(options.get("num_cpus") or 0), "GPU": float(options.get("num_gpus") or 0),
+         **{k: float(v) for k, v in (options.get("resources") or {}).items()}}
+    return {k: v for k, v in b.items() if v > 0}

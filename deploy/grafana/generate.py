@@ -276,6 +276,17 @@ def panels() -> list[dict]:
     p.add("Pool sizes", "Workers per pool and state (healthy = routable), from the router.",
           [target(sum_by("role, state", sel("pdserve_pool_workers")), "{{role}} {{state}}", "A")], "short")
 
+    p.row("Autoscaling (SLA planner, pdserve serve --autoscale)")
+    p.add("Desired vs current workers per pool", "The SLA planner's sizes (desired) and the routable workers "
+          "(current); a gap is workers starting or draining. Flat when --autoscale is off (no series).", [
+              target(sum_by("role", sel("pdserve_autoscale_desired_workers")), "desired {{role}}", "A"),
+              target(sum_by("role", sel("pdserve_autoscale_current_workers")), "current {{role}}", "B"),
+          ], "short")
+    p.add("Planner decisions / s by pool and action", "grow, shrink, hold (short but in cooldown or at the "
+          "budget, or a target missed at max), steady; every change is logged with its reason by the router.",
+          [target(sum_rate("role, action", "pdserve_autoscale_decisions_total"),
+                  "{{role}} {{action}}", "A")], "ops")
+
     p.row("Errors")
     p.add("Rejections / s by reason", "Requests refused before running: queue_full, no_worker, unavailable, "
           "worker_failed.",

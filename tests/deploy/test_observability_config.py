@@ -208,8 +208,10 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(ray_cluster, tiny_text_model_dir):
+    # the SLA planner on, held at the starting sizes: its series exist (the dashboard's autoscaling row)
     server = Server(ray_cluster, tiny_text_model_dir, serve={"mode": "disaggregated"},
-                    kv_transfer={"kv_transport": "grpc"})
+                    kv_transfer={"kv_transport": "grpc"},
+                    autoscale={"enabled": True, "max_prefill": 1, "max_decode": 1, "interval_s": 0.5})
     try:
         live = Live(server, [], Exposition())
         for prompt in ("Hello, world", "The quick brown fox jumps over the lazy dog.", "x"):

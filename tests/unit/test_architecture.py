@@ -116,7 +116,7 @@ TORCH_FREE = ["pdserve.engine.scheduler", "pdserve.engine.block_manager", "pdser
               "pdserve.engine.sequence", "pdserve.engine.sampling", "pdserve.engine.messages",
               "pdserve.engine.simulator", "pdserve.kv_transfer.reservations", "pdserve.kv_transfer.errors",
               "pdserve.router.protocol", "pdserve.router.pools", "pdserve.router.admission",
-              "pdserve.router.prefix_index"]
+              "pdserve.router.prefix_index", "pdserve.router.planner", "pdserve.bench.plan"]
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)
