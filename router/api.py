@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdserve.engine.messages import StepItem
 from pdserve.router import protocol as P
+from pdserve.router import tools as T
 
 if TYPE_CHECKING:
     from pdserve.engine.config import ServeConfig
@@ -331,6 +332,40 @@ class _LogprobsBody:
         return body
 
 
+class _ToolOutput:
+    """A chat call's text split into content and tool calls (`router.tools`), piece by piece as it streams:
+    "auto" parses Hermes `<tool_call>` blocks, "forced" holds the whole output and parses it at the end."""
+
+    def __init__(self, parsed: P.ParsedRequest):
+        self.mode, self.name = parsed.tool_mode, parsed.tool_name
+        self.stream = T.ToolCallStream() if self.mode == "auto" else None
+        self.held: list[str] = []
+        self.num_calls = 0
+
+    def feed(self, text: str, finished: bool) -> tuple[str, list[dict]]:
+        """(content, tool call deltas with their `index`) for the next piece of text."""
+        if self.mode == "none":
+            return text, []
+        if self.stream is not None:
+            content, calls = self.stream.feed(text)
+            if finished:
+                more, last = self.stream.finish()
+                content, calls = content + more, calls + last
+        else:
+            self.held.append(text)
+            content, calls = "", []
+            if finished:
+                whole = "".join(self.held)
+                calls = T.parse_forced(whole, self.name)
+                content = "" if calls else whole  # cut short (max_tokens): the text as it is
+        deltas = [{"index": self.num_calls + i, **c} for i, c in enumerate(calls)]
+        self.num_calls += len(calls)
+        return content, deltas
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if self.num_calls and reason in ("stop", "length", None) else reason
+
+
 async def _admit(router: Router, request: Request, kind: str) -> _Call:
     """The checks before a call runs (draining, the queue bound, the body, the model), then tokenizing."""
     arrival = time.monotonic()
@@ -410,9 +445,15 @@ async def _whole_response(router: Router, request: Request, call: _Call, first: 
         raise _worker_failed(e) from e
     finally:
         gone.cancel()
+    tools = _ToolOutput(call.parsed)
+    content, calls = tools.feed(text, True)
+    reason = tools.finish_reason(reason)
+    for c in calls:
+        del c["index"]
     router.metrics.success.labels(router.model_name, reason or "stop").inc()
-    return JSONResponse(P.full_response(call.kind, call.rid, router.model_name, call.created, text, reason,
-                                        len(call.ids), n_out, _LogprobsBody(router, call).of(logprobs)))
+    return JSONResponse(P.full_response(call.kind, call.rid, router.model_name, call.created,
+                                        None if calls and not content.strip() else content, reason,
+                                        len(call.ids), n_out, _LogprobsBody(router, call).of(logprobs), calls))
 
 
 async def _sse_stream(router: Router, call: _Call, first: StepItem):
@@ -422,14 +463,16 @@ async def _sse_stream(router: Router, call: _Call, first: StepItem):
     reason = None
     model = router.model_name
     logprobs = _LogprobsBody(router, call)
+    tools = _ToolOutput(call.parsed)
     try:
         is_first = True
         async for item in _chain(first, call.events):
             n_out += len(item.token_ids)
-            reason = item.finish_reason if item.finished else None
-            if item.text or item.finished or is_first or item.logprobs:
-                yield _sse(P.stream_chunk(call.kind, call.rid, model, call.created, item.text, reason,
-                                          first=is_first, logprobs=logprobs.of(item.logprobs)))
+            text, calls = tools.feed(item.text, item.finished)
+            reason = tools.finish_reason(item.finish_reason) if item.finished else None
+            if text or calls or item.finished or is_first or item.logprobs:
+                yield _sse(P.stream_chunk(call.kind, call.rid, model, call.created, text, reason,
+                                          first=is_first, logprobs=logprobs.of(item.logprobs), tool_calls=calls))
                 is_first = False
         router.metrics.success.labels(model, reason or "stop").inc()
         if call.parsed.include_usage:
