@@ -115,7 +115,8 @@ def _compile(xgr, compiler, so: StructuredOutput):
         if not isinstance(schema, dict):
             raise InvalidGrammarError(so.param, f"{so.param}: a JSON schema must be an object")
         _check_schema(schema, so.param)
-        return compiler.compile_json_schema(so.spec, any_whitespace=False, strict_mode=True)
+        return compiler.compile_json_schema(json.dumps(_length_bounded_strings(schema)), any_whitespace=False,
+                                            strict_mode=True)
     if so.kind == "regex":
         return compiler.compile_regex(so.spec)
     choices = choice_list(so.spec, so.param)  # kind == "choice"
@@ -157,6 +158,29 @@ def _check_schema(schema: dict, param: str) -> None:
         where = "/".join(str(p) for p in e.absolute_path)
         raise InvalidGrammarError(param, f"{param}: invalid JSON schema{f' at {where}' if where else ''}: "
                                   f"{e.message}") from None
+
+
+def _length_bounded_strings(schema):
+    """`schema` with each length-bounded string given a `pattern` of that length over printable ASCII
+    other than quote and backslash. xgrammar (0.2.9) compiles minLength/maxLength to "any character but
+    quote, backslash, CR, LF", which lets raw control characters into the string (invalid JSON), and a
+    pattern's negated or non-ASCII classes let stray UTF-8 bytes through (measured on a byte-level
+    vocabulary). Unbounded strings are compiled right and keep all of JSON. The cost: a length-bounded
+    string holds no escapes and no non-ASCII characters."""
+    if isinstance(schema, list):
+        return [_length_bounded_strings(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _length_bounded_strings(v) if k not in ("enum", "const", "default", "examples") else v
+           for k, v in schema.items()}
+    types = out.get("type")
+    is_string = types == "string" or isinstance(types, list) and types == ["string"]
+    bounded = "minLength" in out or "maxLength" in out
+    if is_string and bounded and not {"pattern", "format", "enum", "const"} & out.keys():
+        lo, hi = out.get("minLength", 0), out.get("maxLength", "")
+        if isinstance(lo, int) and (hi == "" or isinstance(hi, int)):
+            out["pattern"] = f"^[ !#-\\[\\]-~]{{{lo},{hi}}}$"
+    return out
 
 
 def _first_line(e: Exception) -> str:
