@@ -143,6 +143,25 @@ def test_decode_worker_killed_mid_stream_migrates_without_losing_a_token(disagg,
     disagg.wait_kv_free()
 
 
+def test_a_structured_request_migrates_under_its_grammar(disagg, tiny_text_model_dir):
+    """A decode worker dies mid-stream of a guided_regex request: the new attempt's prefill worker and decode
+    worker rebuild the grammar state from the streamed tokens, and the text equals the bare engine's."""
+    from pdserve.engine.sampling import StructuredOutput
+
+    regex = "[a-z]{60}"
+    engine = LLMEngine(PdserveConfig().replace(model={"model": str(tiny_text_model_dir), **EXACT}))
+    want = engine.generate([PROMPT], SamplingParams(max_tokens=80, temperature=0, structured=StructuredOutput(
+        "regex", regex, "guided_regex")))[0].output_text
+    del engine
+    wait_pools(disagg, 2, 2)
+    on_chunk, killed = kill_after(disagg, "decode", 5)
+    text, error, _ = stream(disagg.url, on_chunk, max_tokens=80, guided_regex=regex)
+    assert error is None and killed
+    assert text == want and len(text) == 60
+    wait_pools(disagg, 2, 2)
+    disagg.wait_kv_free()
+
+
 def test_prefill_worker_killed_while_holding_the_request_is_transparent(disagg, reference):
     wait_pools(disagg, 2, 2)
     prefills = [w for w in disagg.stats() if w.startswith("prefill")]
