@@ -61,6 +61,11 @@ def test_state_replays_the_tokens_a_request_already_has(make_engine, tiny_text_m
     (StructuredOutput("regex", "(unclosed", "guided_regex"), "guided_regex does not compile"),
     (StructuredOutput("choice", "[]", "guided_choice"), "at least one"),
     (StructuredOutput("choice", '["a", 1]', "guided_choice"), "list of strings"),
+    # compile time grows with repetition counts: they are bounded
+    (StructuredOutput("regex", "[a-z]{5000}", "guided_regex"), "limit of 2048"),
+    (StructuredOutput("json", json.dumps({"type": "object", "properties": {"s": {"type": "string",
+                                                                               "maxLength": 100_000}}})),
+     "maxLength 100000 is over"),
 ])
 def test_bad_specs_are_typed_errors(make_engine, tiny_text_model_dir, so, match):
     engine = make_engine(tiny_text_model_dir)
