@@ -40,10 +40,10 @@ def servers(ray_cluster, tiny_text_model_dir):
         s.stop()
 
 
-def _chat(c, server, stream=False, **kw):
+def _chat(c, server, stream=False, max_tokens=60, **kw):
     """The whole answer's message (content, tool calls) and finish reason, streamed or not."""
-    r = c.chat.completions.create(model=server.model, messages=CHAT, max_tokens=60, temperature=0, stream=stream,
-                                  **kw)
+    r = c.chat.completions.create(model=server.model, messages=CHAT, max_tokens=max_tokens, temperature=0,
+                                  stream=stream, **kw)
     if not stream:
         m = r.choices[0].message
         calls = [(t.function.name, t.function.arguments) for t in m.tool_calls or ()]
@@ -97,6 +97,19 @@ def test_forced_tool_calls(servers, stream):
         r = c.chat.completions.create(model=server.model, messages=history, max_tokens=5, temperature=0,
                                       tools=[WEATHER, TIME], tool_choice="none")
         assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "length"
+        server.wait_kv_free()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tool_calls_are_parsed_from_hermes_blocks(servers, stream):
+    """tool_choice auto: `<tool_call>` blocks in the text become tool calls, the rest stays content. The tiny
+    model writes one because a regex makes it (random weights would not)."""
+    regex = r'ok <tool_call>\{"name": "get_time", "arguments": \{"zone": "(UTC|CET)"\}\}</tool_call>'
+    for name, server in servers.items():
+        content, calls, reason = _chat(server.client(), server, stream, max_tokens=120, tools=[WEATHER, TIME],
+                                       extra_body={"guided_regex": regex})
+        assert content.strip() == "ok" and reason == "tool_calls", (name, content, calls)
+        assert len(calls) == 1 and calls[0][0] == "get_time" and json.loads(calls[0][1])["zone"] in ("UTC", "CET")
         server.wait_kv_free()
 
 
