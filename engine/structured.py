@@ -249,6 +249,14 @@ def apply_masks(logits: torch.Tensor, states: list[GrammarState | None]) -> None
     bitmask = xgr.allocate_token_bitmask(logits.shape[0], vocab)
     for i in rows:
         states[i].matcher.fill_next_token_bitmask(bitmask, i)
+    # A grammar that allows nothing more (complete, on a model without EOS; or a language with no string)
+    # would leave a row of -inf, which cannot be sampled: that row stays unmasked, the grammar refuses the
+    # token sampled, and the request ends (`LLMEngine._append_token`).
+    empty = (bitmask.index_select(0, torch.tensor(rows)) == 0).all(dim=1).tolist()
+    if any(empty):
+        rows = [i for i, e in zip(rows, empty, strict=True) if not e]
+        if not rows:
+            return
     if logits.device.type != "cpu":
         bitmask = bitmask.to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=min(vocab, logits.shape[-1]),

@@ -102,3 +102,12 @@ def test_sampled_json_is_valid_json(make_engine, tiny_text_model_dir):
                            [_params(so, temperature=1.0, seed=i, max_tokens=80) for i in range(16)])
     for out in outs:
         jsonschema.validate(json.loads(out.output_text), schema)
+
+
+def test_a_grammar_that_allows_nothing_more_ends_the_request(make_engine, tiny_text_model_dir):
+    """An empty regex is complete before the first token; on a model without EOS nothing may follow, so the
+    request ends at its first step instead of sampling from a row of -inf."""
+    engine = make_engine(tiny_text_model_dir)
+    for temperature in (0.0, 1.0):
+        out = engine.generate(["x"], _params(StructuredOutput("regex", "", "guided_regex"), temperature=temperature))[0]
+        assert out.finish_reason.value == "stop" and out.num_output_tokens == 1
