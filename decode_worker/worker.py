@@ -205,6 +205,10 @@ class DecodeWorker(Worker):
         pushes its KV), or a finished `StepItem` with the error that refused it. Its tokens follow on the
         subscriber's stream. A call cancelled before it answers (the router gave up) aborts the request."""
         rid = request.request_id
+        try:
+            await self.precompile(request.params)  # the grammar the prefill or the KV hand-over will need
+        except Exception as e:
+            return StepItem(finished=True, error=WorkerError.of(e))
         sub = self._subscription(subscriber)
         sink = sub.sink(rid)
         try:

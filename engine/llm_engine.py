@@ -40,6 +40,7 @@ from pdserve.engine.sampler import advance_generator, make_generator, sample
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import MeasuredStepCost, Scheduler
 from pdserve.engine.sequence import FinishReason, RequestOutput, Sequence
+from pdserve.engine.structured import GrammarCompiler, GrammarState, apply_masks
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,11 @@ class LLMEngine:
         eos = self.hf_config.eos_token_id
         self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
+        # structured outputs: compiled grammars (cached; workers compile off the loop thread) and each
+        # structured request's matcher
+        self.grammars = GrammarCompiler(self.tokenizer, arch.vocab_size, self.eos_token_ids)
+        self._grammar_states: dict[str, GrammarState] = {}
+
         self.seqs: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -166,8 +172,15 @@ class LLMEngine:
         seq = Sequence(request_id, ids, params, arrival_time=arrival, priority=priority, output_token_ids=outputs,
                        deadline=None if ttft_deadline is None else arrival + ttft_deadline)
         parent = self.seqs.get(fork_of) if fork_of is not None and not outputs else None
-        with self.kv_lock:
-            self.scheduler.add(seq, now, fork_from=parent)
+        grammar = self._grammar_state(seq)
+        if grammar is not None:  # in place before the scheduler can pick the request
+            self._grammar_states[request_id] = grammar
+        try:
+            with self.kv_lock:
+                self.scheduler.add(seq, now, fork_from=parent)
+        except BaseException:
+            self._grammar_states.pop(request_id, None)
+            raise
         self._register(seq, detokenize)
         if outputs and request_id in self._detok:
             self._detok[request_id].replay(outputs)  # already streamed: advance past their text silently
@@ -184,8 +197,18 @@ class LLMEngine:
                                 received.num_tokens, params, priority)
         if len(received.block_table) != self.block_manager.blocks_for(received.num_tokens):
             raise InvalidRequestError("kv", "the block table does not match the token count")
+        grammar = self._grammar_state(seq)  # replays the first token, which the prefill worker sampled under it
         seq.block_table = list(received.block_table)
-        return self._adopt(seq, received.num_tokens, detokenize)
+        seq = self._adopt(seq, received.num_tokens, detokenize)
+        if grammar is not None:
+            self._grammar_states[request_id] = grammar
+        return seq
+
+    def _grammar_state(self, seq: Sequence) -> GrammarState | None:
+        """The matcher of a structured request, having consumed the tokens it already has (compiled here
+        unless a worker compiled it beforehand, off this thread)."""
+        so = seq.params.structured
+        return None if so is None else self.grammars.state(so, seq.output_token_ids)
 
     def _handed_over(self, request_id: str, prompt: list[int], outputs: list[int], num_kv_tokens: int,
                      params: SamplingParams, priority: int) -> Sequence:
@@ -261,6 +284,8 @@ class LLMEngine:
         sampled, logits = self.forward(plan)
         if not sampled:
             return []
+        if self._grammar_states:  # structured outputs: each grammar row's bitmask, applied in one call
+            apply_masks(logits, [self._grammar_states.get(s.request_id) for s in sampled])
         tokens, logprobs = sample(logits, sampled, [self._generator(s) for s in sampled], self.eos_token_ids)
         with self.kv_lock:
             return [self._append_token(seq, tok, lp) for seq, tok, lp in zip(sampled, tokens, logprobs, strict=True)]
@@ -422,6 +447,11 @@ class LLMEngine:
             new_text, hit = detok.add([token])
             if hit is not None:
                 reason, seq.stop_reason = FinishReason.STOP, hit
+        grammar = self._grammar_states.get(seq.request_id)
+        if grammar is not None and reason is None and (not grammar.accept(token) or grammar.terminated):
+            # complete (EOS, which the mask allows only there, or the grammar's end on a model without
+            # EOS); a token the grammar refused (never expected: it was masked) ends it too
+            reason, seq.stop_reason = FinishReason.STOP, token if token in self.eos_token_ids else None
         if reason is None:
             if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_set:
                 reason, seq.stop_reason = FinishReason.STOP, token
@@ -459,6 +489,7 @@ class LLMEngine:
         with self.kv_lock:
             self.scheduler.finish(seq, reason)  # frees every device and swap block it held
         self.seqs.pop(seq.request_id, None)
+        self._grammar_states.pop(seq.request_id, None)
         self._generators.pop(seq.request_id, None)
         self._detok.pop(seq.request_id, None)
         self._prompt_lps.pop(seq.request_id, None)

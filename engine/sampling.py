@@ -27,10 +27,37 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
 MAX_LOGIT_BIAS_ENTRIES = 300
 MAX_ABS_LOGIT_BIAS = 100.0
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's chat top_logprobs limit)
+# Structured outputs (`engine.structured`): a grammar spec is compiled once per worker (cached) and its
+# compile time grows with its size, so the spec is bounded; so are guided_choice's list and its strings.
+MAX_GRAMMAR_SPEC_CHARS = 32_768
+MAX_GUIDED_CHOICES = 256
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice")
 
 
 class InvalidSamplingParams(InvalidRequestError):
     """A sampling parameter is out of range; `param` names it."""
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must match (`engine.structured` compiles it; the spec is the cache key).
+
+    `kind`: "json" (`spec` is a JSON schema, as text; strict: no properties beyond the schema's),
+    "json_object" (any JSON object; `spec` is ""), "regex" (`spec` is the pattern), "choice" (`spec` is a
+    JSON list of the allowed strings). `param` names the request field it came from, for error messages."""
+
+    kind: str
+    spec: str = ""
+    param: str = "response_format"
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise InvalidSamplingParams(self.param, f"unknown structured output kind {self.kind!r}")
+        if not isinstance(self.spec, str):
+            raise InvalidSamplingParams(self.param, "the structured output spec must be a string")
+        if len(self.spec) > MAX_GRAMMAR_SPEC_CHARS:
+            raise InvalidSamplingParams(self.param, f"{self.param} is {len(self.spec)} characters long; this "
+                                        f"server's limit is {MAX_GRAMMAR_SPEC_CHARS}")
 
 
 @dataclass
@@ -55,6 +82,7 @@ class SamplingParams:
     # at its position, from the raw model (completions' echo with logprobs). Such a request is computed whole:
     # a cached prefix has no logits to give.
     prompt_logprobs: int | None = None
+    structured: StructuredOutput | None = None  # a grammar the output must match (`engine.structured`)
     stop_token_set: frozenset[int] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +138,10 @@ class SamplingParams:
         if not _int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidSamplingParams("min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
                                         f"got {self.min_tokens}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise InvalidSamplingParams("response_format", "structured must be a StructuredOutput")
+        if self.structured is not None and self.min_tokens:  # the grammar may allow only EOS before then
+            raise InvalidSamplingParams("min_tokens", "min_tokens cannot be combined with structured outputs")
 
     def _check_logit_bias(self) -> None:
         b = self.logit_bias

@@ -51,6 +51,10 @@ class PrefillWorker(Worker):
     async def prefill(self, request: GenerateRequest, reservation: KVReservation) -> FirstToken | WorkerError:
         rid = request.request_id
         aio = asyncio.get_running_loop()
+        try:
+            await self.precompile(request.params)
+        except Exception as e:  # the router checks specs first: only a spec it let through that fails here
+            return WorkerError.of(e)
         # the decode worker's prefix cache may hold the first blocks already: only the rest travels
         stream = LayerStream(rid, request.num_kv_tokens, reservation.num_cached_tokens)
         push = asyncio.wrap_future(self.sender.push(reservation.address, stream))

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdserve.engine.messages import StepItem
 from pdserve.router import protocol as P
+from pdserve.router import tools as T
 
 if TYPE_CHECKING:
     from pdserve.engine.config import ServeConfig
@@ -367,6 +368,40 @@ class _LogprobsBody:
         return {k: head[k] + tail[k] for k in head}
 
 
+class _ToolOutput:
+    """A chat call's text split into content and tool calls (`router.tools`), piece by piece as it streams:
+    "auto" parses Hermes `<tool_call>` blocks, "forced" holds the whole output and parses it at the end."""
+
+    def __init__(self, parsed: P.ParsedRequest):
+        self.mode, self.name = parsed.tool_mode, parsed.tool_name
+        self.stream = T.ToolCallStream() if self.mode == "auto" else None
+        self.held: list[str] = []
+        self.num_calls = 0
+
+    def feed(self, text: str, finished: bool) -> tuple[str, list[dict]]:
+        """(content, tool call deltas with their `index`) for the next piece of text."""
+        if self.mode == "none":
+            return text, []
+        if self.stream is not None:
+            content, calls = self.stream.feed(text)
+            if finished:
+                more, last = self.stream.finish()
+                content, calls = content + more, calls + last
+        else:
+            self.held.append(text)
+            content, calls = "", []
+            if finished:
+                whole = "".join(self.held)
+                calls = T.parse_forced(whole, self.name)
+                content = "" if calls else whole  # cut short (max_tokens): the text as it is
+        deltas = [{"index": self.num_calls + i, **c} for i, c in enumerate(calls)]
+        self.num_calls += len(calls)
+        return content, deltas
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if self.num_calls and reason in ("stop", "length", None) else reason
+
+
 async def _admit(router: Router, request: Request, kind: str) -> _Call:
     """The checks before a call runs (draining, the queue bound, the body, the model), then tokenizing."""
     arrival = time.monotonic()
@@ -453,22 +488,28 @@ async def _whole_response(router: Router, request: Request, call: _Call, first: 
         raise _worker_failed(e) from e
     finally:
         gone.cancel()
-    router.metrics.success.labels(router.model_name, reason[0] or "stop").inc()
-    body = None
+    body, reasons = None, []
     for i in range(n):  # one body per choice, merged: choice i at index i, usage over all of them
         lp = _LogprobsBody(router, call)
+        tools = _ToolOutput(call.parsed)
+        content, calls = tools.feed(text[i], True)
+        why = tools.finish_reason(reason[i])
+        reasons.append(why)
+        for c in calls:
+            del c["index"]
         if call.echo_text is None:
-            one = P.full_response(call.kind, call.rid, router.model_name, call.created, text[i], reason[i],
-                                  len(call.ids), n_out, lp.of(logprobs[i]))
-        else:
+            one = P.full_response(call.kind, call.rid, router.model_name, call.created,
+                                  None if calls and not content.strip() else content, why, len(call.ids), n_out,
+                                  lp.of(logprobs[i]), calls)
+        else:  # completions' echo (no tools there)
             one = P.full_response(call.kind, call.rid, router.model_name, call.created, call.echo_text + text[i],
-                                  reason[i], len(call.ids), n_out, lp.with_echo(call.ids, prompt_logprobs,
-                                                                                logprobs[i]))
+                                  why, len(call.ids), n_out, lp.with_echo(call.ids, prompt_logprobs, logprobs[i]))
         one["choices"][0]["index"] = i
         if body is None:
             body = one
         else:
             body["choices"].append(one["choices"][0])
+    router.metrics.success.labels(router.model_name, reasons[0] or "stop").inc()
     return JSONResponse(body)
 
 
@@ -480,25 +521,27 @@ async def _sse_stream(router: Router, call: _Call, first: tuple[int, StepItem]):
     model = router.model_name
     n = call.parsed.n
     logprobs = [_LogprobsBody(router, call) for _ in range(n)]
+    tools = [_ToolOutput(call.parsed) for _ in range(n)]
     plain = [P.TextChunks(call.kind, call.rid, model, call.created, index=i) for i in range(n)]
     prompt_logprobs = None
     try:
         is_first = [True] * n
         async for i, item in _chain(first, call.events):
             n_out += len(item.token_ids)
-            if not (item.finished or is_first[i] or item.logprobs):  # the common chunk: text only
-                if item.text:
+            if tools[i].mode == "none" and not (item.finished or is_first[i] or item.logprobs):
+                if item.text:  # the common chunk: text only
                     yield plain[i](item.text)
                 continue
-            reason = item.finish_reason if item.finished else None
+            text, calls = tools[i].feed(item.text, item.finished)
+            reason = tools[i].finish_reason(item.finish_reason) if item.finished else None
             prompt_logprobs = prompt_logprobs or item.prompt_logprobs
             if is_first[i] and call.echo_text is not None:  # the echoed prompt leads each choice
-                chunk = P.stream_chunk(call.kind, call.rid, model, call.created, call.echo_text + item.text, reason,
+                chunk = P.stream_chunk(call.kind, call.rid, model, call.created, call.echo_text + text, reason,
                                        first=True, logprobs=logprobs[i].with_echo(call.ids, prompt_logprobs,
                                                                                   item.logprobs))
-            elif item.text or item.finished or is_first[i] or item.logprobs:
-                chunk = P.stream_chunk(call.kind, call.rid, model, call.created, item.text, reason,
-                                       first=is_first[i], logprobs=logprobs[i].of(item.logprobs))
+            elif text or calls or item.finished or is_first[i] or item.logprobs:
+                chunk = P.stream_chunk(call.kind, call.rid, model, call.created, text, reason, first=is_first[i],
+                                       logprobs=logprobs[i].of(item.logprobs), tool_calls=calls)
             else:
                 chunk = None
             if chunk is not None:

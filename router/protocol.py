@@ -31,10 +31,15 @@ from pdserve.engine.sampling import (
     MAX_REPETITION_PENALTY,
     MIN_REPETITION_PENALTY,
     SamplingParams,
+    StructuredOutput,
 )
+from pdserve.router import tools as T
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions' `logprobs`
 MIN_LOGPROB = -9999.0  # a token the controls masked has logprob -inf, which JSON cannot carry (vLLM's floor)
+MAX_TOOLS = 128  # tools per request (each is rendered into the prompt and may become a grammar branch)
+MAX_TOOL_CALLS = 128  # assistant tool calls per history message
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
 
 class APIError(Exception):
@@ -101,6 +106,10 @@ class _Sampling(_Base):
         Field(None, max_length=MAX_LOGIT_BIAS_ENTRIES)
     min_tokens: int | None = Field(None, ge=0)  # vLLM's; at most max_tokens
     n: int = Field(1, ge=1)  # at most serve.max_n
+    # vLLM's structured outputs (each at most MAX_GRAMMAR_SPEC_CHARS as JSON text; see `_structured`)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     priority: int = 0  # lower runs first (vLLM's convention)
@@ -119,9 +128,56 @@ class ContentPart(_Base):
     text: str = ""
 
 
+class FunctionCall(_Base):
+    name: str = Field(pattern=TOOL_NAME)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Base):
+    id: str | None = Field(None, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Base):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOL_CALLS)  # an assistant's earlier calls
+    tool_call_id: str | None = Field(None, max_length=256)  # a tool message: the call it answers
+    name: str | None = Field(None, max_length=256)
+
+
+class FunctionDef(_Base):
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(_Base):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Base):
+    name: str
+
+
+class NamedToolChoice(_Base):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Base):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Base):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -129,6 +185,10 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the alternatives per token; needs logprobs
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(_Base):
@@ -231,10 +291,6 @@ UNSUPPORTED: dict[str, tuple[tuple[str, ...], tuple[Any, ...]]] = {
     # field: (the endpoints that know it, the values accepted because they ask for nothing)
     "best_of": (_COMPLETION, (1,)),
     "suffix": (_COMPLETION, ("",)),
-    "response_format": (_CHAT, ({"type": "text"},)),
-    "tools": (_CHAT, ([],)),
-    "tool_choice": (_CHAT, ("none",)),
-    "parallel_tool_calls": (_CHAT, ()),
     "functions": (_CHAT, ([],)),
     "function_call": (_CHAT, ("none",)),
     "audio": (_CHAT, ()),
@@ -246,9 +302,6 @@ UNSUPPORTED: dict[str, tuple[tuple[str, ...], tuple[Any, ...]]] = {
     "store": (_CHAT, (False,)),  # we keep no completions
     "service_tier": (_CHAT, ("auto", "default")),
     # vLLM's extras
-    "guided_json": (_BOTH, ()),
-    "guided_regex": (_BOTH, ()),
-    "guided_choice": (_BOTH, ()),
     "guided_grammar": (_BOTH, ()),
     "guided_decoding_backend": (_BOTH, ()),
     "guided_whitespace_pattern": (_BOTH, ()),
@@ -301,6 +354,11 @@ class ParsedRequest:
     max_tokens_param: str | None = None
     n: int = 1  # choices, each sampled independently (parallel sampling, `Router.generate_choices`)
     echo: bool = False  # completions: the prompt's text (and logprobs) before each choice's
+    tools: list[dict[str, Any]] | None = None  # for the chat template (None with tool_choice "none")
+    # "none": plain text; "auto": the text is parsed for tool calls; "forced": structured outputs force a
+    # call (`tool_name` named, or None for "required"), and the output is parsed as one (`router.tools`)
+    tool_mode: Literal["none", "auto", "forced"] = "none"
+    tool_name: str | None = None
 
 
 def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_tokens: int,
@@ -321,6 +379,8 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
     if kind == "chat" and req.max_completion_tokens is not None:
         max_tokens, max_tokens_param = req.max_completion_tokens, "max_completion_tokens"  # the newer name wins
     logprobs = _logprobs(req, kind)
+    tools, tool_mode, tool_name, forced = _tools(req) if kind == "chat" else (None, "none", None, None)
+    structured = _structured(req, kind, forced)
     try:
         params = SamplingParams(
             max_tokens=default_max_tokens if max_tokens is None else max_tokens,
@@ -332,7 +392,8 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             min_p=req.min_p or 0.0, logit_bias=req.logit_bias or {}, min_tokens=req.min_tokens or 0, logprobs=logprobs,
-            prompt_logprobs=logprobs if kind == "completion" and req.echo else None)
+            prompt_logprobs=logprobs if kind == "completion" and req.echo else None,
+            structured=structured)
     except InvalidRequestError as e:
         raise bad_request(str(e), max_tokens_param if e.param == "max_tokens" else e.param) from None
     prompt = messages = None
@@ -347,13 +408,76 @@ def parse_request(body: Any, kind: Literal["completion", "chat"], default_max_to
     else:
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         for m in messages:
+            if m["role"] != "assistant" and m.get("tool_calls"):
+                raise bad_request("only assistant messages carry tool_calls", "messages")
             if isinstance(m.get("content"), list):  # text parts only
                 if any(p["type"] != "text" for p in m["content"]):
                     raise bad_request("only text content parts are supported", "messages")
                 m["content"] = "".join(p["text"] for p in m["content"])
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return ParsedRequest(kind, req.model, prompt, messages, params, req.stream, include_usage, req.priority,
-                         max_tokens_param, req.n, kind == "completion" and req.echo)
+                         max_tokens_param, req.n, kind == "completion" and req.echo, tools, tool_mode,
+                         tool_name)
+
+
+def _tools(req: ChatCompletionRequest) -> tuple[list[dict] | None, str, str | None, StructuredOutput | None]:
+    """(tools for the template, tool mode, the forced function's name, the grammar that forces the call)."""
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or ()]
+    choice = req.tool_choice
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if choice != "none" and not tools:
+        raise bad_request("tool_choice needs tools", "tool_choice")
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) != len(names):
+        raise bad_request("tools must have distinct function names", "tools")
+    if choice == "none":
+        return None, "none", None, None
+    if choice == "auto":
+        return tools, "auto", None, None
+    name = None
+    if isinstance(choice, NamedToolChoice):
+        name = choice.function.name
+        if name not in names:
+            raise bad_request(f"tool_choice names the function {name!r}, which is not among the tools "
+                              f"({', '.join(names)})", "tool_choice")
+    parallel = req.parallel_tool_calls is not False
+    forced = T.forced_schema(tools, name, parallel)
+    return tools, "forced", name, _structured_output("json", forced, "tool_choice")
+
+
+def _structured(req: Any, kind: str, forced: StructuredOutput | None) -> StructuredOutput | None:
+    """The one structured-output constraint a request sets (response_format, guided_json, guided_regex,
+    guided_choice, or a forced tool call); two are a 400."""
+    asked: list[StructuredOutput] = [forced] if forced is not None else []
+    rf = getattr(req, "response_format", None)
+    if rf is not None and rf.type == "json_object":
+        asked.append(StructuredOutput("json_object", "", "response_format"))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise bad_request("response_format of type json_schema needs json_schema.schema", "response_format")
+        asked.append(_structured_output("json", rf.json_schema.schema_, "response_format"))
+    if req.guided_json is not None:
+        asked.append(_structured_output("json", req.guided_json, "guided_json"))
+    if req.guided_regex is not None:
+        asked.append(_structured_output("regex", req.guided_regex, "guided_regex"))
+    if req.guided_choice is not None:
+        if not req.guided_choice:
+            raise bad_request("guided_choice must list at least one string", "guided_choice")
+        asked.append(_structured_output("choice", req.guided_choice, "guided_choice"))
+    if len(asked) > 1:
+        raise bad_request(f"{asked[0].param} and {asked[1].param} both constrain the output; set one",
+                          asked[1].param)
+    return asked[0] if asked else None
+
+
+def _structured_output(kind: str, spec: Any, param: str) -> StructuredOutput:
+    # key order kept (the output follows the schema's order); the text is the cache key
+    text = spec if isinstance(spec, str) else json.dumps(spec, separators=(",", ":"))
+    try:
+        return StructuredOutput(kind, text, param)
+    except InvalidRequestError as e:
+        raise bad_request(str(e), param) from None
 
 
 def _logprobs(req: Any, kind: str) -> int | None:
@@ -440,12 +564,14 @@ def echo_logprobs(prompt_ids: list[int], entries: list[TokenLogprob], token_text
             "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
 
 
-def full_response(kind: str, rid: str, model: str, created: int, text: str, finish_reason: str | None,
-                  prompt_tokens: int, completion_tokens: int, logprobs: dict[str, Any] | None = None
-                  ) -> dict[str, Any]:
+def full_response(kind: str, rid: str, model: str, created: int, text: str | None, finish_reason: str | None,
+                  prompt_tokens: int, completion_tokens: int, logprobs: dict[str, Any] | None = None,
+                  tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                  "finish_reason": finish_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -455,9 +581,13 @@ def full_response(kind: str, rid: str, model: str, created: int, text: str, fini
 
 
 def stream_chunk(kind: str, rid: str, model: str, created: int, text: str, finish_reason: str | None,
-                 first: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+                 first: bool = False, logprobs: dict[str, Any] | None = None,
+                 tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A chunk; `tool_calls`: (index, call) deltas, each call whole."""
     if kind == "chat":
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:

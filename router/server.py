@@ -51,6 +51,7 @@ from pdserve.engine.config import PdserveConfig
 from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.messages import GenerateRequest, StepItem, WorkerError
 from pdserve.engine.sampling import INT64_MIN
+from pdserve.engine.structured import GrammarCompiler
 from pdserve.router import protocol as P
 from pdserve.router.admission import DrainRate
 from pdserve.router.metrics import PoolCollector, RouterMetrics
@@ -67,6 +68,7 @@ from pdserve.router.pools import (
     place_prefill,
 )
 from pdserve.router.relay import RelayClosed, StepRelay
+from pdserve.router.tools import render_messages, template_knows_tools
 
 logger = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -89,6 +91,10 @@ class Router:
                                  hf.max_position_embeddings)
         self.vocab_size = hf.vocab_size
         self.tokenizer = load_tokenizer(self.source.path)
+        # structured outputs: each new spec is compiled here once (on the tokenize thread) so that a bad one
+        # is a 400 before any worker sees it; the workers compile their own copy off their engine loops
+        self.grammars = GrammarCompiler(self.tokenizer, hf.vocab_size, frozenset())
+        self.native_tools = template_knows_tools(self.tokenizer)
         # No token covers more characters than its vocabulary entry has (byte-level entries spell one
         # character per byte), so a prompt longer than this many characters cannot fit the context
         # window: it is refused before the tokenizer spends seconds on it.
@@ -163,8 +169,10 @@ class Router:
         if parsed.kind == "chat":
             if self.tokenizer is None:
                 raise P.bad_request("this model has no tokenizer, so chat is unavailable", "messages")
+            messages, tools = render_messages(parsed.messages, parsed.tools, self.native_tools)
             try:
-                text = self.tokenizer.apply_chat_template(parsed.messages, tokenize=False, add_generation_prompt=True)
+                text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                          add_generation_prompt=True)
             except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
                 raise P.bad_request(f"the chat template rejected the messages: {e}", "messages") from None
             ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -183,6 +191,8 @@ class Router:
                                 f"{self.max_model_len} tokens, leaving no room for output", "prompt")
         try:
             parsed.params.check_vocab(self.vocab_size)
+            if parsed.params.structured is not None:  # cached: a spec seen before costs a lookup
+                self.grammars.compile(parsed.params.structured)
         except InvalidRequestError as e:
             raise P.bad_request(str(e), e.param) from None
         room = self.max_model_len - len(ids)

@@ -9,6 +9,7 @@ on the actor's event loop waits on the other two: it posts to them and awaits fu
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -17,6 +18,7 @@ import torch
 from pdserve.engine.config import FaultConfig, PdserveConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.messages import WorkerInfo, WorkerStats
+from pdserve.engine.sampling import SamplingParams
 from pdserve.worker.engine_loop import EngineLoop
 
 
@@ -122,6 +124,13 @@ class Worker:
 
     def abort(self, request_id: str) -> None:
         self.loop.abort(request_id)
+
+    async def precompile(self, params: SamplingParams) -> None:
+        """A structured request's grammar, compiled on an executor thread before the request reaches the
+        engine loop (which then finds it in the engine's cache: a compile never stalls a step). Raises
+        `InvalidGrammarError` for a spec that does not compile."""
+        if params.structured is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.grammars.compile, params.structured)
 
     def _engine_request_ids(self) -> list[str]:
         while True:  # the loop thread may add or drop one meanwhile

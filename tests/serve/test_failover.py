@@ -161,6 +161,23 @@ def test_an_n2_request_whose_decode_worker_dies_migrates_each_choice_as_its_own_
                 on_chunk(chunks)
     assert killed and texts == [reference, reference]
     assert metric(disagg, "pdserve_request_migrations_total", reason="worker_died") == before + 2
+
+
+def test_a_structured_request_migrates_under_its_grammar(disagg, tiny_text_model_dir):
+    """A decode worker dies mid-stream of a guided_regex request: the new attempt's prefill worker and decode
+    worker rebuild the grammar state from the streamed tokens, and the text equals the bare engine's."""
+    from pdserve.engine.sampling import StructuredOutput
+
+    regex = "[a-z]{60}"
+    engine = LLMEngine(PdserveConfig().replace(model={"model": str(tiny_text_model_dir), **EXACT}))
+    want = engine.generate([PROMPT], SamplingParams(max_tokens=80, temperature=0, structured=StructuredOutput(
+        "regex", regex, "guided_regex")))[0].output_text
+    del engine
+    wait_pools(disagg, 2, 2)
+    on_chunk, killed = kill_after(disagg, "decode", 5)
+    text, error, _ = stream(disagg.url, on_chunk, max_tokens=80, guided_regex=regex)
+    assert error is None and killed
+    assert text == want and len(text) == 60
     wait_pools(disagg, 2, 2)
     disagg.wait_kv_free()
 
