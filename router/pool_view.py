@@ -16,7 +16,7 @@ import logging
 
 from pdserve.engine.config import PdserveConfig
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.pools import WorkerState
+from pdserve.router.pools import WorkerState, worker_status
 from pdserve.router.prefix_index import PrefixIndex
 
 logger = logging.getLogger(__name__)
@@ -124,9 +124,5 @@ class PoolView:
 
     def status(self) -> dict:
         """Per role, each worker as this replica routes to it (`inflight`: this replica's requests there)."""
-        return {role: [{"worker_id": w.worker_id, "healthy": w.healthy, "draining": w.draining,
-                        "inflight": w.inflight_requests, "node_id": w.info.node_id, "dtype": w.info.dtype,
-                        "attention": w.info.attention, "free_blocks": w.stats.free_blocks,
-                        "num_blocks": w.stats.num_blocks, "cached_blocks": w.stats.num_cached_blocks,
-                        "indexed_blocks": self.index.size(w.worker_id)} for w in pool.values()]
+        return {role: [worker_status(w, self.index.size(w.worker_id)) for w in pool.values()]
                 for role, pool in self.pools.items()}

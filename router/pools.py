@@ -186,3 +186,12 @@ def place_prefill(mode: str, decode: WorkerState, prefill: WorkerState | None, u
     if queue_s > local_s:
         return Placement(True, "prefill_busy")
     return Placement(False, "long_prompt")
+
+
+def worker_status(w: WorkerState, indexed_blocks: int) -> dict:
+    """One worker as routing sees it (`status` of the pools and of a replica's mirror): health, requests
+    in flight, its KV pool as of its last report, and the blocks the prefix index believes it has cached."""
+    return {"worker_id": w.worker_id, "healthy": w.healthy, "draining": w.draining,
+            "inflight": w.inflight_requests, "node_id": w.info.node_id, "dtype": w.info.dtype,
+            "attention": w.info.attention, "free_blocks": w.stats.free_blocks, "num_blocks": w.stats.num_blocks,
+            "cached_blocks": w.stats.num_cached_blocks, "indexed_blocks": indexed_blocks}

@@ -25,7 +25,7 @@ from typing import Any
 from pdserve.engine.config import PdserveConfig
 from pdserve.engine.messages import WorkerInfo, WorkerStats
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.pools import WorkerState
+from pdserve.router.pools import WorkerState, worker_status
 from pdserve.router.prefix_index import PrefixIndex
 
 logger = logging.getLogger(__name__)
@@ -298,11 +298,7 @@ class WorkerPools:
         """Per role, each worker as routing sees it: health, requests in flight, and its KV pool as of its
         last health check (free blocks count evictable cached ones), beside the blocks the prefix index
         believes it has cached."""
-        return {role: [{"worker_id": w.worker_id, "healthy": w.healthy, "draining": w.draining,
-                        "inflight": w.inflight_requests, "node_id": w.info.node_id, "dtype": w.info.dtype,
-                        "attention": w.info.attention, "free_blocks": w.stats.free_blocks,
-                        "num_blocks": w.stats.num_blocks, "cached_blocks": w.stats.num_cached_blocks,
-                        "indexed_blocks": self.index.size(w.worker_id)} for w in pool.values()]
+        return {role: [worker_status(w, self.index.size(w.worker_id)) for w in pool.values()]
                 for role, pool in self.pools.items()}
 
     async def _health_loop(self) -> None:

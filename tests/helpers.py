@@ -5,6 +5,7 @@ its router's Prometheus series)."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -126,3 +127,11 @@ def kv_fingerprint(num_layers: int = 2):
 
     return Fingerprint("test/model", "ab" * 32, num_layers=num_layers, num_kv_heads=2, head_dim=16, dtype="float32",
                        block_size=16, pdserve_version="0.1.0")
+
+
+def serve_modes(ray_cluster, model_dir, names):
+    """A module fixture's body: a `Server` per `MODES` name, stopped when the module is done."""
+    made = {name: Server(ray_cluster, model_dir, **json.loads(json.dumps(MODES[name]))) for name in names}
+    yield made
+    for s in made.values():
+        s.stop()

@@ -9,17 +9,14 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import MODES, Server
+from tests.helpers import serve_modes
 
 SERVED = ("disagg-grpc", "colocated")
 
 
 @pytest.fixture(scope="module")
 def servers(ray_cluster, tiny_text_model_dir):
-    made = {name: Server(ray_cluster, tiny_text_model_dir, **json.loads(json.dumps(MODES[name]))) for name in SERVED}
-    yield made
-    for s in made.values():
-        s.stop()
+    yield from serve_modes(ray_cluster, tiny_text_model_dir, SERVED)
 
 
 def test_unimplemented_fields_and_a_max_tokens_past_the_context_are_400s(servers):

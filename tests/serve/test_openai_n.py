@@ -10,7 +10,7 @@ import json
 import httpx
 import pytest
 
-from tests.helpers import MODES, Server, metric
+from tests.helpers import Server, metric, serve_modes
 
 SERVED = ("disagg-grpc", "colocated")
 PROMPT = "The quick brown fox jumps over the lazy dog, again and again and again."  # > 4 blocks of 16
@@ -18,10 +18,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog, again and again and again
 
 @pytest.fixture(scope="module")
 def servers(ray_cluster, tiny_text_model_dir):
-    made = {name: Server(ray_cluster, tiny_text_model_dir, **json.loads(json.dumps(MODES[name]))) for name in SERVED}
-    yield made
-    for s in made.values():
-        s.stop()
+    yield from serve_modes(ray_cluster, tiny_text_model_dir, SERVED)
 
 
 def post(server: Server, path: str, body: dict) -> httpx.Response:

@@ -16,7 +16,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.helpers import MODES, Server
+from tests.helpers import MODES, Server, serve_modes
 
 SERVED = ("disagg-grpc", "colocated")
 CHAT = [{"role": "user", "content": "hi"}]
@@ -34,10 +34,7 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 
 @pytest.fixture(scope="module")
 def servers(ray_cluster, tiny_text_model_dir):
-    made = {name: Server(ray_cluster, tiny_text_model_dir, **json.loads(json.dumps(MODES[name]))) for name in SERVED}
-    yield made
-    for s in made.values():
-        s.stop()
+    yield from serve_modes(ray_cluster, tiny_text_model_dir, SERVED)
 
 
 def _chat(c, server, stream=False, max_tokens=60, **kw):
