@@ -39,6 +39,9 @@ class WorkerState:
     draining: bool = False  # being scaled away: no new requests
     inflight_requests: int = 0
     inflight_tokens: int = 0  # prompt tokens to compute dispatched here and not yet done (prefill queue depth)
+    # a decode worker's own prefill queue (disaggregated mode, local placements): prompt tokens it computes
+    # itself, dispatched and not yet done
+    local_prefill_tokens: int = 0
     num_dispatched: int = 0  # attempts ever dispatched here (a health report is current if none came since)
     last_ok: float = 0.0  # monotonic time of the last health check it answered
 
@@ -165,7 +168,9 @@ def place_prefill(mode: str, decode: WorkerState, prefill: WorkerState | None, u
          prompt token) takes at most one of its decode steps at its current batch size: the streams
          it runs lose at most about one extra inter-token gap (short_prompt);
       4. local when the prefill pool is the bottleneck: the chosen prefill worker's queued tokens,
-         at its measured seconds per token, take longer than the local prefill (prefill_busy);
+         at its measured seconds per token, take longer than the local prefill, counted behind the local
+         prefills this decode worker already has queued (prefill_busy): a burst is shared between the
+         two queues instead of piling onto whichever looked shorter when it was empty;
       5. otherwise remote: the local prefill would stall the running streams for longer than a
          step, and the prefill worker can start on it sooner (long_prompt)."""
     if mode == "never":
@@ -183,7 +188,7 @@ def place_prefill(mode: str, decode: WorkerState, prefill: WorkerState | None, u
     if local_s <= d.decode_step_s:
         return Placement(True, "short_prompt")
     queue_s = prefill.inflight_tokens * (prefill.stats.prefill_s_per_token or d.prefill_s_per_token)
-    if queue_s > local_s:
+    if queue_s > local_s + decode.local_prefill_tokens * d.prefill_s_per_token:
         return Placement(True, "prefill_busy")
     return Placement(False, "long_prompt")
 

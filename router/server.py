@@ -460,10 +460,12 @@ class Router:
         request = self._request(attempt, parsed, ids, streamed, t, why, remote_prefill=prefill is not None,
                                 fork_of=fork_of)
         to_compute = route.uncached_tokens(prefill) if prefill else 0  # the prefill worker's share
+        local_tokens = route.uncached_tokens(decode) if local else 0  # the decode worker's own prefill queue
         m = self.metrics
         relay = start_ref = None
         prefill_ref = None
         decode.inflight_requests += 1
+        decode.local_prefill_tokens += local_tokens
         decode.num_dispatched += 1
         self.index.insert(decode.worker_id, names)  # it receives or computes the KV: its cache will hold it
         if prefill:
@@ -544,6 +546,9 @@ class Router:
                 if awaiting_decode and k:  # KV committed -> the decode worker's first step
                     m.stage.labels(self.model_name, "decode_admission").observe(time.monotonic() - t.last_at)
                     awaiting_decode = False
+                if local_tokens and k:  # the decode worker's local prefill is done
+                    decode.local_prefill_tokens -= local_tokens
+                    local_tokens = 0
                 if local and k and not produced and not retry:  # the decode worker prefilled it itself
                     m.stage.labels(self.model_name, "local_prefill").observe(time.monotonic() - ready_at)
                 t.tokens(k, m, self.model_name)
@@ -566,6 +571,7 @@ class Router:
             raise _Failover("timeout", f"{current.worker_id} did not answer within {limit:g}s", current) from None
         finally:
             decode.inflight_requests -= 1
+            decode.local_prefill_tokens -= local_tokens
             if prefill is not None:
                 prefill.inflight_requests -= 1
                 prefill.inflight_tokens -= to_compute

@@ -164,3 +164,21 @@ def test_auto_local_when_the_prefill_queue_takes_longer_than_the_local_prefill()
     assert (p.local, p.reason) == (True, "prefill_busy")
     unmeasured_prefill = worker("prefill-0", tokens=1001)  # priced at the decode worker's rate
     assert place_prefill("auto", d, unmeasured_prefill, 1000, BS).reason == "prefill_busy"
+    # the decode worker's own queued local prefills count too: 0.5 s of them + 1 s > the 1.2 s queue
+    d.local_prefill_tokens = 500
+    assert place_prefill("auto", d, prefill, 1000, BS).reason == "long_prompt"
+
+
+def test_auto_shares_a_burst_between_the_prefill_worker_and_the_decode_worker():
+    """A burst of equal prompts, placed one after another as the router does (each placement adds to the queue
+    it chose): both queues grow, neither takes everything."""
+    d = decode_busy()  # 1 ms a token locally
+    prefill = worker("prefill-0", prefill_s=1e-3)  # as fast
+    for _ in range(30):
+        p = place_prefill("auto", d, prefill, 200, BS)
+        if p.local:
+            d.local_prefill_tokens += 200
+        else:
+            prefill.inflight_tokens += 200
+    assert abs(d.local_prefill_tokens - prefill.inflight_tokens) <= 400, (d.local_prefill_tokens,
+                                                                         prefill.inflight_tokens)
