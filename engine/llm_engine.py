@@ -419,9 +419,11 @@ class LLMEngine:
         for seq, n in plan[d:]:
             start = seq.num_computed_tokens
             end = start + n
-            slots = self.kv.slots(seq.block_table, 0, end)
-            slot_parts.append(slots[start:])
-            if prefill_kernel is None:
+            if prefill_kernel is not None:  # it reads the context through the block table: the new slots only
+                slot_parts.append(self.kv.slots(seq.block_table, start, end))
+            else:
+                slots = self.kv.slots(seq.block_table, 0, end)
+                slot_parts.append(slots[start:])
                 if start == 0:
                     prefills.append((q, q + n, None, None))
                 else:
