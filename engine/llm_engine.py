@@ -77,12 +77,15 @@ class LLMEngine:
         if self.device.type == "cpu":
             keep_freed_memory()
         t0 = time.perf_counter()
-        self.model, self.hf_config = load_model(self.source.path, self.device, self.dtype)
-        self.tokenizer = load_tokenizer(self.source.path)
         # decode attention: the paged-attention kernel, or None for the torch path (see EngineConfig)
         self.decode_kernel = decode_attention_kernel(config.engine.attention_backend, self.device, self.dtype)
-        if self.decode_kernel is not None and self.dtype == torch.bfloat16:  # the same library's fused bf16 ops
-            self.model.use_fused_ops(torch.ops.pdserve)
+        # bf16 on CPU with the kernel library: its fused ops, and its GEMM where built for AVX-512-BF16
+        kernel_ops = torch.ops.pdserve if self.decode_kernel is not None and self.dtype == torch.bfloat16 else None
+        linear_ops = kernel_ops if kernel_ops is not None and kernel_ops.bf16_linear_supported() else None
+        self.model, self.hf_config = load_model(self.source.path, self.device, self.dtype, linear_ops)
+        self.tokenizer = load_tokenizer(self.source.path)
+        if kernel_ops is not None:
+            self.model.use_fused_ops(kernel_ops)
         arch = self.arch = self.model.arch
         # prefill attention: the same library's paged prefill kernel where it runs (bf16, AVX-512-BF16)
         self.prefill_kernel = prefill_attention_kernel(self.decode_kernel, self.dtype, arch.head_dim,

@@ -20,7 +20,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -803,6 +805,124 @@ void silu_mul(at::Tensor out, const at::Tensor& gate_up) {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------------
+// The bf16 linear of the CPU model (`engine.model.Linear`'s tiled layout): out[M, N] = x[M, K] W^T (+ bias),
+// W tiled as [ceil(N/32), ceil(K/2), 32, 2] (`engine.model.tile_bf16_weight`): for each block of 32 outputs,
+// the pairs (W[o][2p], W[o][2p+1]) of all 32 outputs side by side, one 64-byte line per pair index p. One
+// VDPBF16PS then multiplies a pair of x, broadcast, into 16 outputs' fp32 sums at once, with no horizontal
+// sum, and a block's weights stream from memory once for up to 8 rows of x. Decode (a few rows) is bound by
+// the weight stream: measured on SmolLM2's projections, 2 threads, batch 1 ~1.25x faster than oneDNN's packed
+// bf16 GEMM, and no slower from 2 to 512 rows. Rows beyond 8 are taken in panels that stay in L2 while the
+// thread walks its blocks. Sums are fp32; the result is rounded to bf16 once (round to nearest even), with the
+// bias (fp32) added first, as oneDNN's bf16 linear does.
+
+namespace {
+
+constexpr int64_t kLinearBlock = 32;  // outputs per tile: two 16-lane fp32 accumulators
+constexpr int64_t kLinearRows = 8;    // rows of x per tile (16 accumulators)
+
+bool bf16_linear_supported() {
+#ifdef PDSERVE_AVX512_BF16
+  return true;
+#else
+  return false;
+#endif
+}
+
+#ifdef PDSERVE_AVX512_BF16
+// R rows of x (row stride ldx, K elements) times one tiled block of 32 outputs (`valid` of them real).
+template <int R>
+inline void linear_tile(uint16_t* out, int64_t ldo, const uint16_t* x, int64_t ldx, int64_t K, const uint16_t* wb,
+                        const float* bias, int64_t valid) {
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wb + p * 2 * kLinearBlock);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wb + p * 2 * kLinearBlock + kLinearBlock);
+    for (int r = 0; r < R; ++r) {
+      int32_t xp;
+      std::memcpy(&xp, x + r * ldx + 2 * p, sizeof xp);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(xp);
+      a0[r] = _mm512_dpbf16_ps(a0[r], xb, w0);
+      a1[r] = _mm512_dpbf16_ps(a1[r], xb, w1);
+    }
+  }
+  if (K & 1) {  // the last pair is (x[K-1], 0); the tiled weight's padding is zero too
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wb + pairs * 2 * kLinearBlock);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wb + pairs * 2 * kLinearBlock + kLinearBlock);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x[r * ldx + K - 1]));
+      a0[r] = _mm512_dpbf16_ps(a0[r], xb, w0);
+      a1[r] = _mm512_dpbf16_ps(a1[r], xb, w1);
+    }
+  }
+  const __mmask16 m0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+  const __mmask16 m1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
+  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+  if (bias != nullptr) {
+    b0 = _mm512_maskz_loadu_ps(m0, bias);
+    b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_mask_storeu_epi16(out + r * ldo, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(a0[r], b0)));
+    _mm256_mask_storeu_epi16(out + r * ldo + 16, m1, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(a1[r], b1)));
+  }
+}
+
+template <int... Rs>
+inline void linear_rows(int64_t rows, uint16_t* out, int64_t ldo, const uint16_t* x, int64_t ldx, int64_t K,
+                        const uint16_t* wb, const float* bias, int64_t valid, std::integer_sequence<int, Rs...>) {
+  ((rows == Rs + 1 ? linear_tile<Rs + 1>(out, ldo, x, ldx, K, wb, bias, valid) : void()), ...);
+}
+#endif
+
+void bf16_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& tiled, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(bf16_linear_supported(), "bf16_linear needs a build for AVX-512-BF16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
+                  tiled.scalar_type() == at::kBFloat16,
+              "bf16_linear: x, out and the tiled weight must be bfloat16");
+  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && tiled.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.stride(1) == 1 && out.stride(1) == 1,
+              "x [M, K] and out [M, N] with a contiguous last dimension");
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
+  TORCH_CHECK(out.size(0) == M, "out must have x's rows");
+  TORCH_CHECK(tiled.dim() == 4 && tiled.is_contiguous() && tiled.size(0) == (N + kLinearBlock - 1) / kLinearBlock &&
+                  tiled.size(1) == (K + 1) / 2 && tiled.size(2) == kLinearBlock && tiled.size(3) == 2,
+              "the tiled weight must be [ceil(N/32), ceil(K/2), 32, 2] for out's N and x's K (tile_bf16_weight)");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "bias: float32, contiguous, N elements");
+    bp = bias->const_data_ptr<float>();
+  }
+  if (M == 0 || N == 0) return;
+#ifdef PDSERVE_AVX512_BF16
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(tiled.const_data_ptr());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.mutable_data_ptr());
+  const int64_t ldx = x.stride(0), ldo = out.stride(0), nb = tiled.size(0), block_elems = tiled.size(1) * 2 * kLinearBlock;
+  // rows of x per panel: ~256 KB of x, so that a panel stays in L2 while a thread walks its blocks
+  const int64_t panel = std::max<int64_t>(kLinearRows, (int64_t{1} << 17) / std::max<int64_t>(1, K) / kLinearRows * kLinearRows);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t m0 = 0; m0 < M; m0 += panel) {
+      const int64_t m1 = std::min(M, m0 + panel);
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint16_t* wb = wp + b * block_elems;
+        const int64_t valid = std::min<int64_t>(kLinearBlock, N - b * kLinearBlock);
+        const float* bb = bp == nullptr ? nullptr : bp + b * kLinearBlock;
+        for (int64_t m = m0; m < m1; m += kLinearRows) {
+          linear_rows(std::min<int64_t>(kLinearRows, m1 - m), op + m * ldo + b * kLinearBlock, ldo, xp + m * ldx, ldx,
+                      K, wb, bb, valid, std::make_integer_sequence<int, kLinearRows>{});
+        }
+      }
+    }
+  });
+#endif
+}
+
+}  // namespace
+
 TORCH_LIBRARY(pdserve, m) {
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, int block_size, float scale) -> ()",
@@ -817,4 +937,6 @@ TORCH_LIBRARY(pdserve, m) {
   m.def("rope_kv_cache(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, "
         "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping) -> ()", &rope_kv_cache);
   m.def("silu_mul(Tensor(a!) out, Tensor gate_up) -> ()", &silu_mul);
+  m.def("bf16_linear(Tensor(a!) out, Tensor x, Tensor tiled, Tensor? bias) -> ()", &bf16_linear);
+  m.def("bf16_linear_supported() -> bool", &bf16_linear_supported);
 }

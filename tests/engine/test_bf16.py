@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pdserve.engine import kernels
 from pdserve.engine.llm_engine import pick_dtype
-from pdserve.engine.model import Linear, mkldnn_bf16_linear_available
+from pdserve.engine.model import Linear, mkldnn_bf16_linear_available, tile_bf16_weight
 from pdserve.engine.platform import cpu_has_fast_bf16
 from pdserve.engine.sampling import SamplingParams
 from tests.helpers import prompts
@@ -39,6 +40,49 @@ def test_packed_head_keeps_its_own_embedding_table():
         assert torch.equal(lin.rows(ids), w[ids])
     else:
         assert lin.rows(ids) is None  # opaque layout: the model keeps the table (see LlamaModel.__init__)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    kernels.load()
+    return torch.ops.pdserve
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3, 8, 9, 70])
+@pytest.mark.parametrize(("out_features", "in_features"), [(1, 1), (31, 7), (32, 64), (100, 65), (96, 576)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_tiled_bf16_linear_against_float64(ops, rows, out_features, in_features, bias):
+    """`torch.ops.pdserve.bf16_linear` (the CPU model's bf16 GEMM where the kernels are built for
+    AVX-512-BF16): fp32 sums of exact bf16 products, rounded once, so within one bf16 rounding of the float64
+    product, for ragged tiles (outputs not a multiple of 32, an odd input width, rows past one tile of 8)."""
+    g = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
+    w = torch.randn(out_features, in_features, generator=g).bfloat16()
+    b = torch.randn(out_features, generator=g).bfloat16() if bias else None
+    x = torch.randn(rows, in_features + 3, generator=g).bfloat16()[:, :in_features]  # a strided view
+    lin = Linear(w, b, parts=2, linear_ops=ops if ops.bf16_linear_supported() else None)
+    if not ops.bf16_linear_supported():  # an AVX2-only CPU: the oneDNN/parts paths, and the op refuses
+        assert lin.tiled is None
+        with pytest.raises(RuntimeError, match="AVX-512-BF16"):
+            ops.bf16_linear(torch.empty(rows, out_features, dtype=torch.bfloat16), x.contiguous(),
+                            tile_bf16_weight(w), None)
+        return
+    assert lin.tiled is not None and lin.tiled.shape == (-(-out_features // 32), -(-in_features // 2), 32, 2)
+    want = x.double() @ w.double().t() + (0 if b is None else b.double())
+    got = lin(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=2 ** -8)  # half a bf16 ulp, and fp32 sum order
+    assert torch.equal(lin.rows(torch.arange(out_features)), w)  # a tied head serves as the embedding table
+
+
+def test_tiled_bf16_linear_refuses_a_mismatched_weight(ops):
+    x = torch.randn(2, 64).bfloat16()
+    # an AVX2-only build refuses every call, first
+    with pytest.raises(RuntimeError, match=r"tiled weight must be" if ops.bf16_linear_supported() else "AVX-512-BF16"):
+        ops.bf16_linear(torch.empty(2, 40, dtype=torch.bfloat16), x, tile_bf16_weight(torch.randn(32, 64).bfloat16()),
+                        None)
+    with pytest.raises(RuntimeError, match="bias" if ops.bf16_linear_supported() else "AVX-512-BF16"):
+        ops.bf16_linear(torch.empty(2, 32, dtype=torch.bfloat16), x, tile_bf16_weight(torch.randn(32, 64).bfloat16()),
+                        torch.zeros(32, dtype=torch.bfloat16))
 
 
 def test_auto_dtype_is_bf16_exactly_where_the_cpu_has_native_bf16():
