@@ -41,6 +41,7 @@ from pdserve.engine.sampler import advance_generator, make_generator, sample
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import MeasuredStepCost, Scheduler
 from pdserve.engine.sequence import FinishReason, RequestOutput, Sequence
+from pdserve.engine.streams import transfer_stream
 from pdserve.engine.structured import GrammarCompiler, GrammarState, apply_masks
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)
         self.kv = PagedKVCache(arch.num_layers, num_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
                                self.dtype, self.device)
+        self.transfer = transfer_stream(self.device)  # KV shipped to other engines is copied on it
         swap_blocks = config.scheduler.swap_space_blocks
         self.swap_kv = PagedKVCache(arch.num_layers, swap_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
                                     self.dtype, torch.device("cpu")) if swap_blocks else None
@@ -376,6 +378,8 @@ class LLMEngine:
         if ship and not layerwise:
             for i in range(self.arch.num_layers):
                 self._ship_layer(ship, i)
+        if ship:  # the next step may reuse the shipped blocks: its writes queue behind the copies (on the device)
+            self.transfer.compute_waits(self.transfer.record())
         with self.kv_lock:
             for seq, n in plan:
                 seq.num_computed_tokens += n
@@ -414,13 +418,27 @@ class LLMEngine:
             sink = self._kv_sinks.get(seq.request_id)
             if sink is not None and seq.num_computed_tokens + n == seq.num_tokens:
                 # only what the receiver lacks: it may hold the first `token_start` tokens' blocks already
-                ship.append((sink, self.kv.slots(seq.block_table, sink.token_start, seq.num_tokens).to(self.device)))
+                slots = self.kv.slots(seq.block_table, sink.token_start, seq.num_tokens).to(self.device)
+                self.transfer.hold(slots)  # read on the transfer stream
+                ship.append((sink, slots))
         return ship
 
     def _ship_layer(self, ship: list[tuple[object, torch.Tensor]], layer: int) -> None:
+        """Hand layer `layer`'s KV of each shipped sequence to its sink, copied on the transfer stream once the
+        compute stream has written it (`engine.streams`: on CUDA the host waits for nothing here; the sender
+        waits for the layer's event, once, on its own thread). Staged in pinned host memory for the grpc
+        transport, kept on the device for nccl."""
+        xfer = self.transfer
         k, v = self.kv.k[layer], self.kv.v[layer]
-        for sink, slots in ship:
-            sink.put_layer(layer, torch.stack([k.index_select(0, slots), v.index_select(0, slots)]))
+        to_host = self.config.kv_transfer.kv_transport == "grpc"
+        staged = []
+        with xfer.use(after=xfer.record_compute()):  # after this layer's KV write
+            for sink, slots in ship:
+                kv = torch.stack([k.index_select(0, slots), v.index_select(0, slots)])
+                staged.append((sink, xfer.to_host(kv) if to_host else kv))
+            ready = xfer.record()
+        for sink, kv in staged:
+            sink.put_layer(layer, kv, ready)
 
     def _attention_metadata(self, plan: list[tuple[Sequence, int]]) -> AttentionMetadata:
         bs = self.block_manager.block_size
