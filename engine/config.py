@@ -46,12 +46,20 @@ class CacheConfig:
     """The paged KV cache."""
 
     block_size: int = 16
-    # Number of blocks in the pool; None sizes it from `kv_cache_memory_gb`.
+    # Number of blocks in the pool; None sizes it from the device's memory on CUDA (see
+    # `gpu_memory_utilization`), from `kv_cache_memory_gb` on CPU.
     num_kv_blocks: int | None = None
     kv_cache_memory_gb: float = 1.0
+    # CUDA: the fraction of the device's memory this engine may use in all; the KV cache gets what the
+    # weights and the largest step (measured by a profiling pass at start-up) leave of it (`engine.memory`).
+    gpu_memory_utilization: float = 0.9
     # Automatic prefix caching (see engine.block_manager): full blocks stay cached after their request
     # ends and later requests with the same prefix reuse them instead of computing them again.
     enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass(frozen=True)

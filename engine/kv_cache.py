@@ -58,10 +58,32 @@ class PagedKVCache:
 
     def copy_blocks_to(self, dst: PagedKVCache, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks (all layers, K and V) from this pool into `dst`: (src block, dst block)
-        pairs. Swapping to and from the CPU pool is this."""
+        pairs. Swapping to and from the CPU pool is this.
+
+        When it returns, the copy is complete as far as the caller can tell: a swap-out's blocks are in
+        the CPU pool, and its source blocks may be reused (the KV receiver may write into them on its own
+        stream as soon as the engine frees them). Between a CUDA pool and the CPU the blocks go through a
+        pinned staging buffer (a device copy needs pinned host memory to run asynchronously): a swap-out
+        waits for its download's event, once, before it reads the staged bytes (a `non_blocking` copy to
+        the host is not done when it returns: reading it at once read whatever was there before); a
+        swap-in queues its upload on the compute stream, ahead of the step that reads the blocks."""
         src_ids = torch.tensor([s for s, _ in pairs], device=self.device)
         dst_ids = torch.tensor([d for _, d in pairs], device=dst.device)
-        dst.data[:, :, dst_ids] = self.data[:, :, src_ids].to(dst.device, non_blocking=True)
+        if self.device.type == "cpu" and dst.device.type == "cuda":  # swap-in: gather straight into staging
+            shape = (*self.data.shape[:2], len(pairs), *self.data.shape[3:])
+            staged = torch.empty(shape, dtype=self.dtype, pin_memory=True)
+            torch.index_select(self.data, 2, src_ids, out=staged)
+            dst.data[:, :, dst_ids] = staged.to(dst.device, non_blocking=True)  # `staged` lives until it is read
+            return
+        blocks = self.data[:, :, src_ids]
+        if self.device.type == "cuda" and dst.device.type == "cpu":  # swap-out
+            staged = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
+            staged.copy_(blocks, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            done.synchronize()
+            blocks = staged
+        dst.data[:, :, dst_ids] = blocks.to(dst.device)
 
     def _check_table(self, block_table: list[int], num_tokens: int) -> None:
         need = -(-num_tokens // self.block_size)

@@ -32,6 +32,7 @@ from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.kernels import decode_attention_kernel, prefill_attention_kernel
 from pdserve.engine.kv_cache import PagedKVCache
+from pdserve.engine.memory import DeviceMemory, kv_cache_blocks
 from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.model import AttentionMetadata, load_model, mkldnn_bf16_linear_available
 from pdserve.engine.model_source import ModelSource, load_tokenizer, resolve_model
@@ -40,6 +41,7 @@ from pdserve.engine.sampler import advance_generator, make_generator, sample
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import MeasuredStepCost, Scheduler
 from pdserve.engine.sequence import FinishReason, RequestOutput, Sequence
+from pdserve.engine.streams import transfer_stream
 from pdserve.engine.structured import GrammarCompiler, GrammarState, apply_masks
 
 logger = logging.getLogger(__name__)
@@ -95,11 +97,11 @@ class LLMEngine:
         self.max_model_len = min(config.model.max_model_len or arch.max_position_embeddings,
                                  arch.max_position_embeddings)
         cc = config.cache
-        num_blocks = cc.num_kv_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30) // PagedKVCache.bytes_per_block(
-            arch.num_layers, cc.block_size, arch.num_kv_heads, arch.head_dim, self.dtype))
+        num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)
         self.kv = PagedKVCache(arch.num_layers, num_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
                                self.dtype, self.device)
+        self.transfer = transfer_stream(self.device)  # KV shipped to other engines is copied on it
         swap_blocks = config.scheduler.swap_space_blocks
         self.swap_kv = PagedKVCache(arch.num_layers, swap_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
                                     self.dtype, torch.device("cpu")) if swap_blocks else None
@@ -123,6 +125,58 @@ class LLMEngine:
         self._prompt_lps: dict[str, list[TokenLogprob]] = {}  # prompt logprobs until the first output
         self._rng = torch.Generator().manual_seed(config.engine.seed)
         self.last_progress = time.monotonic()  # the last layer a forward pass finished (see `forward`)
+
+    def _num_kv_blocks(self) -> int:
+        """The KV pool's size: `cache.num_kv_blocks` if set; else on CUDA what the profiling pass leaves of
+        `gpu_memory_utilization` of the device, on CPU `kv_cache_memory_gb` (see `engine.memory`)."""
+        cc, arch = self.config.cache, self.arch
+        per_block = PagedKVCache.bytes_per_block(arch.num_layers, cc.block_size, arch.num_kv_heads, arch.head_dim,
+                                                 self.dtype)
+        if cc.num_kv_blocks:
+            return cc.num_kv_blocks
+        if self.device.type != "cuda":
+            return max(1, int(cc.kv_cache_memory_gb * 2**30) // per_block)
+        meter = DeviceMemory(self.device)
+        meter.reset()
+        profile_kv_bytes = self.profile_step()
+        snap = meter.snapshot()
+        num_blocks = kv_cache_blocks(snap.total_bytes, cc.gpu_memory_utilization,
+                                     snap.peak_in_use_bytes - profile_kv_bytes, per_block)
+        logger.info("KV cache: %d blocks (%.2f GiB); the largest step peaked at %.2f GiB of the device's %.2f GiB",
+                    num_blocks, num_blocks * per_block / 2**30, snap.peak_in_use_bytes / 2**30,
+                    snap.total_bytes / 2**30)
+        return num_blocks
+
+    def profile_step(self) -> int:
+        """Run the largest step the scheduler can plan, once, through the real forward pass (attention,
+        kernels and all): `max_num_batched_tokens` prompt tokens (in sequences of at most `max_model_len`)
+        into a KV cache of their own, then the logits of `max_num_seqs` rows. Nothing of it stays: the
+        engine's pool and scheduler are not touched (it runs before they exist, on CUDA). Returns the bytes
+        of the KV cache it used, which the caller subtracts from the measured peak (the real pool replaces it)."""
+        sc, bs, arch = self.config.scheduler, self.config.cache.block_size, self.arch
+        total = sc.max_num_batched_tokens
+        lengths = [min(self.max_model_len, total - s) for s in range(0, total, self.max_model_len)]
+        blocks = BlockManager(sum(-(-n // bs) for n in lengths), bs, enable_caching=False)
+        plan = []
+        for i, n in enumerate(lengths):
+            seq = Sequence(f"profile-{i}", [0] * n, SamplingParams(max_tokens=1))
+            seq.block_table = blocks.allocate(blocks.blocks_for(n))
+            plan.append((seq, n))
+        kv = PagedKVCache(arch.num_layers, blocks.num_blocks, bs, arch.num_kv_heads, arch.head_dim, self.dtype,
+                          self.device)
+        # `_attention_metadata` reads the pool's geometry from these: the profile's own, for the pass
+        saved = getattr(self, "kv", None), getattr(self, "block_manager", None)
+        self.kv, self.block_manager = kv, blocks
+        try:
+            meta = self._attention_metadata(plan)
+            ids = torch.zeros(total, dtype=torch.long, device=self.device)
+            positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+            hidden = self.model.forward(ids, positions, meta, kv.k, kv.v)
+            rows = torch.arange(min(sc.max_num_seqs, total), device=self.device)
+            self.model.logits(hidden.index_select(0, rows))
+        finally:
+            self.kv, self.block_manager = saved
+        return kv.data.numel() * kv.data.element_size()
 
     @property
     def waiting(self) -> list[Sequence]:
@@ -327,6 +381,8 @@ class LLMEngine:
         if ship and not layerwise:
             for i in range(self.arch.num_layers):
                 self._ship_layer(ship, i)
+        if ship:  # the next step may reuse the shipped blocks: its writes queue behind the copies (on the device)
+            self.transfer.compute_waits(self.transfer.record())
         with self.kv_lock:
             for seq, n in plan:
                 seq.num_computed_tokens += n
@@ -365,13 +421,27 @@ class LLMEngine:
             sink = self._kv_sinks.get(seq.request_id)
             if sink is not None and seq.num_computed_tokens + n == seq.num_tokens:
                 # only what the receiver lacks: it may hold the first `token_start` tokens' blocks already
-                ship.append((sink, self.kv.slots(seq.block_table, sink.token_start, seq.num_tokens).to(self.device)))
+                slots = self.kv.slots(seq.block_table, sink.token_start, seq.num_tokens).to(self.device)
+                self.transfer.hold(slots)  # read on the transfer stream
+                ship.append((sink, slots))
         return ship
 
     def _ship_layer(self, ship: list[tuple[object, torch.Tensor]], layer: int) -> None:
+        """Hand layer `layer`'s KV of each shipped sequence to its sink, copied on the transfer stream once the
+        compute stream has written it (`engine.streams`: on CUDA the host waits for nothing here; the sender
+        waits for the layer's event, once, on its own thread). Staged in pinned host memory for the grpc
+        transport, kept on the device for nccl."""
+        xfer = self.transfer
         k, v = self.kv.k[layer], self.kv.v[layer]
-        for sink, slots in ship:
-            sink.put_layer(layer, torch.stack([k.index_select(0, slots), v.index_select(0, slots)]))
+        to_host = self.config.kv_transfer.kv_transport == "grpc"
+        staged = []
+        with xfer.use(after=xfer.record_compute()):  # after this layer's KV write
+            for sink, slots in ship:
+                kv = torch.stack([k.index_select(0, slots), v.index_select(0, slots)])
+                staged.append((sink, xfer.to_host(kv) if to_host else kv))
+            ready = xfer.record()
+        for sink, kv in staged:
+            sink.put_layer(layer, kv, ready)
 
     def _attention_metadata(self, plan: list[tuple[Sequence, int]]) -> AttentionMetadata:
         bs = self.block_manager.block_size

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pdserve.engine.model_source import iter_safetensors
+
 
 @dataclass(frozen=True)
 class ModelArch:
@@ -234,8 +236,17 @@ class LlamaModel:
         self.device = device
         self.dtype = dtype
         parts = torch.get_num_threads() if device.type == "cpu" else 0  # see Linear
-        w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
-        self.layers = [DecoderLayer(arch, w, f"model.layers.{i}.", parts, linear_ops) for i in range(arch.num_layers)]
+        # `weights` is consumed: each layer's tensors leave the dict once its `Linear` layouts are built, so
+        # the model never exists twice (as loaded and as laid out) while it loads.
+        w = weights
+        for k, v in w.items():
+            w[k] = v.to(device=device, dtype=dtype)
+        self.layers = []
+        for i in range(arch.num_layers):
+            prefix = f"model.layers.{i}."
+            self.layers.append(DecoderLayer(arch, w, prefix, parts, linear_ops))
+            for k in [k for k in w if k.startswith(prefix)]:
+                del w[k]
         self.norm = w["model.norm.weight"]
         embed = w["model.embed_tokens.weight"]
         head = embed if arch.tie_word_embeddings or "lm_head.weight" not in w else w["lm_head.weight"]
@@ -374,7 +385,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype,
                linear_ops=None) -> tuple[LlamaModel, object]:
     """Build the model from an HF directory; returns it with the HF config. `linear_ops`: see `LlamaModel`."""
-    from safetensors import safe_open
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -385,12 +395,12 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype,
         raise ValueError("dynamic RoPE scaling is not supported (its frequencies depend on the sequence length)")
     rotary = LlamaRotaryEmbedding(hf_config)  # HF computes inv_freq for every static RoPE variant
     weights: dict[str, torch.Tensor] = {}
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if name.startswith("model.") or name == "lm_head.weight":
-                    weights[name] = fh.get_tensor(name)
+    # One tensor at a time, converted as it arrives (the stored copy, often float32, is dropped at once):
+    # loading holds the converted model once, never a second full copy (SmolLM2-135M: see docs/architecture.md).
+    for name, t in iter_safetensors(sorted(Path(model_dir).glob("*.safetensors"))):
+        if name.startswith("model.") or name == "lm_head.weight":
+            weights[name] = t.to(device=device, dtype=dtype)
+        del t
     missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in weights]
     if missing:
         raise ValueError(f"{model_dir}: weights missing {missing}")

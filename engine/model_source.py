@@ -18,9 +18,15 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +166,45 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"))
     config.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out_dir)
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_MAX_HEADER = 100 << 20  # the format's own bound on a header
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of `files` (safetensors), one at a time and in file order, as stored (dtype, host memory),
+    read with plain reads into memory of its own. The caller converts each one (dtype, device) and drops it
+    before asking for the next, so loading holds the model once plus one tensor in flight.
+
+    Not through `safe_open`: it maps the file, and the mapping's pages a load touches count toward the
+    process's resident memory until it is closed, i.e. a second copy of the model for the whole load
+    (measured with SmolLM2-135M: see `load_model`)."""
+    import torch
+
+    for path in files:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(_MAX_HEADER, size - 8):
+                raise ValueError(f"{path}: not a safetensors file (header of {n} bytes)")
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            base = 8 + n
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                begin, end = info["data_offsets"]
+                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+                if not 0 <= begin <= end <= size - base:
+                    raise ValueError(f"{path}: tensor {name}'s bytes [{begin}, {end}) lie outside the file")
+                buf = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(base + begin)
+                if f.readinto(buf.numpy()) != end - begin:
+                    raise ValueError(f"{path}: tensor {name} is truncated")
+                t = buf.view(getattr(torch, dtype)).view(info["shape"])
+                yield name, t
 
 
 def load_tokenizer(path: Path):

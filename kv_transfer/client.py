@@ -21,6 +21,7 @@ import torch
 
 from pdserve.engine.config import FaultConfig, KVTransferConfig
 from pdserve.engine.platform import keep_freed_memory
+from pdserve.engine.streams import CopyEvent
 from pdserve.kv_transfer import data_plane
 from pdserve.kv_transfer import faults as fi
 from pdserve.kv_transfer.data_plane import SenderLink
@@ -335,8 +336,10 @@ class KVSender:
                 raise MalformedTransfer(f"layer {item.layer} has KV for {item.kv.shape[1]} tokens, "
                                         f"the transfer ships {shipped}")
         by_layer = {item.layer: item.kv for item in layers}
+        ready = {item.layer: item.ready for item in layers}
         for run_start, count in _runs([item.layer for item in layers]):
             for layer, nl, s, e in plan_chunks(run_start, count, shipped, fp.bytes_per_token_layer, limit):
+                await _landed(ready[layer + nl - 1])  # its copies are in order: the last layer's covers the chunk
                 fault = plan.hits(layer, nl, s) if plan is not None else None
                 if fault is not None:
                     fi.count(self.config.kv_transport, fault)
@@ -351,6 +354,13 @@ class KVSender:
         """Best effort: the lease reclaims the reservation if this does not arrive."""
         with contextlib.suppress(Exception):
             await asyncio.shield(self._release(address, request_id, reason))
+
+
+async def _landed(event: CopyEvent) -> None:
+    """Wait until a layer's staging copy is done: at once on CPU (and for a layer already waited for), else
+    on a worker thread (the one host wait per layer), so that the loop goes on serving other pushes."""
+    if not event.done:
+        await asyncio.get_running_loop().run_in_executor(None, event.synchronize)
 
 
 async def _chain(first, rest):

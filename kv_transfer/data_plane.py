@@ -62,6 +62,7 @@ import grpc
 import torch
 import torch.distributed as dist
 
+from pdserve.engine.streams import transfer_stream
 from pdserve.kv_transfer import faults as fi
 from pdserve.kv_transfer import metrics
 from pdserve.kv_transfer.channel import (
@@ -215,14 +216,20 @@ class _TorchLink(SenderLink):
         self._executor = executor
 
     async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool) -> AsyncIterator[Message]:
-        part = torch.stack(kvs) if len(kvs) > 1 else kvs[0].contiguous()
+        # On the transfer stream (`engine.streams`), as the send is: the checksum's host wait is for this
+        # chunk's work alone, not for the compute stream's queue.
+        xfer = transfer_stream(kvs[0].device)
+        loop = asyncio.get_running_loop()
+        with xfer.use():
+            part = torch.stack(kvs) if len(kvs) > 1 else kvs[0].contiguous()
         meta.checksum_algo = checksum_algo(part)  # SUM64 on a GPU: computed there, no copy to the host
-        meta.checksum = checksum(part, meta.checksum_algo)
+        meta.checksum = await loop.run_in_executor(self._executor, xfer.run, checksum, part, meta.checksum_algo)
         meta.nbytes = part.numel() * part.element_size()
         if corrupt:
-            part = fi.corrupt_tensor(part)
+            with xfer.use():
+                part = fi.corrupt_tensor(part)
         yield pb.PushMessage(chunk=meta)  # first: the receiver posts its recv when it reads this
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.channel.send, part)
+        await loop.run_in_executor(self._executor, xfer.run, self.channel.send, part)
 
 
 class TorchSender(SenderPlane):
@@ -283,11 +290,22 @@ class _TorchReceiveLink(ReceiverLink):
     async def chunk_kv(self, chunk: pb.LayerChunk, num_layers: int, next_message: NextMessage) -> torch.Tensor:
         fp, pool = self.plane.pool.fingerprint, self.plane.pool
         # A blocking recv cannot land in the pool: a release on the loop could free the blocks meanwhile.
-        buf = self.channel.staging((num_layers, 2, chunk.num_tokens, fp.num_kv_heads, fp.head_dim), fp.torch_dtype,
-                                   pool.kv.device)
-        await asyncio.get_running_loop().run_in_executor(self.plane.executor, self.channel.recv, buf)
+        # Staging, recv, checksum and (`KVPool.write`) the copy into the pool all queue on the transfer stream,
+        # in that order: the next chunk's recv into the same buffer waits for this one's copy out of it.
+        # The host waits for the recv (in the checksum) on the worker thread, never on the receiver's loop.
+        xfer = pool.transfer
+        with xfer.use():
+            buf = self.channel.staging((num_layers, 2, chunk.num_tokens, fp.num_kv_heads, fp.head_dim),
+                                       fp.torch_dtype, pool.kv.device)
+
+        def receive() -> int:
+            with xfer.use():
+                self.channel.recv(buf)
+                return checksum(buf, chunk.checksum_algo)
+
+        got = await asyncio.get_running_loop().run_in_executor(self.plane.executor, receive)
         self.plane._received(chunk.nbytes)
-        _check_sum(chunk, checksum(buf, chunk.checksum_algo) == chunk.checksum)
+        _check_sum(chunk, got == chunk.checksum)
         return buf
 
     def abandon(self, sender_gone: bool) -> None:

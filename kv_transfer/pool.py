@@ -14,6 +14,7 @@ import torch
 
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.kv_cache import PagedKVCache
+from pdserve.engine.streams import CopyEvent, TransferStream, transfer_stream
 from pdserve.kv_transfer.protocol import Fingerprint
 from pdserve.kv_transfer.reservations import LocalReservation, ReceivedKV, Reservation, ReservationTable, State
 
@@ -27,6 +28,24 @@ class KVPool:
     blocks: BlockManager
     fingerprint: Fingerprint
     lock: threading.RLock = field(default_factory=threading.RLock)
+    transfer: TransferStream | None = None  # where received KV is copied in (the device's `transfer_stream`)
+
+    def __post_init__(self) -> None:
+        if self.transfer is None:
+            self.transfer = transfer_stream(self.kv.device)
+
+    def write(self, r: Reservation, layer: int, token_start: int, kv: torch.Tensor) -> CopyEvent:
+        """Write a checked chunk `[num_layers, 2, n, kv_heads, head_dim]` (on the host or the device) for
+        layers from `layer` into `r`'s blocks from token `token_start`, on the transfer stream; the chunk may
+        be dropped when this returns. The event says when it has landed (DONE on CPU): until then the blocks
+        are neither handed over nor freed (`ReservationTable`)."""
+        xfer = self.transfer
+        with xfer.use():
+            slots = r.slots(self)[token_start:token_start + kv.shape[2]]
+            kv = xfer.to_device(kv)
+            for i in range(kv.shape[0]):
+                self.kv.write_layer(layer + i, slots, kv[i])
+            return xfer.record()
 
     @classmethod
     def from_engine(cls, engine) -> KVPool:

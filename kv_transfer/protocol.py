@@ -181,9 +181,9 @@ def checksum(t: torch.Tensor, algo: int) -> int:
         if pad:
             words = torch.cat([words, words.new_zeros(pad)])
         w = words.view(torch.int32).to(torch.int64)
-        s1 = int(w.sum()) & 0xFFFFFFFF
-        s2 = int((w * (torch.arange(w.numel(), device=w.device, dtype=torch.int64) % 65521 + 1)).sum()) & 0xFFFFFFFF
-        return (s2 << 32) | s1
+        weights = torch.arange(w.numel(), device=w.device, dtype=torch.int64) % 65521 + 1
+        s1, s2 = torch.stack([w.sum(), (w * weights).sum()]).tolist()  # one host wait, for both sums
+        return ((s2 & 0xFFFFFFFF) << 32) | (s1 & 0xFFFFFFFF)
     raise MalformedTransfer(f"unknown checksum algorithm {algo}")
 
 

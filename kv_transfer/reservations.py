@@ -67,6 +67,9 @@ class Reservation:
     release_reason: str | None = None
     lease_s: float = 0.0  # the lease granted, exactly (`lease_deadline - reserved_at` carries float error)
     num_cached_tokens: int = 0  # leading tokens whose KV the pool's prefix cache supplied: nothing is pushed for them
+    # The event after its last write into the pool (`engine.streams.CopyEvent`; writes land in order): the
+    # blocks are handed over or freed only once it is done.
+    landed: object | None = None
     _slots: torch.Tensor | None = None
 
     def slots(self, pool: KVPool) -> torch.Tensor:
@@ -187,14 +190,14 @@ class ReservationTable:
             kv = kv.unsqueeze(0)
         nl, n = kv.shape[0], kv.shape[2]
         self.check_chunk(r, layer, nl, token_start, n, kv.numel() * kv.element_size())
-        slots = r.slots(self.pool)[token_start:token_start + n]
+        r.landed = self.pool.write(r, layer, token_start, kv)
         for i in range(nl):
-            self.pool.kv.write_layer(layer + i, slots, kv[i])
             r.received[layer + i] += n
         r.bytes_received += kv.numel() * kv.element_size()
 
     def commit(self, r: Reservation, prompt_token_ids: list[int], output_token_ids: list[int]) -> ReceivedKV:
-        """RECEIVING -> COMMITTED once every layer holds every token; the blocks leave the table."""
+        """RECEIVING -> COMMITTED once every layer holds every token; the blocks leave the table. The caller
+        has waited for `r.landed` (off the loop: see the receiver's Push)."""
         if r.state is not State.RECEIVING:
             raise RequestReleased(f"request {r.request_id!r} is {r.state.value} ({r.release_reason})")
         missing = [i for i, n in enumerate(r.received) if n != r.num_tokens]
@@ -218,6 +221,8 @@ class ReservationTable:
             return found
         found = r.state.value
         r.state, r.release_reason = State.RELEASED, reason
+        if r.landed is not None:  # a write still landing in the blocks must finish before they can be reused
+            r.landed.synchronize()
         with self.pool.lock:
             self.pool.blocks.free(r.blocks)
         self._tombstone(request_id, State.RELEASED, reason)

@@ -325,6 +325,8 @@ class _Servicer:
                     timings.last_byte = time.perf_counter() - opened
                 elif kind == "commit":
                     t_commit = time.perf_counter()
+                    if r.landed is not None and not r.landed.done:  # the last chunk's copy into the pool
+                        await asyncio.get_running_loop().run_in_executor(None, r.landed.synchronize)
                     received = table.commit(r, list(msg.commit.prompt_token_ids), list(msg.commit.output_token_ids))
                     try:
                         rx.on_commit(received)

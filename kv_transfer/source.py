@@ -5,9 +5,10 @@ The engine thread (producer) calls `put_layer` as each layer's KV is computed
 `commit` with the tokens, or `fail`/`finish` when there is nothing to ship.
 The sender's event loop (consumer) iterates it and pushes while the engine
 computes the next layers. The layer tensors are staging copies owned by the
-transfer: the prefill engine's own blocks are free as soon as its sequence is
-done, and the copies are dropped when the decode side acknowledges, or the
-transfer fails or is cancelled.
+transfer (on CUDA copied on the transfer stream, each valid once its layer's
+event is done: `engine.streams`): the prefill engine's own blocks are free as
+soon as its sequence is done, and the copies are dropped when the decode side
+acknowledges, or the transfer fails or is cancelled.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.streams import DONE, CopyEvent
 from pdserve.kv_transfer.errors import TransferCancelled
 
 
@@ -25,6 +27,7 @@ from pdserve.kv_transfer.errors import TransferCancelled
 class LayerKV:
     layer: int
     kv: torch.Tensor  # [2, num_tokens - token_start, kv_heads, head_dim], contiguous
+    ready: CopyEvent = DONE  # `kv` is valid once this is done (a copy queued on a CUDA transfer stream)
 
 
 @dataclass
@@ -64,8 +67,10 @@ class LayerStream:
         return s
 
     # -- producer (any thread) ------------------------------------------------------------------
-    def put_layer(self, layer: int, kv: torch.Tensor) -> None:
-        self._put(LayerKV(layer, kv.contiguous()))
+    def put_layer(self, layer: int, kv: torch.Tensor, ready: CopyEvent = DONE) -> None:
+        """Layer `layer`'s KV; `ready`: the event after which `kv` holds it (`engine.streams`; the sender
+        waits for it before reading `kv`)."""
+        self._put(LayerKV(layer, kv.contiguous(), ready))
 
     def commit(self, prompt_token_ids: list[int], output_token_ids: list[int]) -> None:
         self._put(CommitInfo(list(prompt_token_ids), list(output_token_ids)), last=True)

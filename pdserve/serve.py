@@ -48,7 +48,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add("--swap-space-blocks", dest="scheduler.swap_space_blocks", type=int)
     add("--block-size", dest="cache.block_size", type=int)
     add("--num-kv-blocks", dest="cache.num_kv_blocks", type=int)
-    add("--kv-cache-memory-gb", dest="cache.kv_cache_memory_gb", type=float)
+    add("--kv-cache-memory-gb", dest="cache.kv_cache_memory_gb", type=float, help="the KV cache's size on CPU")
+    add("--gpu-memory-utilization", dest="cache.gpu_memory_utilization", type=float,
+        help="CUDA: the fraction of the device's memory to use; the KV cache gets what the weights and the "
+        "largest step leave of it (default 0.9)")
     add("--enable-prefix-caching", dest="cache.enable_prefix_caching", action=argparse.BooleanOptionalAction,
         help="reuse the KV of prompt prefixes earlier requests computed (default: on)")
     add("--max-model-len", dest="model.max_model_len", type=int)

@@ -13,6 +13,7 @@ import torch
 from pdserve.engine.config import KVTransferConfig
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import FinishReason
+from pdserve.engine.streams import DONE
 from pdserve.engine.tiny_models import save_tiny_model
 from pdserve.kv_transfer import (
     KVPool,
@@ -41,9 +42,10 @@ class RecordingStream(LayerStream):
         super().__init__(request_id, num_tokens)
         self.shipped: dict[int, torch.Tensor] = {}
 
-    def put_layer(self, layer, kv):
+    def put_layer(self, layer, kv, ready=DONE):
+        ready.synchronize()  # on CUDA `kv` is valid once its copy's event is done
         self.shipped[layer] = kv.clone()
-        super().put_layer(layer, kv)
+        super().put_layer(layer, kv, ready)
 
 
 @dataclass
@@ -71,15 +73,15 @@ class Env:
 def transfer_env(make_engine, long_model_dir):
     made: list[Env] = []
 
-    def make(transport="grpc", block_size=16, num_blocks=512, layerwise=True, **kv) -> Env:
+    def make(transport="grpc", block_size=16, num_blocks=512, layerwise=True, device="cpu", **kv) -> Env:
         cfg = {"kv_transport": transport, "layerwise": layerwise, **kv}
         pre = make_engine(long_model_dir, cache={"block_size": block_size, "num_kv_blocks": num_blocks},
-                          kv_transfer=cfg)
+                          kv_transfer=cfg, model={"device": device})
         dec = make_engine(long_model_dir, cache={"block_size": block_size, "num_kv_blocks": num_blocks},
-                          kv_transfer=cfg)
+                          kv_transfer=cfg, model={"device": device})
         got: queue.Queue = queue.Queue()
         rx = KVReceiver(KVPool.from_engine(dec), dec.config.kv_transfer, got.put).start()
-        tx = KVSender(pre.config.kv_transfer, KVPool.from_engine(pre).fingerprint)
+        tx = KVSender(pre.config.kv_transfer, KVPool.from_engine(pre).fingerprint, device=device)
         env = Env(pre, dec, rx, tx, got)
         made.append(env)
         return env
@@ -123,6 +125,22 @@ def test_kv_bit_identical_and_decoding_matches_colocated(transfer_env, transport
     colocated = env.pre.generate([prompt], params)[0].output_token_ids
     assert tokens == colocated
     assert env.dec.block_manager.num_free_blocks == free0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_cuda_kv_copied_on_the_transfer_stream_arrives_bit_identical(transfer_env, layerwise):
+    """Both engines on one GPU, grpc: each layer is gathered and staged to pinned memory on the transfer stream
+    (the sender waits for its event), and lands in the decode pool on the receiver's; the KV is the prefill
+    engine's, bit for bit, and decoding from it matches the prefill engine decoding alone."""
+    env = transfer_env("grpc", num_blocks=140, layerwise=layerwise, device="cuda")
+    assert env.pre.transfer.is_async and env.rx.pool.transfer is env.pre.transfer  # one stream per device
+    prompt = torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(7)).tolist()
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    result, received, stream = env.prefill("r", prompt, params, RecordingStream)
+    for i, t in enumerate(env.dec.kv.export(received.block_table, len(prompt))):
+        assert torch.equal(t.cpu(), stream.shipped[i].cpu()), f"layer {i} differs after transfer"
+    assert decode_to_end(env.dec, "r", received, params) == env.pre.generate([prompt], params)[0].output_token_ids
 
 
 @pytest.mark.parametrize("layerwise", [True, False])
