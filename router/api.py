@@ -379,12 +379,6 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def _chain(first, rest):
-    yield first
-    async for item in rest:
-        yield item
-
-
 @dataclass
 class _Call:
     """One completion call on its way through the router."""
@@ -392,10 +386,33 @@ class _Call:
     kind: str  # "completion" or "chat"
     parsed: P.ParsedRequest
     ids: list[int]
-    events: AsyncIterator[tuple[int, StepItem]]  # the router's stream of (choice index, item) for it
+    # The router's stream for it: `StepItem`s of its one choice (n = 1: `Router.generate`, one async generator
+    # fewer per token), else (choice index, item) (`Router.generate_choices`); `_next` reads either.
+    events: AsyncIterator
     rid: str
     created: int
     echo_text: str | None = None  # completions' echo: the prompt's text, before each choice's
+
+    @property
+    def indexed(self) -> bool:
+        return self.parsed.n > 1
+
+
+async def _next(call: _Call) -> tuple[int, StepItem]:
+    """The call's next (choice index, item); StopAsyncIteration at its end."""
+    got = await call.events.__anext__()
+    return got if call.indexed else (0, got)
+
+
+async def _items(call: _Call, first: tuple[int, StepItem]):
+    """`first`, then the rest of the call's (choice index, item)s."""
+    yield first
+    if call.indexed:
+        async for got in call.events:
+            yield got
+    else:
+        async for item in call.events:
+            yield 0, item
 
 
 class _LogprobsBody:
@@ -492,14 +509,15 @@ async def _admit(router: Router, request: Request, kind: str) -> _Call:
     except BaseException:  # refused (4xx), or the client went away while it was being read or tokenized
         router.queued -= 1
         raise
-    return _Call(kind, parsed, ids, router.generate_choices(parsed, ids, arrival), P.new_id(kind), P.now(), echo)
+    events = router.generate(parsed, ids, arrival) if parsed.n == 1 else router.generate_choices(parsed, ids, arrival)
+    return _Call(kind, parsed, ids, events, P.new_id(kind), P.now(), echo)
 
 
 async def _first_item(router: Router, call: _Call) -> tuple[int, StepItem]:
     """The call's first item: an error before it still gets a proper HTTP status. The call leaves the
     router's queue (counted since `_admit`) when it comes."""
     try:
-        return await anext(call.events)
+        return await _next(call)
     except StopAsyncIteration:
         return 0, StepItem(finished=True, finish_reason="stop")
     except P.APIError as e:
@@ -524,7 +542,7 @@ async def _whole_response(router: Router, request: Request, call: _Call, first: 
 
     async def collect() -> None:
         nonlocal n_out, prompt_logprobs
-        async for i, item in _chain(first, call.events):
+        async for i, item in _items(call, first):
             prompt_logprobs = prompt_logprobs or item.prompt_logprobs
             text[i] += item.text
             n_out += len(item.token_ids)
@@ -587,17 +605,19 @@ async def _sse_stream(router: Router, call: _Call, first: tuple[int, StepItem]):
     tools = [_ToolOutput(call.parsed) for _ in range(n)]
     plain = [P.TextChunks(call.kind, call.rid, model, call.created, index=i) for i in range(n)]
     prompt_logprobs = None
-    events, pending = call.events, first
+    events, pending, indexed, i = call.events, first, call.indexed, 0
     try:
         is_first = [True] * n
-        while True:  # as `async for i, item in _chain(first, call.events)`, one async generator fewer per chunk
+        while True:  # as `async for i, item in _items(call, first)`, without its async generator per chunk
             if pending is not None:
                 (i, item), pending = pending, None
             else:
                 try:
-                    i, item = await events.__anext__()
+                    item = await events.__anext__()
                 except StopAsyncIteration:
                     break
+                if indexed:
+                    i, item = item
             n_out += len(item.token_ids)
             if tools[i].mode == "none" and not (item.finished or is_first[i] or item.logprobs):
                 if item.text:  # the common chunk: text only
