@@ -20,9 +20,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 
 from pdserve.engine.messages import StepBatch
+
+
+class _ReadyGets(logging.Filter):
+    """Ray warns (once per process) at any `ray.get` in an async actor, lest it block the event loop; the
+    relay's gets never wait (`timeout=0`, on refs already here), so that warning would only mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Using blocking ray.get inside async actor")
+
+
+def _quiet_ready_gets() -> None:
+    log = logging.getLogger("ray._private.worker")
+    if not any(isinstance(f, _ReadyGets) for f in log.filters):
+        log.addFilter(_ReadyGets())
 
 
 class RelayClosed(ConnectionError):
@@ -96,9 +111,19 @@ class StepRelay:
     async def _pump(self, stream) -> None:
         error: BaseException = RelayClosed(f"{self.worker_id}: its token stream ended")
         try:
+            import ray
+            from ray.exceptions import GetTimeoutError
+
+            _quiet_ready_gets()
             queues = self._queues
             async for ref in stream:
-                batch: StepBatch = await ref
+                # Ray's generator hands out a ref once its value is here (it awaited it, unread), so a get that
+                # does not wait reads it without a second deserialization and a second hop through Ray's thread
+                # onto this loop (what `await ref` costs); `await` only if it is somehow not here.
+                try:
+                    batch: StepBatch = ray.get(ref, timeout=0)
+                except GetTimeoutError:
+                    batch = await ref
                 for rid, item in batch.items:
                     q = queues.get(rid)
                     if q is not None:  # else: the request already ended here (aborted, migrated)
