@@ -38,11 +38,17 @@ def cpu_flags() -> list[str]:
         return []
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """A process's user + system CPU seconds so far (Linux /proc)."""
+def proc_cpu_times(pid: int) -> tuple[float, float]:
+    """A process's user and system CPU seconds so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU seconds so far."""
+    return sum(proc_cpu_times(pid))
 
 
 async def stream_one(host: str, port: int, body: bytes, gaps: list[float] | None = None) -> int:
@@ -81,13 +87,15 @@ def _body(tokens: int, i: int) -> bytes:
 
 
 async def _level(host: str, port: int, streams: int, tokens: int, pid: int, pools_pid: int) -> dict:
-    c0, p0, t0 = proc_cpu_seconds(pid), proc_cpu_seconds(pools_pid), time.perf_counter()
+    (u0, s0), p0, t0 = proc_cpu_times(pid), proc_cpu_seconds(pools_pid), time.perf_counter()
     got = await asyncio.gather(*(stream_one(host, port, _body(tokens, i)) for i in range(streams)))
-    wall, cpu = time.perf_counter() - t0, proc_cpu_seconds(pid) - c0
-    n = sum(got)
+    wall, (u1, s1) = time.perf_counter() - t0, proc_cpu_times(pid)
+    cpu, n = u1 - u0 + s1 - s0, sum(got)
+    # user time: the router's Python; system time: mostly its socket writes (one per stream per engine step)
     return {"streams": streams, "tokens": n, "wall_s": wall, "tok_s": n / wall, "router_cores": cpu / wall,
             "pool_manager_cores": (proc_cpu_seconds(pools_pid) - p0) / wall,
-            "router_cpu_ms_per_1k_tokens": cpu / n * 1e6, "tok_s_per_router_core": n / cpu if cpu else None}
+            "router_cpu_ms_per_1k_tokens": cpu / n * 1e6, "router_user_ms_per_1k_tokens": (u1 - u0) / n * 1e6,
+            "router_sys_ms_per_1k_tokens": (s1 - s0) / n * 1e6, "tok_s_per_router_core": n / cpu if cpu else None}
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -166,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                   if r["runs"] > 1 else "")
         print(f"{r['streams']:4d} streams x {args.tokens} tokens: {r['tok_s']:8.0f} tok/s delivered, router "
               f"{r['router_cores']:.2f} cores, {r['router_cpu_ms_per_1k_tokens']:.1f} ms CPU per 1k tokens "
+              f"({r['router_user_ms_per_1k_tokens']:.1f} user + {r['router_sys_ms_per_1k_tokens']:.1f} system) "
               f"(ceiling ~{per_core or 0:,.0f} tok/s per router core); pool manager {r['pool_manager_cores']:.2f} "
               f"cores{spread}")
     c1 = res["concurrency_1"]
