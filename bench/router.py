@@ -7,7 +7,9 @@ reports the tokens delivered per second, the router actor process's CPU use over
 /proc utime + stime: how many cores it kept busy) and its CPU ms per 1,000 tokens, whence the
 ceiling: tokens per second one router core can relay (and, beside it, the pool manager's cores:
 health checks, which do not grow with the token rate). At concurrency 1 it reports the client's
-inter-token interval (p50, p99). The client is a bare asyncio HTTP/1.1 reader (no HTTP library),
+inter-token interval (p50, p99). `--runs N` measures each level N times, interleaved, and reports the
+run with the median CPU per 1,000 tokens beside the range (a shared machine's runs spread widely).
+The client is a bare asyncio HTTP/1.1 reader (no HTTP library),
 so it takes as little of the shared CPU as it can; on a small machine the workers, the client and
 the router still share cores, so delivered tok/s is the machine's, while the router's ms per
 1,000 tokens is its own.
@@ -36,11 +38,17 @@ def cpu_flags() -> list[str]:
         return []
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """A process's user + system CPU seconds so far (Linux /proc)."""
+def proc_cpu_times(pid: int) -> tuple[float, float]:
+    """A process's user and system CPU seconds so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU seconds so far."""
+    return sum(proc_cpu_times(pid))
 
 
 async def stream_one(host: str, port: int, body: bytes, gaps: list[float] | None = None) -> int:
@@ -79,13 +87,22 @@ def _body(tokens: int, i: int) -> bytes:
 
 
 async def _level(host: str, port: int, streams: int, tokens: int, pid: int, pools_pid: int) -> dict:
-    c0, p0, t0 = proc_cpu_seconds(pid), proc_cpu_seconds(pools_pid), time.perf_counter()
+    (u0, s0), p0, t0 = proc_cpu_times(pid), proc_cpu_seconds(pools_pid), time.perf_counter()
     got = await asyncio.gather(*(stream_one(host, port, _body(tokens, i)) for i in range(streams)))
-    wall, cpu = time.perf_counter() - t0, proc_cpu_seconds(pid) - c0
-    n = sum(got)
+    wall, (u1, s1) = time.perf_counter() - t0, proc_cpu_times(pid)
+    cpu, n = u1 - u0 + s1 - s0, sum(got)
+    # user time: the router's Python; system time: mostly its socket writes (one per stream per engine step)
     return {"streams": streams, "tokens": n, "wall_s": wall, "tok_s": n / wall, "router_cores": cpu / wall,
             "pool_manager_cores": (proc_cpu_seconds(pools_pid) - p0) / wall,
-            "router_cpu_ms_per_1k_tokens": cpu / n * 1e6, "tok_s_per_router_core": n / cpu if cpu else None}
+            "router_cpu_ms_per_1k_tokens": cpu / n * 1e6, "router_user_ms_per_1k_tokens": (u1 - u0) / n * 1e6,
+            "router_sys_ms_per_1k_tokens": (s1 - s0) / n * 1e6, "tok_s_per_router_core": n / cpu if cpu else None}
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median CPU per 1,000 tokens, with the range over all of them."""
+    ms = sorted(r["router_cpu_ms_per_1k_tokens"] for r in runs)
+    mid = sorted(runs, key=lambda r: r["router_cpu_ms_per_1k_tokens"])[(len(runs) - 1) // 2]
+    return {**mid, "runs": len(runs), "ms_per_1k_min": ms[0], "ms_per_1k_max": ms[-1]}
 
 
 async def _itl(host: str, port: int, requests: int, tokens: int) -> dict:
@@ -104,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=256, help="output tokens per request")
     ap.add_argument("--itl-requests", type=int, default=10, help="sequential requests for the concurrency-1 ITL")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--runs", type=int, default=1, help="runs per level (interleaved); the median run is reported")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    levels = [int(s) for s in args.streams.split(",")]
+    levels = list(dict.fromkeys(int(s) for s in args.streams.split(",")))
 
     import ray
 
@@ -134,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
 
         async def run() -> dict:
             await _level(host, int(port), 8, 32, pid, pools_pid)  # warm-up: connections, the workers' first steps
-            return {"levels": [await _level(host, int(port), s, args.tokens, pid, pools_pid) for s in levels],
+            runs: dict[int, list[dict]] = {s: [] for s in levels}
+            for _ in range(max(1, args.runs)):
+                for s in levels:
+                    runs[s].append(await _level(host, int(port), s, args.tokens, pid, pools_pid))
+            return {"levels": [_median_run(runs[s]) for s in levels],
                     "concurrency_1": await _itl(host, int(port), args.itl_requests, args.tokens)}
 
         res = asyncio.run(run())
@@ -148,10 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model}; {os.cpu_count()} cores; CPU flags: {' '.join(res['cpu_flags']) or 'none'}")
     for r in res["levels"]:
         per_core = r["tok_s_per_router_core"]
+        spread = (f" [runs: {r['ms_per_1k_min']:.1f}-{r['ms_per_1k_max']:.1f} ms per 1k, median shown]"
+                  if r["runs"] > 1 else "")
         print(f"{r['streams']:4d} streams x {args.tokens} tokens: {r['tok_s']:8.0f} tok/s delivered, router "
               f"{r['router_cores']:.2f} cores, {r['router_cpu_ms_per_1k_tokens']:.1f} ms CPU per 1k tokens "
+              f"({r['router_user_ms_per_1k_tokens']:.1f} user + {r['router_sys_ms_per_1k_tokens']:.1f} system) "
               f"(ceiling ~{per_core or 0:,.0f} tok/s per router core); pool manager {r['pool_manager_cores']:.2f} "
-              "cores")
+              f"cores{spread}")
     c1 = res["concurrency_1"]
     print(f"concurrency 1: ITL p50 {c1['itl_ms_p50']:.2f} ms, p99 {c1['itl_ms_p99']:.2f} ms "
           f"({c1['requests']} x {c1['tokens']} tokens)")

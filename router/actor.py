@@ -10,6 +10,7 @@ them. `launch_router` without a manager starts one for this router alone (and en
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 import warnings
@@ -107,7 +108,10 @@ class RouterActor:
         a = self.router.autoscaler
         return {"url": self.router.url, "healthy": self.router.healthy(), "pools": self.router.status(),
                 "replica": self.router.replica,
-                "autoscale": a.last.reasons if a is not None and a.last is not None else None}
+                "autoscale": a.last.reasons if a is not None and a.last is not None else None,
+                # the planner's last input (every replica's load summed), in the replica that plans
+                "autoscale_signals": dataclasses.asdict(a.last_signals) if a is not None and a.last_signals
+                else None}
 
     async def pid(self) -> int:
         import os

@@ -1,10 +1,13 @@
 """`pdserve serve --autoscale`: the SLA planner's live loop, on the router actor's event loop.
 
-Every `autoscale.interval_s` it builds the planner's `Signals` from what the router itself measures: the
-arrivals and completions of its requests (`Router.load`, a `router.planner.LoadWindow`), the TTFT and TPOT
-histograms it exports (the p90 of the observations in the last `window_s`, from the bucket counts' change),
-the prompt tokens queued at the pool that prefills and the requests waiting for a decode slot (each worker's
-last health report), and the pools' target sizes. `router.planner.Planner` decides; a changed size goes
+It runs in one router replica, and decides on every replica's load: every `autoscale.interval_s` it asks the
+pool manager for the sum of what the replicas report (`PoolView.cluster_load`, a `router.planner.ClusterLoad`:
+their arrivals and completions, their TTFT and TPOT histograms, the prompt tokens they have queued at
+prefill workers; each replica reports with every pool watch, this one as of the question) and builds the
+planner's `Signals` from it: the rates over `window_s`, the p90 TTFT and TPOT of the observations in that
+window (from the summed bucket counts' change), the prompt tokens queued at the pool that prefills (colocated:
+the decode workers' own queues) and the requests waiting for a decode slot (each worker's last health
+report), and the pools' target sizes. `router.planner.Planner` decides; a changed size goes
 through the same scale path as `pdserve scale` (`WorkerPools.scale`: new workers join once loaded, removed
 ones drain). When Ray has no free resources for the workers a grown pool adds, it asks Ray's autoscaler for
 them (`ray.autoscaler.sdk.request_resources`, with the pool's custom resource, so KubeRay grows that worker
@@ -27,7 +30,15 @@ from pathlib import Path
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
-from pdserve.router.planner import CostModel, Decision, Planner, Signals, fit_decode_costs, histogram_quantile
+from pdserve.router.planner import (
+    ClusterLoad,
+    CostModel,
+    Decision,
+    Planner,
+    Signals,
+    fit_decode_costs,
+    histogram_quantile,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +54,7 @@ class Autoscaler:
         self.decode_samples: list[tuple[int, float]] = []  # (batch, decode step s) from health reports
         self.snapshots: list[tuple[float, dict]] = []  # (time, histogram buckets) for windowed quantiles
         self.last: Decision | None = None
+        self.last_signals: Signals | None = None  # what the last decision was made on
         self.counts: dict[tuple[str, str], int] = {}  # (role, action) -> decisions
         self._scaling: asyncio.Task | None = None
 
@@ -50,8 +62,9 @@ class Autoscaler:
         while True:
             await asyncio.sleep(self.config.interval_s)
             try:
-                self.tick()
-            except Exception:  # the loop must outlive one bad tick
+                load = await self.router.workers.cluster_load(self.config.window_s, time.monotonic() - self.started)
+                self.tick(load)
+            except Exception:  # the loop must outlive one bad tick (or a pool manager being restarted)
                 logger.exception("autoscale tick failed")
 
     # -- signals ------------------------------------------------------------------------------------------
@@ -73,10 +86,9 @@ class Autoscaler:
             fit = (t / 2, t / 2 / b)
         return CostModel(fit[0], statistics.median(per_token), fit[1])
 
-    def _quantiles(self, now: float) -> tuple[float | None, float | None]:
-        """The p90 TTFT and TPOT of the observations in the last window (the histograms' bucket deltas)."""
-        m = self.router.metrics
-        cur = {"ttft": _buckets(m.ttft), "tpot": _buckets(m.tpot)}
+    def _quantiles(self, now: float, load: ClusterLoad) -> tuple[float | None, float | None]:
+        """The p90 TTFT and TPOT of the observations in the last window (the summed histograms' bucket deltas)."""
+        cur = {"ttft": load.ttft, "tpot": load.tpot}
         self.snapshots.append((now, cur))
         while len(self.snapshots) > 1 and self.snapshots[1][0] <= now - self.config.window_s:
             self.snapshots.pop(0)
@@ -87,23 +99,23 @@ class Autoscaler:
             out.append(histogram_quantile([(le, n - old.get(le, 0.0)) for le, n in cur[name]], 0.9))
         return out[0], out[1]
 
-    def signals(self, now: float) -> Signals:
+    def signals(self, now: float, load: ClusterLoad) -> Signals:
         r = self.router
-        rate, prompt_rate, output = r.load.rates(now, self.config.window_s, self.started)
-        ttft, tpot = self._quantiles(now)
+        ttft, tpot = self._quantiles(now, load)
         pools = r.pools
         if self.colocated:
             queued = sum(w.stats.waiting_tokens for w in pools["decode"].values())
         else:
-            queued = sum(w.inflight_tokens for w in pools["prefill"].values())
+            queued = load.prefill_queue_tokens
         waiting = 0 if self.colocated else sum(w.stats.num_waiting for w in pools["decode"].values())
         target = r.workers.target
-        return Signals(now=now, prefill=target["prefill"], decode=target["decode"], request_rate=rate,
-                       prompt_tokens_per_s=prompt_rate, output_tokens=output, prefill_queue_tokens=queued,
+        return Signals(now=now, prefill=target["prefill"], decode=target["decode"], request_rate=load.request_rate,
+                       prompt_tokens_per_s=load.prompt_tokens_per_s, output_tokens=load.output_tokens,
+                       prefill_queue_tokens=queued,
                        decode_waiting=waiting, ttft_s=ttft, tpot_s=tpot, colocated=self.colocated)
 
     # -- the decision -------------------------------------------------------------------------------------
-    def tick(self) -> Decision | None:
+    def tick(self, load: ClusterLoad) -> Decision | None:
         now = time.monotonic()
         if self._scaling is not None and not self._scaling.done():
             return None  # the previous resize is still starting workers: its targets stand
@@ -114,7 +126,8 @@ class Autoscaler:
         if self.planner is None:
             self.planner = Planner(self.config, costs)
         self.planner.costs = costs
-        d = self.planner.decide(self.signals(now))
+        self.last_signals = self.signals(now, load)
+        d = self.planner.decide(self.last_signals)
         self.last = d
         current = dict(self.router.workers.target)
         for role, why in d.reasons.items():
@@ -193,17 +206,6 @@ class AutoscaleCollector:
         yield desired
         yield current
         yield decisions
-
-
-def _buckets(histogram) -> list[tuple[float, float]]:
-    """A prometheus-client Histogram's cumulative (upper bound, count) buckets, over all its label sets."""
-    out: dict[float, float] = {}
-    for fam in histogram.collect():
-        for s in fam.samples:
-            if s.name.endswith("_bucket"):
-                le = float(s.labels["le"])
-                out[le] = out.get(le, 0.0) + s.value
-    return sorted(out.items())
 
 
 def _load_costs(path: str) -> CostModel:

@@ -4,7 +4,8 @@ Membership, health checks, self-healing, scaling and draining (`router.workers.W
 once; every router replica (`router.server.Router`, through its `router.pool_view.PoolView`) keeps a
 mirror of the pools that `watch` refreshes whenever they change (a worker joins, leaves, starts
 draining, or a health round brings new load figures) and reports back the requests it has in flight on
-each worker (what a drain waits for) and the failures it saw first (a worker's death under a request:
+each worker (what a drain waits for), its load since its last watch (`LoadReport`, summed here for the SLA
+planner: `cluster_load`) and the failures it saw first (a worker's death under a request:
 `report_failure`). Scaling asked of any replica lands here (`scale`), so it happens once.
 
 The replicas' requests never pass through here: tokens flow from the decode workers straight to the
@@ -25,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from pdserve.engine.config import PdserveConfig
 from pdserve.engine.messages import WorkerStats
 from pdserve.router.metrics import RouterMetrics
+from pdserve.router.planner import ClusterLoad, LoadReport, LoadSum
 from pdserve.router.workers import WorkerPools, worker_bundle
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ class PoolManager:
         self.pools.drained = self._drained
         self.pools.on_failure = self._count_failure
         self.replicas: dict[str, _Replica] = {}
+        self.load = LoadSum()  # every replica's load, for the SLA planner
         self._bundles = None  # PoolSnapshot.bundles, once the cluster's resources are known
         self._started: asyncio.Task | None = None
         ctx = ray.get_runtime_context()
@@ -112,11 +115,15 @@ class PoolManager:
             self._started = asyncio.create_task(self.pools.start(adopt=self.restarted))
         await asyncio.shield(self._started)
 
-    async def watch(self, replica: str, url: str, version: int, inflight: dict[str, int]) -> PoolSnapshot:
-        """A replica's report (its URL and requests in flight per worker, as of the `version` it holds);
-        answers the pools once they differ from that version, or after a health interval."""
+    async def watch(self, replica: str, url: str, version: int, inflight: dict[str, int],
+                    load: LoadReport | None = None) -> PoolSnapshot:
+        """A replica's report (its URL, requests in flight per worker, as of the `version` it holds, and its
+        load since its last report); answers the pools once they differ from that version, or after a health
+        interval."""
         r = self.replicas.setdefault(replica, _Replica(url))
         r.url, r.seen, r.inflight, r.last = url, version, inflight, time.monotonic()
+        if load is not None:
+            self.load.add(replica, load, r.last)
         self._sum_inflight()
         await self.pools.changed(version, self.serve.health_interval_s)
         return self.snapshot()
@@ -132,9 +139,17 @@ class PoolManager:
                             tuple((role, reason, n) for (role, reason), n in self.failures.items()),
                             tuple(p.target.items()), self._bundles)
 
+    async def cluster_load(self, replica: str, load: LoadReport, window_s: float, since_s: float) -> ClusterLoad:
+        """Every live replica's load summed (`replica`'s as of `load`, which it sends with the question): what
+        the SLA planner decides on. Rates over the last `window_s`, or the last `since_s` when shorter."""
+        now = time.monotonic()
+        self.load.add(replica, load, now)
+        return self.load.load(now, window_s, now - since_s, set(self._live_replicas()) | {replica})
+
     async def leave(self, replica: str) -> None:
         """A replica stops (drained, shut down): it no longer holds drains up or shows in the targets."""
         self.replicas.pop(replica, None)
+        self.load.leave(replica)
         self._sum_inflight()
         self.pools.touch()
 

@@ -16,6 +16,17 @@ from prometheus_client.metrics_core import GaugeMetricFamily
 from pdserve.engine.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS
 
 
+def histogram_buckets(histogram) -> tuple[tuple[float, float], ...]:
+    """A Histogram's cumulative (upper bound, count) buckets, summed over all its label sets."""
+    out: dict[float, float] = {}
+    for fam in histogram.collect():
+        for s in fam.samples:
+            if s.name.endswith("_bucket"):
+                le = float(s.labels["le"])
+                out[le] = out.get(le, 0.0) + s.value
+    return tuple(sorted(out.items()))
+
+
 class RouterMetrics:
     def __init__(self, prefix: str, model_name: str, registry: CollectorRegistry):
         self.model = model_name

@@ -29,6 +29,7 @@ model says loses least by it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -258,6 +259,7 @@ class LoadWindow:
         self.horizon_s = horizon_s
         self.arrivals: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, max_tokens)
         self.finished: deque[tuple[float, int, int]] = deque()  # (time, max_tokens, generated tokens)
+        self.dropped = [0, 0]  # arrivals and completions trimmed off so far
 
     def arrived(self, now: float, prompt_tokens: int, max_tokens: int) -> None:
         self.arrivals.append((now, prompt_tokens, max_tokens))
@@ -267,10 +269,22 @@ class LoadWindow:
         self.finished.append((now, max_tokens, generated))
         self._trim(now)
 
+    def since(self, arrivals: int, finished: int) -> tuple[tuple, tuple]:
+        """The arrivals and completions after the first `arrivals` and `finished` ever recorded (what a
+        replica has not reported yet), as far as the horizon still holds them."""
+        return (tuple(itertools.islice(self.arrivals, max(0, arrivals - self.dropped[0]), None)),
+                tuple(itertools.islice(self.finished, max(0, finished - self.dropped[1]), None)))
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """Arrivals and completions ever recorded (`since`'s cursor)."""
+        return self.dropped[0] + len(self.arrivals), self.dropped[1] + len(self.finished)
+
     def _trim(self, now: float) -> None:
-        for q in (self.arrivals, self.finished):
+        for k, q in enumerate((self.arrivals, self.finished)):
             while q and q[0][0] < now - self.horizon_s:
                 q.popleft()
+                self.dropped[k] += 1
 
     def rates(self, now: float, window_s: float, since: float) -> tuple[float, float, float]:
         """(requests/s, prompt tokens/s, expected output tokens per request) over the last `window_s`
@@ -283,6 +297,72 @@ class LoadWindow:
         share = sum(f[2] for f in fin) / asked if asked else 1.0
         out = share * sum(a[2] for a in arr) / len(arr) if arr else 1.0
         return len(arr) / span, sum(a[1] for a in arr) / span, out
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """One router replica's load since its previous report, for the pool manager (`router.control`), which
+    sums every replica's into one `ClusterLoad`: the planner decides once, on the whole deployment's load.
+    Times are seconds before the report was made (replicas may run on other nodes, with other clocks)."""
+
+    arrivals: tuple[tuple[float, int, int], ...] = ()  # (age, prompt tokens, max_tokens)
+    finished: tuple[tuple[float, int, int], ...] = ()  # (age, max_tokens, generated tokens)
+    ttft: tuple[tuple[float, float], ...] = ()  # the replica's TTFT histogram: cumulative (upper bound, count)
+    tpot: tuple[tuple[float, float], ...] = ()
+    prefill_queue_tokens: int = 0  # prompt tokens this replica has sent to prefill workers and not had back
+    incarnation: str = ""  # the replica process's: a restarted replica's histograms count from zero again
+
+
+@dataclass(frozen=True)
+class ClusterLoad:
+    """Every replica's load as the planner reads it: rates over a window, the TTFT and TPOT histograms
+    summed (cumulative, never decreasing: a replica that restarts or leaves takes nothing back), and the
+    prompt tokens queued at the prefill pool by all of them."""
+
+    request_rate: float
+    prompt_tokens_per_s: float
+    output_tokens: float
+    ttft: tuple[tuple[float, float], ...]
+    tpot: tuple[tuple[float, float], ...]
+    prefill_queue_tokens: int
+    replicas: int  # replicas whose reports it sums
+
+
+class LoadSum:
+    """The pool manager's sum of its replicas' `LoadReport`s (pure: the manager passes its clock)."""
+
+    def __init__(self, horizon_s: float = 600.0):
+        self.window = LoadWindow(horizon_s)
+        self.ttft: dict[float, float] = {}
+        self.tpot: dict[float, float] = {}
+        self._last: dict[str, LoadReport] = {}  # replica -> its last report (for histogram deltas, its queue)
+
+    def add(self, replica: str, report: LoadReport, now: float) -> None:
+        # Several replicas' events interleave out of time order by up to a report interval: `rates` filters by
+        # time, and the horizon trims from the oldest end, so that only delays a few entries' trimming.
+        self.window.arrivals.extend((now - age, prompt, max_tokens) for age, prompt, max_tokens in report.arrivals)
+        self.window.finished.extend((now - age, max_tokens, n) for age, max_tokens, n in report.finished)
+        self.window._trim(now)
+        prev = self._last.get(replica)
+        for name in ("ttft", "tpot"):
+            total, cur = getattr(self, name), getattr(report, name)
+            # a restarted replica's counts began again: all of them are new
+            old = dict(getattr(prev, name)) if prev is not None and prev.incarnation == report.incarnation else {}
+            for le, n in cur:
+                total[le] = total.get(le, 0.0) + n - old.get(le, 0.0)
+        self._last[replica] = report
+
+    def leave(self, replica: str) -> None:
+        """A replica stopped: its queue is gone; what it observed stays counted."""
+        self._last.pop(replica, None)
+
+    def load(self, now: float, window_s: float, since: float, live: set[str]) -> ClusterLoad:
+        """Rates over the last `window_s` (or since `since`, when shorter); queues of the `live` replicas."""
+        rate, prompt_rate, output = self.window.rates(now, window_s, since)
+        reports = [r for k, r in self._last.items() if k in live]
+        return ClusterLoad(rate, prompt_rate, output, tuple(sorted(self.ttft.items())),
+                           tuple(sorted(self.tpot.items())), sum(r.prefill_queue_tokens for r in reports),
+                           len(reports))
 
 
 def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:

@@ -6,6 +6,11 @@ on each worker (routing's queue depths) and its prefix index (which prefixes it 
 loop refreshes the mirror whenever the pools change and reports those in-flight counts back (a drain
 waits for them). A worker this replica sees die under a request leaves its routing at once and is
 reported (`fail_worker`); the manager replaces it, once, whichever replica saw it first.
+
+Each watch also carries this replica's load since its previous one (`LoadReport`: arrivals, completions,
+its TTFT and TPOT histograms, the prompt tokens it has queued at prefill workers); the manager sums every
+replica's, and the SLA planner (in one replica) reads that sum (`cluster_load`), so it decides on the whole
+deployment's load, not on the traffic of the replica it runs in.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import uuid
 
 from pdserve.engine.config import PdserveConfig
-from pdserve.router.metrics import RouterMetrics
+from pdserve.router.metrics import RouterMetrics, histogram_buckets
+from pdserve.router.planner import ClusterLoad, LoadReport, LoadWindow
 from pdserve.router.pools import WorkerState, worker_status
 from pdserve.router.prefix_index import PrefixIndex
 
@@ -40,6 +48,9 @@ class PoolView:
         self._dispatched: dict[str, int] = {}  # worker id -> its num_dispatched at the previous refresh
         self._failures: dict[tuple[str, str], int] = {}  # the manager's failure counts already counted here
         self._task: asyncio.Task | None = None
+        self.load = LoadWindow()  # this replica's arrivals and completions (`Router.generate` records them)
+        self._reported = (0, 0)  # of them, how many went to the manager already
+        self.incarnation = uuid.uuid4().hex[:8]  # this process's (a restart's metrics count from zero)
 
     async def start(self, url: str) -> None:
         """Wait for the pools to be filled, take a first snapshot and keep the mirror fresh."""
@@ -57,12 +68,29 @@ class PoolView:
     async def _watch(self) -> None:
         while True:
             try:
-                snap = await self.manager.watch.remote(self.replica, self.url, self.version, self._inflight())
+                snap = await self.manager.watch.remote(self.replica, self.url, self.version, self._inflight(),
+                                                       self.report())
             except Exception as e:  # the manager is being restarted: keep routing on the last view
                 logger.warning("pool manager unreachable (%s); retrying", type(e).__name__)
                 await asyncio.sleep(min(1.0, self.serve.health_interval_s))
                 continue
             self.apply(snap)
+
+    def report(self) -> LoadReport:
+        """This replica's load since the last report (the arrivals and completions it has not sent yet)."""
+        now = time.monotonic()
+        arrivals, finished = self.load.since(*self._reported)
+        self._reported = self.load.counts
+        queued = sum(w.inflight_tokens for w in self.pools["prefill"].values())
+        return LoadReport(tuple((now - t, a, b) for t, a, b in arrivals),
+                          tuple((now - t, a, b) for t, a, b in finished),
+                          histogram_buckets(self.metrics.ttft), histogram_buckets(self.metrics.tpot), queued,
+                          self.incarnation)
+
+    async def cluster_load(self, window_s: float, since_s: float) -> ClusterLoad:
+        """Every replica's load summed by the manager (this one's as of now): rates over the last `window_s`
+        (or the last `since_s`, when shorter)."""
+        return await self.manager.cluster_load.remote(self.replica, self.report(), window_s, since_s)
 
     def _inflight(self) -> dict[str, int]:
         return {w.worker_id: w.inflight_requests for pool in self.pools.values() for w in pool.values()

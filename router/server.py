@@ -42,6 +42,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 
 from prometheus_client import CollectorRegistry
@@ -55,7 +56,6 @@ from pdserve.engine.structured import GrammarCompiler
 from pdserve.router import protocol as P
 from pdserve.router.admission import DrainRate
 from pdserve.router.metrics import PoolCollector, RouterMetrics
-from pdserve.router.planner import LoadWindow
 from pdserve.router.pool_view import PoolView
 from pdserve.router.pools import (
     Choice,
@@ -125,7 +125,7 @@ class Router:
         self._incarnation = uuid.uuid4().hex[:8]  # names this router's subscriptions (a restart opens new ones)
         self.url = ""
         self.advertised = ""  # host:port others reach this replica's HTTP server at
-        self.load = LoadWindow()  # arrivals and completions: the SLA planner's rates (router.autoscale)
+        self.load = self.workers.load  # arrivals and completions, reported to the pool manager for the planner
         self.autoscaler = None
         if config.autoscale.enabled and planner:  # one replica plans for the deployment
             from pdserve.router.autoscale import AutoscaleCollector, Autoscaler
@@ -418,7 +418,8 @@ class Router:
             for worker_id in [w for w, r in self._relays.items() if not r.alive]:  # workers gone since
                 del self._relays[worker_id]
             relay = self._relays[decode.worker_id] = StepRelay(decode.handle, decode.worker_id,
-                                                               f"{self.replica}-{self._incarnation}")
+                                                               f"{self.replica}-{self._incarnation}",
+                                                               self.serve.stream_timeout_s)
         return relay
 
     def _decoded(self, decode: WorkerState, tokens: list[int], names: list[BlockHash]) -> None:
@@ -480,7 +481,7 @@ class Router:
         limit = self.config.kv_transfer.reserve_wait_s + s.stream_timeout_s  # the wait under way, for the message
         try:
             relay = self._relay(decode)
-            queue = relay.register(attempt)  # before the worker starts it: no item arrives unclaimed
+            inbox = relay.register(attempt)  # before the worker starts it: no item arrives unclaimed
             start_ref = decode.handle.start.remote(request, relay.subscriber)
             async with asyncio.timeout(limit):  # registered (and its KV room reserved) on the decode worker
                 ready = await start_ref
@@ -526,18 +527,19 @@ class Router:
                     return
             limit = s.stream_timeout_s
             held = None  # an item taken while coalescing that ends the run (an error): next
+            items = inbox.items
             while True:
                 if held is not None:
                     item, held = held, None
-                elif not queue.empty():  # the router is behind: no wait, so no deadline to arm
-                    item = queue.get_nowait()
+                elif items:  # the router is behind: no wait
+                    item = items.popleft()
                 else:
-                    async with asyncio.timeout(limit):
-                        item = await queue.get()
+                    await inbox.wait()  # TimeoutError after stream_timeout_s without an item (the relay's watchdog)
+                    item = items.popleft()
                 if isinstance(item, BaseException):  # the worker's token stream broke (it died) or ended
                     raise item
-                if item.error is None:
-                    item, held = _coalesce(item, queue)
+                if item.error is None and items:
+                    item, held = _coalesce(item, items)
                 if item.error is not None:
                     if item.error.status >= 500 and not item.error.unavailable:  # the worker itself failed
                         raise _Failover("worker_error", item.error.message, decode)
@@ -607,10 +609,10 @@ class Router:
             import uvicorn
 
             s = self.serve
-            from pdserve.router.api import build_app
+            from pdserve.router.api import serve_app
 
             # h11 explicitly (httptools, when installed, ignores the header limit)
-            config = uvicorn.Config(build_app(self), host=s.host, port=s.port, log_level="warning", lifespan="off",
+            config = uvicorn.Config(serve_app(self), host=s.host, port=s.port, log_level="warning", lifespan="off",
                                     timeout_graceful_shutdown=2, http="h11",
                                     h11_max_incomplete_event_size=s.max_header_bytes)
             self._server = uvicorn.Server(config)
@@ -669,17 +671,17 @@ class Router:
         await self.workers.stop()  # the pools stay: they are the pool manager's
 
 
-def _coalesce(item: StepItem, queue: asyncio.Queue) -> tuple[StepItem, object]:
+def _coalesce(item: StepItem, queue: deque) -> tuple[StepItem, object]:
     """`item` and every plain item already queued behind it as one: when the router falls behind, a
     stream's tokens leave in one SSE chunk (one socket write) instead of one per step, so its cost per
     token falls as its load rises; a router keeping up sees one item at a time and adds no delay. Returns
     the merged item and the first queued one that cannot join (an error, the stream's end), or None."""
-    if item.finished or queue.empty():
+    if item.finished or not queue:
         return item, None
     tokens, text, logprobs = list(item.token_ids), [item.text], list(item.logprobs or ())
     last = item
-    while not last.finished and not queue.empty():
-        nxt = queue.get_nowait()
+    while not last.finished and queue:
+        nxt = queue.popleft()
         if isinstance(nxt, BaseException) or nxt.error is not None:
             return _joined(last, tokens, text, logprobs, item), nxt
         tokens += nxt.token_ids

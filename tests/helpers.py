@@ -1,7 +1,8 @@
 """What several test files share (one module, instead of test files importing each other):
 prompts and the HF reference for the tiny models, the engine leak check, polling with a
-deadline, and `Server`, a live `pdserve serve` deployment on the session's Ray cluster (with `metric`, one of
-its router's Prometheus series)."""
+deadline, the live KV leak check (`wait_kv_free`), a streamed completion's reader
+(`stream_completion`), and `Server`, a live `pdserve serve` deployment on the session's Ray cluster
+(with `metric`, one of its router's Prometheus series)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,46 @@ def wait_for(predicate, timeout: float, what: str) -> float:
     return time.monotonic() - t0
 
 
+def wait_kv_free(stats, worker_ids, timeout: float = 15.0) -> None:
+    """Poll until every worker of the pools (`worker_ids()`) answers `stats()` with its KV pool all free and no
+    request left; a worker that does not answer (frozen, cut off: `stats` leaves it out) fails the wait."""
+    t0 = time.monotonic()
+    while True:
+        got, ids = stats(), worker_ids()
+        missing = ids - set(got)
+        if not missing and all(s.free_blocks == s.num_blocks and not s.num_running and not s.num_waiting
+                               for s in got.values()):
+            return
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"KV not freed within {timeout}s: {got}" + (f"; no answer from {sorted(missing)}"
+                                                                     if missing else ""))
+        time.sleep(0.05)
+
+
+def stream_completion(url: str, body: dict, on_chunk=None) -> tuple[str, dict | None, list[str]]:
+    """POST a streamed completion `body` to `url`: (its text, the error chunk or None, the raw `data:` lines).
+    `on_chunk(i)` runs after the i-th content chunk (to inject a fault, or to see the stream start)."""
+    text, error, lines = "", None, []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        n = 0
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            lines.append(line)
+            if line == "data: [DONE]":
+                break
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                error = obj
+                continue
+            text += obj["choices"][0]["text"]
+            n += 1
+            if on_chunk is not None:
+                on_chunk(n)
+    return text, error, lines
+
+
 MODES = {"disagg-grpc": {"serve": {"mode": "disaggregated"}, "kv_transfer": {"kv_transport": "grpc"}},
          "disagg-nccl": {"serve": {"mode": "disaggregated"}, "kv_transfer": {"kv_transport": "nccl"}},
          "colocated": {"serve": {"mode": "colocated"}}}
@@ -92,17 +133,12 @@ class Server:
     def stats(self) -> dict[str, WorkerStats]:
         return self.ray.get(self.actor.worker_stats.remote())
 
+    def worker_ids(self) -> set[str]:
+        """Every worker in the pools, as the router lists them."""
+        return {w["worker_id"] for ws in self.ray.get(self.actor.status.remote())["pools"].values() for w in ws}
+
     def wait_kv_free(self, timeout: float = 15.0) -> None:
-        """Every worker's KV pool back to all free, no request left (polling, with a deadline)."""
-        t0 = time.monotonic()
-        while True:
-            stats = self.stats()
-            if all(s.free_blocks == s.num_blocks and not s.num_running and not s.num_waiting
-                   for s in stats.values()):
-                return
-            if time.monotonic() - t0 > timeout:
-                pytest.fail(f"KV not freed within {timeout}s: {stats}")
-            time.sleep(0.05)
+        wait_kv_free(self.stats, self.worker_ids, timeout)
 
     def stop(self) -> None:
         self.ray.get(self.actor.stop.remote(), timeout=60)

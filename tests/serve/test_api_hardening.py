@@ -298,7 +298,7 @@ def _clamp(body):
             if isinstance(v, int) and not isinstance(v, bool) and v > MAX_TOKENS:
                 body[k] = MAX_TOKENS
         if isinstance(body.get("logit_bias"), dict):
-            body["logit_bias"] = {k: v for k, v in body["logit_bias"].items() if not k.isdigit() or int(k) < 256}
+            body["logit_bias"] = {k: v for k, v in body["logit_bias"].items() if not k.isdecimal() or int(k) < 256}
     return body
 
 

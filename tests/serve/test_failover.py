@@ -19,7 +19,7 @@ import pytest
 from pdserve.engine.config import FaultConfig, PdserveConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling import SamplingParams
-from tests.helpers import EXACT, Server, metric, wait_for
+from tests.helpers import EXACT, Server, metric, stream_completion, wait_for
 
 PROMPT = "Once upon a time, in a land far away"
 MAX_TOKENS = 300
@@ -50,27 +50,8 @@ def body(**kw) -> dict:
 
 
 def stream(url: str, on_chunk=None, **kw) -> tuple[str, dict | None, list[str]]:
-    """Stream a completion: (text, the error chunk or None, raw data lines). `on_chunk(i)` runs
-    after the i-th content chunk (to inject a fault at a known point of the stream)."""
-    text, error, lines = "", None, []
-    with httpx.stream("POST", f"{url}/v1/completions", json=body(**kw), timeout=60) as r:
-        assert r.status_code == 200, r.read()
-        n = 0
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            lines.append(line)
-            if line == "data: [DONE]":
-                break
-            obj = json.loads(line[6:])
-            if "error" in obj:
-                error = obj
-                continue
-            text += obj["choices"][0]["text"]
-            n += 1
-            if on_chunk is not None:
-                on_chunk(n)
-    return text, error, lines
+    """Stream a completion of `body(**kw)`: (text, the error chunk or None, raw data lines)."""
+    return stream_completion(url, body(**kw), on_chunk)
 
 
 def holder(server: Server, role: str) -> str:

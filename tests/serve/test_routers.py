@@ -2,7 +2,8 @@
 cluster serve interleaved streams with the bare engine's exact greedy text; scaling asked of either
 replica happens once and both see it, and a drained worker is drained, not failed; /metrics/targets on
 each lists both; killing one replica mid-load breaks its own clients' connections only: the other's
-streams finish exact, the pools keep the same workers, and every KV block comes back."""
+streams finish exact, the pools keep the same workers, and every KV block comes back. The SLA planner,
+which runs in replica 0, decides on both replicas' load: traffic through replica 1 alone shows in its input."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pdserve.engine.config import PdserveConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.messages import WorkerStats
 from pdserve.engine.sampling import SamplingParams
-from tests.helpers import EXACT, wait_for
+from tests.helpers import EXACT, stream_completion, wait_for, wait_kv_free
 
 PROMPT = "Once upon a time, in a land far away"
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -40,23 +41,25 @@ def expected(tiny_text_model_dir):
 class Deployment:
     """A pool manager and two router replicas on the session's Ray cluster."""
 
-    def __init__(self, ray, model_dir, **serve):
+    def __init__(self, ray, model_dir, autoscale: dict | None = None, **serve):
         from pdserve.router.actor import launch_deployment
 
         self.ray = ray
         cfg = PdserveConfig().replace(
             model={"model": str(model_dir), **EXACT}, cache={"num_kv_blocks": 256}, engine={"num_threads": 1},
             serve={"port": 0, "routers": 2, "disaggregation": "always", "health_interval_s": 0.2,
-                   "admin_key": "admin-secret", **serve})
+                   "admin_key": "admin-secret", **serve}, autoscale=autoscale or {})
         self.pools, self.routers = launch_deployment(cfg)
         self.urls = ray.get([r.start.remote() for r in self.routers], timeout=120)
 
     def stats(self) -> dict[str, WorkerStats]:
         return self.ray.get(self.pools.worker_stats.remote())
 
+    def worker_ids(self) -> set[str]:
+        return {w["worker_id"] for ws in self.ray.get(self.pools.status.remote()).values() for w in ws}
+
     def wait_kv_free(self, timeout: float = 15.0) -> None:
-        wait_for(lambda: all(s.free_blocks == s.num_blocks and not s.num_running and not s.num_waiting
-                             for s in self.stats().values()), timeout, "every KV block freed")
+        wait_kv_free(self.stats, self.worker_ids, timeout)
 
     def stop(self) -> None:
         for r in self.routers:
@@ -69,22 +72,8 @@ class Deployment:
 
 def stream(url: str, max_tokens: int, started: threading.Event | None = None) -> tuple[str, dict | None]:
     """A streamed completion: (text, the error chunk or None). `started` is set at the first chunk."""
-    import json
-
-    text, error = "", None
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            obj = json.loads(line[6:])
-            if "error" in obj:
-                error = obj
-                continue
-            text += obj["choices"][0]["text"]
-            if started is not None:
-                started.set()
+    text, error, _ = stream_completion(url, body, started and (lambda i: started.set()))
     return text, error
 
 
@@ -186,5 +175,34 @@ def test_a_router_killed_mid_load_costs_only_its_own_clients(ray_cluster, tiny_t
         t0 = time.monotonic()
         assert httpx.get(f"{dep.urls[1]}/health", timeout=5).status_code == 200
         assert time.monotonic() - t0 < 5
+    finally:
+        dep.stop()
+
+
+def test_the_planner_in_replica_0_sees_the_load_through_replica_1(ray_cluster, tiny_text_model_dir, tmp_path):
+    import json
+
+    costs = tmp_path / "costs.json"  # the planner waits for costs; these keep one worker per pool enough
+    costs.write_text(json.dumps({"step_overhead_s": 0.001, "prefill_token_s": 1e-6, "decode_token_s": 1e-6}))
+    dep = Deployment(ray_cluster, tiny_text_model_dir, autoscale={
+        "enabled": True, "interval_s": 0.2, "window_s": 60.0, "costs": str(costs), "request_resources": False})
+    try:
+        max_tokens = 8
+        for _ in range(6):  # through replica 1 only
+            text, error = stream(dep.urls[1], max_tokens)
+            assert error is None and text
+        prompt_tokens = httpx.post(f"{dep.urls[1]}/tokenize", json={"prompt": PROMPT}, timeout=10).json()["count"]
+
+        def signals() -> dict | None:
+            return dep.ray.get(dep.routers[0].status.remote())["autoscale_signals"]
+
+        # replica 1's requests, their prompt tokens and outputs, and the TTFT and TPOT they saw, in the input of
+        # the planner running in replica 0
+        wait_for(lambda: (s := signals()) is not None and s["request_rate"] > 0 and s["ttft_s"] is not None
+                 and s["tpot_s"] is not None, 20, "the planner seeing replica 1's requests")
+        s = signals()
+        assert s["prompt_tokens_per_s"] / s["request_rate"] == pytest.approx(prompt_tokens)
+        assert s["output_tokens"] == pytest.approx(max_tokens)
+        assert dep.ray.get(dep.routers[1].status.remote())["autoscale_signals"] is None  # one planner
     finally:
         dep.stop()

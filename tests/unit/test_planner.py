@@ -1,7 +1,8 @@
 """The SLA planner's decision function (`router.planner`), driven tick by tick with plain `Signals`: a
 prefill-heavy load grows the prefill pool and a decode-heavy one the decode pool, by the sizes the cost model's
 arithmetic gives; the pools shrink back one worker at a time once the load has stayed low, never past min or
-max nor the device budget; an observed SLO miss outranks the model; and a steady, noisy load does not flap."""
+max nor the device budget; an observed SLO miss outranks the model; and a steady, noisy load does not flap.
+The pool manager's sum of the router replicas' load reports (`LoadSum`) is what one planner sees of them all."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pytest
 from pdserve.engine.config import AutoscaleConfig
 from pdserve.router.planner import (
     CostModel,
+    LoadReport,
+    LoadSum,
     LoadWindow,
     Planner,
     Signals,
@@ -176,6 +179,43 @@ def test_load_window_rates_and_expected_output():
     assert young.rates(2.0, 5.0, since=0.0)[0] == pytest.approx(2.0)  # a young loop: over its 2 s, not 5
     w.arrived(500.0, 1, 1)
     assert len(w.arrivals) == 1  # older than the horizon: dropped
+
+
+def test_load_window_reports_each_event_once():
+    w = LoadWindow(horizon_s=10)
+    w.arrived(1.0, 5, 6)
+    cursor = w.counts
+    assert w.since(0, 0) == (((1.0, 5, 6),), ())
+    w.arrived(2.0, 7, 8)
+    w.done(3.0, 6, 6)
+    assert w.since(*cursor) == (((2.0, 7, 8),), ((3.0, 6, 6),))
+    cursor = w.counts
+    w.arrived(20.0, 1, 1)  # trims the first two off the horizon: the cursor still counts them
+    assert w.since(*cursor) == (((20.0, 1, 1),), ())
+
+
+def test_load_sum_adds_every_replicas_load_once():
+    total = LoadSum()
+    inf = math.inf
+    # replica a: 2 requests of 100 prompt tokens, 2 TTFTs under 0.1 s; replica b: 1 of 400, 1 TTFT under 1 s
+    total.add("a", LoadReport(((1.0, 100, 10), (0.5, 100, 10)), (), ((0.1, 2.0), (1.0, 2.0), (inf, 2.0)), (),
+                              prefill_queue_tokens=30), now=100.0)
+    total.add("b", LoadReport(((0.2, 400, 10),), ((0.1, 10, 10),), ((0.1, 0.0), (1.0, 1.0), (inf, 1.0)), (),
+                              prefill_queue_tokens=12), now=100.0)
+    load = total.load(100.0, window_s=4.0, since=0.0, live={"a", "b"})
+    assert load.request_rate == pytest.approx(3 / 4) and load.prompt_tokens_per_s == pytest.approx(600 / 4)
+    assert load.prefill_queue_tokens == 42 and load.replicas == 2
+    assert load.ttft == ((0.1, 2.0), (1.0, 3.0), (inf, 3.0))
+    # a's next report: its cumulative histogram grew by one (counted once, not again with the old two)
+    total.add("a", LoadReport((), (), ((0.1, 3.0), (1.0, 3.0), (inf, 3.0)), (), prefill_queue_tokens=0), now=101.0)
+    assert total.load(101.0, 4.0, 0.0, {"a", "b"}).ttft == ((0.1, 3.0), (1.0, 4.0), (inf, 4.0))
+    # b restarted (its counts began again) and then left: the sum never goes back; its queue no longer counts
+    total.add("b", LoadReport((), (), ((0.1, 1.0), (1.0, 1.0), (inf, 1.0)), (), prefill_queue_tokens=5,
+                              incarnation="b2"), now=102.0)
+    total.leave("b")
+    load = total.load(102.0, 4.0, 0.0, {"a"})
+    assert load.ttft == ((0.1, 4.0), (1.0, 5.0), (inf, 5.0)) and load.prefill_queue_tokens == 0
+    assert load.request_rate == pytest.approx(3 / 4)  # its requests stay in the window
 
 
 def test_histogram_quantile_matches_prometheus():

@@ -30,20 +30,47 @@ def test_the_template_changes_only_the_text():
 def test_queued_items_of_a_stream_coalesce_into_one_and_stop_at_an_error():
     """What waits behind a stream's item leaves with it (one chunk, one socket write); an error item, or
     the relay's exception, is held back to be handled next, and nothing is merged past the last item."""
-    import asyncio
+    from collections import deque
 
     from pdserve.engine.messages import StepItem, WorkerError
     from pdserve.router.server import _coalesce
 
-    q: asyncio.Queue = asyncio.Queue()
+    q: deque = deque()  # a request's `Inbox.items`
     assert _coalesce(StepItem((1,), "a"), q) == (StepItem((1,), "a"), None)  # nothing queued: as it came
-    for item in (StepItem((2,), "b"), StepItem((3,), "c", True, "length", 3), StepItem((4,), "d")):
-        q.put_nowait(item)
+    q.extend((StepItem((2,), "b"), StepItem((3,), "c", True, "length", 3), StepItem((4,), "d")))
     merged, held = _coalesce(StepItem((1,), "a"), q)
     assert merged == StepItem((1, 2, 3), "abc", True, "length", 3) and held is None
-    assert q.get_nowait() == StepItem((4,), "d")  # past the stream's end: left alone
+    assert q.popleft() == StepItem((4,), "d")  # past the stream's end: left alone
     err = StepItem(finished=True, error=WorkerError(500, "boom"))
-    q.put_nowait(StepItem((2,), "b"))
-    q.put_nowait(err)
+    q.extend((StepItem((2,), "b"), err))
     merged, held = _coalesce(StepItem((1,), "a"), q)
     assert merged == StepItem((1, 2), "ab") and held is err
+
+
+def test_an_inbox_wakes_its_waiter_and_its_watchdog_fails_a_wait_past_the_timeout():
+    """A request's `Inbox` (router.relay): an item wakes the wait under way; a wait that has lasted longer
+    than the stream timeout fails with TimeoutError when the relay's watchdog looks; a shorter one does not."""
+    import asyncio
+
+    from pdserve.router.relay import Inbox
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        box = Inbox(loop)
+        waiting = box.wait()
+        box.expire(loop.time() + 0.5, timeout=1.0)  # not yet past the timeout
+        box.put("item")
+        await waiting
+        assert box.items.popleft() == "item"
+        waiting = box.wait()
+        box.expire(loop.time() + 2.0, timeout=1.0)
+        try:
+            await waiting
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("the wait did not time out")
+        box.put("late")  # after the timeout: kept, nobody woken twice
+        assert list(box.items) == ["late"]
+
+    asyncio.run(run())
