@@ -35,6 +35,7 @@ from pdserve.engine.kv_cache import PagedKVCache
 from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.model import AttentionMetadata, load_model, mkldnn_bf16_linear_available
 from pdserve.engine.model_source import ModelSource, load_tokenizer, resolve_model
+from pdserve.engine.parallel import ShardedKVCache, TPGroup, TPModel
 from pdserve.engine.platform import cpu_has_fast_bf16, keep_freed_memory
 from pdserve.engine.sampler import advance_generator, make_generator, sample
 from pdserve.engine.sampling import SamplingParams
@@ -66,8 +67,22 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+def attention_kernels(backend: str, model, device: torch.device, dtype: torch.dtype):
+    """(decode kernel, prefill kernel) for this model (a tensor-parallel shard: its own head counts), each None
+    for the torch path; switches `model` to the fused bf16 ops where the kernels' library runs."""
+    decode = decode_attention_kernel(backend, device, dtype)
+    if decode is not None and dtype == torch.bfloat16:  # the same library's fused bf16 ops
+        model.use_fused_ops(torch.ops.pdserve)
+    arch = model.arch
+    # prefill attention: the same library's paged prefill kernel where it runs (bf16, AVX-512-BF16)
+    return decode, prefill_attention_kernel(decode, dtype, arch.head_dim, arch.num_heads // arch.num_kv_heads)
+
+
 class LLMEngine:
-    def __init__(self, config: PdserveConfig | None = None, *, source: ModelSource | None = None):
+    def __init__(self, config: PdserveConfig | None = None, *, source: ModelSource | None = None,
+                 tp: TPGroup | None = None):
+        """`tp`: this engine is rank 0 of a tensor-parallel group (`engine.parallel`), whose other ranks run
+        `TPRank.serve`; it holds its shard of the model and of the KV pools."""
         self.config = config = config or PdserveConfig()
         if config.engine.num_threads:
             torch.set_num_threads(config.engine.num_threads)
@@ -77,29 +92,36 @@ class LLMEngine:
         if self.device.type == "cpu":
             keep_freed_memory()
         t0 = time.perf_counter()
-        self.model, self.hf_config = load_model(self.source.path, self.device, self.dtype)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        model, self.hf_config = load_model(self.source.path, self.device, self.dtype, tp=self.tp)
         self.tokenizer = load_tokenizer(self.source.path)
         # decode attention: the paged-attention kernel, or None for the torch path (see EngineConfig)
-        self.decode_kernel = decode_attention_kernel(config.engine.attention_backend, self.device, self.dtype)
-        if self.decode_kernel is not None and self.dtype == torch.bfloat16:  # the same library's fused bf16 ops
-            self.model.use_fused_ops(torch.ops.pdserve)
-        arch = self.arch = self.model.arch
-        # prefill attention: the same library's paged prefill kernel where it runs (bf16, AVX-512-BF16)
-        self.prefill_kernel = prefill_attention_kernel(self.decode_kernel, self.dtype, arch.head_dim,
-                                                       arch.num_heads // arch.num_kv_heads)
+        self.decode_kernel, self.prefill_kernel = attention_kernels(config.engine.attention_backend, model,
+                                                                    self.device, self.dtype)
+        self.model = model if self.tp is None else TPModel(model, model.full_arch, self.tp, model.shard)
+        arch = self.arch = model.full_arch  # the whole model (what KV transfer moves)
+        local = model.arch  # this rank's part of it (all of it without tensor parallelism)
         logger.info("loaded %s in %.1fs", self.source.model_id, time.perf_counter() - t0)
 
         self.max_model_len = min(config.model.max_model_len or arch.max_position_embeddings,
                                  arch.max_position_embeddings)
         cc = config.cache
         num_blocks = cc.num_kv_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30) // PagedKVCache.bytes_per_block(
-            arch.num_layers, cc.block_size, arch.num_kv_heads, arch.head_dim, self.dtype))
+            arch.num_layers, cc.block_size, local.num_kv_heads, arch.head_dim, self.dtype))
         self.block_manager = BlockManager(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)
-        self.kv = PagedKVCache(arch.num_layers, num_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
-                               self.dtype, self.device)
         swap_blocks = config.scheduler.swap_space_blocks
-        self.swap_kv = PagedKVCache(arch.num_layers, swap_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
-                                    self.dtype, torch.device("cpu")) if swap_blocks else None
+        shape = (arch.num_layers, cc.block_size, local.num_kv_heads, arch.head_dim, self.dtype)
+        if self.tp is None:
+            self.kv = PagedKVCache(arch.num_layers, num_blocks, *shape[1:], self.device)
+            self.swap_kv = PagedKVCache(arch.num_layers, swap_blocks, *shape[1:],
+                                        torch.device("cpu")) if swap_blocks else None
+        else:  # every rank's pools have these sizes (its own heads)
+            self.kv = ShardedKVCache(self.tp, model.shard, 0, arch.num_layers, num_blocks, *shape[1:], self.device)
+            self.swap_kv = ShardedKVCache(self.tp, model.shard, 1, arch.num_layers, swap_blocks, *shape[1:],
+                                          torch.device("cpu")) if swap_blocks else None
+            self.model.kv = self.kv
+            with self.tp.lock:
+                self.tp.broadcast(torch.tensor([num_blocks, swap_blocks, cc.block_size], device=self.tp.device))
         self.step_cost = MeasuredStepCost()  # learns this machine's step times (TTFT-deadline admission)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.step_cost)
         # Held while blocks are allocated or freed: the KV receiver reserves from this pool on its
@@ -319,8 +341,10 @@ class LLMEngine:
             if layerwise:
                 self._ship_layer(ship, i)
 
+        # tensor parallelism: the KV to ship is gathered from every rank as the layers complete
+        tp_ship = {"ship_slots": torch.cat([slots for _, slots in ship])} if ship and self.tp is not None else {}
         hidden = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta,
-                                    self.kv.k, self.kv.v, on_layer=on_layer)
+                                    self.kv.k, self.kv.v, on_layer=on_layer, **tp_ship)
         if ship and not layerwise:
             for i in range(self.arch.num_layers):
                 self._ship_layer(ship, i)
@@ -366,6 +390,12 @@ class LLMEngine:
         return ship
 
     def _ship_layer(self, ship: list[tuple[object, torch.Tensor]], layer: int) -> None:
+        if self.tp is not None:  # every rank's heads, gathered during the forward pass (`TPModel.forward`)
+            kv, start = self.kv.shipped.pop(layer), 0
+            for sink, slots in ship:
+                sink.put_layer(layer, kv[:, start:start + len(slots)].contiguous())
+                start += len(slots)
+            return
         k, v = self.kv.k[layer], self.kv.v[layer]
         for sink, slots in ship:
             sink.put_layer(layer, torch.stack([k.index_select(0, slots), v.index_select(0, slots)]))
@@ -542,6 +572,11 @@ class LLMEngine:
     def _need_tokenizer(self) -> None:
         if self.tokenizer is None:
             raise InvalidRequestError("prompt", f"{self.source.path} has no tokenizer; pass token ids")
+
+    def shutdown(self) -> None:
+        """Send the other tensor-parallel ranks home (their `TPRank.serve` returns); nothing without them."""
+        if self.tp is not None:
+            self.model.stop()
 
     # -- convenience -------------------------------------------------------------
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:

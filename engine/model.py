@@ -338,8 +338,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[LlamaModel, object]:
-    """Build the model from an HF directory; returns it with the HF config."""
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, tp=None) -> tuple[LlamaModel, object]:
+    """Build the model from an HF directory; returns it with the HF config. With `tp` (an
+    `engine.parallel.TPGroup` of more than one rank): this rank's shard only, read slice by slice
+    (`model.shard` says which; `model.arch` is the shard's, `model.full_arch` the whole model's)."""
     from safetensors import safe_open
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -350,15 +352,28 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> tup
     if rope_type == "dynamic":
         raise ValueError("dynamic RoPE scaling is not supported (its frequencies depend on the sequence length)")
     rotary = LlamaRotaryEmbedding(hf_config)  # HF computes inv_freq for every static RoPE variant
+    shard = None
+    if tp is not None and tp.size > 1:
+        from pdserve.engine.parallel import Shard
+
+        shard = Shard.of(arch, tp.rank, tp.size)  # TensorParallelError before any weight is read
     weights: dict[str, torch.Tensor] = {}
     files = sorted(Path(model_dir).glob("*.safetensors"))
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if name.startswith("model.") or name == "lm_head.weight":
-                    weights[name] = fh.get_tensor(name)
+                    t = fh.get_tensor(name) if shard is None else shard.read(fh, name)
+                    if t is not None:
+                        weights[name] = t
     missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in weights]
     if missing:
         raise ValueError(f"{model_dir}: weights missing {missing}")
-    model = LlamaModel(arch, weights, rotary.inv_freq, float(rotary.attention_scaling), device, dtype)
+    local = arch if shard is None else shard.local_arch(arch)
+    model = LlamaModel(local, weights, rotary.inv_freq, float(rotary.attention_scaling), device, dtype)
+    model.full_arch, model.shard = arch, shard
+    if shard is not None:
+        from pdserve.engine.parallel import shard_model
+
+        shard_model(model, tp)
     return model, hf_config
