@@ -85,6 +85,10 @@ class Worker:
                           dtype=str(e.dtype).removeprefix("torch."),
                           attention="cpu_kernel" if e.decode_kernel is not None else "torch")
 
+    def tp_rank_handles(self) -> list:
+        """The actors of this worker's other tensor-parallel ranks (chaos and tests reach them through it)."""
+        return list(self.tp_ranks.actors) if self.tp_ranks is not None else []
+
     def ping(self) -> str:
         return self.worker_id
 

@@ -94,10 +94,12 @@ def test_tp_swap_preemption_equals_tp1(tiny_model_dir, make_engine, tp_engine):
     assert engine.num_preemptions > 0 and engine.num_preemptions == ref.num_preemptions
 
 
-def test_kv_written_through_rank0_reaches_every_rank(tiny_model_dir, tp_engine):
+@pytest.mark.parametrize("size", [2, 4])
+def test_kv_written_through_rank0_reaches_every_rank(tiny_model_dir, tp_engine, size):
     """What KV transfer does on a TP decode worker: a layer of KV with all heads written through rank 0 lands
-    on each rank's heads, and `export` gathers it back whole (and ranks hold only their own heads)."""
-    engine = tp_engine(_config(tiny_model_dir), 2)
+    on each rank's heads, and `export` gathers it back whole (and ranks hold only their own heads; at TP=4
+    two ranks hold each KV head)."""
+    engine = tp_engine(_config(tiny_model_dir), size)
     kv = engine.kv
     slots = kv.slots([3, 5], 0, 20)
     full = torch.randn(2, 20, 2, 16)
