@@ -121,7 +121,7 @@ class LLMEngine:
                                           torch.device("cpu")) if swap_blocks else None
             self.model.kv = self.kv
             with self.tp.lock:
-                self.tp.broadcast(torch.tensor([num_blocks, swap_blocks, cc.block_size], device=self.tp.device))
+                self.tp.broadcast(torch.tensor([num_blocks, swap_blocks, cc.block_size]))
         self.step_cost = MeasuredStepCost()  # learns this machine's step times (TTFT-deadline admission)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.step_cost)
         # Held while blocks are allocated or freed: the KV receiver reserves from this pool on its

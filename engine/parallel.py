@@ -21,7 +21,7 @@ header, one byte payload of all its tensors, `_pack`), whatever the number of te
   * FORWARD: packed ids, positions, attention metadata (`AttentionMetadata`; the kernels are each rank's
     own) and the slots whose KV is shipped to a decode worker this step (gathered to rank 0 layer by layer);
   * SWAP: block pairs between a rank's device pool and its CPU swap pool;
-  * WRITE: one layer of KV a transfer brought in (all heads: each rank keeps its own);
+  * WRITE: one layer of KV a transfer brought in (rank 0 scatters the heads: each rank gets its own);
   * READ: a sequence's KV, every rank's heads gathered to rank 0 (`export`);
   * STOP.
 Ops come from the engine loop (forward, swap) and from the KV receiver's thread (write): `TPGroup.lock`
@@ -183,8 +183,12 @@ def tp_store(host: str = "127.0.0.1", timeout_s: float = 60.0) -> tuple[dist.TCP
 
 
 class TPGroup:
-    """One worker's ranks: a process group of its own (not torch.distributed's default group, which the
-    `nccl` KV transport's per-pair channels may use) and the lock that keeps each op's collectives together."""
+    """One worker's ranks: process groups of their own (not torch.distributed's default group, which the
+    `nccl` KV transport's per-pair channels may use) and the lock that keeps each op's collectives together.
+
+    On CUDA the tensors go over NCCL (`pg`) and each op's sizes and header over a gloo group beside it
+    (`cpu_pg`), as vLLM does: a rank waits for the next op there without a deadline, which NCCL's watchdog
+    would not allow, and reads the header without a device sync. On CPU both are one gloo group."""
 
     def __init__(self, rank: int, size: int, device: torch.device, host: str, port: int, timeout_s: float,
                  store: dist.Store | None = None):
@@ -193,16 +197,15 @@ class TPGroup:
         if store is None:
             store = dist.TCPStore(host, port, None, False, timeout=self.timeout)
         self._store = store
-        prefixed = dist.PrefixStore("pdserve-tp/", store)
-        if self.device.type == "cuda":
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = self.timeout
-            self.pg = dist.ProcessGroupNCCL(prefixed, rank, size, opts)
-        else:
-            opts = dist.ProcessGroupGloo._Options()
-            opts._timeout = self.timeout
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-            self.pg = dist.ProcessGroupGloo(prefixed, rank, size, opts)
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = self.timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        self.cpu_pg = dist.ProcessGroupGloo(dist.PrefixStore("pdserve-tp/", store), rank, size, opts)
+        self.pg = self.cpu_pg
+        if self.device.type == "cuda":  # never run yet: no GPU where this was written
+            nccl_opts = dist.ProcessGroupNCCL.Options()
+            nccl_opts._timeout = self.timeout
+            self.pg = dist.ProcessGroupNCCL(dist.PrefixStore("pdserve-tp-nccl/", store), rank, size, nccl_opts)
         self.lock = threading.RLock()
         self.error: BaseException | None = None
 
@@ -226,11 +229,23 @@ class TPGroup:
         return t
 
     def broadcast(self, t: torch.Tensor, idle: bool = False) -> torch.Tensor:
+        """From rank 0, over `pg` (a device tensor on CUDA), or over `cpu_pg` for a CPU tensor; `idle`:
+        no deadline (a rank waiting for rank 0's next op)."""
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = 0, 0
         opts.timeout = IDLE_WAIT if idle else self.timeout
-        self._run(lambda: self.pg.broadcast([t], opts))
+        pg = self.cpu_pg if t.device.type == "cpu" else self.pg
+        self._run(lambda: pg.broadcast([t], opts))
         return t
+
+    def scatter(self, out: torch.Tensor, parts: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Rank r's `parts[r]` (given on rank 0; same shapes) into `out` on every rank."""
+        opts = dist.ScatterOptions()
+        opts.rootRank = 0
+        opts.timeout = self.timeout
+        inputs = [[p.contiguous() for p in parts]] if self.rank == 0 else []
+        self._run(lambda: self.pg.scatter([out], inputs, opts))
+        return out
 
     def gather(self, t: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's `t` (same shape everywhere) on rank 0, in rank order; None on the other ranks."""
@@ -249,15 +264,15 @@ class TPGroup:
         tensors: list[torch.Tensor] = []
         _pack(items, header, tensors)
         payload = _payload(tensors, self.device)
-        self.broadcast(torch.tensor([len(header), payload.numel()], dtype=torch.long, device=self.device))
-        self.broadcast(torch.tensor(header, dtype=torch.long, device=self.device))
+        self.broadcast(torch.tensor([len(header), payload.numel()], dtype=torch.long))
+        self.broadcast(torch.tensor(header, dtype=torch.long))
         if payload.numel():
             self.broadcast(payload)
 
     def receive(self) -> tuple[int, list]:
         """Ranks > 0: the next op and its items (waits without a deadline)."""
-        sizes = self.broadcast(torch.empty(2, dtype=torch.long, device=self.device), idle=True).tolist()
-        header = self.broadcast(torch.empty(sizes[0], dtype=torch.long, device=self.device)).tolist()
+        sizes = self.broadcast(torch.empty(2, dtype=torch.long), idle=True).tolist()
+        header = self.broadcast(torch.empty(sizes[0], dtype=torch.long)).tolist()
         payload = torch.empty(sizes[1], dtype=torch.uint8, device=self.device)
         if sizes[1]:
             self.broadcast(payload)
@@ -364,11 +379,14 @@ class ShardedKVCache(PagedKVCache):
             super().copy_blocks_to(dst, pairs)
 
     def write_layer(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """`kv`: `[2, n, all KV heads, head_dim]`; each rank receives its heads only (a scatter)."""
         kv = kv.to(device=self.device, dtype=self.dtype)
-        a, b = self.shard.kv_heads
+        size, replicas, kvh = self.tp.size, self.shard.kv_replicas, self.num_kv_heads
+        parts = [kv[:, :, (r // replicas) * kvh:(r // replicas + 1) * kvh] for r in range(size)]
+        mine = torch.empty_like(parts[0], memory_format=torch.contiguous_format)
         with self.tp.lock:
-            self.tp.send(OP_WRITE, [layer, slots, kv])
-            super().write_layer(layer, slots, kv[:, :, a:b])
+            self.tp.send(OP_WRITE, [layer, slots])
+            super().write_layer(layer, slots, self.tp.scatter(mine, parts))
 
     def export(self, block_table: list[int], num_tokens: int) -> list[torch.Tensor]:
         self._check_table(block_table, num_tokens)
@@ -442,8 +460,7 @@ class TPRank:
     def serve(self) -> None:
         """Build the KV pools rank 0 sized, then run ops until STOP (or a failure, which is raised)."""
         arch = self.model.arch
-        num_blocks, swap_blocks, block_size = self.tp.broadcast(torch.empty(3, dtype=torch.long,
-                                                                            device=self.tp.device), idle=True).tolist()
+        num_blocks, swap_blocks, block_size = self.tp.broadcast(torch.empty(3, dtype=torch.long), idle=True).tolist()
         shape = (arch.num_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim, self.dtype)
         self.kv = PagedKVCache(*shape, self.device)
         pools = [self.kv]
@@ -460,9 +477,10 @@ class TPRank:
                 src, dst, pairs = items
                 pools[src].copy_blocks_to(pools[dst], [tuple(p) for p in pairs.tolist()])
             elif op == OP_WRITE:
-                layer, slots, kv = items
-                a, b = self.shard.kv_heads
-                self.kv.write_layer(layer, slots, kv[:, :, a:b])
+                layer, slots = items
+                kv = torch.empty(2, slots.numel(), arch.num_kv_heads, arch.head_dim, dtype=self.dtype,
+                                 device=self.device)
+                self.kv.write_layer(layer, slots, self.tp.scatter(kv))
             elif op == OP_READ:
                 pool, slots = items
                 for layer in range(arch.num_layers):
