@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -52,7 +53,8 @@ class Worker:
             from pdserve.engine.model_source import resolve_model
             from pdserve.worker.tp import TPRanks
 
-            source = resolve_model(config.model.model, config.model.cache_dir)  # once, before the ranks read it
+            # resolved once (a GGUF converted once), before the ranks read it
+            source = resolve_model(config.model.model, Path(config.model.cache_dir))
             self.tp_ranks = TPRanks.start(config, source.path, tp, pick_device(config.model.device))
             self.engine = LLMEngine(config, source=source, tp=self.tp_ranks.group)
         else:
