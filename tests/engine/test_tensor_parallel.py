@@ -15,12 +15,14 @@ import torch
 from pdserve.engine.config import ParallelConfig, PdserveConfig, TensorParallelError
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.parallel import TPGroup, TPRank, check_parallel, tp_store
+from pdserve.engine.sampling import SamplingParams
 from tests.helpers import EXACT, GREEDY, check_no_leak, prompts
 
 
 def _config(model_dir, **sections) -> PdserveConfig:
     sections["cache"] = {"num_kv_blocks": 256, **sections.get("cache", {})}
-    return PdserveConfig().replace(model={"model": str(model_dir), **EXACT}, **sections)
+    sections["model"] = {"model": str(model_dir), **EXACT, **sections.get("model", {})}
+    return PdserveConfig().replace(**sections)
 
 
 class TPEngine:
@@ -136,3 +138,18 @@ def test_tp3_on_the_default_model_equals_tp1(default_model_dir, make_engine, tp_
     want = [o.output_token_ids for o in make_engine(None).generate(ps, GREEDY)]
     engine = tp_engine(_config(default_model_dir, cache={"num_kv_blocks": 64}), 3)
     assert [o.output_token_ids for o in engine.generate(ps, GREEDY)] == want
+
+
+def test_tp_bf16_runs_the_fused_ops_on_local_heads(tiny_model_dir, make_engine, tp_engine):
+    """bf16 on CPU: where the kernels' library runs, every rank's forward goes through the fused ops (RoPE + the
+    KV write with its own head counts) and the kernels. Each rank's partial o_proj / down_proj rows are rounded
+    to bf16 before the all-reduce, so TP=2 is not bit-equal to TP=1: long greedy continuations drift apart (seen
+    on the 64-token prompt after a few tokens), as they do between bf16 engines on different hardware. The
+    first token of every prompt (one prefill) agrees."""
+    sections = {"model": {"dtype": "bfloat16"}}
+    first = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    want = [o.output_token_ids for o in make_engine(tiny_model_dir, **sections).generate(prompts(), first)]
+    engine = tp_engine(_config(tiny_model_dir, **sections), 2)
+    if engine.decode_kernel is not None:
+        assert engine.model.model.fused is not None
+    assert [o.output_token_ids for o in engine.generate(prompts(), first)] == want
