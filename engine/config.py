@@ -114,6 +114,40 @@ class EngineConfig:
                              f"got {self.attention_backend!r}")
 
 
+class TensorParallelError(ValueError):
+    """A tensor-parallel size the model (or the config) cannot be split by; names the numbers."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism (see `engine.parallel`): each worker runs its model split over this many ranks
+    (Megatron-style: attention heads and the MLP's intermediate size divided among them), one process
+    per rank, all in one Ray placement group packed on one node. `prefill_tp` / `decode_tp` size the two
+    pools apart (None: `tensor_parallel_size`); colocated decode workers, which prefill themselves, use
+    `decode_tp`. The model's head counts must divide by the size (the KV heads may instead be fewer than
+    the ranks, then each is replicated, as vLLM does): checked when the model loads."""
+
+    tensor_parallel_size: int = 1
+    prefill_tp: int | None = None
+    decode_tp: int | None = None
+    # Deadline of one collective between a worker's ranks (an all-reduce, a step's broadcast); a rank that
+    # misses it fails the worker. A rank waiting idle for the next step has no deadline.
+    collective_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "prefill_tp", "decode_tp"):
+            v = getattr(self, name)
+            if v is not None and not 1 <= v <= 64:
+                raise TensorParallelError(f"{name} must be in [1, 64], got {v}")
+        if self.collective_timeout_s <= 0:
+            raise ValueError("collective_timeout_s must be positive")
+
+    def tp_for(self, role: str) -> int:
+        """The tensor-parallel size of a worker of this role (prefill | decode | anything else: the default)."""
+        size = {"prefill": self.prefill_tp, "decode": self.decode_tp}.get(role)
+        return size or self.tensor_parallel_size
+
+
 class InsecureConfig(ValueError):
     """A config that would expose a secret or a server to the network unprotected."""
 
@@ -378,6 +412,7 @@ class PdserveConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)

@@ -36,6 +36,7 @@ from pdserve.engine.memory import DeviceMemory, kv_cache_blocks
 from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.model import AttentionMetadata, load_model, mkldnn_bf16_linear_available
 from pdserve.engine.model_source import ModelSource, load_tokenizer, resolve_model
+from pdserve.engine.parallel import ShardedKVCache, TPGroup, TPModel
 from pdserve.engine.platform import cpu_has_fast_bf16, keep_freed_memory
 from pdserve.engine.sampler import advance_generator, make_generator, sample
 from pdserve.engine.sampling import SamplingParams
@@ -68,8 +69,32 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+def linear_kernels(backend: str, device: torch.device, dtype: torch.dtype):
+    """The kernel library's ops (`torch.ops.pdserve`) for the model's bf16 linears (`engine.model.Linear`'s tiled
+    layout): bf16 on CPU where the library runs (`backend` allows it) and was built for AVX-512-BF16; else None.
+    Decided before the model loads: it picks the weights' layout."""
+    if dtype != torch.bfloat16 or decode_attention_kernel(backend, device, dtype) is None:
+        return None
+    ops = torch.ops.pdserve
+    return ops if ops.bf16_linear_supported() else None
+
+
+def attention_kernels(backend: str, model, device: torch.device, dtype: torch.dtype):
+    """(decode kernel, prefill kernel) for this model (a tensor-parallel shard: its own head counts), each None
+    for the torch path; switches `model` to the fused bf16 ops where the kernels' library runs."""
+    decode = decode_attention_kernel(backend, device, dtype)
+    if decode is not None and dtype == torch.bfloat16:  # the same library's fused bf16 ops
+        model.use_fused_ops(torch.ops.pdserve)
+    arch = model.arch
+    # prefill attention: the same library's paged prefill kernel where it runs (bf16, AVX-512-BF16)
+    return decode, prefill_attention_kernel(decode, dtype, arch.head_dim, arch.num_heads // arch.num_kv_heads)
+
+
 class LLMEngine:
-    def __init__(self, config: PdserveConfig | None = None, *, source: ModelSource | None = None):
+    def __init__(self, config: PdserveConfig | None = None, *, source: ModelSource | None = None,
+                 tp: TPGroup | None = None):
+        """`tp`: this engine is rank 0 of a tensor-parallel group (`engine.parallel`), whose other ranks run
+        `TPRank.serve`; it holds its shard of the model and of the KV pools."""
         self.config = config = config or PdserveConfig()
         if config.engine.num_threads:
             torch.set_num_threads(config.engine.num_threads)
@@ -79,19 +104,17 @@ class LLMEngine:
         if self.device.type == "cpu":
             keep_freed_memory()
         t0 = time.perf_counter()
-        # decode attention: the paged-attention kernel, or None for the torch path (see EngineConfig)
-        self.decode_kernel = decode_attention_kernel(config.engine.attention_backend, self.device, self.dtype)
-        # bf16 on CPU with the kernel library: its fused ops, and its GEMM where built for AVX-512-BF16
-        kernel_ops = torch.ops.pdserve if self.decode_kernel is not None and self.dtype == torch.bfloat16 else None
-        linear_ops = kernel_ops if kernel_ops is not None and kernel_ops.bf16_linear_supported() else None
-        self.model, self.hf_config = load_model(self.source.path, self.device, self.dtype, linear_ops)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        # bf16 on CPU with the kernel library built for AVX-512-BF16: its GEMM (it decides the linears' layout)
+        linear_ops = linear_kernels(config.engine.attention_backend, self.device, self.dtype)
+        model, self.hf_config = load_model(self.source.path, self.device, self.dtype, linear_ops, tp=self.tp)
         self.tokenizer = load_tokenizer(self.source.path)
-        if kernel_ops is not None:
-            self.model.use_fused_ops(kernel_ops)
-        arch = self.arch = self.model.arch
-        # prefill attention: the same library's paged prefill kernel where it runs (bf16, AVX-512-BF16)
-        self.prefill_kernel = prefill_attention_kernel(self.decode_kernel, self.dtype, arch.head_dim,
-                                                       arch.num_heads // arch.num_kv_heads)
+        # decode attention: the paged-attention kernel, or None for the torch path (see EngineConfig)
+        self.decode_kernel, self.prefill_kernel = attention_kernels(config.engine.attention_backend, model,
+                                                                    self.device, self.dtype)
+        self.model = model if self.tp is None else TPModel(model, model.full_arch, self.tp, model.shard)
+        arch = self.arch = model.full_arch  # the whole model (what KV transfer moves)
+        local = self.local_arch = model.arch  # this rank's part of it (all of it without tensor parallelism)
         logger.info("loaded %s in %.1fs", self.source.model_id, time.perf_counter() - t0)
 
         self.max_model_len = min(config.model.max_model_len or arch.max_position_embeddings,
@@ -99,12 +122,20 @@ class LLMEngine:
         cc = config.cache
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)
-        self.kv = PagedKVCache(arch.num_layers, num_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
-                               self.dtype, self.device)
         self.transfer = transfer_stream(self.device)  # KV shipped to other engines is copied on it
         swap_blocks = config.scheduler.swap_space_blocks
-        self.swap_kv = PagedKVCache(arch.num_layers, swap_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
-                                    self.dtype, torch.device("cpu")) if swap_blocks else None
+        shape = (arch.num_layers, cc.block_size, local.num_kv_heads, arch.head_dim, self.dtype)
+        if self.tp is None:
+            self.kv = PagedKVCache(arch.num_layers, num_blocks, *shape[1:], self.device)
+            self.swap_kv = PagedKVCache(arch.num_layers, swap_blocks, *shape[1:],
+                                        torch.device("cpu")) if swap_blocks else None
+        else:  # every rank's pools have these sizes (its own heads)
+            self.kv = ShardedKVCache(self.tp, model.shard, 0, arch.num_layers, num_blocks, *shape[1:], self.device)
+            self.swap_kv = ShardedKVCache(self.tp, model.shard, 1, arch.num_layers, swap_blocks, *shape[1:],
+                                          torch.device("cpu")) if swap_blocks else None
+            self.model.kv = self.kv
+            with self.tp.lock:
+                self.tp.broadcast(torch.tensor([num_blocks, swap_blocks, cc.block_size]))
         self.step_cost = MeasuredStepCost()  # learns this machine's step times (TTFT-deadline admission)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.step_cost)
         # Held while blocks are allocated or freed: the KV receiver reserves from this pool on its
@@ -130,11 +161,12 @@ class LLMEngine:
         """The KV pool's size: `cache.num_kv_blocks` if set; else on CUDA what the profiling pass leaves of
         `gpu_memory_utilization` of the device, on CPU `kv_cache_memory_gb` (see `engine.memory`)."""
         cc, arch = self.config.cache, self.arch
-        per_block = PagedKVCache.bytes_per_block(arch.num_layers, cc.block_size, arch.num_kv_heads, arch.head_dim,
-                                                 self.dtype)
+        # per rank: its own heads' share (tensor parallelism), every rank's pool the same number of blocks
+        per_block = PagedKVCache.bytes_per_block(arch.num_layers, cc.block_size, self.local_arch.num_kv_heads,
+                                                 arch.head_dim, self.dtype)
         if cc.num_kv_blocks:
             return cc.num_kv_blocks
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self.tp is not None:  # TP: the profiling pass runs on one rank only
             return max(1, int(cc.kv_cache_memory_gb * 2**30) // per_block)
         meter = DeviceMemory(self.device)
         meter.reset()
@@ -376,8 +408,10 @@ class LLMEngine:
             if layerwise:
                 self._ship_layer(ship, i)
 
+        # tensor parallelism: the KV to ship is gathered from every rank as the layers complete
+        tp_ship = {"ship_slots": torch.cat([slots for _, slots in ship])} if ship and self.tp is not None else {}
         hidden = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta,
-                                    self.kv.k, self.kv.v, on_layer=on_layer)
+                                    self.kv.k, self.kv.v, on_layer=on_layer, **tp_ship)
         if ship and not layerwise:
             for i in range(self.arch.num_layers):
                 self._ship_layer(ship, i)
@@ -431,6 +465,12 @@ class LLMEngine:
         compute stream has written it (`engine.streams`: on CUDA the host waits for nothing here; the sender
         waits for the layer's event, once, on its own thread). Staged in pinned host memory for the grpc
         transport, kept on the device for nccl."""
+        if self.tp is not None:  # every rank's heads, gathered during the forward pass (`TPModel.forward`)
+            kv, start = self.kv.shipped.pop(layer), 0
+            for sink, slots in ship:
+                sink.put_layer(layer, kv[:, start:start + len(slots)].contiguous())
+                start += len(slots)
+            return
         xfer = self.transfer
         k, v = self.kv.k[layer], self.kv.v[layer]
         to_host = self.config.kv_transfer.kv_transport == "grpc"
@@ -615,6 +655,11 @@ class LLMEngine:
     def _need_tokenizer(self) -> None:
         if self.tokenizer is None:
             raise InvalidRequestError("prompt", f"{self.source.path} has no tokenizer; pass token ids")
+
+    def shutdown(self) -> None:
+        """Send the other tensor-parallel ranks home (their `TPRank.serve` returns); nothing without them."""
+        if self.tp is not None:
+            self.model.stop()
 
     # -- convenience -------------------------------------------------------------
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:

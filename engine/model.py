@@ -382,9 +382,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype,
-               linear_ops=None) -> tuple[LlamaModel, object]:
-    """Build the model from an HF directory; returns it with the HF config. `linear_ops`: see `LlamaModel`."""
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, linear_ops=None,
+               tp=None) -> tuple[LlamaModel, object]:
+    """Build the model from an HF directory; returns it with the HF config. `linear_ops`: see `LlamaModel`.
+    With `tp` (an `engine.parallel.TPGroup` of more than one rank): this rank's shard only, read slice by slice
+    (`model.shard` says which; `model.arch` is the shard's, `model.full_arch` the whole model's)."""
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -394,15 +396,29 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype,
     if rope_type == "dynamic":
         raise ValueError("dynamic RoPE scaling is not supported (its frequencies depend on the sequence length)")
     rotary = LlamaRotaryEmbedding(hf_config)  # HF computes inv_freq for every static RoPE variant
+    shard = None
+    if tp is not None and tp.size > 1:
+        from pdserve.engine.parallel import Shard
+
+        shard = Shard.of(arch, tp.rank, tp.size)  # TensorParallelError before any weight is read
     weights: dict[str, torch.Tensor] = {}
     # One tensor at a time, converted as it arrives (the stored copy, often float32, is dropped at once):
     # loading holds the converted model once, never a second full copy (SmolLM2-135M: see docs/architecture.md).
-    for name, t in iter_safetensors(sorted(Path(model_dir).glob("*.safetensors"))):
+    # A tensor-parallel rank reads only its slices.
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    tensors = iter_safetensors(files) if shard is None else shard.iter_slices(files)
+    for name, t in tensors:
         if name.startswith("model.") or name == "lm_head.weight":
             weights[name] = t.to(device=device, dtype=dtype)
         del t
     missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in weights]
     if missing:
         raise ValueError(f"{model_dir}: weights missing {missing}")
-    model = LlamaModel(arch, weights, rotary.inv_freq, float(rotary.attention_scaling), device, dtype, linear_ops)
+    local = arch if shard is None else shard.local_arch(arch)
+    model = LlamaModel(local, weights, rotary.inv_freq, float(rotary.attention_scaling), device, dtype, linear_ops)
+    model.full_arch, model.shard = arch, shard
+    if shard is not None:
+        from pdserve.engine.parallel import shard_model
+
+        shard_model(model, tp)
     return model, hf_config

@@ -17,7 +17,7 @@ ROUTER_NAME, POOLS_NAME, NAMESPACE = "pdserve-router", "pdserve-pools", "pdserve
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """Flags named like `vllm serve`'s where the meaning is the same; each maps onto the config tree."""
     p.add_argument("--config", default=None, help="a JSON file with the config tree (sections model, cache, "
-                   "scheduler, engine, kv_transfer, serve); flags given on the command line override it")
+                   "scheduler, engine, parallel, kv_transfer, serve); flags given on the command line override it")
     p.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto); default: start a local one")
     add = p.add_argument
     add("--model", dest="model.model")
@@ -41,6 +41,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", default=None, help="read serve.api_key from this file")
     p.add_argument("--admin-key-file", default=None, help="read serve.admin_key from this file (the admin API)")
     p.add_argument("--kv-auth-token-file", default=None, help="read kv_transfer.auth_token from this file")
+    add("--tensor-parallel-size", "-tp", dest="parallel.tensor_parallel_size", type=int,
+        help="split each worker's model over this many ranks (processes, one placement group per worker); the "
+        "model's attention and KV heads must divide by it (or the ranks be a multiple of the KV heads)")
+    add("--prefill-tp", dest="parallel.prefill_tp", type=int, help="tensor-parallel size of prefill workers "
+        "(default: --tensor-parallel-size)")
+    add("--decode-tp", dest="parallel.decode_tp", type=int, help="tensor-parallel size of decode workers "
+        "(default: --tensor-parallel-size); KV moves between different sizes")
     add("--max-num-seqs", dest="scheduler.max_num_seqs", type=int)
     add("--max-num-batched-tokens", dest="scheduler.max_num_batched_tokens", type=int)
     add("--max-num-queued-requests", dest="serve.max_num_queued_requests", type=int)
@@ -98,10 +105,12 @@ def serve_config(args: argparse.Namespace):
         if path:  # a secret from a file (a mounted Kubernetes secret, say): never on a command line
             sections.setdefault(section, {})[name] = _read_secret(path, flag)
     cfg = PdserveConfig().replace(**sections)
-    if cfg.engine.num_threads is None:  # share the cores: no oversubscription between co-located workers
-        s = cfg.serve
-        workers = s.decode_workers + (s.prefill_workers if s.mode == "disaggregated" else 0)
-        cfg = cfg.replace(engine={"num_threads": max(1, (os.cpu_count() or 1) // workers)})
+    if cfg.engine.num_threads is None:  # share the cores: no oversubscription between co-located processes
+        s, tp = cfg.serve, cfg.parallel.tp_for
+        ranks = s.decode_workers * tp("decode")
+        if s.mode == "disaggregated":
+            ranks += s.prefill_workers * tp("prefill")
+        cfg = cfg.replace(engine={"num_threads": max(1, (os.cpu_count() or 1) // ranks)})
     return cfg
 
 

@@ -87,6 +87,9 @@ class Router:
         from transformers import AutoConfig
 
         hf = AutoConfig.from_pretrained(self.source.path)
+        from pdserve.engine.parallel import check_parallel
+
+        check_parallel(hf, config)  # a TP size the model does not split by: refused before any worker starts
         self.max_model_len = min(config.model.max_model_len or hf.max_position_embeddings,
                                  hf.max_position_embeddings)
         self.vocab_size = hf.vocab_size

@@ -93,7 +93,7 @@ class WorkerPools:
             for w in list(pool.values()):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(w.handle.shutdown.remote(), 10)
-                _kill(w.handle)
+                _kill(w.handle, self._name_prefix + w.worker_id)
             pool.clear()
 
     # -- pools --------------------------------------------------------------------------------------
@@ -123,9 +123,13 @@ class WorkerPools:
         self.spawning[role] += 1
         handle = None
         try:
+            opts = self._actor_options(role)
+            tp = self.config.parallel.tp_for(role)
+            if tp > 1:  # rank 0 (this actor) and its tp - 1 rank actors, packed on one node (`worker.tp`)
+                opts = await self._tp_placement(self._name_prefix + worker_id, opts, tp)
             # Detached, so that the workers outlive a router that dies: its restart adopts them.
             handle = ray.remote(cls).options(name=self._name_prefix + worker_id, namespace="pdserve",
-                                             lifetime="detached", **self._actor_options(role)
+                                             lifetime="detached", **opts
                                              ).remote(self.config.for_workers(), worker_id, _current_actor())
             # a worker the cluster cannot place (no resources) or that cannot load its model gives up
             info = await asyncio.wait_for(handle.info.remote(), self.serve.worker_start_timeout_s)
@@ -133,14 +137,25 @@ class WorkerPools:
             stats = await asyncio.wait_for(handle.stats.remote(), self.serve.health_timeout_s)
         except Exception as e:  # TimeoutError included
             logger.error("could not start %s: %s", worker_id, e)
-            if handle is not None:
-                _kill(handle)
+            _kill(handle, self._name_prefix + worker_id)
             return None
         finally:
             self.spawning[role] -= 1
         state = self._join(role, worker_id, handle, info, stats)  # joins routing only now, ready
         logger.info("%s ready: %s", worker_id, info)
         return state
+
+    async def _tp_placement(self, name: str, opts: dict, tp: int) -> dict:
+        """A STRICT_PACK placement group of `tp` worker-sized bundles (detached and named after the worker, like
+        it: `_kill` removes it) once it is placed; the options that put the worker in bundle 0."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = ray.util.placement_group([worker_bundle(opts)] * tp, strategy="STRICT_PACK", name=name + TP_GROUP_SUFFIX,
+                                      lifetime="detached")
+        await asyncio.wait_for(pg.ready(), self.serve.worker_start_timeout_s)
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+        return {**opts, "scheduling_strategy": strategy}
 
     @property
     def _name_prefix(self) -> str:
@@ -178,7 +193,7 @@ class WorkerPools:
             except Exception as e:
                 logger.warning("not adopting %s: %s", name, e)
                 with contextlib.suppress(Exception):
-                    _kill(ray.get_actor(name, namespace="pdserve"))
+                    _kill(ray.get_actor(name, namespace="pdserve"), name)
                 return
             self._join(role, worker_id, handle, info, stats)
             logger.info("adopted %s", worker_id)
@@ -223,7 +238,7 @@ class WorkerPools:
                 logger.warning("ending %d workers whose router is gone: %s", len(names), ", ".join(names))
                 for name in names:
                     with contextlib.suppress(Exception):
-                        _kill(ray.get_actor(name, namespace="pdserve"))
+                        _kill(ray.get_actor(name, namespace="pdserve"), name)
 
         await asyncio.gather(*(sweep(names) for names in groups.values()))
 
@@ -263,7 +278,7 @@ class WorkerPools:
         else:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(w.handle.shutdown.remote(), 10)
-        _kill(w.handle)
+        _kill(w.handle, self._name_prefix + w.worker_id)
 
     def _remove(self, w: WorkerState) -> None:
         w.healthy = False
@@ -284,7 +299,7 @@ class WorkerPools:
         self._remove(w)
         self.metrics.worker_failures.labels(self.model_name, w.role, reason).inc()
         self.on_failure(w.role, reason)
-        _kill(w.handle)
+        _kill(w.handle, self._name_prefix + w.worker_id)
         self._heal()
 
     def _heal(self) -> None:
@@ -351,12 +366,20 @@ def _current_actor():
         return None
 
 
-def _kill(handle) -> None:
-    """End a worker actor for good (detached: nothing else would), whatever state it is in."""
+def _kill(handle, name: str | None = None) -> None:
+    """End a worker actor for good (detached: nothing else would), whatever state it is in, and the placement
+    group of a tensor-parallel worker (`name`: the worker's actor name; its ranks end with it)."""
     import ray
 
-    with contextlib.suppress(Exception):
-        ray.kill(handle, no_restart=True)
+    if handle is not None:
+        with contextlib.suppress(Exception):
+            ray.kill(handle, no_restart=True)
+    if name is not None:
+        with contextlib.suppress(Exception):  # none: a worker without tensor parallelism
+            ray.util.remove_placement_group(ray.util.get_placement_group(name + TP_GROUP_SUFFIX))
+
+
+TP_GROUP_SUFFIX = "-tp"  # a tensor-parallel worker's placement group: its actor name + this
 
 
 def worker_bundle(options: dict) -> dict[str, float]:

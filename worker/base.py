@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,7 +46,19 @@ class Worker:
         self.config = config
         self.worker_id = worker_id
         self._owner = owner  # the router actor that started this (detached) worker, if any
-        self.engine = LLMEngine(config)
+        self.tp_ranks = None  # tensor parallelism: this worker is rank 0, the others are actors (`worker.tp`)
+        tp = config.parallel.tp_for(self.role)
+        if tp > 1:
+            from pdserve.engine.llm_engine import pick_device
+            from pdserve.engine.model_source import resolve_model
+            from pdserve.worker.tp import TPRanks
+
+            # resolved once (a GGUF converted once), before the ranks read it
+            source = resolve_model(config.model.model, Path(config.model.cache_dir))
+            self.tp_ranks = TPRanks.start(config, source.path, tp, pick_device(config.model.device))
+            self.engine = LLMEngine(config, source=source, tp=self.tp_ranks.group)
+        else:
+            self.engine = LLMEngine(config)
         s = config.serve
         self.loop = EngineLoop(self.engine, name=f"{self.role}-loop", max_step_errors=s.max_step_errors,
                                step_error_window_s=s.step_error_window_s, faults=config.faults).start()
@@ -74,6 +87,10 @@ class Worker:
                           dtype=str(e.dtype).removeprefix("torch."),
                           attention="cpu_kernel" if e.decode_kernel is not None else "torch")
 
+    def tp_rank_handles(self) -> list:
+        """The actors of this worker's other tensor-parallel ranks (chaos and tests reach them through it)."""
+        return list(self.tp_ranks.actors) if self.tp_ranks is not None else []
+
     def ping(self) -> str:
         return self.worker_id
 
@@ -92,7 +109,8 @@ class Worker:
         measured = cost.num_observed > 0  # until then its figures are the default model's, not this machine's
         return WorkerStats(
             worker_id=self.worker_id, role=self.role, alive=self.loop.alive, busy=self.loop.has_work,
-            failing=self.loop.failing, step_errors=self.loop.recent_step_errors,
+            failing=self.loop.failing or (self.tp_ranks is not None and self.tp_ranks.failed),
+            step_errors=self.loop.recent_step_errors,
             step_age_s=now - self.loop.last_step_time,
             # since the loop last stepped or a forward pass last finished a layer (a heartbeat)
             progress_age_s=now - max(self.loop.last_step_time, e.last_progress),
@@ -149,4 +167,6 @@ class Worker:
 
     def shutdown(self) -> None:
         self.loop.stop()
+        if self.tp_ranks is not None:
+            self.engine.shutdown()
         self._metrics_server.shutdown()
