@@ -18,7 +18,6 @@ KV hand-over between engines (disaggregated serving, see `kv_transfer`):
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -26,14 +25,14 @@ from pathlib import Path
 
 import torch
 
+from pdserve.engine.attention import AttentionMetadata, make_backend
 from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
 from pdserve.engine.config import PdserveConfig, SchedulerConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.errors import InvalidRequestError
-from pdserve.engine.kernels import decode_attention_kernel, prefill_attention_kernel
 from pdserve.engine.kv_cache import PagedKVCache
 from pdserve.engine.messages import TokenLogprob
-from pdserve.engine.model import AttentionMetadata, load_model, mkldnn_bf16_linear_available
+from pdserve.engine.model import load_model, mkldnn_bf16_linear_available
 from pdserve.engine.model_source import ModelSource, load_tokenizer, resolve_model
 from pdserve.engine.platform import cpu_has_fast_bf16, keep_freed_memory
 from pdserve.engine.sampler import advance_generator, make_generator, sample
@@ -44,9 +43,6 @@ from pdserve.engine.structured import GrammarCompiler, GrammarState, apply_masks
 
 logger = logging.getLogger(__name__)
 
-# Decode rows attended together (sorted by context length); 4-8 measured best
-# on 32 mixed-length sequences (64..512 tokens) on a 2-core CPU.
-DECODE_GROUP_SIZE = 8
 PROMPT_LOGPROBS_CHUNK = 256  # prompt positions whose [positions, vocab] logits are materialised at once
 
 
@@ -79,19 +75,21 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.model, self.hf_config = load_model(self.source.path, self.device, self.dtype)
         self.tokenizer = load_tokenizer(self.source.path)
-        # decode attention: the paged-attention kernel, or None for the torch path (see EngineConfig)
-        self.decode_kernel = decode_attention_kernel(config.engine.attention_backend, self.device, self.dtype)
-        if self.decode_kernel is not None and self.dtype == torch.bfloat16:  # the same library's fused bf16 ops
-            self.model.use_fused_ops(torch.ops.pdserve)
         arch = self.arch = self.model.arch
-        # prefill attention: the same library's paged prefill kernel where it runs (bf16, AVX-512-BF16)
-        self.prefill_kernel = prefill_attention_kernel(self.decode_kernel, self.dtype, arch.head_dim,
-                                                       arch.num_heads // arch.num_kv_heads)
         logger.info("loaded %s in %.1fs", self.source.model_id, time.perf_counter() - t0)
 
         self.max_model_len = min(config.model.max_model_len or arch.max_position_embeddings,
                                  arch.max_position_embeddings)
         cc = config.cache
+        # attention over the paged cache (`engine.attention`, per EngineConfig.attention_backend), for the heads
+        # the model computes in this process
+        self.attention = make_backend(config.engine.attention_backend, num_heads=arch.num_heads,
+                                      num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+                                      block_size=cc.block_size, device=self.device, dtype=self.dtype,
+                                      max_blocks_per_seq=-(-self.max_model_len // cc.block_size))
+        self.model.attention = self.attention
+        if self.attention.fused_ops is not None:  # the C++ library's fused bf16 ops, with its kernels
+            self.model.use_fused_ops(self.attention.fused_ops)
         num_blocks = cc.num_kv_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30) // PagedKVCache.bytes_per_block(
             arch.num_layers, cc.block_size, arch.num_kv_heads, arch.head_dim, self.dtype))
         self.block_manager = BlockManager(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)
@@ -371,68 +369,9 @@ class LLMEngine:
             sink.put_layer(layer, torch.stack([k.index_select(0, slots), v.index_select(0, slots)]))
 
     def _attention_metadata(self, plan: list[tuple[Sequence, int]]) -> AttentionMetadata:
-        bs = self.block_manager.block_size
-        dev = self.device
-        slot_parts: list[torch.Tensor] = []
-        decodes = [seq for seq, n in plan if n == 1]
-        d = len(decodes)
-        groups = []
-        kernel = self.decode_kernel if d else None
-        tables = lens = None
-        if kernel is not None:  # the kernel reads each row's blocks in place: its table and length suffice
-            ctx = [s.num_computed_tokens + 1 for s in decodes]
-            nblk = [-(-c // bs) for c in ctx]
-            width = max(nblk)
-            tables = torch.tensor([s.block_table[:k] + [0] * (width - k) for s, k in zip(decodes, nblk, strict=True)],
-                                  dtype=torch.int32).to(dev)
-            lens = torch.tensor(ctx, dtype=torch.int32).to(dev)
-            slot_parts.append(torch.tensor([s.block_table[(c - 1) // bs] * bs + (c - 1) % bs
-                                            for s, c in zip(decodes, ctx, strict=True)]))
-        for r0 in range(0, d if kernel is None else 0, DECODE_GROUP_SIZE):
-            group = decodes[r0:r0 + DECODE_GROUP_SIZE]
-            ctx = torch.tensor([s.num_computed_tokens + 1 for s in group])
-            max_ctx = int(ctx[-1])  # sorted ascending
-            nblk = -(-max_ctx // bs)
-            table = torch.tensor([s.block_table[:nblk] + [0] * (nblk - len(s.block_table[:nblk])) for s in group])
-            pos = torch.arange(max_ctx)
-            slots = table[:, pos // bs] * bs + pos % bs  # [rows, max_ctx]
-            slot_parts.append(slots[torch.arange(len(group)), ctx - 1])
-            mask = None
-            if int(ctx[0]) != max_ctx:
-                valid = pos[None, :] < ctx[:, None]
-                slots = slots * valid
-                mask = valid.view(len(group), 1, 1, max_ctx).to(dev)
-            groups.append((r0, r0 + len(group), slots.to(dev), mask))
-        prefills = []
-        p_tables = p_starts = p_lens = None
-        prefill_kernel = self.prefill_kernel if len(plan) > d else None
-        if prefill_kernel is not None:  # the kernel reads each chunk's blocks in place
-            chunks = plan[d:]
-            ends = [seq.num_computed_tokens + n for seq, n in chunks]
-            nblk = [-(-e // bs) for e in ends]
-            width = max(nblk)
-            p_tables = torch.tensor([seq.block_table[:k] + [0] * (width - k)
-                                     for (seq, _), k in zip(chunks, nblk, strict=True)], dtype=torch.int32).to(dev)
-            p_starts = torch.tensor([0, *itertools.accumulate(n for _, n in chunks)], dtype=torch.int32).to(dev)
-            p_lens = torch.tensor(ends, dtype=torch.int32).to(dev)
-        q = d
-        for seq, n in plan[d:]:
-            start = seq.num_computed_tokens
-            end = start + n
-            if prefill_kernel is not None:  # it reads the context through the block table: the new slots only
-                slot_parts.append(self.kv.slots(seq.block_table, start, end))
-            else:
-                slots = self.kv.slots(seq.block_table, 0, end)
-                slot_parts.append(slots[start:])
-                if start == 0:
-                    prefills.append((q, q + n, None, None))
-                else:
-                    mask = torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None]
-                    prefills.append((q, q + n, slots.to(dev), mask))
-            q += n
-        slot_mapping = torch.cat(slot_parts).to(dev)
-        return AttentionMetadata(slot_mapping, d, groups, prefills, kernel, tables, lens, bs,
-                                 prefill_kernel, p_tables, p_starts, p_lens)
+        """The backend's metadata for a plan sorted decode rows first (see `forward`)."""
+        d = sum(1 for _, n in plan if n == 1)
+        return self.attention.metadata([(s.block_table, s.num_computed_tokens, n) for s, n in plan], d)
 
     # -- bookkeeping -----------------------------------------------------------
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:

@@ -72,7 +72,7 @@ class Worker:
         e = self.engine
         return WorkerInfo(self.worker_id, self.role, self.metrics_url, node_id(), num_blocks=e.block_manager.num_blocks,
                           dtype=str(e.dtype).removeprefix("torch."),
-                          attention="cpu_kernel" if e.decode_kernel is not None else "torch")
+                          attention=e.attention.name)
 
     def ping(self) -> str:
         return self.worker_id
