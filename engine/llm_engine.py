@@ -19,6 +19,7 @@ KV hand-over between engines (disaggregated serving, see `kv_transfer`):
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.model import load_model, mkldnn_bf16_linear_available
 from pdserve.engine.model_source import ModelSource, load_tokenizer, resolve_model
 from pdserve.engine.platform import cpu_has_fast_bf16, keep_freed_memory
-from pdserve.engine.sampler import advance_generator, make_generator, sample
+from pdserve.engine.sampler import HostReads, advance_generator, make_generator, sample
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import MeasuredStepCost, Scheduler
 from pdserve.engine.sequence import FinishReason, RequestOutput, Sequence
@@ -116,7 +117,8 @@ class LLMEngine:
         self._generators: dict[str, torch.Generator] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompt_lps: dict[str, list[TokenLogprob]] = {}  # prompt logprobs until the first output
-        self._rng = torch.Generator().manual_seed(config.engine.seed)
+        self._rng = random.Random(config.engine.seed)  # seeds of unseeded requests' generators
+        self._pending_prompt_lps: list = []  # prompt logprobs queued on the step's HostReads
         self.last_progress = time.monotonic()  # the last layer a forward pass finished (see `forward`)
 
     @property
@@ -279,18 +281,25 @@ class LLMEngine:
         """Run `plan` (sequence, number of its next tokens to compute) as one forward pass,
         sample for every sequence whose known tokens are now all computed, and finish
         sequences that stop. Block tables must already cover the planned tokens."""
-        sampled, logits = self.forward(plan)
+        reads = HostReads()  # the step's one device-to-host transfer (see engine.sampler)
+        sampled, logits = self.forward(plan, reads)
         if not sampled:
+            reads.fetch()
+            self._resolve_prompt_logprobs(reads)
             return []
         if self._grammar_states:  # structured outputs: each grammar row's bitmask, applied in one call
             apply_masks(logits, [self._grammar_states.get(s.request_id) for s in sampled])
-        tokens, logprobs = sample(logits, sampled, [self._generator(s) for s in sampled], self.eos_token_ids)
+        tokens, logprobs = sample(logits, sampled, [self._generator(s) for s in sampled], self.eos_token_ids, reads)
+        self._resolve_prompt_logprobs(reads)
         with self.kv_lock:
             return [self._append_token(seq, tok, lp) for seq, tok, lp in zip(sampled, tokens, logprobs, strict=True)]
 
-    def forward(self, plan: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
+    def forward(self, plan: list[tuple[Sequence, int]],
+                reads: HostReads | None = None) -> tuple[list[Sequence], torch.Tensor | None]:
         """The forward pass of `execute`: computes the planned tokens' KV and returns the
-        sequences due a new token with their float32 logits `[len(sequences), vocab]`."""
+        sequences due a new token with their float32 logits `[len(sequences), vocab]`. Prompt logprobs
+        the plan computes are queued on `reads` (`execute` fetches them with the sampled tokens); without
+        `reads` they are fetched here."""
         # single-token entries first, by context length: batched decode attention (see AttentionMetadata)
         plan = sorted(plan, key=lambda e: (e[1] != 1, e[0].num_computed_tokens if e[1] == 1 else 0))
         ids: list[int] = []
@@ -327,29 +336,43 @@ class LLMEngine:
                 seq.num_computed_tokens += n
                 self.scheduler.cache_computed(seq)  # full blocks join the prefix cache
         if prompt_rows:
-            self._prompt_logprobs(hidden, prompt_rows)
+            own = reads is None
+            if own:
+                reads = HostReads()
+            self._prompt_logprobs(hidden, prompt_rows, reads)
+            if own:
+                reads.fetch()
+                self._resolve_prompt_logprobs(reads)
         if not sampled:
             return [], None
         return sampled, self.model.logits(hidden.index_select(0, torch.tensor(sample_rows, device=dev)))
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[Sequence, int, int, int]]) -> None:
+    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[Sequence, int, int, int]],
+                         reads: HostReads) -> None:
         """The raw model's log-softmax at the prompt positions this step computed, for the requests that asked
-        (`SamplingParams.prompt_logprobs`): each position's next prompt token and the k most likely ones. Kept
-        per request until its first output carries them (position p's entry is index p: a prefill cut into
-        chunks, or recomputed after a preemption, fills the list in order)."""
+        (`SamplingParams.prompt_logprobs`): each position's next prompt token and the k most likely ones, queued on
+        `reads` (`_resolve_prompt_logprobs` files them once fetched). Kept per request until its first output
+        carries them (position p's entry is index p: a prefill cut into chunks, or recomputed after a preemption,
+        fills the list in order)."""
+        pending = self._pending_prompt_lps = []
         for seq, start, row, count in prompt_rows:
-            acc = self._prompt_lps.setdefault(seq.request_id, [])
-            del acc[start:]
             k = seq.params.prompt_logprobs
             for r0 in range(0, count, PROMPT_LOGPROBS_CHUNK):  # [rows, vocab] float32 a chunk at a time
                 n = min(PROMPT_LOGPROBS_CHUNK, count - r0)
                 rows = torch.arange(row + r0, row + r0 + n, device=self.device)
                 lp = torch.log_softmax(self.model.logits(hidden.index_select(0, rows)), dim=-1)
                 nxt = seq.prompt_token_ids[start + r0 + 1:start + r0 + 1 + n]
-                chosen = lp.gather(1, torch.tensor(nxt, device=self.device)[:, None]).squeeze(1).tolist()
+                chosen = lp.gather(1, torch.tensor(nxt, device=self.device)[:, None]).squeeze(1)
                 top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0])
-                for t, c, ti, tv in zip(nxt, chosen, top_i.tolist(), top_v.tolist(), strict=True):
-                    acc.append(TokenLogprob(t, c, tuple(zip(ti, tv, strict=True))))
+                pending.append((seq, start + r0, nxt, reads.add(chosen), reads.add(top_i), reads.add(top_v)))
+
+    def _resolve_prompt_logprobs(self, reads: HostReads) -> None:
+        pending, self._pending_prompt_lps = self._pending_prompt_lps, []
+        for seq, pos, nxt, h_chosen, h_ids, h_values in pending:
+            acc = self._prompt_lps.setdefault(seq.request_id, [])
+            del acc[pos:]
+            for t, c, ti, tv in zip(nxt, reads[h_chosen], reads[h_ids], reads[h_values], strict=True):
+                acc.append(TokenLogprob(t, c, tuple(zip((int(i) for i in ti), tv, strict=True))))
 
     def _kv_to_ship(self, plan: list[tuple[Sequence, int]]) -> list[tuple[object, torch.Tensor]]:
         """Prefill-only sequences whose prompt completes in this step, with the slots of the KV to ship."""
@@ -446,7 +469,7 @@ class LLMEngine:
         if g is None:
             seed = seq.params.seed
             if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
+                seed = self._rng.getrandbits(62)
             g = self._generators[seq.request_id] = make_generator(seed, self.device)
             if seq.params.seed is not None and not seq.params.greedy:
                 # Tokens sampled elsewhere (a prefill worker's first token, a migrated request's stream) each took
