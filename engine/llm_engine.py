@@ -94,11 +94,22 @@ class LLMEngine:
         num_blocks = cc.num_kv_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30) // PagedKVCache.bytes_per_block(
             arch.num_layers, cc.block_size, arch.num_kv_heads, arch.head_dim, self.dtype))
         self.block_manager = BlockManager(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)
-        self.kv = PagedKVCache(arch.num_layers, num_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
-                               self.dtype, self.device)
+        # CUDA graphs write their padding rows' KV into one extra block the block manager never hands out
+        graphed = (self.device.type == "cuda" and not config.engine.enforce_eager
+                   and self.attention.supports_cuda_graphs)
+        self.kv = PagedKVCache(arch.num_layers, num_blocks + int(graphed), cc.block_size, arch.num_kv_heads,
+                               arch.head_dim, self.dtype, self.device)
         swap_blocks = config.scheduler.swap_space_blocks
         self.swap_kv = PagedKVCache(arch.num_layers, swap_blocks, cc.block_size, arch.num_kv_heads, arch.head_dim,
                                     self.dtype, torch.device("cpu")) if swap_blocks else None
+        self.graphs = None  # decode CUDA graphs (`engine.cuda_graphs`)
+        if graphed:
+            from pdserve.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+
+            sizes = graph_batch_sizes(config.engine.cuda_graph_batch_sizes, config.scheduler.max_num_seqs)
+            self.graphs = DecodeGraphs(self.model, self.kv.k, self.kv.v, self.attention, sizes,
+                                       padding_block=num_blocks)
+            self.graphs.capture()
         self.step_cost = MeasuredStepCost()  # learns this machine's step times (TTFT-deadline admission)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.step_cost)
         # Held while blocks are allocated or freed: the KV receiver reserves from this pool on its
@@ -317,9 +328,12 @@ class LLMEngine:
             if start + n == seq.num_tokens:
                 sample_rows.append(len(ids) - 1)
                 sampled.append(seq)
-        meta = self._attention_metadata(plan)
         dev = self.device
         ship = self._kv_to_ship(plan)
+        if (self.graphs is not None and not ship and not prompt_rows and len(sampled) == len(plan)
+                and all(n == 1 for _, n in plan) and self.graphs.can_run(len(plan))):
+            return sampled, self._forward_graphed(plan, ids, positions)
+        meta = self._attention_metadata(plan)
         layerwise = bool(ship) and self.config.kv_transfer.layerwise
         def on_layer(i: int) -> None:  # a heartbeat finer than a step (stall detection), and layer-wise shipping
             self.last_progress = time.monotonic()
@@ -346,6 +360,17 @@ class LLMEngine:
         if not sampled:
             return [], None
         return sampled, self.model.logits(hidden.index_select(0, torch.tensor(sample_rows, device=dev)))
+
+    def _forward_graphed(self, plan: list[tuple[Sequence, int]], ids: list[int], positions: list[int]) -> torch.Tensor:
+        """A decode-only step replayed in its batch-size bucket's CUDA graph (`engine.cuda_graphs`): the logits of
+        every row."""
+        hidden = self.graphs.run([(s.block_table, s.num_computed_tokens, 1) for s, _ in plan], ids, positions)
+        self.last_progress = time.monotonic()
+        with self.kv_lock:
+            for seq, n in plan:
+                seq.num_computed_tokens += n
+                self.scheduler.cache_computed(seq)
+        return self.model.logits(hidden)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[Sequence, int, int, int]],
                          reads: HostReads) -> None:

@@ -21,7 +21,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None, help="torch threads for this process")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
-                   help="decode attention: the C++ paged kernel (CPU), torch's gather + SDPA, or auto")
+                   help="attention: the C++ paged kernels (CPU), FlashInfer (CUDA), torch's gather + SDPA, or auto")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
 
 
 def engine_config(args: argparse.Namespace):
@@ -31,7 +32,8 @@ def engine_config(args: argparse.Namespace):
         model=ModelConfig(model=args.model, device=args.device, dtype=args.dtype),
         cache=CacheConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
-        engine=EngineConfig(num_threads=args.threads, attention_backend=args.attention_backend),
+        engine=EngineConfig(num_threads=args.threads, attention_backend=args.attention_backend,
+                            enforce_eager=args.enforce_eager),
     )
 
 
