@@ -95,6 +95,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from pdserve.bench.project import main as bench_main
     elif args.what == "peer":
         from pdserve.bench.peer import main as bench_main
+    elif args.what == "gpu-check":
+        from pdserve.bench.gpu_check import main as bench_main
     elif args.what == "router":
         from pdserve.bench.router import main as bench_main
     else:
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = sub.add_parser("bench", help="benchmarks (pdserve bench WHAT --help)")
     bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise", "overhead", "serve",
-                                          "compare", "project", "peer", "attention", "router", "autoscale"])
+                                          "compare", "project", "peer", "attention", "router", "autoscale",
+                                          "gpu-check"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 
