@@ -270,7 +270,11 @@ class FlashInferBackend(AttentionBackend):
         self._fi = flashinfer
         self.max_blocks_per_seq = max_blocks_per_seq
         self.workspace = torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD")
+        # FlashInfer's decode kernels are compiled for small GQA groups; larger groups decode on its prefill
+        # (tensor-core) kernels, as vLLM configures it
+        self.tensor_cores = self.num_heads // self.num_kv_heads > 4
+        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                            use_tensor_cores=self.tensor_cores)
         self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
 
     def _csr(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -327,7 +331,7 @@ class FlashInferBackend(AttentionBackend):
         whose page tables live in fixed buffers (FlashInfer's CUDA-graph mode), and a static slot mapping."""
         dev = self.device
         wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=True,
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
             paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
             paged_kv_indices_buffer=torch.zeros(batch_size * self.max_blocks_per_seq, dtype=torch.int32, device=dev),
             paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=dev))

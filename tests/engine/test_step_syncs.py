@@ -55,10 +55,11 @@ def _step_syncs(engine) -> tuple[list[list[str]], list]:
     return per_step, outputs
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu_kernel"])
-def test_a_step_syncs_at_most_once(make_engine, tiny_model_dir, backend):
+@pytest.mark.parametrize("backend,dtype", [("torch", "float32"), ("cpu_kernel", "float32"),
+                                           ("cpu_kernel", "bfloat16")])  # bf16: the fused ops too
+def test_a_step_syncs_at_most_once(make_engine, tiny_model_dir, backend, dtype):
     # chunked prefill mixed with decoding, so prompt logprobs and sampling share steps
-    engine = make_engine(tiny_model_dir, engine={"attention_backend": backend},
+    engine = make_engine(tiny_model_dir, engine={"attention_backend": backend}, model={"dtype": dtype},
                          scheduler={"max_prefill_chunk": 16, "max_num_batched_tokens": 24})
     params = _requests()
     for i, (prompt, p) in enumerate(zip(prompts(lens=[40, 17, 5, 33, 21, 9]), params, strict=True)):
