@@ -1,5 +1,5 @@
 """`pdserve bench attention`: one layer's decode attention, the torch path (gather + SDPA) against the
-paged kernel (`engine.kernels`), through the engine's own metadata and `LlamaModel._attention`.
+paged kernel (`engine.kernels`), through the attention backends' own metadata and `forward` (`engine.attention`).
 
 Shapes default to SmolLM2-135M's (9 heads, 3 KV heads, head_dim 64, 30 layers, blocks of 16); the
 batches are scattered through a shuffled block pool. Each figure is the median of `--runs` runs of
@@ -14,14 +14,12 @@ import statistics
 import sys
 import time
 from functools import partial
-from types import SimpleNamespace
 
 import torch
 
+from pdserve.engine.attention import AttentionBackend, AttentionMetadata, CpuKernelBackend, TorchBackend
 from pdserve.engine.kernels import load
 from pdserve.engine.kv_cache import PagedKVCache
-from pdserve.engine.llm_engine import LLMEngine
-from pdserve.engine.model import AttentionMetadata, LlamaModel
 from pdserve.engine.platform import cpu_description
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import Sequence
@@ -53,21 +51,24 @@ class DecodeCase:
         self.k = torch.randn(batch, kv_heads, head_dim, generator=gen).to(dtype)
         self.v = torch.randn(batch, kv_heads, head_dim, generator=gen).to(dtype)
 
-    def metadata(self, decode_kernel) -> tuple[AttentionMetadata, list[int]]:
-        """The engine's metadata for these rows (it sorts them by length) and the rows' order in it."""
-        engine = SimpleNamespace(block_manager=SimpleNamespace(block_size=self.kv.block_size), device=CPU,
-                                 kv=self.kv, decode_kernel=decode_kernel)
-        plan = sorted(((s, 1) for s in self.seqs), key=lambda e: e[0].num_computed_tokens)
-        return LLMEngine._attention_metadata(engine, plan), [self.seqs.index(s) for s, _ in plan]
+    def backend(self, kernel) -> AttentionBackend:
+        """The cpu_kernel backend for `kernel` (the loaded op), or the torch one for None."""
+        kv = self.kv
+        args = (self.q.shape[1], kv.num_kv_heads, kv.head_dim, kv.block_size, CPU, kv.dtype)
+        return TorchBackend(*args) if kernel is None else CpuKernelBackend(*args, decode_kernel=kernel)
 
-    def attention(self, meta: AttentionMetadata, order: list[int]) -> torch.Tensor:
-        """`LlamaModel._attention` for one layer: writes the new tokens' KV, returns [batch, heads, hd] in the
-        rows' own order."""
-        model = SimpleNamespace(scale=self.q.shape[-1] ** -0.5)
+    def metadata(self, backend: AttentionBackend) -> tuple[AttentionMetadata, list[int]]:
+        """The backend's metadata for these rows, sorted by length as the engine sorts them, and the rows' order."""
+        plan = sorted(self.seqs, key=lambda s: s.num_computed_tokens)
+        meta = backend.metadata([(s.block_table, s.num_computed_tokens, 1) for s in plan], len(plan))
+        return meta, [self.seqs.index(s) for s in plan]
+
+    def attention(self, backend: AttentionBackend, meta: AttentionMetadata, order: list[int]) -> torch.Tensor:
+        """One layer's attention as the model runs it: writes the new tokens' KV, then `backend.forward`;
+        returns [batch, heads, hd] in the rows' own order."""
         self.kv.k[0].index_copy_(0, meta.slot_mapping, self.k[order])  # as the model's forward does first
         self.kv.v[0].index_copy_(0, meta.slot_mapping, self.v[order])
-        out = LlamaModel._attention(model, self.q[order], self.k[order], self.v[order], meta, self.kv.k[0],
-                                    self.kv.v[0])
+        out = backend.forward(self.q[order], self.k[order], self.v[order], meta, self.kv.k[0], self.kv.v[0])
         back = torch.empty_like(out)
         back[order] = out
         return back.view(self.q.shape)
@@ -105,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in (torch.float32, torch.bfloat16):
         for name, lens in cases.items():
             case = DecodeCase(lens, args.heads, args.kv_heads, args.head_dim, dtype, seed=len(lens))
-            t = median_ms(partial(case.attention, *case.metadata(None)), args.reps, args.runs)
-            k = median_ms(partial(case.attention, *case.metadata(kernel)), args.reps, args.runs)
+            torch_path, paged = case.backend(None), case.backend(kernel)
+            t = median_ms(partial(case.attention, torch_path, *case.metadata(torch_path)), args.reps, args.runs)
+            k = median_ms(partial(case.attention, paged, *case.metadata(paged)), args.reps, args.runs)
             print(f"{name:<24} {str(dtype).removeprefix('torch.'):<9} {t:>15.3f} {k:>16.3f} {t / k:>7.2f}x "
                   f"{t * args.layers:>14.1f} {k * args.layers:>15.1f}", flush=True)
     return 0

@@ -312,7 +312,7 @@ def run(w: Workload, runs: int, threads: int, out: TextIO, attention_backend: st
     assert sum(map(len, p.ragged)) <= cfg.scheduler.max_num_batched_tokens, "ragged batch exceeds the token budget"
     res: dict[str, Any] = {"runs": runs, "machine": cpu_description(threads), "workload": asdict(w),
                            "dtype": str(e.dtype).removeprefix("torch."), "hf_dtype": hf_dtype,
-                           "attention": "cpu_kernel" if e.decode_kernel is not None else "torch"}
+                           "attention": e.attention.name}
     log("memory bandwidth")
     res["copy_gbps_1t"], res["read_gbps_2t"] = bandwidth_gbps(runs, threads)
     res["weight_bytes"] = wb = weight_bytes(model_dir, e.dtype.itemsize)

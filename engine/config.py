@@ -91,7 +91,7 @@ class SchedulerConfig:
 
 
 # EngineConfig.attention_backend's values (the flags' choices too).
-ATTENTION_BACKENDS = ("auto", "torch", "cpu_kernel")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu_kernel", "flashinfer")
 
 
 @dataclass(frozen=True)
@@ -103,15 +103,24 @@ class EngineConfig:
     # oversubscribe the cores.
     num_threads: int | None = None
     seed: int = 0
-    # Decode attention. cpu_kernel: a C++ kernel reading K/V where they lie in the paged cache
-    # (`engine.kernels`; CPU, float32 or bfloat16). torch: gather each row's context into a contiguous
-    # copy, then SDPA (any device and dtype). auto: the kernel where it runs and builds, else torch.
+    # Attention (`engine.attention`). cpu_kernel: C++ kernels reading K/V where they lie in the paged cache
+    # (`engine.kernels`; CPU, float32 or bfloat16). flashinfer: FlashInfer's paged kernels (CUDA; the `cuda`
+    # extra). torch: gather each row's context into a contiguous copy, then SDPA (any device and dtype).
+    # auto: flashinfer on CUDA where it imports, the C++ kernels on CPU where they build, else torch.
     attention_backend: str = "auto"
+    # CUDA graphs for decode-only steps (`engine.cuda_graphs`, CUDA with the flashinfer backend): one graph per
+    # batch-size bucket, a step padded to the smallest bucket that holds it; larger steps run eagerly.
+    # enforce_eager turns them off (debugging, or to save the graphs' memory).
+    enforce_eager: bool = False
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")
+        sizes = self.cuda_graph_batch_sizes
+        if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes) or list(sizes) != sorted(set(sizes)):
+            raise ValueError(f"cuda_graph_batch_sizes must be positive, distinct and ascending, got {sizes!r}")
 
 
 class TensorParallelError(ValueError):

@@ -18,27 +18,29 @@ KV hand-over between engines (disaggregated serving, see `kv_transfer`):
 
 from __future__ import annotations
 
-import itertools
 import logging
+import random
 import threading
 import time
 from pathlib import Path
 
 import torch
 
+from pdserve.engine.attention import AttentionBackend, AttentionMetadata, make_backend
 from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
 from pdserve.engine.config import PdserveConfig, SchedulerConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.errors import InvalidRequestError
-from pdserve.engine.kernels import decode_attention_kernel, prefill_attention_kernel
+from pdserve.engine.kernels import KernelBuildError
+from pdserve.engine.kernels import load as load_kernels
 from pdserve.engine.kv_cache import PagedKVCache
 from pdserve.engine.memory import DeviceMemory, kv_cache_blocks
 from pdserve.engine.messages import TokenLogprob
-from pdserve.engine.model import AttentionMetadata, load_model, mkldnn_bf16_linear_available
+from pdserve.engine.model import load_model, mkldnn_bf16_linear_available
 from pdserve.engine.model_source import ModelSource, load_tokenizer, resolve_model
 from pdserve.engine.parallel import ShardedKVCache, TPGroup, TPModel
 from pdserve.engine.platform import cpu_has_fast_bf16, keep_freed_memory
-from pdserve.engine.sampler import advance_generator, make_generator, sample
+from pdserve.engine.sampler import HostReads, advance_generator, make_generator, sample
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import MeasuredStepCost, Scheduler
 from pdserve.engine.sequence import FinishReason, RequestOutput, Sequence
@@ -47,9 +49,6 @@ from pdserve.engine.structured import GrammarCompiler, GrammarState, apply_masks
 
 logger = logging.getLogger(__name__)
 
-# Decode rows attended together (sorted by context length); 4-8 measured best
-# on 32 mixed-length sequences (64..512 tokens) on a 2-core CPU.
-DECODE_GROUP_SIZE = 8
 PROMPT_LOGPROBS_CHUNK = 256  # prompt positions whose [positions, vocab] logits are materialised at once
 
 
@@ -71,23 +70,36 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def linear_kernels(backend: str, device: torch.device, dtype: torch.dtype):
     """The kernel library's ops (`torch.ops.pdserve`) for the model's bf16 linears (`engine.model.Linear`'s tiled
-    layout): bf16 on CPU where the library runs (`backend` allows it) and was built for AVX-512-BF16; else None.
-    Decided before the model loads: it picks the weights' layout."""
-    if dtype != torch.bfloat16 or decode_attention_kernel(backend, device, dtype) is None:
+    layout): bf16 on CPU where `backend` uses the library (auto, cpu_kernel), it loads, and it was built for
+    AVX-512-BF16; else None. Decided before the model loads: it picks the weights' layout."""
+    if dtype != torch.bfloat16 or device.type != "cpu" or backend not in ("auto", "cpu_kernel"):
         return None
+    try:
+        load_kernels()
+    except KernelBuildError:
+        return None  # `attach_attention` warns, and takes the torch path
     ops = torch.ops.pdserve
     return ops if ops.bf16_linear_supported() else None
 
 
-def attention_kernels(backend: str, model, device: torch.device, dtype: torch.dtype):
-    """(decode kernel, prefill kernel) for this model (a tensor-parallel shard: its own head counts), each None
-    for the torch path; switches `model` to the fused bf16 ops where the kernels' library runs."""
-    decode = decode_attention_kernel(backend, device, dtype)
-    if decode is not None and dtype == torch.bfloat16:  # the same library's fused bf16 ops
-        model.use_fused_ops(torch.ops.pdserve)
+def attach_attention(model, backend: str, block_size: int, device: torch.device, dtype: torch.dtype,
+                     max_model_len: int, tensor_parallel: bool = False) -> AttentionBackend:
+    """The attention backend for `model`'s heads (a tensor-parallel rank's share), set on the model, with the
+    fused bf16 ops of its library where it has them. Under tensor parallelism rank 0 sends each step's metadata
+    to the other ranks: FlashInfer's planned wrappers cannot travel, so `auto` takes the torch path on CUDA
+    there, and `flashinfer` is refused."""
     arch = model.arch
-    # prefill attention: the same library's paged prefill kernel where it runs (bf16, AVX-512-BF16)
-    return decode, prefill_attention_kernel(decode, dtype, arch.head_dim, arch.num_heads // arch.num_kv_heads)
+    if tensor_parallel and device.type == "cuda":
+        if backend == "flashinfer":
+            raise ValueError("attention_backend flashinfer does not run with tensor parallelism yet: use torch")
+        backend = "torch" if backend == "auto" else backend
+    attention = make_backend(backend, num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
+                             head_dim=arch.head_dim, block_size=block_size, device=device, dtype=dtype,
+                             max_blocks_per_seq=-(-max_model_len // block_size))
+    model.attention = attention
+    if attention.fused_ops is not None:  # the C++ library's fused bf16 ops, with its kernels
+        model.use_fused_ops(attention.fused_ops)
+    return attention
 
 
 class LLMEngine:
@@ -109,10 +121,6 @@ class LLMEngine:
         linear_ops = linear_kernels(config.engine.attention_backend, self.device, self.dtype)
         model, self.hf_config = load_model(self.source.path, self.device, self.dtype, linear_ops, tp=self.tp)
         self.tokenizer = load_tokenizer(self.source.path)
-        # decode attention: the paged-attention kernel, or None for the torch path (see EngineConfig)
-        self.decode_kernel, self.prefill_kernel = attention_kernels(config.engine.attention_backend, model,
-                                                                    self.device, self.dtype)
-        self.model = model if self.tp is None else TPModel(model, model.full_arch, self.tp, model.shard)
         arch = self.arch = model.full_arch  # the whole model (what KV transfer moves)
         local = self.local_arch = model.arch  # this rank's part of it (all of it without tensor parallelism)
         logger.info("loaded %s in %.1fs", self.source.model_id, time.perf_counter() - t0)
@@ -120,13 +128,21 @@ class LLMEngine:
         self.max_model_len = min(config.model.max_model_len or arch.max_position_embeddings,
                                  arch.max_position_embeddings)
         cc = config.cache
+        # attention over the paged cache (`engine.attention`, per EngineConfig.attention_backend), for the heads
+        # the model computes in this process
+        self.attention = attach_attention(model, config.engine.attention_backend, cc.block_size, self.device,
+                                          self.dtype, self.max_model_len, tensor_parallel=self.tp is not None)
+        self.model = model if self.tp is None else TPModel(model, arch, self.tp, model.shard)
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)
         self.transfer = transfer_stream(self.device)  # KV shipped to other engines is copied on it
+        # CUDA graphs write their padding rows' KV into one extra block the block manager never hands out
+        graphed = (self.device.type == "cuda" and not config.engine.enforce_eager
+                   and self.attention.supports_cuda_graphs and self.tp is None)
         swap_blocks = config.scheduler.swap_space_blocks
         shape = (arch.num_layers, cc.block_size, local.num_kv_heads, arch.head_dim, self.dtype)
         if self.tp is None:
-            self.kv = PagedKVCache(arch.num_layers, num_blocks, *shape[1:], self.device)
+            self.kv = PagedKVCache(arch.num_layers, num_blocks + int(graphed), *shape[1:], self.device)
             self.swap_kv = PagedKVCache(arch.num_layers, swap_blocks, *shape[1:],
                                         torch.device("cpu")) if swap_blocks else None
         else:  # every rank's pools have these sizes (its own heads)
@@ -136,6 +152,14 @@ class LLMEngine:
             self.model.kv = self.kv
             with self.tp.lock:
                 self.tp.broadcast(torch.tensor([num_blocks, swap_blocks, cc.block_size]))
+        self.graphs = None  # decode CUDA graphs (`engine.cuda_graphs`)
+        if graphed:
+            from pdserve.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+
+            sizes = graph_batch_sizes(config.engine.cuda_graph_batch_sizes, config.scheduler.max_num_seqs)
+            self.graphs = DecodeGraphs(self.model, self.kv.k, self.kv.v, self.attention, sizes,
+                                       padding_block=num_blocks)
+            self.graphs.capture()
         self.step_cost = MeasuredStepCost()  # learns this machine's step times (TTFT-deadline admission)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.step_cost)
         # Held while blocks are allocated or freed: the KV receiver reserves from this pool on its
@@ -154,7 +178,8 @@ class LLMEngine:
         self._generators: dict[str, torch.Generator] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompt_lps: dict[str, list[TokenLogprob]] = {}  # prompt logprobs until the first output
-        self._rng = torch.Generator().manual_seed(config.engine.seed)
+        self._rng = random.Random(config.engine.seed)  # seeds of unseeded requests' generators
+        self._pending_prompt_lps: list = []  # prompt logprobs queued on the step's HostReads
         self.last_progress = time.monotonic()  # the last layer a forward pass finished (see `forward`)
 
     def _num_kv_blocks(self) -> int:
@@ -370,18 +395,25 @@ class LLMEngine:
         """Run `plan` (sequence, number of its next tokens to compute) as one forward pass,
         sample for every sequence whose known tokens are now all computed, and finish
         sequences that stop. Block tables must already cover the planned tokens."""
-        sampled, logits = self.forward(plan)
+        reads = HostReads()  # the step's one device-to-host transfer (see engine.sampler)
+        sampled, logits = self.forward(plan, reads)
         if not sampled:
+            reads.fetch()
+            self._resolve_prompt_logprobs(reads)
             return []
         if self._grammar_states:  # structured outputs: each grammar row's bitmask, applied in one call
             apply_masks(logits, [self._grammar_states.get(s.request_id) for s in sampled])
-        tokens, logprobs = sample(logits, sampled, [self._generator(s) for s in sampled], self.eos_token_ids)
+        tokens, logprobs = sample(logits, sampled, [self._generator(s) for s in sampled], self.eos_token_ids, reads)
+        self._resolve_prompt_logprobs(reads)
         with self.kv_lock:
             return [self._append_token(seq, tok, lp) for seq, tok, lp in zip(sampled, tokens, logprobs, strict=True)]
 
-    def forward(self, plan: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
+    def forward(self, plan: list[tuple[Sequence, int]],
+                reads: HostReads | None = None) -> tuple[list[Sequence], torch.Tensor | None]:
         """The forward pass of `execute`: computes the planned tokens' KV and returns the
-        sequences due a new token with their float32 logits `[len(sequences), vocab]`."""
+        sequences due a new token with their float32 logits `[len(sequences), vocab]`. Prompt logprobs
+        the plan computes are queued on `reads` (`execute` fetches them with the sampled tokens); without
+        `reads` they are fetched here."""
         # single-token entries first, by context length: batched decode attention (see AttentionMetadata)
         plan = sorted(plan, key=lambda e: (e[1] != 1, e[0].num_computed_tokens if e[1] == 1 else 0))
         ids: list[int] = []
@@ -399,9 +431,12 @@ class LLMEngine:
             if start + n == seq.num_tokens:
                 sample_rows.append(len(ids) - 1)
                 sampled.append(seq)
-        meta = self._attention_metadata(plan)
         dev = self.device
         ship = self._kv_to_ship(plan)
+        if (self.graphs is not None and not ship and not prompt_rows and len(sampled) == len(plan)
+                and all(n == 1 for _, n in plan) and self.graphs.can_run(len(plan))):
+            return sampled, self._forward_graphed(plan, ids, positions)
+        meta = self._attention_metadata(plan)
         layerwise = bool(ship) and self.config.kv_transfer.layerwise
         def on_layer(i: int) -> None:  # a heartbeat finer than a step (stall detection), and layer-wise shipping
             self.last_progress = time.monotonic()
@@ -422,29 +457,54 @@ class LLMEngine:
                 seq.num_computed_tokens += n
                 self.scheduler.cache_computed(seq)  # full blocks join the prefix cache
         if prompt_rows:
-            self._prompt_logprobs(hidden, prompt_rows)
+            own = reads is None
+            if own:
+                reads = HostReads()
+            self._prompt_logprobs(hidden, prompt_rows, reads)
+            if own:
+                reads.fetch()
+                self._resolve_prompt_logprobs(reads)
         if not sampled:
             return [], None
         return sampled, self.model.logits(hidden.index_select(0, torch.tensor(sample_rows, device=dev)))
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[Sequence, int, int, int]]) -> None:
+    def _forward_graphed(self, plan: list[tuple[Sequence, int]], ids: list[int], positions: list[int]) -> torch.Tensor:
+        """A decode-only step replayed in its batch-size bucket's CUDA graph (`engine.cuda_graphs`): the logits of
+        every row."""
+        hidden = self.graphs.run([(s.block_table, s.num_computed_tokens, 1) for s, _ in plan], ids, positions)
+        self.last_progress = time.monotonic()
+        with self.kv_lock:
+            for seq, n in plan:
+                seq.num_computed_tokens += n
+                self.scheduler.cache_computed(seq)
+        return self.model.logits(hidden)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[Sequence, int, int, int]],
+                         reads: HostReads) -> None:
         """The raw model's log-softmax at the prompt positions this step computed, for the requests that asked
-        (`SamplingParams.prompt_logprobs`): each position's next prompt token and the k most likely ones. Kept
-        per request until its first output carries them (position p's entry is index p: a prefill cut into
-        chunks, or recomputed after a preemption, fills the list in order)."""
+        (`SamplingParams.prompt_logprobs`): each position's next prompt token and the k most likely ones, queued on
+        `reads` (`_resolve_prompt_logprobs` files them once fetched). Kept per request until its first output
+        carries them (position p's entry is index p: a prefill cut into chunks, or recomputed after a preemption,
+        fills the list in order)."""
+        pending = self._pending_prompt_lps = []
         for seq, start, row, count in prompt_rows:
-            acc = self._prompt_lps.setdefault(seq.request_id, [])
-            del acc[start:]
             k = seq.params.prompt_logprobs
             for r0 in range(0, count, PROMPT_LOGPROBS_CHUNK):  # [rows, vocab] float32 a chunk at a time
                 n = min(PROMPT_LOGPROBS_CHUNK, count - r0)
                 rows = torch.arange(row + r0, row + r0 + n, device=self.device)
                 lp = torch.log_softmax(self.model.logits(hidden.index_select(0, rows)), dim=-1)
                 nxt = seq.prompt_token_ids[start + r0 + 1:start + r0 + 1 + n]
-                chosen = lp.gather(1, torch.tensor(nxt, device=self.device)[:, None]).squeeze(1).tolist()
+                chosen = lp.gather(1, torch.tensor(nxt, device=self.device)[:, None]).squeeze(1)
                 top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0])
-                for t, c, ti, tv in zip(nxt, chosen, top_i.tolist(), top_v.tolist(), strict=True):
-                    acc.append(TokenLogprob(t, c, tuple(zip(ti, tv, strict=True))))
+                pending.append((seq, start + r0, nxt, reads.add(chosen), reads.add(top_i), reads.add(top_v)))
+
+    def _resolve_prompt_logprobs(self, reads: HostReads) -> None:
+        pending, self._pending_prompt_lps = self._pending_prompt_lps, []
+        for seq, pos, nxt, h_chosen, h_ids, h_values in pending:
+            acc = self._prompt_lps.setdefault(seq.request_id, [])
+            del acc[pos:]
+            for t, c, ti, tv in zip(nxt, reads[h_chosen], reads[h_ids], reads[h_values], strict=True):
+                acc.append(TokenLogprob(t, c, tuple(zip((int(i) for i in ti), tv, strict=True))))
 
     def _kv_to_ship(self, plan: list[tuple[Sequence, int]]) -> list[tuple[object, torch.Tensor]]:
         """Prefill-only sequences whose prompt completes in this step, with the slots of the KV to ship."""
@@ -484,68 +544,9 @@ class LLMEngine:
             sink.put_layer(layer, kv, ready)
 
     def _attention_metadata(self, plan: list[tuple[Sequence, int]]) -> AttentionMetadata:
-        bs = self.block_manager.block_size
-        dev = self.device
-        slot_parts: list[torch.Tensor] = []
-        decodes = [seq for seq, n in plan if n == 1]
-        d = len(decodes)
-        groups = []
-        kernel = self.decode_kernel if d else None
-        tables = lens = None
-        if kernel is not None:  # the kernel reads each row's blocks in place: its table and length suffice
-            ctx = [s.num_computed_tokens + 1 for s in decodes]
-            nblk = [-(-c // bs) for c in ctx]
-            width = max(nblk)
-            tables = torch.tensor([s.block_table[:k] + [0] * (width - k) for s, k in zip(decodes, nblk, strict=True)],
-                                  dtype=torch.int32).to(dev)
-            lens = torch.tensor(ctx, dtype=torch.int32).to(dev)
-            slot_parts.append(torch.tensor([s.block_table[(c - 1) // bs] * bs + (c - 1) % bs
-                                            for s, c in zip(decodes, ctx, strict=True)]))
-        for r0 in range(0, d if kernel is None else 0, DECODE_GROUP_SIZE):
-            group = decodes[r0:r0 + DECODE_GROUP_SIZE]
-            ctx = torch.tensor([s.num_computed_tokens + 1 for s in group])
-            max_ctx = int(ctx[-1])  # sorted ascending
-            nblk = -(-max_ctx // bs)
-            table = torch.tensor([s.block_table[:nblk] + [0] * (nblk - len(s.block_table[:nblk])) for s in group])
-            pos = torch.arange(max_ctx)
-            slots = table[:, pos // bs] * bs + pos % bs  # [rows, max_ctx]
-            slot_parts.append(slots[torch.arange(len(group)), ctx - 1])
-            mask = None
-            if int(ctx[0]) != max_ctx:
-                valid = pos[None, :] < ctx[:, None]
-                slots = slots * valid
-                mask = valid.view(len(group), 1, 1, max_ctx).to(dev)
-            groups.append((r0, r0 + len(group), slots.to(dev), mask))
-        prefills = []
-        p_tables = p_starts = p_lens = None
-        prefill_kernel = self.prefill_kernel if len(plan) > d else None
-        if prefill_kernel is not None:  # the kernel reads each chunk's blocks in place
-            chunks = plan[d:]
-            ends = [seq.num_computed_tokens + n for seq, n in chunks]
-            nblk = [-(-e // bs) for e in ends]
-            width = max(nblk)
-            p_tables = torch.tensor([seq.block_table[:k] + [0] * (width - k)
-                                     for (seq, _), k in zip(chunks, nblk, strict=True)], dtype=torch.int32).to(dev)
-            p_starts = torch.tensor([0, *itertools.accumulate(n for _, n in chunks)], dtype=torch.int32).to(dev)
-            p_lens = torch.tensor(ends, dtype=torch.int32).to(dev)
-        q = d
-        for seq, n in plan[d:]:
-            start = seq.num_computed_tokens
-            end = start + n
-            if prefill_kernel is not None:  # it reads the context through the block table: the new slots only
-                slot_parts.append(self.kv.slots(seq.block_table, start, end))
-            else:
-                slots = self.kv.slots(seq.block_table, 0, end)
-                slot_parts.append(slots[start:])
-                if start == 0:
-                    prefills.append((q, q + n, None, None))
-                else:
-                    mask = torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None]
-                    prefills.append((q, q + n, slots.to(dev), mask))
-            q += n
-        slot_mapping = torch.cat(slot_parts).to(dev)
-        return AttentionMetadata(slot_mapping, d, groups, prefills, kernel, tables, lens, bs,
-                                 prefill_kernel, p_tables, p_starts, p_lens)
+        """The backend's metadata for a plan sorted decode rows first (see `forward`)."""
+        d = sum(1 for _, n in plan if n == 1)
+        return self.attention.metadata([(s.block_table, s.num_computed_tokens, n) for s, n in plan], d)
 
     # -- bookkeeping -----------------------------------------------------------
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
@@ -620,7 +621,7 @@ class LLMEngine:
         if g is None:
             seed = seq.params.seed
             if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
+                seed = self._rng.getrandbits(62)
             g = self._generators[seq.request_id] = make_generator(seed, self.device)
             if seq.params.seed is not None and not seq.params.greedy:
                 # Tokens sampled elsewhere (a prefill worker's first token, a migrated request's stream) each took

@@ -14,13 +14,13 @@ layout is kept.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from pdserve.engine.attention import AttentionBackend, AttentionMetadata
 from pdserve.engine.model_source import iter_safetensors
 
 
@@ -60,36 +60,6 @@ class ModelArch:
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             qkv_bias=cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
         )
-
-
-@dataclass
-class AttentionMetadata:
-    """Where each token's KV goes and what each query attends to, for one step."""
-
-    slot_mapping: torch.Tensor  # [num_tokens] slot of each new token's KV
-    num_decode: int
-    # Decode rows come sorted by context length and are attended in small groups
-    # (row_start, row_end, slots [rows, group_max_ctx] padded with slot 0, mask
-    # [rows, 1, 1, group_max_ctx] or None when the group's lengths are equal):
-    # padding every row to the batch's longest context wastes up to half the KV
-    # reads on mixed lengths, and one huge gather is slower than a few cache-sized ones.
-    decode_groups: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]
-    # prefill chunks: (q_start, q_end, context_slots [ctx_end] or None if no earlier context, mask or None)
-    prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
-    # With a decode kernel (`engine.kernels`: reads the paged cache in place) the decode rows need no
-    # groups (`decode_groups` is empty), only their block tables [num_decode, max_blocks] (int32, padded
-    # with 0) and context lengths [num_decode] (int32, the new token included).
-    decode_kernel: Callable | None = None
-    decode_block_tables: torch.Tensor | None = None
-    decode_context_lens: torch.Tensor | None = None
-    block_size: int = 0
-    # With a prefill kernel (bf16 on AVX-512-BF16) the prefill rows (all rows after the decode rows) need
-    # no `prefills` entries either, only per chunk its block table [chunks, max_blocks], where its rows
-    # start among the prefill rows [chunks + 1] and its context length with the chunk [chunks] (int32).
-    prefill_kernel: Callable | None = None
-    prefill_block_tables: torch.Tensor | None = None
-    prefill_query_starts: torch.Tensor | None = None
-    prefill_context_lens: torch.Tensor | None = None
 
 
 def mkldnn_bf16_linear_available() -> bool:
@@ -259,8 +229,9 @@ class LlamaModel:
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = (emb.cos() * rope_scaling).to(device=device, dtype=dtype)
         self.sin = (emb.sin() * rope_scaling).to(device=device, dtype=dtype)
-        self.scale = arch.head_dim ** -0.5
         self.fused = None  # `use_fused_ops`
+        # the step's attention over the paged cache (`engine.attention`): the engine sets it
+        self.attention: AttentionBackend | None = None
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embed is None:
@@ -292,7 +263,7 @@ class LlamaModel:
             v = qkv[:, q_width + kv_width:].view(n, kvh, hd)
             kv_k[i].index_copy_(0, meta.slot_mapping, k)
             kv_v[i].index_copy_(0, meta.slot_mapping, v)
-            attn = self._attention(q, k, v, meta, kv_k[i], kv_v[i])
+            attn = self.attention.forward(q, k, v, meta, kv_k[i], kv_v[i])
             if on_layer is not None:
                 on_layer(i)
             x = x + layer.o(attn)
@@ -328,7 +299,7 @@ class LlamaModel:
             q = qkv[:, :q_width].view(n, nh, hd)
             k = qkv[:, q_width:q_width + kv_width].view(n, kvh, hd)
             v = qkv[:, q_width + kv_width:].view(n, kvh, hd)
-            attn = self._attention(q, k, v, meta, kv_k[i], kv_v[i])
+            attn = self.attention.forward(q, k, v, meta, kv_k[i], kv_v[i])
             if on_layer is not None:
                 on_layer(i)
             ops.add_rms_norm(x, layer.o(attn), layer.ln2, h, eps)  # x += o(attn); h = norm(x)
@@ -339,42 +310,6 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
-
-    def _attention(self, q, k, v, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
-        """The step's attention; the new tokens' K and V are already in the cache."""
-        n, nh, hd = q.shape
-        kvh = k.shape[1]
-        out = torch.empty(n, nh, hd, dtype=q.dtype, device=q.device)
-        d = meta.num_decode
-        if meta.decode_kernel is not None and d:
-            meta.decode_kernel(out[:d], q[:d], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                               meta.block_size, self.scale)
-        if meta.prefill_kernel is not None and n > d:
-            meta.prefill_kernel(out[d:], q[d:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_starts,
-                                meta.prefill_context_lens, meta.block_size, self.scale)
-        # torch's CPU SDPA is far slower on one-token bf16 queries than in fp32: there the torch path
-        # computes decode attention in fp32 (the gather stays in the cache's dtype)
-        upcast = q.device.type == "cpu" and q.dtype != torch.float32
-        for r0, r1, slots, mask in meta.decode_groups:
-            rows, ctx = slots.shape
-            qd = q[r0:r1].unsqueeze(2)
-            kd = k_cache.index_select(0, slots.view(-1)).view(rows, ctx, kvh, hd).transpose(1, 2)
-            vd = v_cache.index_select(0, slots.view(-1)).view(rows, ctx, kvh, hd).transpose(1, 2)
-            if upcast:
-                qd, kd, vd = qd.float(), kd.float(), vd.float()
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            out[r0:r1] = od.squeeze(2)
-        for qs, qe, ctx_slots, mask in meta.prefills:
-            qi = q[qs:qe].transpose(0, 1).unsqueeze(0)
-            if ctx_slots is None:  # no earlier context: the chunk's own fresh KV, plain causal
-                ki, vi = k[qs:qe], v[qs:qe]
-            else:
-                ki, vi = k_cache.index_select(0, ctx_slots), v_cache.index_select(0, ctx_slots)
-            oi = F.scaled_dot_product_attention(qi, ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0),
-                                                attn_mask=mask, is_causal=ctx_slots is None, scale=self.scale,
-                                                enable_gqa=True)
-            out[qs:qe] = oi.squeeze(0).transpose(0, 1)
-        return out.view(n, nh * hd)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

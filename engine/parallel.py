@@ -18,8 +18,9 @@ Execution: rank 0 is the worker's engine (`engine.llm_engine.LLMEngine`: schedul
 block bookkeeping); ranks 1..tp-1 run `TPRank.serve`, a loop that executes what rank 0 broadcasts. Every
 operation that touches the KV cache or runs the model is one *op*, sent as three broadcasts (sizes, an int64
 header, one byte payload of all its tensors, `_pack`), whatever the number of tensors:
-  * FORWARD: packed ids, positions, attention metadata (`AttentionMetadata`; the kernels are each rank's
-    own) and the slots whose KV is shipped to a decode worker this step (gathered to rank 0 layer by layer);
+  * FORWARD: packed ids, positions, attention metadata (`engine.attention.AttentionMetadata`: plain tensors;
+    each rank's model runs it through its own attention backend, built for its heads) and the slots whose
+    KV is shipped to a decode worker this step (gathered to rank 0 layer by layer);
   * SWAP: block pairs between a rank's device pool and its CPU swap pool;
   * WRITE: one layer of KV a transfer brought in (rank 0 scatters the heads: each rank gets its own);
   * READ: a sequence's KV, every rank's heads gathered to rank 0 (`export`);
@@ -301,8 +302,7 @@ class TPGroup:
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16,
            torch.int8, torch.uint8, torch.bool)
-_NONE, _INT, _TENSOR, _LIST, _TUPLE, _BOOL, _KERNEL = range(7)
-KERNEL = object()  # where rank 0's item was a kernel: the receiving rank substitutes its own
+_NONE, _INT, _TENSOR, _LIST, _TUPLE, _BOOL = range(6)
 
 
 def _pack(obj, header: list[int], tensors: list[torch.Tensor]) -> None:
@@ -320,8 +320,6 @@ def _pack(obj, header: list[int], tensors: list[torch.Tensor]) -> None:
         header += [_LIST if isinstance(obj, list) else _TUPLE, len(obj)]
         for item in obj:
             _pack(item, header, tensors)
-    elif callable(obj):
-        header.append(_KERNEL)
     else:
         raise TypeError(f"cannot send a {type(obj).__name__} to tensor-parallel ranks")
 
@@ -341,8 +339,6 @@ def _unpack(header: list[int], i: int, payload: torch.Tensor, off: int):
     tag = header[i]
     if tag == _NONE:
         return None, i + 1, off
-    if tag == _KERNEL:
-        return KERNEL, i + 1, off
     if tag in (_INT, _BOOL):
         return (header[i + 1] if tag == _INT else bool(header[i + 1])), i + 2, off
     if tag == _TENSOR:
@@ -366,12 +362,9 @@ def meta_items(meta) -> list:
     return [getattr(meta, f.name) for f in dataclasses.fields(meta)]
 
 
-def meta_from_items(cls, items: list, kernels: dict):
-    """The `AttentionMetadata` rank 0 sent, with this rank's own kernels where rank 0 named its own."""
-    values = {}
-    for f, v in zip(dataclasses.fields(cls), items, strict=True):
-        values[f.name] = kernels.get(f.name) if v is KERNEL else v
-    return cls(**values)
+def meta_from_items(cls, items: list):
+    """The `AttentionMetadata` rank 0 sent."""
+    return cls(**{f.name: v for f, v in zip(dataclasses.fields(cls), items, strict=True)})
 
 
 # -- rank 0 ---------------------------------------------------------------------------------------------------
@@ -453,8 +446,9 @@ class TPRank:
     """A rank > 0: its shard of the model and of the KV pools, executing rank 0's ops (`serve`)."""
 
     def __init__(self, config, model_path, tp: TPGroup):
-        from pdserve.engine.llm_engine import attention_kernels, linear_kernels, pick_device, pick_dtype
-        from pdserve.engine.model import AttentionMetadata, load_model
+        from pdserve.engine.attention import AttentionMetadata
+        from pdserve.engine.llm_engine import attach_attention, linear_kernels, pick_device, pick_dtype
+        from pdserve.engine.model import load_model
 
         if config.engine.num_threads:
             torch.set_num_threads(config.engine.num_threads)
@@ -464,8 +458,9 @@ class TPRank:
         self.model, _ = load_model(model_path, self.device, self.dtype,
                                    linear_kernels(config.engine.attention_backend, self.device, self.dtype), tp=tp)
         self.shard = self.model.shard
-        decode, prefill = attention_kernels(config.engine.attention_backend, self.model, self.device, self.dtype)
-        self.kernels = {"decode_kernel": decode, "prefill_kernel": prefill}
+        self.attention = attach_attention(self.model, config.engine.attention_backend, config.cache.block_size,
+                                          self.device, self.dtype, config.model.max_model_len
+                                          or self.model.full_arch.max_position_embeddings, tensor_parallel=True)
         self._meta_cls = AttentionMetadata
         self.kv = self.swap_kv = None
 
@@ -501,7 +496,7 @@ class TPRank:
                 raise TensorParallelFailure(f"unknown op {op}")
 
     def _forward(self, ids, positions, ship_slots, meta_fields) -> None:
-        meta = meta_from_items(self._meta_cls, meta_fields, self.kernels)
+        meta = meta_from_items(self._meta_cls, meta_fields)
 
         def hook(i: int) -> None:
             if ship_slots is not None:

@@ -21,7 +21,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None, help="torch threads for this process")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
-                   help="decode attention: the C++ paged kernel (CPU), torch's gather + SDPA, or auto")
+                   help="attention: the C++ paged kernels (CPU), FlashInfer (CUDA), torch's gather + SDPA, or auto")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
 
 
 def engine_config(args: argparse.Namespace):
@@ -31,7 +32,8 @@ def engine_config(args: argparse.Namespace):
         model=ModelConfig(model=args.model, device=args.device, dtype=args.dtype),
         cache=CacheConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
-        engine=EngineConfig(num_threads=args.threads, attention_backend=args.attention_backend),
+        engine=EngineConfig(num_threads=args.threads, attention_backend=args.attention_backend,
+                            enforce_eager=args.enforce_eager),
     )
 
 
@@ -93,6 +95,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from pdserve.bench.project import main as bench_main
     elif args.what == "peer":
         from pdserve.bench.peer import main as bench_main
+    elif args.what == "gpu-check":
+        from pdserve.bench.gpu_check import main as bench_main
     elif args.what == "router":
         from pdserve.bench.router import main as bench_main
     else:
@@ -145,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = sub.add_parser("bench", help="benchmarks (pdserve bench WHAT --help)")
     bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise", "overhead", "serve",
-                                          "compare", "project", "peer", "attention", "router", "autoscale"])
+                                          "compare", "project", "peer", "attention", "router", "autoscale",
+                                          "gpu-check"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 

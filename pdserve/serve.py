@@ -66,8 +66,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add("--device", dest="model.device")
     add("--threads", dest="engine.num_threads", type=int, help="torch threads per worker (default: cores / workers)")
     add("--attention-backend", dest="engine.attention_backend", choices=ATTENTION_BACKENDS,
-        help="decode attention: cpu_kernel reads the paged KV cache in place (C++, built on first use); torch "
-        "gathers it and runs SDPA; auto (default): the kernel on CPU where it builds")
+        help="attention: cpu_kernel reads the paged KV cache in place (C++, built on first use); flashinfer: "
+        "FlashInfer's paged kernels (CUDA, pip install 'pdserve[cuda]'); torch gathers the KV and runs SDPA; auto "
+        "(default): flashinfer on CUDA where installed, the C++ kernels on CPU where they build, else torch")
+    add("--enforce-eager", dest="engine.enforce_eager", action="store_const", const=True,
+        help="no CUDA graphs for decode steps (they are captured on CUDA with the flashinfer backend)")
     add("--worker-cpus", dest="serve.worker_num_cpus", type=float)
     add("--metrics-prefix", dest="serve.metrics_prefix", choices=["pdserve_", "vllm:"])
     add("--min-client-priority", dest="serve.min_client_priority", type=int,

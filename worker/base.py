@@ -85,7 +85,7 @@ class Worker:
         e = self.engine
         return WorkerInfo(self.worker_id, self.role, self.metrics_url, node_id(), num_blocks=e.block_manager.num_blocks,
                           dtype=str(e.dtype).removeprefix("torch."),
-                          attention="cpu_kernel" if e.decode_kernel is not None else "torch")
+                          attention=e.attention.name)
 
     def tp_rank_handles(self) -> list:
         """The actors of this worker's other tensor-parallel ranks (chaos and tests reach them through it)."""

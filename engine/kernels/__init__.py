@@ -14,10 +14,9 @@ first use from several processes (Ray workers) builds once, the others wait and 
 a builder that is killed releases the lock with its process (torch's file baton would be left
 behind, and every later loader would wait on it forever).
 
-`decode_attention_kernel(backend, device, dtype)` picks the engine's decode attention: the kernel,
-or None for the torch path (gather + SDPA), per `EngineConfig.attention_backend`.
-`prefill_attention_kernel` picks the prefill attention from the same library: its paged prefill kernel
-(bf16, built where the CPU has AVX-512-BF16), or None for the torch path.
+The engine reaches them through its attention backend (`engine.attention.CpuKernelBackend`, chosen by
+`EngineConfig.attention_backend`). `prefill_attention_kernel` picks the prefill attention from the same
+library: its paged prefill kernel (bf16, built where the CPU has AVX-512-BF16), or None for the torch path.
 """
 
 from __future__ import annotations
@@ -33,13 +32,12 @@ from pathlib import Path
 
 import torch
 
-from pdserve.engine.config import ATTENTION_BACKENDS, default_cache_dir
+from pdserve.engine.config import default_cache_dir
 from pdserve.engine.platform import cpu_flags
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
-BACKENDS = ATTENTION_BACKENDS
 # Cache dtypes the kernel computes on (in fp32 either way).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 CXXFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++20", "-shared")
@@ -136,38 +134,6 @@ def load(build_root: Path | None = None, source: Path = SOURCE, compiler: str = 
             raise KernelBuildError(f"{lib} registered no pdserve::paged_decode_attention")
     _loaded[key] = op
     return op
-
-
-_warned: set[str] = set()
-
-
-def decode_attention_kernel(backend: str, device: torch.device, dtype: torch.dtype,
-                            build_root: Path | None = None, compiler: str = "c++") -> Callable | None:
-    """The decode-attention kernel for `EngineConfig.attention_backend`, or None for the torch path.
-
-    "torch": None. "cpu_kernel": the kernel; raises (ValueError, KernelBuildError) where it cannot run.
-    "auto": the kernel on CPU for float32 and bfloat16 caches; the torch path on CUDA, for other dtypes,
-    and where the kernel does not build (one warning per process and reason)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "torch":
-        return None
-    usable = device.type == "cpu" and dtype in KERNEL_DTYPES
-    if backend == "cpu_kernel":
-        if not usable:
-            raise ValueError(f"attention_backend cpu_kernel runs on CPU with float32 or bfloat16, not {device.type} "
-                             f"{dtype}")
-        return load(build_root, compiler=compiler)
-    if not usable:
-        return None
-    try:
-        return load(build_root, compiler=compiler)
-    except KernelBuildError as e:
-        reason = str(e).splitlines()[0]
-        if reason not in _warned:
-            _warned.add(reason)
-            logger.warning("paged-attention kernel unavailable, using the torch path (gather + SDPA): %s", e)
-        return None
 
 
 def prefill_attention_kernel(decode_kernel: Callable | None, dtype: torch.dtype, head_dim: int,

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from pdserve.bench.attention import DecodeCase
-from pdserve.engine import kernels
+from pdserve.engine import attention, kernels
+from pdserve.engine.attention import TorchBackend, make_backend
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.kernels import KernelBuildError, decode_attention_kernel
+from pdserve.engine.kernels import KernelBuildError
 from tests.helpers import GREEDY, prompts
 
 CPU = torch.device("cpu")
@@ -37,9 +38,10 @@ def _decode_case(batch: int, heads: int, kv_heads: int, head_dim: int, dtype: to
 
 
 def _attention(case: DecodeCase, decode_kernel) -> torch.Tensor:
-    meta, order = case.metadata(decode_kernel)
+    backend = case.backend(decode_kernel)
+    meta, order = case.metadata(backend)
     assert (meta.decode_groups == []) == (decode_kernel is not None)
-    return case.attention(meta, order)
+    return case.attention(backend, meta, order)
 
 
 def _reference(case: DecodeCase) -> torch.Tensor:
@@ -232,27 +234,45 @@ def test_compile_error_is_a_build_error(tmp_path):
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
 
 
+def _backend(name: str, device=CPU, dtype=torch.float32, **kwargs):
+    return make_backend(name, num_heads=6, num_kv_heads=2, head_dim=16, block_size=4, device=device, dtype=dtype,
+                        **kwargs)
+
+
 def test_missing_compiler_falls_back_to_torch(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.setattr(attention, "_warned", set())
     missing = str(tmp_path / "no-such-c++")
-    with caplog.at_level(logging.WARNING, logger="pdserve.engine.kernels"):
+    with caplog.at_level(logging.WARNING, logger="pdserve.engine.attention"):
         for _ in range(2):
-            assert decode_attention_kernel("auto", CPU, torch.float32, tmp_path, compiler=missing) is None
+            backend = _backend("auto", kernel_build_root=tmp_path, compiler=missing)
+            assert type(backend) is TorchBackend
     assert len(caplog.records) == 1 and "torch path" in caplog.records[0].getMessage()
     with pytest.raises(KernelBuildError):  # asked for explicitly: no silent fallback
-        decode_attention_kernel("cpu_kernel", CPU, torch.float32, tmp_path, compiler=missing)
+        _backend("cpu_kernel", kernel_build_root=tmp_path, compiler=missing)
 
 
-def test_backend_selection(kernel):
-    assert decode_attention_kernel("torch", CPU, torch.float32) is None
-    assert decode_attention_kernel("auto", CPU, torch.float32) is kernel
-    assert decode_attention_kernel("auto", CPU, torch.bfloat16) is kernel
-    assert decode_attention_kernel("auto", CPU, torch.float16) is None
-    assert decode_attention_kernel("auto", torch.device("cuda"), torch.bfloat16) is None
+def test_backend_selection(kernel, monkeypatch):
+    assert _backend("torch").name == "torch"
+    for dtype in (torch.float32, torch.bfloat16):
+        chosen = _backend("auto", dtype=dtype)
+        assert chosen.name == "cpu_kernel" and chosen.decode_kernel is kernel
+        assert (chosen.fused_ops is not None) == (dtype == torch.bfloat16)
+    assert _backend("auto", dtype=torch.float16).name == "torch"
+    # the heads a backend plans for are what it is given (a tensor-parallel rank's share), not the model's
+    local = make_backend("torch", num_heads=3, num_kv_heads=1, head_dim=16, block_size=4, device=CPU,
+                         dtype=torch.float32)
+    assert (local.num_heads, local.num_kv_heads) == (3, 1)
+    with pytest.raises(ValueError, match="do not split"):
+        make_backend("torch", num_heads=3, num_kv_heads=2, head_dim=16, block_size=4, device=CPU, dtype=torch.float32)
+    cuda = torch.device("cuda")  # a device object only: nothing is allocated on it
     with pytest.raises(ValueError, match="cpu_kernel runs on CPU"):
-        decode_attention_kernel("cpu_kernel", torch.device("cuda"), torch.bfloat16)
+        _backend("cpu_kernel", device=cuda, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="flashinfer runs on CUDA"):
+        _backend("flashinfer")
+    monkeypatch.setattr(attention, "flashinfer_importable", lambda: False)  # as on a CUDA host without the extra
+    assert _backend("auto", device=cuda, dtype=torch.bfloat16).name == "torch"
     with pytest.raises(ValueError, match="attention_backend"):
-        decode_attention_kernel("flash", CPU, torch.float32)
+        _backend("flash")
     with pytest.raises(ValueError, match="attention_backend"):
         EngineConfig(attention_backend="flash")
 
@@ -262,7 +282,7 @@ def test_backend_selection(kernel):
 def test_engine_backends_match_hf(make_engine, tiny_model_dir, hf_reference, backend):
     engine = make_engine(tiny_model_dir, engine={"attention_backend": backend},
                          scheduler={"max_prefill_chunk": 7, "max_num_batched_tokens": 12})
-    assert (engine.decode_kernel is None) == (backend == "torch")
+    assert engine.attention.name == backend
     assert [o.output_token_ids for o in engine.generate(prompts(), GREEDY)] == hf_reference
 
 
@@ -276,7 +296,7 @@ def test_engine_bf16_backends_agree(make_engine, tiny_model_dir):
         arch = engine.arch
         expect_prefill = backend == "cpu_kernel" and torch.ops.pdserve.paged_prefill_attention_supported(
             torch.bfloat16, arch.head_dim, arch.num_heads // arch.num_kv_heads)
-        assert (engine.prefill_kernel is not None) == expect_prefill
+        assert (getattr(engine.attention, "prefill_kernel", None) is not None) == expect_prefill
         outs[backend] = [o.output_token_ids for o in engine.generate(prompts(), GREEDY)]
     pairs = [(a, b) for x, y in zip(outs["torch"], outs["cpu_kernel"], strict=True) for a, b in zip(x, y, strict=True)]
     assert sum(a == b for a, b in pairs) >= 0.9 * len(pairs)

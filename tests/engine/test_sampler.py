@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pdserve.engine.llm_engine import InvalidRequestError
-from pdserve.engine.sampler import filter_logits, process_logits, sample
+from pdserve.engine.sampler import filter_logits, filter_rows, process_logits, sample, sample_tokens
 from pdserve.engine.sampling import (
     MAX_LOGIT_BIAS_ENTRIES,
     InvalidSamplingParams,
@@ -91,6 +91,24 @@ def test_min_p_keeps_exactly_the_tokens_at_least_min_p_times_as_likely_as_the_to
     probs = (logits / 0.7).softmax(-1).tolist()
     want = [pr >= min_p * max(probs) for pr in probs]
     assert torch.isfinite(filter_logits(logits, p)).tolist() == want
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batched_sampling_is_the_per_row_reference(seed):
+    """`filter_rows` equals `filter_logits` row by row, and `sample_tokens` draws from each row's generator what
+    `torch.multinomial` draws (its one-sample path), with no host sync of its own."""
+    rng = random.Random(seed)
+    params = [SamplingParams(temperature=rng.choice([0.5, 1.0, 1.7]), top_k=rng.choice([0, 1, 5, VOCAB + 3]),
+                             top_p=rng.choice([1.0, 0.9, 0.3]), min_p=rng.choice([0.0, 0.05, 0.2]))
+              for _ in range(9)] + [SamplingParams(temperature=0)]
+    logits = torch.randn(len(params), VOCAB, generator=torch.Generator().manual_seed(seed)) * 4
+    want = torch.stack([filter_logits(row, p) for row, p in zip(logits, params, strict=True)])
+    assert torch.equal(filter_rows(logits[:-1], params[:-1]), want[:-1])
+    seeds = [rng.randrange(2**31) for _ in params]
+    got = sample_tokens(logits.clone(), params, [torch.Generator().manual_seed(s) for s in seeds]).tolist()
+    ref = [int(torch.multinomial(want[i].softmax(-1), 1, generator=torch.Generator().manual_seed(seeds[i])))
+           for i in range(len(params) - 1)]
+    assert got == [*ref, int(logits[-1].argmax())]
 
 
 def test_greedy_rows_read_the_processed_logits():
