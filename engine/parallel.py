@@ -178,8 +178,10 @@ def shard_model(model, tp: TPGroup) -> None:
 
 
 # -- the group --------------------------------------------------------------------------------------------
-def tp_store(host: str = "127.0.0.1", timeout_s: float = 60.0) -> tuple[dist.TCPStore, int]:
-    """Rank 0's rendezvous store, listening on `host` only (ranks share a node), and its port."""
+def listening_store(host: str, timeout_s: float) -> dist.TCPStore:
+    """A TCPStore for a rendezvous, listening on `host` only (port chosen by the OS: `store.port`). A TCPStore
+    given a host name still listens on every interface, so the socket is bound here and handed over. Used by
+    a worker's tensor-parallel ranks (`tp_store`) and by the KV plane's channels (`kv_transfer.channel`)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.bind((host, 0))
@@ -191,7 +193,13 @@ def tp_store(host: str = "127.0.0.1", timeout_s: float = 60.0) -> tuple[dist.TCP
         sock.close()
         raise
     sock.detach()  # the store owns the descriptor now, and closes it
-    return store, port
+    return store
+
+
+def tp_store(host: str = "127.0.0.1", timeout_s: float = 60.0) -> tuple[dist.TCPStore, int]:
+    """Rank 0's rendezvous store, listening on `host` only (ranks share a node), and its port."""
+    store = listening_store(host, timeout_s)
+    return store, store.port
 
 
 class TPGroup:

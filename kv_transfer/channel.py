@@ -22,7 +22,6 @@ import contextlib
 import datetime
 import logging
 import os
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -97,25 +96,6 @@ def create_group(store: dist.Store, channel_id: str, rank: int, backend: str, ti
         with nccl_error_handling():
             return dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
     raise ValueError(f"unknown backend {backend!r}")
-
-
-def listening_store(host: str, timeout_s: float) -> dist.TCPStore:
-    """The TCPStore a receiver hosts for its channels' rendezvous, listening on `host` only (port
-    chosen by the OS). A TCPStore given a host name still listens on every interface, so the
-    socket is bound here and handed over."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.bind((host, 0))
-        sock.listen(128)
-        port = sock.getsockname()[1]
-        store = dist.TCPStore(host, port, None, True, timeout=datetime.timedelta(seconds=timeout_s),
-                              wait_for_workers=False, master_listen_fd=sock.fileno())
-    except BaseException:
-        sock.close()
-        raise
-    sock.detach()  # the store owns the descriptor now, and closes it
-    return store
 
 
 class TorchChannel:

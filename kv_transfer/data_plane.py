@@ -62,6 +62,7 @@ import grpc
 import torch
 import torch.distributed as dist
 
+from pdserve.engine.parallel import listening_store
 from pdserve.engine.streams import transfer_stream
 from pdserve.kv_transfer import faults as fi
 from pdserve.kv_transfer import metrics
@@ -74,7 +75,6 @@ from pdserve.kv_transfer.channel import (
     check_distinct_devices,
     create_group,
     device_identity,
-    listening_store,
 )
 from pdserve.kv_transfer.errors import ChecksumMismatch, KVTransferError, MalformedTransfer, PeerUnavailable
 from pdserve.kv_transfer.protocol import (
