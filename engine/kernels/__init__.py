@@ -113,15 +113,31 @@ def _registered() -> Callable | None:
 
 
 _loaded: dict[str, Callable] = {}  # build key -> the op, in this process
+# build key -> why it failed, in this process: a compiler that failed once fails again, and each try costs
+# seconds (the GEMM and the attention backend both ask for the library while a worker starts)
+_failed: dict[str, KernelBuildError] = {}
 
 
 def load(build_root: Path | None = None, source: Path = SOURCE, compiler: str = "c++") -> Callable:
     """`torch.ops.pdserve.paged_decode_attention`, built (if not cached) and loaded on first use in this
     process. A process registers the op once: a library built from the same source elsewhere (another
-    build root) is not loaded a second time. Raises `KernelBuildError`."""
+    build root) is not loaded a second time. Raises `KernelBuildError`, and raises it again without a second
+    build when asked again in this process."""
     key = build_key(source, compiler)
     if key in _loaded:
         return _loaded[key]
+    if key in _failed:
+        raise KernelBuildError(str(_failed[key]))
+    try:
+        op = _load(build_root, source, compiler)
+    except KernelBuildError as e:
+        _failed[key] = e
+        raise
+    _loaded[key] = op
+    return op
+
+
+def _load(build_root: Path | None, source: Path, compiler: str) -> Callable:
     lib, _ = build(build_root, source, compiler)
     op = _registered()
     if op is None:
@@ -132,7 +148,6 @@ def load(build_root: Path | None = None, source: Path = SOURCE, compiler: str = 
         op = _registered()
         if op is None:
             raise KernelBuildError(f"{lib} registered no pdserve::paged_decode_attention")
-    _loaded[key] = op
     return op
 
 

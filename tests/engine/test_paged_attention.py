@@ -234,6 +234,22 @@ def test_compile_error_is_a_build_error(tmp_path):
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
 
 
+def test_failed_build_is_not_retried_in_the_process(tmp_path, monkeypatch):
+    """A compiler that failed is not run again for the same library in this process: a worker asks for the
+    library twice while it starts (the GEMM, then the attention backend), and each failing try costs seconds."""
+    monkeypatch.setattr(kernels, "_failed", {})
+    calls = tmp_path / "calls"
+    compiler = tmp_path / "failing-c++"
+    compiler.write_text(f"#!/bin/sh\necho run >> {calls}\necho 'no compiler here' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    source = tmp_path / "trivial.cpp"
+    source.write_text(TRIVIAL)
+    for _ in range(3):
+        with pytest.raises(KernelBuildError, match="no compiler here"):
+            kernels.load(tmp_path / "root", source, compiler=str(compiler))
+    assert calls.read_text().split() == ["run"]
+
+
 def _backend(name: str, device=CPU, dtype=torch.float32, **kwargs):
     return make_backend(name, num_heads=6, num_kv_heads=2, head_dim=16, block_size=4, device=device, dtype=dtype,
                         **kwargs)

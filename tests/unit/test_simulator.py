@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -247,12 +248,15 @@ def test_round_robin_and_least_loaded_routing():
         Cluster(prefill=1, decode=0)
 
 
+COSTS = Path(__file__).resolve().parents[2] / "docs" / "calibrated_costs.json"  # from any working directory
+
+
 def test_cli_disaggregated_json(capsys):
     p = argparse.ArgumentParser()
     add_arguments(p)
     argv = ["--workload", "poisson", "--rate", "2", "--num-requests", "30", "--prompt-lens", "64", "64",
             "--output-lens", "16", "16", "--long-prompt-len", "1500", "--long-fraction", "0.1", "--policy", "chunked",
-            "--max-num-seqs", "64", "--costs", "docs/calibrated_costs.json", "--goodput", "ttft:3000", "tpot:200",
+            "--max-num-seqs", "64", "--costs", str(COSTS), "--goodput", "ttft:3000", "tpot:200",
             "--json"]
     assert run_cli(p.parse_args([*argv, "--disaggregated", "1:1", "--transfer-gbps", "50",
                                  "--kv-bytes-per-token", "46080"])) == 0
