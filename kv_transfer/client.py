@@ -28,12 +28,14 @@ from pdserve.kv_transfer.data_plane import SenderLink
 from pdserve.kv_transfer.protocol import (
     AUTH_METADATA_KEY,
     Fingerprint,
+    KVLayout,
     KVTransferError,
     LayoutMismatch,
     MalformedTransfer,
     TransferCancelled,
     error_from_rpc,
     keepalive_options,
+    layout_mismatches,
     plan_chunks,
 )
 from pdserve.kv_transfer.source import CommitInfo, LayerKV, LayerStream
@@ -50,6 +52,7 @@ class Peer:
     channel: grpc.aio.Channel = field(repr=False)
     stub: pb_grpc.KVTransferStub = field(repr=False)
     push: object = field(repr=False)  # Push, taking messages or their pre-encoded wire bytes
+    layout: KVLayout | None = None  # how its tensor-parallel ranks hold the KV heads
 
 
 @dataclass
@@ -75,12 +78,15 @@ class KVSender:
     with a fresh RNG seeded from the new config."""
 
     def __init__(self, config: KVTransferConfig, fingerprint: Fingerprint, *, worker_id: str | None = None,
-                 device=None, faults: FaultConfig | None = None):
+                 device=None, faults: FaultConfig | None = None, layout: KVLayout | None = None):
+        """`layout`: how this worker's tensor-parallel ranks hold the KV heads (`pool.engine_layout`); one rank
+        holding them all by default. Pairing refuses a peer whose layout does not tile the same heads."""
         if torch.device(device or "cpu").type == "cpu":
             keep_freed_memory()  # chunk buffers are reused from the heap instead of mmapped afresh
         self.config = config
         self.fingerprint = fingerprint
         self.digest = fingerprint.digest()
+        self.layout = layout or KVLayout.whole(fingerprint.num_kv_heads)
         self.worker_id = worker_id or f"prefill-{uuid.uuid4().hex[:8]}"
         self.device = torch.device(device or "cpu")
         plane = data_plane.for_transport(config.kv_transport)
@@ -105,7 +111,8 @@ class KVSender:
         self._faults = fi.FaultInjector(faults)
 
     def pair(self, address: str) -> Peer:
-        """Connect and compare fingerprints (once per peer); raises `LayoutMismatch` if incompatible."""
+        """Connect and compare fingerprints and KV layouts (once per peer); raises `LayoutMismatch` if
+        incompatible (another model or KV format, or a tensor-parallel split that does not tile its KV heads)."""
         return self._call(self._pair(address))
 
     def reserve(self, address: str, request_id: str, num_tokens: int, lease_s: float | None = None) -> ReservationInfo:
@@ -171,19 +178,21 @@ class KVSender:
                 channel = grpc.aio.insecure_channel(address, options=opts)
             stub = pb_grpc.KVTransferStub(channel)
             try:
-                hello = pb.PairRequest(fingerprint=self.fingerprint.to_proto(), worker_id=self.worker_id)
+                hello = pb.PairRequest(fingerprint=self.fingerprint.to_proto(), worker_id=self.worker_id,
+                                       layout=self.layout.to_proto())
                 resp = await stub.Pair(hello, timeout=c.rpc_timeout_s, metadata=self._metadata)
             except grpc.aio.AioRpcError as e:
                 await channel.close()
                 raise error_from_rpc(e) from None
             theirs = Fingerprint.from_proto(resp.fingerprint)
-            diff = self.fingerprint.mismatches(theirs)
+            layout = KVLayout.from_proto(resp.layout, theirs.num_kv_heads)
+            diff = self.fingerprint.mismatches(theirs) or layout_mismatches(self.fingerprint, self.layout, layout)
             if diff:  # the server checks too; this catches an older server that does not
                 await channel.close()
                 raise LayoutMismatch("incompatible KV layouts: " + "; ".join(diff))
             push = channel.stream_unary("/pdserve.kv_transfer.v1.KVTransfer/Push", request_serializer=_serialize,
                                         response_deserializer=pb.PushResponse.FromString)
-            peer = Peer(address, resp.worker_id, theirs, resp.max_message_bytes, channel, stub, push)
+            peer = Peer(address, resp.worker_id, theirs, resp.max_message_bytes, channel, stub, push, layout)
             self._peers[address] = peer
             return peer
 

@@ -35,6 +35,7 @@ from pdserve.kv_transfer.protocol import (
     REASON_METADATA_KEY,
     AuthenticationFailed,
     Fingerprint,
+    KVLayout,
     KVTransferError,
     LayoutMismatch,
     MalformedTransfer,
@@ -45,6 +46,7 @@ from pdserve.kv_transfer.protocol import (
     grpc_status,
     host_port,
     keepalive_options,
+    layout_mismatches,
     secret_matches,
 )
 from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
@@ -259,13 +261,15 @@ class _Servicer:
     async def Pair(self, request, context):
         try:
             theirs = Fingerprint.from_proto(request.fingerprint)
-            diff = self.fp.mismatches(theirs)
+            layout = KVLayout.from_proto(request.layout, theirs.num_kv_heads)
+            diff = self.fp.mismatches(theirs) or layout_mismatches(self.fp, self.rx.pool.layout, layout)
             if diff:
                 raise LayoutMismatch("incompatible KV layouts: " + "; ".join(diff))
         except KVTransferError as e:
             await _abort(context, e)
         return pb.PairResponse(fingerprint=self.fp.to_proto(), worker_id=self.rx.worker_id,
-                               max_message_bytes=self.rx.config.max_message_bytes)
+                               max_message_bytes=self.rx.config.max_message_bytes,
+                               layout=self.rx.pool.layout.to_proto())
 
     async def Reserve(self, request, context):
         t0 = time.perf_counter()

@@ -45,8 +45,9 @@ class PrefillWorker(Worker):
 
     def __init__(self, config: PdserveConfig, worker_id: str, owner=None):
         super().__init__(config, worker_id, owner)
-        self.sender = KVSender(config.kv_transfer, KVPool.from_engine(self.engine).fingerprint, worker_id=worker_id,
-                               device=self.engine.device, faults=config.faults)
+        pool = KVPool.from_engine(self.engine)
+        self.sender = KVSender(config.kv_transfer, pool.fingerprint, worker_id=worker_id, device=self.engine.device,
+                               faults=config.faults, layout=pool.layout)
 
     async def prefill(self, request: GenerateRequest, reservation: KVReservation) -> FirstToken | WorkerError:
         rid = request.request_id
