@@ -24,6 +24,9 @@ header, one byte payload of all its tensors, `_pack`), whatever the number of te
   * SWAP: block pairs between a rank's device pool and its CPU swap pool;
   * WRITE: one layer of KV a transfer brought in (rank 0 scatters the heads: each rank gets its own);
   * READ: a sequence's KV, every rank's heads gathered to rank 0 (`export`);
+  * EXTENSION: an op a layer above the engine registers on every rank (`TPRank.extensions`) and sends with
+    `ShardedKVCache.extension`: the KV plane's per-rank channels (`kv_transfer.ranks`), through which each
+    rank receives its own heads straight from the peer instead of through rank 0's scatter;
   * STOP.
 Ops come from the engine loop (forward, swap) and from the KV receiver's thread (write): `TPGroup.lock`
 keeps each op's collectives together. KV crosses between workers in the whole model's layout (all KV
@@ -41,6 +44,7 @@ import datetime
 import logging
 import socket
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -50,7 +54,7 @@ from pdserve.engine.kv_cache import PagedKVCache
 
 logger = logging.getLogger(__name__)
 
-OP_FORWARD, OP_SWAP, OP_WRITE, OP_READ, OP_STOP = range(5)
+OP_FORWARD, OP_SWAP, OP_WRITE, OP_READ, OP_STOP, OP_EXTENSION = range(6)
 IDLE_WAIT = datetime.timedelta(days=3650)  # a rank waiting for the next op: no deadline (rank 0 may idle)
 
 
@@ -400,6 +404,13 @@ class ShardedKVCache(PagedKVCache):
             self.tp.send(OP_WRITE, [layer, slots])
             super().write_layer(layer, slots, self.tp.scatter(mine, parts))
 
+    def extension(self, ext: int, items: list, local):
+        """Run extension op `ext` (registered on every other rank: `TPRank.extensions`) with `items` there, and
+        `local()` here, together (their collectives matched, the group's lock held); returns `local()`'s value."""
+        with self.tp.lock:
+            self.tp.send(OP_EXTENSION, [ext, *items])
+            return local()
+
     def export(self, block_table: list[int], num_tokens: int) -> list[torch.Tensor]:
         self._check_table(block_table, num_tokens)
         slots = self.slots(block_table, 0, num_tokens).to(self.device)
@@ -471,6 +482,8 @@ class TPRank:
                                           or self.model.full_arch.max_position_embeddings, tensor_parallel=True)
         self._meta_cls = AttentionMetadata
         self.kv = self.swap_kv = None
+        # extension id -> handler(rank, items), for OP_EXTENSION: registered by the layer that sends them
+        self.extensions: dict[int, Callable[[TPRank, list], None]] = {}
 
     def serve(self) -> None:
         """Build the KV pools rank 0 sized, then run ops until STOP (or a failure, which is raised)."""
@@ -500,6 +513,8 @@ class TPRank:
                 pool, slots = items
                 for layer in range(arch.num_layers):
                     self.tp.gather(_read(pools[pool], layer, slots))
+            elif op == OP_EXTENSION and items[0] in self.extensions:
+                self.extensions[items[0]](self, items[1:])
             else:
                 raise TensorParallelFailure(f"unknown op {op}")
 

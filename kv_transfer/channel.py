@@ -205,6 +205,12 @@ class ChannelTable:
                 self._channels.move_to_end(key)
             return ch
 
+    def has(self, key: str) -> bool:
+        """`key` names an open channel here (its recency unchanged)."""
+        with self._lock:
+            ch = self._channels.get(key)
+            return ch is not None and not ch.closed
+
     def make_room(self) -> bool:
         """Evict idle channels until one more fits; False if every channel is busy."""
         with self._lock:

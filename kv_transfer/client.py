@@ -307,7 +307,7 @@ class KVSender:
         async def _messages():
             yield pb.PushMessage(header=pb.TransferHeader(
                 request_id=source.request_id, fingerprint_digest=self.digest, num_tokens=source.num_tokens,
-                data_plane=self._wire_name, channel_id=link.channel_id))
+                data_plane=self._wire_name, channel_id=link.channel_id, rank_channel_ids=link.rank_channel_ids))
             async for batch in _chain(first, batches):
                 async for m in self._batch_messages(source, batch, link, peer, plan):
                     yield m

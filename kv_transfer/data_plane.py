@@ -23,7 +23,10 @@ Two implementations, picked through `DataPlane` registry entries by the wire's
   * "torch" (`kv_transport: nccl`, `TorchSender`/`TorchReceiver`): the bytes go on a
     torch.distributed channel per worker pair (`channel.TorchChannel`: NCCL on CUDA,
     gloo on CPU), opened through the OpenChannel RPC; a channel carries one push at a
-    time, and one that fails mid-push is torn down.
+    time, and one that fails mid-push is torn down. To a tensor-parallel receiver
+    (its `KVLayout` from Pair) it opens one channel per receiver rank instead, each
+    carrying only that rank's KV heads (`_RankedLink`/`_RankedReceiveLink`, `ranks`):
+    the receiver's ranks write their heads themselves (`ReceiverLink.in_place`).
 
 A third transport is one more pair of halves and one `DataPlane(...)` line in
 `PLANES`; nothing in `KVSender` or `KVReceiver` changes. NIXL (RDMA), for example:
@@ -86,6 +89,7 @@ from pdserve.kv_transfer.protocol import (
     error_from_rpc,
     kv_from_bytes,
 )
+from pdserve.kv_transfer.ranks import RankKeys
 from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
 
 if TYPE_CHECKING:
@@ -102,6 +106,7 @@ class SenderLink(ABC):
     """One push's way to its peer (held for the whole push)."""
 
     channel_id = ""  # for the TransferHeader: what the receiver's `attach` looks up
+    rank_channel_ids: tuple[str, ...] = ()  # per-rank channels (TransferHeader.rank_channel_ids)
 
     @abstractmethod
     def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool) -> AsyncIterator[Message]:
@@ -133,11 +138,18 @@ class SenderPlane(ABC):
 class ReceiverLink(ABC):
     """Where one push's chunk bytes come from."""
 
+    in_place = False  # True: `write_chunk` lands each chunk in the pool itself; False: `chunk_kv` returns it
+
     @abstractmethod
     async def chunk_kv(self, chunk: pb.LayerChunk, num_layers: int, next_message: NextMessage) -> torch.Tensor:
         """The chunk's KV, `[num_layers, 2, chunk.num_tokens, heads, dim]`, checked against its
         checksum (`ChecksumMismatch`) and size (`MalformedTransfer`). `next_message` reads the
         Push stream (bounded by the idle timeout and the lease) for planes that carry bytes on it."""
+
+    async def write_chunk(self, chunk: pb.LayerChunk, num_layers: int, slots: torch.Tensor) -> None:
+        """For `in_place` links: receive the chunk's KV and write it into the pool at `slots` (the reserved
+        blocks' slots of its tokens), checked (`ChecksumMismatch`, `PeerUnavailable`)."""
+        raise NotImplementedError
 
     def abandon(self, sender_gone: bool) -> None:  # noqa: B027 (optional: a link that holds nothing beyond its push)
         """The push failed midway: tear down what it ran on, since its state is unknown (the sender
@@ -155,9 +167,9 @@ class ReceiverPlane(ABC):
     async def attach(self, header: pb.TransferHeader) -> ReceiverLink:
         """The way the push under `header` brings its bytes (`PeerUnavailable` if it is gone)."""
 
-    def open_channel(self, channel_id: str, backend: str, device: str = "") -> tuple[str, int]:
-        """The OpenChannel call, for planes with channels: start the receiving end, return where the
-        sender meets it. `device`: the sender's (`channel.device_identity`)."""
+    def open_channel(self, channel_id: str, backend: str, device: str = "", rank: int = 0) -> tuple[str, int]:
+        """The OpenChannel call, for planes with channels: start the receiving end (on tensor-parallel rank
+        `rank`), return where the sender meets it. `device`: the sender's (`channel.device_identity`)."""
         raise MalformedTransfer(f"the {backend} backend opens no channels here")
 
     def close(self) -> None:  # noqa: B027 (optional: a plane that holds no resources)
@@ -166,6 +178,7 @@ class ReceiverPlane(ABC):
     def _received(self, nbytes: int) -> None:
         """Count bytes that arrived, before they are checked (`pdserve_kv_transfer_bytes_total`)."""
         metrics.TRANSFER_BYTES_TOTAL.inc(self.config.kv_transport, nbytes)
+        metrics.RANK_PAIR_BYTES.labels(self.config.kv_transport, "rank0", "0", "0").inc(nbytes)
 
 
 def _check_sum(chunk: pb.LayerChunk, ok: bool) -> None:
@@ -232,33 +245,71 @@ class _TorchLink(SenderLink):
         await loop.run_in_executor(self._executor, xfer.run, self.channel.send, part)
 
 
+class _RankedLink(SenderLink):
+    """Per-rank channels to a tensor-parallel receiver: `channels[r]` carries the KV heads `ranges[r]`."""
+
+    def __init__(self, channels: list[TorchChannel], ranges: list[tuple[int, int]],
+                 executor: concurrent.futures.Executor):
+        self.channels, self.ranges, self._executor = channels, ranges, executor
+        self.channel_id = channels[0].channel_id
+        self.rank_channel_ids = tuple(c.channel_id for c in channels)
+
+    async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool) -> AsyncIterator[Message]:
+        xfer = transfer_stream(kvs[0].device)
+        loop = asyncio.get_running_loop()
+        with xfer.use():
+            whole = torch.stack(kvs)  # [layers, 2, tokens, every KV head, head_dim]
+            parts = [whole[:, :, :, a:b].contiguous() for a, b in self.ranges]
+        algo = meta.checksum_algo = checksum_algo(whole)
+        meta.rank_checksums.extend(await loop.run_in_executor(
+            self._executor, xfer.run, lambda: [checksum(p, algo) for p in parts]))
+        meta.nbytes = whole.numel() * whole.element_size()
+        if corrupt:
+            with xfer.use():
+                parts[-1] = fi.corrupt_tensor(parts[-1])
+        yield pb.PushMessage(chunk=meta)  # first: the receiver's ranks post their recvs when it reads this
+        # all at once: each receiver rank waits on its own channel, in one op of its group
+        await asyncio.gather(*(loop.run_in_executor(self._executor, xfer.run, ch.send, part)
+                               for ch, part in zip(self.channels, parts, strict=True)))
+
+
 class TorchSender(SenderPlane):
     def __init__(self, config: KVTransferConfig, *, device: torch.device, worker_id: str):
         super().__init__(config, device=device, worker_id=worker_id)
         self.channels = ChannelTable(config.max_channels)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._ranks: dict[str, int] = {}  # address -> how many of its ranks have channels
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, config.max_channels),
                                                                thread_name_prefix="kv-send")
 
     @contextlib.asynccontextmanager
     async def link(self, peer: Peer, metadata: tuple) -> AsyncIterator[SenderLink]:
         async with self._locks.setdefault(peer.address, asyncio.Lock()):  # sends and recvs match by order
-            channel = await self._channel(peer, metadata)
+            layout = peer.layout
+            if self.config.per_rank_channels and layout is not None and layout.tp_size > 1:
+                channels = [await self._channel(peer, metadata, r) for r in range(layout.tp_size)]
+                link: SenderLink = _RankedLink(channels, list(layout.kv_heads), self._executor)
+            else:  # one channel, to the receiver's rank 0 (which scatters the heads to its ranks, if it has any)
+                channels = [await self._channel(peer, metadata)]
+                link = _TorchLink(channels[0], self._executor)
             try:
-                yield _TorchLink(channel, self._executor)
+                yield link
             except BaseException:
-                channel.close()  # a send may be half done: the channel's state is unknown
+                for channel in channels:
+                    channel.close()  # a send may be half done: the channel's state is unknown
                 raise
 
     def forget(self, address: str) -> None:
-        self.channels.pop(address)
+        for r in range(self._ranks.pop(address, 1)):
+            self.channels.pop(_channel_key(address, r))
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.channels.close_all()
 
-    async def _channel(self, peer: Peer, metadata: tuple) -> TorchChannel:
-        ch = self.channels.get(peer.address)
+    async def _channel(self, peer: Peer, metadata: tuple, rank: int = 0) -> TorchChannel:
+        key = _channel_key(peer.address, rank)
+        ch = self.channels.get(key)
         if ch is not None:
             return ch
         if not self.channels.make_room():
@@ -266,7 +317,8 @@ class TorchSender(SenderPlane):
         channel_id = f"{self.worker_id}-{uuid.uuid4().hex[:12]}"
         backend = backend_for(self.device)
         try:
-            req = pb.OpenChannelRequest(channel_id=channel_id, backend=backend, device=device_identity(self.device))
+            req = pb.OpenChannelRequest(channel_id=channel_id, backend=backend, device=device_identity(self.device),
+                                        rank=rank)
             resp = await peer.stub.OpenChannel(req, timeout=self.config.rpc_timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e) from None
@@ -278,8 +330,13 @@ class TorchSender(SenderPlane):
             return TorchChannel(channel_id, create_group(store, channel_id, SENDER_RANK, backend, t, host), backend, t)
 
         ch = await asyncio.get_running_loop().run_in_executor(self._executor, build)
-        self.channels.put(peer.address, ch)
+        self.channels.put(key, ch)
+        self._ranks[peer.address] = max(self._ranks.get(peer.address, 1), rank + 1)
         return ch
+
+
+def _channel_key(address: str, rank: int) -> str:
+    return address if rank == 0 else f"{address}#rank{rank}"
 
 
 class _TorchReceiveLink(ReceiverLink):
@@ -312,6 +369,31 @@ class _TorchReceiveLink(ReceiverLink):
         self.channel.retire(now=sender_gone)
 
 
+class _RankedReceiveLink(ReceiverLink):
+    """A push on per-rank channels: every rank of this (tensor-parallel) worker receives its heads on its own."""
+
+    in_place = True
+
+    def __init__(self, plane: TorchReceiver, channel: TorchChannel, channel_ids: list[str]):
+        self.plane, self.channel, self.channel_ids = plane, channel, channel_ids
+
+    async def chunk_kv(self, chunk: pb.LayerChunk, num_layers: int, next_message: NextMessage) -> torch.Tensor:
+        raise MalformedTransfer("a push on per-rank channels is written in place")
+
+    async def write_chunk(self, chunk: pb.LayerChunk, num_layers: int, slots: torch.Tensor) -> None:
+        if len(chunk.rank_checksums) != len(self.channel_ids):
+            raise MalformedTransfer(f"{len(chunk.rank_checksums)} rank checksums for {len(self.channel_ids)} ranks")
+        plane = self.plane
+        await asyncio.get_running_loop().run_in_executor(
+            plane.executor, plane.ranks.receive, self.channel, self.channel_ids, chunk.layer, num_layers,
+            chunk.num_tokens, slots, chunk.checksum_algo, list(chunk.rank_checksums), plane.config.kv_transport)
+        metrics.TRANSFER_BYTES_TOTAL.inc(plane.config.kv_transport, chunk.nbytes)
+
+    def abandon(self, sender_gone: bool) -> None:
+        self.channel.retire(now=sender_gone)
+        self.plane.ranks.close(self.channel_ids[1:])
+
+
 class TorchReceiver(ReceiverPlane):
     def __init__(self, pool: KVPool, config: KVTransferConfig):
         super().__init__(pool, config)
@@ -321,32 +403,54 @@ class TorchReceiver(ReceiverPlane):
         self._pending: dict[str, concurrent.futures.Future] = {}  # channel id -> its group being built
         self._store: dist.TCPStore | None = None
         self.device = device_identity(pool.kv.device)
+        # a tensor-parallel pool (`engine.parallel.ShardedKVCache`): its ranks can take channels of their own
+        self.ranks = RankKeys(pool.kv) if hasattr(pool.kv, "extension") else None
+        self._companions: dict[str, list[str]] = {}  # rank 0's channel id -> its ranks' channels of one sender
 
     async def attach(self, header: pb.TransferHeader) -> ReceiverLink:
-        channel_id = header.channel_id
+        ch = await self._own_channel(header.channel_id)
+        ids = list(header.rank_channel_ids)
+        if not ids:
+            return _TorchReceiveLink(self, ch)
+        if (self.ranks is None or ids[0] != header.channel_id or len(ids) != self.pool.layout.tp_size
+                or any(self.ranks.keys.get(c, (0,))[0] != r for r, c in enumerate(ids) if r)):
+            raise PeerUnavailable(f"per-rank channels {ids} are not this worker's ranks' open channels")
+        self._companions[ids[0]] = ids[1:]
+        return _RankedReceiveLink(self, ch, ids)
+
+    async def _own_channel(self, channel_id: str) -> TorchChannel:
         fut = self._pending.get(channel_id)
         if fut is not None:
             try:
-                return _TorchReceiveLink(self, await asyncio.wrap_future(fut))
+                return await asyncio.wrap_future(fut)
             except Exception as e:
                 raise PeerUnavailable(f"channel {channel_id} never connected: {e}") from e
         ch = self.channels.get(channel_id)
         if ch is None:
             raise PeerUnavailable(f"no open channel {channel_id!r}")
-        return _TorchReceiveLink(self, ch)
+        return ch
 
-    def open_channel(self, channel_id: str, backend: str, device: str = "") -> tuple[str, int]:
+    def open_channel(self, channel_id: str, backend: str, device: str = "", rank: int = 0) -> tuple[str, int]:
         """Start the receiving end of a channel (its group is built on a worker thread, as joining
-        blocks until the sender joins); returns the store address the sender rendezvouses at."""
+        blocks until the sender joins; on rank `rank` of a tensor-parallel worker, through an op of its
+        group: `ranks`); returns the store address the sender rendezvouses at."""
         if backend != backend_for(self.pool.kv.device):
             raise MalformedTransfer(f"backend {backend} cannot reach a pool on {self.pool.kv.device}")
         check_distinct_devices(device, self.device)
+        if rank and (self.ranks is None or rank >= self.pool.layout.tp_size):
+            raise MalformedTransfer(f"this worker has no tensor-parallel rank {rank} to take a channel")
         if not self.channels.make_room():
             raise KVTransferError(f"all {self.config.max_channels} channels are busy")
         if self._store is None:
             self._store = listening_store(self.config.host, self.config.channel_timeout_s)
         store, t = self._store, self.config.channel_timeout_s
         host = advertised_host(self.config.host)  # what the peer dials, and the interface gloo binds
+        if self.ranks is not None:  # the ranks' ends of channels whose rank-0 end is gone (evicted, failed)
+            for cid in [c for c in self._companions if not self.channels.has(c)]:
+                self.ranks.close(self._companions.pop(cid))
+        if rank:
+            self.ranks.open(rank, channel_id, host, store.port, backend, t)
+            return host, store.port
 
         def build() -> TorchChannel:
             ch = TorchChannel(channel_id, create_group(store, channel_id, RECEIVER_RANK, backend, t, host), backend, t)

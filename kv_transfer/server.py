@@ -223,9 +223,9 @@ class KVReceiver:
         """The receiving half of the plane a push's header names (`MalformedTransfer` if none)."""
         return self.planes[data_plane.for_wire(wire_name).wire_name]
 
-    def open_channel(self, channel_id: str, backend: str, device: str = "") -> tuple[str, int]:
+    def open_channel(self, channel_id: str, backend: str, device: str = "", rank: int = 0) -> tuple[str, int]:
         """The OpenChannel call (on the loop thread), answered by the plane with `backend` channels."""
-        return self.planes[data_plane.for_backend(backend).wire_name].open_channel(channel_id, backend, device)
+        return self.planes[data_plane.for_backend(backend).wire_name].open_channel(channel_id, backend, device, rank)
 
 
 def _failed(e: BaseException) -> concurrent.futures.Future:
@@ -288,7 +288,7 @@ class _Servicer:
 
     async def OpenChannel(self, request, context):
         try:
-            host, port = self.rx.open_channel(request.channel_id, request.backend, request.device)
+            host, port = self.rx.open_channel(request.channel_id, request.backend, request.device, request.rank)
         except KVTransferError as e:
             await _abort(context, e)
         return pb.OpenChannelResponse(store_host=host, store_port=port,
@@ -321,8 +321,12 @@ class _Servicer:
                     c = msg.chunk
                     nl = c.num_layers or 1
                     table.check_chunk(r, c.layer, nl, c.token_start, c.num_tokens, c.nbytes)
-                    kv = await link.chunk_kv(c, nl, next_message)
-                    table.write(r, c.layer, c.token_start, kv)
+                    if link.in_place:  # the plane writes into the reserved blocks itself (per-rank channels)
+                        await link.write_chunk(c, nl, r.slots(rx.pool)[c.token_start:c.token_start + c.num_tokens])
+                        table.written(r, c.layer, nl, c.num_tokens, c.nbytes)
+                    else:
+                        kv = await link.chunk_kv(c, nl, next_message)
+                        table.write(r, c.layer, c.token_start, kv)
                     nbytes += c.nbytes
                     if not timings.first_byte:
                         timings.first_byte = time.perf_counter() - opened

@@ -16,6 +16,7 @@ from pdserve.engine.config import ParallelConfig, PdserveConfig, TensorParallelE
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.parallel import TPGroup, TPRank, check_parallel, tp_store
 from pdserve.engine.sampling import SamplingParams
+from pdserve.kv_transfer.ranks import RankChannels
 from tests.helpers import EXACT, GREEDY, check_no_leak, prompts
 
 
@@ -36,6 +37,7 @@ class TPEngine:
         def run(r: int) -> None:
             try:
                 rank = TPRank(config, config.model.model, TPGroup(r, size, torch.device("cpu"), "127.0.0.1", port, 60))
+                RankChannels.register(rank)  # as the rank actors do (`worker.tp`)
                 self.ranks.append(rank)
                 rank.serve()
             except BaseException as e:  # noqa: BLE001 (reported by close)
@@ -152,3 +154,70 @@ def test_tp_bf16_runs_the_fused_ops_on_local_heads(tiny_model_dir, make_engine, 
     engine = tp_engine(_config(tiny_model_dir, **sections), 2)
     assert (engine.model.model.fused is not None) == (engine.attention.fused_ops is not None)
     assert [o.output_token_ids for o in engine.generate(prompts(), first)] == want
+
+
+def _rank_pair_bytes(transport: str) -> dict[tuple[str, str, str], float]:
+    """`pdserve_kv_transfer_rank_pair_bytes` by (path, sender rank, receiver rank), for `transport`."""
+    from prometheus_client import REGISTRY
+
+    return {(s.labels["path"], s.labels["src_rank"], s.labels["dst_rank"]): s.value
+            for m in REGISTRY.collect() if m.name == "pdserve_kv_transfer_rank_pair_bytes"
+            for s in m.samples if s.name.endswith("_total") and s.labels["transport"] == transport}
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp", "transport", "per_rank"),
+                         [(1, 2, "nccl", True), (2, 1, "nccl", True), (2, 2, "nccl", True), (1, 2, "grpc", True),
+                          (1, 2, "nccl", False)])
+def test_kv_transfer_between_tp_sizes(tiny_model_dir, make_engine, tp_engine, prefill_tp, decode_tp, transport,
+                                      per_rank):
+    """A prefill engine with one TP size ships every prompt's KV (real KVSender -> KVReceiver over gRPC, bytes on
+    gloo channels for `nccl`) to a decode engine with another; decoding from it is greedy-equal to the TP=1 engine
+    alone, and every block comes back on both sides. To a TP=2 decode engine over `nccl`, each decode rank receives
+    its own KV head on a channel of its own (per_rank: counted per rank pair, nothing through rank 0's scatter);
+    over grpc, with `per_rank_channels` off, and to a TP=1 decode engine, every byte arrives at rank 0 (the fallback
+    path, labelled rank0)."""
+    import queue
+
+    from pdserve.kv_transfer import KVPool, KVReceiver, KVSender, LayerStream
+
+    kv_cfg = {"kv_transport": transport, "per_rank_channels": per_rank}
+    want = _greedy(make_engine(tiny_model_dir))
+
+    def engine(tp: int) -> LLMEngine:
+        return tp_engine(_config(tiny_model_dir, kv_transfer=kv_cfg), tp) if tp > 1 else \
+            make_engine(tiny_model_dir, kv_transfer=kv_cfg)
+
+    pre, dec = engine(prefill_tp), engine(decode_tp)
+    got: queue.Queue = queue.Queue()
+    rx = KVReceiver(KVPool.from_engine(dec), dec.config.kv_transfer, got.put).start()
+    pool = KVPool.from_engine(pre)
+    tx = KVSender(pre.config.kv_transfer, pool.fingerprint, layout=pool.layout)
+    before = _rank_pair_bytes(transport)
+    try:
+        assert tx.pair(rx.address).layout.tp_size == decode_tp
+        futs = []
+        for i, prompt in enumerate(prompts()):  # every prompt's prefill in one step: slices of one gathered layer
+            tx.reserve(rx.address, f"r{i}", len(prompt))
+            stream = LayerStream(f"r{i}", len(prompt))
+            futs.append(tx.push(rx.address, stream))
+            pre.add_request(f"r{i}", prompt, GREEDY, kv_sink=stream)
+        while pre.has_unfinished():
+            pre.step()
+        total = sum(f.result(30).bytes for f in futs)
+        received = sorted((got.get(timeout=10) for _ in futs), key=lambda r: int(r.request_id[1:]))
+        for r in received:
+            dec.add_received_request(r.request_id, r, GREEDY)
+        outs: dict[str, list[int]] = {}
+        while dec.has_unfinished():
+            outs.update({o.request_id: o.output_token_ids for o in dec.step() if o.finished})
+    finally:
+        tx.close()
+        rx.stop()
+    assert [outs[f"r{i}"] for i in range(len(want))] == want
+    moved = {k: v - before.get(k, 0.0) for k, v in _rank_pair_bytes(transport).items() if v != before.get(k, 0.0)}
+    if decode_tp > 1 and transport == "nccl" and per_rank:  # each rank its KV head: half the bytes, none via rank 0
+        assert moved == {("per_rank", "0", "0"): total / 2, ("per_rank", "0", "1"): total / 2}
+    else:
+        assert moved == {("rank0", "0", "0"): total}
+    check_no_leak(pre)
+    check_no_leak(dec)
