@@ -17,7 +17,7 @@ from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.parallel import TPGroup, TPRank, check_parallel, tp_store
 from pdserve.engine.sampling import SamplingParams
 from pdserve.kv_transfer.ranks import RankChannels
-from tests.helpers import EXACT, GREEDY, check_no_leak, prompts
+from tests.helpers import EXACT, GREEDY, check_no_leak, prompts, wait_for
 
 
 def _config(model_dir, **sections) -> PdserveConfig:
@@ -165,6 +165,24 @@ def _rank_pair_bytes(transport: str) -> dict[tuple[str, str, str], float]:
             for s in m.samples if s.name.endswith("_total") and s.labels["transport"] == transport}
 
 
+def _transfer_pair(model_dir, make_engine, tp_engine, prefill_tp: int, decode_tp: int, kv_cfg: dict):
+    """A prefill engine and a decode engine with these TP sizes, the decode one's KVReceiver (committed transfers
+    on the returned queue) and the prefill one's KVSender (its layout from the engine)."""
+    import queue
+
+    from pdserve.kv_transfer import KVPool, KVReceiver, KVSender
+
+    def engine(tp: int) -> LLMEngine:
+        return tp_engine(_config(model_dir, kv_transfer=kv_cfg), tp) if tp > 1 else \
+            make_engine(model_dir, kv_transfer=kv_cfg)
+
+    pre, dec = engine(prefill_tp), engine(decode_tp)
+    got: queue.Queue = queue.Queue()
+    rx = KVReceiver(KVPool.from_engine(dec), dec.config.kv_transfer, got.put).start()
+    pool = KVPool.from_engine(pre)
+    return pre, dec, rx, KVSender(pre.config.kv_transfer, pool.fingerprint, layout=pool.layout), got
+
+
 @pytest.mark.parametrize(("prefill_tp", "decode_tp", "transport", "per_rank"),
                          [(1, 2, "nccl", True), (2, 1, "nccl", True), (2, 2, "nccl", True), (1, 2, "grpc", True),
                           (1, 2, "nccl", False)])
@@ -176,22 +194,11 @@ def test_kv_transfer_between_tp_sizes(tiny_model_dir, make_engine, tp_engine, pr
     its own KV head on a channel of its own (per_rank: counted per rank pair, nothing through rank 0's scatter);
     over grpc, with `per_rank_channels` off, and to a TP=1 decode engine, every byte arrives at rank 0 (the fallback
     path, labelled rank0)."""
-    import queue
-
-    from pdserve.kv_transfer import KVPool, KVReceiver, KVSender, LayerStream
+    from pdserve.kv_transfer import LayerStream
 
     kv_cfg = {"kv_transport": transport, "per_rank_channels": per_rank}
     want = _greedy(make_engine(tiny_model_dir))
-
-    def engine(tp: int) -> LLMEngine:
-        return tp_engine(_config(tiny_model_dir, kv_transfer=kv_cfg), tp) if tp > 1 else \
-            make_engine(tiny_model_dir, kv_transfer=kv_cfg)
-
-    pre, dec = engine(prefill_tp), engine(decode_tp)
-    got: queue.Queue = queue.Queue()
-    rx = KVReceiver(KVPool.from_engine(dec), dec.config.kv_transfer, got.put).start()
-    pool = KVPool.from_engine(pre)
-    tx = KVSender(pre.config.kv_transfer, pool.fingerprint, layout=pool.layout)
+    pre, dec, rx, tx, got = _transfer_pair(tiny_model_dir, make_engine, tp_engine, prefill_tp, decode_tp, kv_cfg)
     before = _rank_pair_bytes(transport)
     try:
         assert tx.pair(rx.address).layout.tp_size == decode_tp
@@ -219,5 +226,48 @@ def test_kv_transfer_between_tp_sizes(tiny_model_dir, make_engine, tp_engine, pr
         assert moved == {("per_rank", "0", "0"): total / 2, ("per_rank", "0", "1"): total / 2}
     else:
         assert moved == {("rank0", "0", "0"): total}
+    check_no_leak(pre)
+    check_no_leak(dec)
+
+
+def test_a_corrupt_part_on_a_per_rank_channel_fails_its_push_and_frees_every_block(tiny_model_dir, make_engine,
+                                                                                   tp_engine):
+    """The sender flips a byte of the last decode rank's part after checksumming it: that rank's checksum, gathered
+    to rank 0, fails the push (`ChecksumMismatch`), the reservation is released (the blocks the ranks wrote are never
+    read), the channels of that push are closed on both sides, and the next push opens fresh ones and decodes what
+    the TP=1 engine does."""
+    from pdserve.engine.config import FaultConfig
+    from pdserve.kv_transfer import ChecksumMismatch, LayerStream
+
+    prompt = prompts()[2]
+    want = make_engine(tiny_model_dir).generate([prompt], GREEDY)[0].output_token_ids
+    pre, dec, rx, tx, got = _transfer_pair(tiny_model_dir, make_engine, tp_engine, 1, 2, {"kv_transport": "nccl"})
+
+    def push(rid: str):
+        tx.reserve(rx.address, rid, len(prompt))
+        stream = LayerStream(rid, len(prompt))
+        fut = tx.push(rx.address, stream)
+        pre.add_request(rid, prompt, GREEDY, kv_sink=stream)
+        while pre.has_unfinished():
+            pre.step()
+        return fut
+
+    try:
+        tx.faults = FaultConfig(transfer_corrupt_rate=1.0)
+        with pytest.raises(ChecksumMismatch, match="rank 1's part"):
+            push("bad").result(30)
+        wait_for(lambda: dec.block_manager.num_free_blocks == dec.block_manager.num_blocks, 10, "blocks back")
+        assert rx.state_of("bad") == "released"
+        tx.faults = None
+        push("good").result(30)
+        received = got.get(timeout=10)
+        dec.add_received_request("good", received, GREEDY)
+        out = None
+        while dec.has_unfinished():
+            out = next((o for o in dec.step() if o.finished), out)
+        assert out.output_token_ids == want
+    finally:
+        tx.close()
+        rx.stop()
     check_no_leak(pre)
     check_no_leak(dec)

@@ -2,8 +2,8 @@
 one STRICT_PACK placement group (the worker actor is rank 0, its other ranks are actors in the same group).
 Greedy output equals the bare TP=1 engine's in colocated mode and across KV transfer between different
 prefill and decode TP sizes (1 -> 2 over gRPC and over the nccl transport's per-rank gloo channels, 2 -> 1 over
-its gloo channel, 2 -> 2; KV shipped layer by layer and after the forward pass); every KV block comes back; a dead rank fails its
-worker, which is replaced; stopping the server removes the placement groups."""
+its gloo channel, 2 -> 2; KV shipped layer by layer and after the forward pass); every KV block comes back; a
+dead rank fails its worker, which is replaced; stopping the server removes the placement groups."""
 
 from __future__ import annotations
 
