@@ -9,7 +9,7 @@ only thing that differs (`LayerChunk.data` inline, or out of band on a
 `channel.TorchChannel`): one interface with one class per transport in
 `data_plane`, so another one (RDMA: NIXL, Mooncake) slots in there.
 
-Protocol: Pair (compare fingerprints, once per peer) -> Reserve (decode side
+Protocol: Pair (compare fingerprints and tensor-parallel layouts, once per peer) -> Reserve (decode side
 allocates blocks under a lease, or refuses: `ReservationRefused`, nothing is
 sent; a decode worker reserves locally with `KVReceiver.reserve_future` when a
 request opens on it, and the prefill side pushes into that reservation with no
