@@ -133,6 +133,11 @@ class LLMEngine:
         self.attention = attach_attention(model, config.engine.attention_backend, cc.block_size, self.device,
                                           self.dtype, self.max_model_len, tensor_parallel=self.tp is not None)
         self.model = model if self.tp is None else TPModel(model, arch, self.tp, model.shard)
+        # Shipped KV stays on each rank, which sends its own heads on the KV plane's per-rank channels
+        # (`kv_transfer.ranks`), instead of being gathered to rank 0
+        kt = config.kv_transfer
+        self.per_rank_kv = self.tp is not None and kt.kv_transport == "nccl" and kt.per_rank_channels
+        self._shipment = None  # this step's (`engine.parallel.Shipment`), with `per_rank_kv`
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)
         self.transfer = transfer_stream(self.device)  # KV shipped to other engines is copied on it
@@ -443,8 +448,14 @@ class LLMEngine:
             if layerwise:
                 self._ship_layer(ship, i)
 
-        # tensor parallelism: the KV to ship is gathered from every rank as the layers complete
-        tp_ship = {"ship_slots": torch.cat([slots for _, slots in ship])} if ship and self.tp is not None else {}
+        # tensor parallelism: the KV to ship is gathered from every rank as the layers complete, or with per-rank
+        # KV channels staged on every rank (its own heads), each rank sending its own (`Shipment`)
+        tp_ship = {}
+        if ship and self.tp is not None:
+            tp_ship["ship_slots"] = torch.cat([slots for _, slots in ship])
+            self._shipment = self.model.shipment(len(ship)) if self.per_rank_kv else None
+            if self._shipment is not None:
+                tp_ship["ship_id"] = self._shipment.ship_id
         hidden = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta,
                                     self.kv.k, self.kv.v, on_layer=on_layer, **tp_ship)
         if ship and not layerwise:
@@ -525,10 +536,12 @@ class LLMEngine:
         compute stream has written it (`engine.streams`: on CUDA the host waits for nothing here; the sender
         waits for the layer's event, once, on its own thread). Staged in pinned host memory for the grpc
         transport, kept on the device for nccl."""
-        if self.tp is not None:  # every rank's heads, gathered during the forward pass (`TPModel.forward`)
-            kv, start = self.kv.shipped.pop(layer), 0
+        if self.tp is not None:  # every rank's heads, gathered during the forward pass (`TPModel.forward`),
+            kv, start = self.kv.shipped.pop(layer), 0  # or this rank's, the others staged on their ranks
+            shipment = self._shipment
             for sink, slots in ship:
-                sink.put_layer(layer, kv[:, start:start + len(slots)].contiguous())
+                staged = {"staged": (shipment, start)} if shipment is not None else {}
+                sink.put_layer(layer, kv[:, start:start + len(slots)].contiguous(), **staged)
                 start += len(slots)
             return
         xfer = self.transfer

@@ -20,7 +20,10 @@ operation that touches the KV cache or runs the model is one *op*, sent as three
 header, one byte payload of all its tensors, `_pack`), whatever the number of tensors:
   * FORWARD: packed ids, positions, attention metadata (`engine.attention.AttentionMetadata`: plain tensors;
     each rank's model runs it through its own attention backend, built for its heads) and the slots whose
-    KV is shipped to a decode worker this step (gathered to rank 0 layer by layer);
+    KV is shipped to a decode worker this step: gathered to rank 0 layer by layer, or, with a shipment id
+    (per-rank KV channels: `Shipment`), copied by every rank, its own heads, into its `staged` KV, which the
+    KV plane sends from each rank itself (extension ops) until DROP frees it;
+  * DROP: a shipment's staged KV is no longer needed (every stream shipping from it is done);
   * SWAP: block pairs between a rank's device pool and its CPU swap pool;
   * WRITE: one layer of KV a transfer brought in (rank 0 scatters the heads: each rank gets its own);
   * READ: a sequence's KV, every rank's heads gathered to rank 0 (`export`);
@@ -54,7 +57,7 @@ from pdserve.engine.kv_cache import PagedKVCache
 
 logger = logging.getLogger(__name__)
 
-OP_FORWARD, OP_SWAP, OP_WRITE, OP_READ, OP_STOP, OP_EXTENSION = range(6)
+OP_FORWARD, OP_SWAP, OP_WRITE, OP_READ, OP_STOP, OP_EXTENSION, OP_DROP = range(7)
 IDLE_WAIT = datetime.timedelta(days=3650)  # a rank waiting for the next op: no deadline (rank 0 may idle)
 
 
@@ -387,7 +390,21 @@ class ShardedKVCache(PagedKVCache):
     def __init__(self, tp: TPGroup, shard: Shard, pool_id: int, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.tp, self.shard, self.pool_id = tp, shard, pool_id
-        self.shipped: dict[int, torch.Tensor] = {}  # layer -> all heads' KV shipped this step (`TPModel`)
+        # layer -> the KV shipped this step (`TPModel`): every head (gathered), or this rank's (a shipment)
+        self.shipped: dict[int, torch.Tensor] = {}
+        self._drops: list[int] = []  # shipments released since the last op (sent with the next forward)
+        self._drops_lock = threading.Lock()
+
+    def drop_later(self, ship_id: int) -> None:
+        """Free shipment `ship_id`'s staged KV on every rank, with the next forward pass (from any thread, at
+        once: a sender's loop must not wait for the group's lock)."""
+        with self._drops_lock:
+            self._drops.append(ship_id)
+
+    def take_drops(self) -> list[int]:
+        with self._drops_lock:
+            drops, self._drops = self._drops, []
+        return drops
 
     def copy_blocks_to(self, dst: PagedKVCache, pairs: list[tuple[int, int]]) -> None:
         with self.tp.lock:
@@ -423,6 +440,23 @@ def _read(kv: PagedKVCache, layer: int, slots: torch.Tensor) -> torch.Tensor:
     return torch.stack([kv.k[layer].index_select(0, slots), kv.v[layer].index_select(0, slots)])
 
 
+class Shipment:
+    """One forward pass's shipped KV, held by every rank (its own heads: rank 0 in the streams' layers, the others
+    in their `staged`) for the KV plane's per-rank channels, until each of the `users` streams shipping from it
+    has released it; then the ranks drop theirs (`ShardedKVCache.drop_later`)."""
+
+    def __init__(self, kv: ShardedKVCache, ship_id: int, users: int):
+        self.kv, self.ship_id, self.users = kv, ship_id, users
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            self.users -= 1
+            last = self.users == 0
+        if last:
+            self.kv.drop_later(self.ship_id)
+
+
 class TPModel:
     """Rank 0's model: each forward pass is broadcast to the other ranks first, then run here in step with
     them (the row-parallel layers' all-reduces). `arch` is the whole model's, `shard_arch` this rank's."""
@@ -431,6 +465,12 @@ class TPModel:
         self.model, self.arch, self.tp, self.shard = model, arch, tp, shard
         self.shard_arch = model.arch
         self.kv: ShardedKVCache | None = None  # set by the engine once its pool exists
+        self._ship_ids = 0
+
+    def shipment(self, users: int) -> Shipment:
+        """A new shipment id for the next forward pass's shipped KV, staged on every rank (`forward(ship_id=)`)."""
+        self._ship_ids += 1
+        return Shipment(self.kv, self._ship_ids, users)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden)
@@ -438,19 +478,24 @@ class TPModel:
     def use_fused_ops(self, ops) -> None:
         self.model.use_fused_ops(ops)
 
-    def forward(self, input_ids, positions, meta, kv_k, kv_v, on_layer=None, ship_slots=None) -> torch.Tensor:
-        """As `LlamaModel.forward`; `ship_slots`: the slots whose KV (all heads) is gathered from every rank
-        as each layer completes, into `kv.shipped[layer]`, before `on_layer(layer)`."""
+    def forward(self, input_ids, positions, meta, kv_k, kv_v, on_layer=None, ship_slots=None,
+                ship_id: int = 0) -> torch.Tensor:
+        """As `LlamaModel.forward`; `ship_slots`: the slots whose KV is put in `kv.shipped[layer]` as each layer
+        completes, before `on_layer(layer)`: every head, gathered from every rank; with `ship_id` (a `Shipment`'s)
+        this rank's heads only, every other rank keeping its own in its `staged[ship_id]`."""
         kv = self.kv
 
         def hook(i: int) -> None:
             if ship_slots is not None:
-                kv.shipped[i] = self.tp.gather_heads(self.shard, _read(kv, i, ship_slots))
+                local = _read(kv, i, ship_slots)
+                kv.shipped[i] = local if ship_id else self.tp.gather_heads(self.shard, local)
             if on_layer is not None:
                 on_layer(i)
 
         with self.tp.lock:
-            self.tp.send(OP_FORWARD, [input_ids, positions, ship_slots, meta_items(meta)])
+            for sid in kv.take_drops() if kv is not None else ():
+                self.tp.send(OP_DROP, [sid])
+            self.tp.send(OP_FORWARD, [input_ids, positions, ship_slots, ship_id, meta_items(meta)])
             return self.model.forward(input_ids, positions, meta, kv_k, kv_v, on_layer=hook)
 
     def stop(self) -> None:
@@ -484,6 +529,7 @@ class TPRank:
         self.kv = self.swap_kv = None
         # extension id -> handler(rank, items), for OP_EXTENSION: registered by the layer that sends them
         self.extensions: dict[int, Callable[[TPRank, list], None]] = {}
+        self.staged: dict[int, dict[int, torch.Tensor]] = {}  # shipment id -> layer -> this rank's heads' KV
 
     def serve(self) -> None:
         """Build the KV pools rank 0 sized, then run ops until STOP (or a failure, which is raised)."""
@@ -515,14 +561,20 @@ class TPRank:
                     self.tp.gather(_read(pools[pool], layer, slots))
             elif op == OP_EXTENSION and items[0] in self.extensions:
                 self.extensions[items[0]](self, items[1:])
+            elif op == OP_DROP:
+                self.staged.pop(items[0], None)
             else:
                 raise TensorParallelFailure(f"unknown op {op}")
 
-    def _forward(self, ids, positions, ship_slots, meta_fields) -> None:
+    def _forward(self, ids, positions, ship_slots, ship_id, meta_fields) -> None:
         meta = meta_from_items(self._meta_cls, meta_fields)
 
         def hook(i: int) -> None:
-            if ship_slots is not None:
+            if ship_slots is None:
+                return
+            if ship_id:
+                self.staged.setdefault(ship_id, {})[i] = _read(self.kv, i, ship_slots)
+            else:
                 self.tp.gather(_read(self.kv, i, ship_slots))
 
         self.model.forward(ids, positions, meta, self.kv.k, self.kv.v, on_layer=hook)

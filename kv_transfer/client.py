@@ -78,9 +78,11 @@ class KVSender:
     with a fresh RNG seeded from the new config."""
 
     def __init__(self, config: KVTransferConfig, fingerprint: Fingerprint, *, worker_id: str | None = None,
-                 device=None, faults: FaultConfig | None = None, layout: KVLayout | None = None):
+                 device=None, faults: FaultConfig | None = None, layout: KVLayout | None = None, ranks=None):
         """`layout`: how this worker's tensor-parallel ranks hold the KV heads (`pool.engine_layout`); one rank
-        holding them all by default. Pairing refuses a peer whose layout does not tile the same heads."""
+        holding them all by default. Pairing refuses a peer whose layout does not tile the same heads. `ranks`:
+        with per-rank channels, its other ranks' channel ends (`ranks.RankKeys` over the engine's pool), from
+        which they send the KV they staged themselves."""
         if torch.device(device or "cpu").type == "cpu":
             keep_freed_memory()  # chunk buffers are reused from the heap instead of mmapped afresh
         self.config = config
@@ -90,7 +92,8 @@ class KVSender:
         self.worker_id = worker_id or f"prefill-{uuid.uuid4().hex[:8]}"
         self.device = torch.device(device or "cpu")
         plane = data_plane.for_transport(config.kv_transport)
-        self.plane = plane.sender(config, device=self.device, worker_id=self.worker_id)
+        self.plane = plane.sender(config, device=self.device, worker_id=self.worker_id, layout=self.layout,
+                                  ranks=ranks)
         self._wire_name = plane.wire_name  # names the plane in each push's header
         self._peers: dict[str, Peer] = {}
         self._pair_lock: asyncio.Lock | None = None
@@ -273,6 +276,7 @@ class KVSender:
             raise KVTransferError(f"transfer of {rid} failed on the sending side: {e}") from e
         finally:
             self._calls.pop(rid, None)
+            source.close()  # what the stream's KV was staged in (a TP engine's ranks) may go
         t = resp.timings
         return TransferResult(rid, resp.bytes, time.perf_counter() - t0,
                               {"reserve": t.reserve, "first_byte": t.first_byte, "last_byte": t.last_byte,
@@ -307,7 +311,7 @@ class KVSender:
         async def _messages():
             yield pb.PushMessage(header=pb.TransferHeader(
                 request_id=source.request_id, fingerprint_digest=self.digest, num_tokens=source.num_tokens,
-                data_plane=self._wire_name, channel_id=link.channel_id, rank_channel_ids=link.rank_channel_ids))
+                data_plane=self._wire_name, channel_id=link.channel_id, rank_channels=link.rank_channels))
             async for batch in _chain(first, batches):
                 async for m in self._batch_messages(source, batch, link, peer, plan):
                     yield m
@@ -346,6 +350,7 @@ class KVSender:
                                         f"the transfer ships {shipped}")
         by_layer = {item.layer: item.kv for item in layers}
         ready = {item.layer: item.ready for item in layers}
+        staged = {item.layer: item.staged for item in layers}  # the other ranks' heads (per-rank channels)
         for run_start, count in _runs([item.layer for item in layers]):
             for layer, nl, s, e in plan_chunks(run_start, count, shipped, fp.bytes_per_token_layer, limit):
                 await _landed(ready[layer + nl - 1])  # its copies are in order: the last layer's covers the chunk
@@ -356,7 +361,9 @@ class KVSender:
                     continue
                 kvs = [by_layer[i][:, s:e] for i in range(layer, layer + nl)]
                 meta = pb.LayerChunk(layer=layer, num_layers=nl, token_start=start + s, num_tokens=e - s)
-                async for m in link.messages(kvs, meta, corrupt=fault == fi.CORRUPT):  # corrupt: after the checksum
+                at = {"staged": (staged[layer][0], staged[layer][1] + s)} if staged[layer] is not None else {}
+                # corrupt: after the checksum
+                async for m in link.messages(kvs, meta, corrupt=fault == fi.CORRUPT, **at):
                     yield m
 
     async def _release_quietly(self, address: str, request_id: str, reason: str) -> None:

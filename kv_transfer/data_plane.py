@@ -81,6 +81,7 @@ from pdserve.kv_transfer.channel import (
 )
 from pdserve.kv_transfer.errors import ChecksumMismatch, KVTransferError, MalformedTransfer, PeerUnavailable
 from pdserve.kv_transfer.protocol import (
+    KVLayout,
     advertised_host,
     bytes_checksum,
     checksum,
@@ -89,7 +90,7 @@ from pdserve.kv_transfer.protocol import (
     error_from_rpc,
     kv_from_bytes,
 )
-from pdserve.kv_transfer.ranks import RankKeys
+from pdserve.kv_transfer.ranks import RankKeys, Row
 from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
 
 if TYPE_CHECKING:
@@ -106,22 +107,29 @@ class SenderLink(ABC):
     """One push's way to its peer (held for the whole push)."""
 
     channel_id = ""  # for the TransferHeader: what the receiver's `attach` looks up
-    rank_channel_ids: tuple[str, ...] = ()  # per-rank channels (TransferHeader.rank_channel_ids)
+    rank_channels: tuple = ()  # per-rank channels (`TransferHeader.rank_channels`)
 
     @abstractmethod
-    def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool) -> AsyncIterator[Message]:
+    def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool,
+                 staged: tuple | None = None) -> AsyncIterator[Message]:
         """What one chunk puts on the Push stream: its `meta` (size and checksum filled in here),
         then anything else the chunk needs. `kvs` are the chunk's layers, each `[2, n, heads, dim]`;
-        `corrupt`: flip a byte after the checksum (fault injection)."""
+        `corrupt`: flip a byte after the checksum (fault injection); `staged`: a tensor-parallel sender's other
+        ranks hold the rest of the heads (`kvs` has rank 0's): (their `engine.parallel.Shipment`, the chunk's
+        first token in it)."""
 
 
 class SenderPlane(ABC):
-    """A `KVSender`'s half of a data plane."""
+    """A `KVSender`'s half of a data plane. `layout`: how the sender's ranks hold the KV heads; `ranks`: its other
+    ranks' channel ends (a tensor-parallel sender with per-rank channels, `ranks.RankKeys`)."""
 
-    def __init__(self, config: KVTransferConfig, *, device: torch.device, worker_id: str):
+    def __init__(self, config: KVTransferConfig, *, device: torch.device, worker_id: str,
+                 layout: KVLayout | None = None, ranks: RankKeys | None = None):
         self.config = config
         self.device = device
         self.worker_id = worker_id
+        self.layout = layout
+        self.ranks = ranks or RankKeys(None)
 
     @abstractmethod
     def link(self, peer: Peer, metadata: tuple) -> contextlib.AbstractAsyncContextManager[SenderLink]:
@@ -195,7 +203,8 @@ class InlineSender(SenderPlane, SenderLink):
     async def link(self, peer: Peer, metadata: tuple) -> AsyncIterator[SenderLink]:
         yield self
 
-    async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool) -> AsyncIterator[Message]:
+    async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool,
+                       staged: tuple | None = None) -> AsyncIterator[Message]:
         data, meta.nbytes, meta.checksum = encode_chunk_data(kvs)
         meta.checksum_algo = pb.CHECKSUM_ALGO_CRC32C
         if corrupt:
@@ -228,7 +237,8 @@ class _TorchLink(SenderLink):
         self.channel_id = channel.channel_id
         self._executor = executor
 
-    async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool) -> AsyncIterator[Message]:
+    async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool,
+                       staged: tuple | None = None) -> AsyncIterator[Message]:
         # On the transfer stream (`engine.streams`), as the send is: the checksum's host wait is for this
         # chunk's work alone, not for the compute stream's queue.
         xfer = transfer_stream(kvs[0].device)
@@ -246,82 +256,136 @@ class _TorchLink(SenderLink):
 
 
 class _RankedLink(SenderLink):
-    """Per-rank channels to a tensor-parallel receiver: `channels[r]` carries the KV heads `ranges[r]`."""
+    """Per-rank channels (`ranks`): one per (sender rank, receiver rank) pair whose KV heads intersect, each carrying
+    only those heads; rank 0's parts come from the stream, the other ranks' from what they staged."""
 
-    def __init__(self, channels: list[TorchChannel], ranges: list[tuple[int, int]],
+    def __init__(self, rows: list[Row], ranks: RankKeys, bytes_per_token_layer: int,
                  executor: concurrent.futures.Executor):
-        self.channels, self.ranges, self._executor = channels, ranges, executor
-        self.channel_id = channels[0].channel_id
-        self.rank_channel_ids = tuple(c.channel_id for c in channels)
+        self.rows, self.ranks, self._executor = rows, ranks, executor
+        self.bytes_per_token_layer = bytes_per_token_layer
+        self.channel_id = next(r.channel_id for r in rows if r.src == 0)
+        self.rank_channels = tuple(pb.RankChannel(src_rank=r.src, dst_rank=r.dst, first=r.first, end=r.end,
+                                                  channel_id=r.channel_id) for r in rows)
 
-    async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool) -> AsyncIterator[Message]:
+    async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool,
+                       staged: tuple | None = None) -> AsyncIterator[Message]:
         xfer = transfer_stream(kvs[0].device)
         loop = asyncio.get_running_loop()
+        num_layers, num_tokens = len(kvs), kvs[0].shape[1]
         with xfer.use():
-            whole = torch.stack(kvs)  # [layers, 2, tokens, every KV head, head_dim]
-            parts = [whole[:, :, :, a:b].contiguous() for a, b in self.ranges]
-        algo = meta.checksum_algo = checksum_algo(whole)
+            local = torch.stack(kvs)  # [layers, 2, tokens, rank 0's KV heads, head_dim]
+            own = [(e, local[:, :, :, r.a:r.b].contiguous()) for e, r in enumerate(self.rows) if r.src == 0]
+        if staged is None and any(r.src for r in self.rows):
+            raise MalformedTransfer("this worker's other ranks staged no KV for the stream (per-rank channels)")
+        shipment, start = staged if staged is not None else (None, 0)
+        algo = meta.checksum_algo = checksum_algo(local)
+        parts: dict[int, torch.Tensor] = {}
         meta.rank_checksums.extend(await loop.run_in_executor(
-            self._executor, xfer.run, lambda: [checksum(p, algo) for p in parts]))
-        meta.nbytes = whole.numel() * whole.element_size()
+            self._executor, xfer.run, self.ranks.prepare, self.rows, parts, own,
+            shipment.ship_id if shipment is not None else 0, meta.layer, num_layers, start, num_tokens, algo))
+        meta.nbytes = num_layers * num_tokens * self.bytes_per_token_layer  # every head once, as the receiver counts
         if corrupt:
+            e = own[-1][0]
             with xfer.use():
-                parts[-1] = fi.corrupt_tensor(parts[-1])
+                parts[e] = fi.corrupt_tensor(parts[e])
         yield pb.PushMessage(chunk=meta)  # first: the receiver's ranks post their recvs when it reads this
-        # all at once: each receiver rank waits on its own channel, in one op of its group
-        await asyncio.gather(*(loop.run_in_executor(self._executor, xfer.run, ch.send, part)
-                               for ch, part in zip(self.channels, parts, strict=True)))
+        await loop.run_in_executor(self._executor, xfer.run, self.ranks.send, self.rows, parts)
 
 
 class TorchSender(SenderPlane):
-    def __init__(self, config: KVTransferConfig, *, device: torch.device, worker_id: str):
-        super().__init__(config, device=device, worker_id=worker_id)
+    def __init__(self, config: KVTransferConfig, *, device: torch.device, worker_id: str,
+                 layout: KVLayout | None = None, ranks: RankKeys | None = None):
+        super().__init__(config, device=device, worker_id=worker_id, layout=layout, ranks=ranks)
         self.channels = ChannelTable(config.max_channels)
         self._locks: dict[str, asyncio.Lock] = {}
-        self._ranks: dict[str, int] = {}  # address -> how many of its ranks have channels
+        self._ranks: dict[str, int] = {}  # address -> how many of its ranks have channels from rank 0
+        self._remote: dict[tuple[str, int, int], tuple[str, int]] = {}  # (address, src, dst) -> (channel id, key)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, config.max_channels),
                                                                thread_name_prefix="kv-send")
 
     @contextlib.asynccontextmanager
     async def link(self, peer: Peer, metadata: tuple) -> AsyncIterator[SenderLink]:
         async with self._locks.setdefault(peer.address, asyncio.Lock()):  # sends and recvs match by order
-            layout = peer.layout
-            if self.config.per_rank_channels and layout is not None and layout.tp_size > 1:
-                channels = [await self._channel(peer, metadata, r) for r in range(layout.tp_size)]
-                link: SenderLink = _RankedLink(channels, list(layout.kv_heads), self._executor)
+            mine, theirs = self.layout, peer.layout
+            rows: list[Row] = []
+            if self.config.per_rank_channels and mine is not None and theirs is not None \
+                    and (mine.tp_size > 1 or theirs.tp_size > 1):
+                try:  # in (sender rank, receiver rank) order, as both sides use them
+                    for src, dst, first, end in mine.overlaps(theirs):
+                        rows.append(await self._row(peer, metadata, src, dst, first, end))
+                except BaseException:
+                    self._drop(peer.address, rows)
+                    raise
+                link: SenderLink = _RankedLink(rows, self.ranks, peer.fingerprint.bytes_per_token_layer,
+                                               self._executor)
             else:  # one channel, to the receiver's rank 0 (which scatters the heads to its ranks, if it has any)
-                channels = [await self._channel(peer, metadata)]
-                link = _TorchLink(channels[0], self._executor)
+                channel = await self._channel(peer, metadata)
+                rows = [Row(0, 0, 0, 0, channel=channel)]
+                link = _TorchLink(channel, self._executor)
             try:
                 yield link
             except BaseException:
-                for channel in channels:
-                    channel.close()  # a send may be half done: the channel's state is unknown
+                self._drop(peer.address, rows)  # a send may be half done: the channels' state is unknown
                 raise
+
+    async def _row(self, peer: Peer, metadata: tuple, src: int, dst: int, first: int, end: int) -> Row:
+        base = self.layout.kv_heads[src][0]
+        row = Row(src, dst, first - base, end - base, first, end)
+        if src == 0:
+            row.channel = await self._channel(peer, metadata, dst)
+            row.channel_id = row.channel.channel_id
+            return row
+        known = self._remote.get((peer.address, src, dst))
+        if known is None:
+            if self.ranks.tp is None:
+                raise MalformedTransfer(f"sender rank {src} is not one of this worker's ranks")
+            channel_id, resp = await self._open(peer, metadata, dst)
+            args = (src, channel_id, resp.store_host, resp.store_port, backend_for(self.device),
+                    self.config.channel_timeout_s, SENDER_RANK, advertised_host(self.config.host))
+            key = await asyncio.get_running_loop().run_in_executor(self._executor, self.ranks.open, *args)
+            known = self._remote[(peer.address, src, dst)] = (channel_id, key)
+        row.channel_id, row.key = known
+        return row
+
+    def _drop(self, address: str, rows: list[Row]) -> None:
+        """Close a failed push's channels, rank 0's and the other ranks' (the next push opens fresh ones)."""
+        for r in rows:
+            if r.channel is not None:
+                r.channel.close()
+            elif r.src:
+                self._remote.pop((address, r.src, r.dst), None)
+        self.ranks.close([r.channel_id for r in rows if r.src])
 
     def forget(self, address: str) -> None:
         for r in range(self._ranks.pop(address, 1)):
             self.channels.pop(_channel_key(address, r))
+        gone = [k for k in self._remote if k[0] == address]
+        self.ranks.close([self._remote.pop(k)[0] for k in gone])
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.channels.close_all()
 
+    async def _open(self, peer: Peer, metadata: tuple, rank: int) -> tuple[str, pb.OpenChannelResponse]:
+        """OpenChannel: the receiver's rank `rank` starts its end of a new channel; (its id, where to meet)."""
+        channel_id = f"{self.worker_id}-{uuid.uuid4().hex[:12]}"
+        try:
+            req = pb.OpenChannelRequest(channel_id=channel_id, backend=backend_for(self.device),
+                                        device=device_identity(self.device), rank=rank)
+            return channel_id, await peer.stub.OpenChannel(req, timeout=self.config.rpc_timeout_s, metadata=metadata)
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from None
+
     async def _channel(self, peer: Peer, metadata: tuple, rank: int = 0) -> TorchChannel:
+        """Rank 0's channel to the receiver's rank `rank` (reused while it lives)."""
         key = _channel_key(peer.address, rank)
         ch = self.channels.get(key)
         if ch is not None:
             return ch
         if not self.channels.make_room():
             raise KVTransferError(f"all {self.config.max_channels} channels are busy")
-        channel_id = f"{self.worker_id}-{uuid.uuid4().hex[:12]}"
+        channel_id, resp = await self._open(peer, metadata, rank)
         backend = backend_for(self.device)
-        try:
-            req = pb.OpenChannelRequest(channel_id=channel_id, backend=backend, device=device_identity(self.device),
-                                        rank=rank)
-            resp = await peer.stub.OpenChannel(req, timeout=self.config.rpc_timeout_s, metadata=metadata)
-        except grpc.aio.AioRpcError as e:
-            raise error_from_rpc(e) from None
         t, host = self.config.channel_timeout_s, advertised_host(self.config.host)
 
         def build() -> TorchChannel:  # blocks until the receiver joins: off the loop
@@ -370,28 +434,30 @@ class _TorchReceiveLink(ReceiverLink):
 
 
 class _RankedReceiveLink(ReceiverLink):
-    """A push on per-rank channels: every rank of this (tensor-parallel) worker receives its heads on its own."""
+    """A push on per-rank channels: every rank of this worker receives its heads on its own (`ranks`)."""
 
     in_place = True
 
-    def __init__(self, plane: TorchReceiver, channel: TorchChannel, channel_ids: list[str]):
-        self.plane, self.channel, self.channel_ids = plane, channel, channel_ids
+    def __init__(self, plane: TorchReceiver, rows: list[Row]):
+        self.plane, self.rows = plane, rows
 
     async def chunk_kv(self, chunk: pb.LayerChunk, num_layers: int, next_message: NextMessage) -> torch.Tensor:
         raise MalformedTransfer("a push on per-rank channels is written in place")
 
     async def write_chunk(self, chunk: pb.LayerChunk, num_layers: int, slots: torch.Tensor) -> None:
-        if len(chunk.rank_checksums) != len(self.channel_ids):
-            raise MalformedTransfer(f"{len(chunk.rank_checksums)} rank checksums for {len(self.channel_ids)} ranks")
+        if len(chunk.rank_checksums) != len(self.rows):
+            raise MalformedTransfer(f"{len(chunk.rank_checksums)} checksums for {len(self.rows)} rank channels")
         plane = self.plane
         await asyncio.get_running_loop().run_in_executor(
-            plane.executor, plane.ranks.receive, self.channel, self.channel_ids, chunk.layer, num_layers,
-            chunk.num_tokens, slots, chunk.checksum_algo, list(chunk.rank_checksums), plane.config.kv_transport)
+            plane.executor, plane.ranks.receive, self.rows, chunk.layer, num_layers, chunk.num_tokens, slots,
+            chunk.checksum_algo, list(chunk.rank_checksums), plane.config.kv_transport)
         metrics.TRANSFER_BYTES_TOTAL.inc(plane.config.kv_transport, chunk.nbytes)
 
     def abandon(self, sender_gone: bool) -> None:
-        self.channel.retire(now=sender_gone)
-        self.plane.ranks.close(self.channel_ids[1:])
+        for r in self.rows:
+            if r.channel is not None:
+                r.channel.retire(now=sender_gone)
+        self.plane.ranks.close([r.channel_id for r in self.rows if r.dst])
 
 
 class TorchReceiver(ReceiverPlane):
@@ -404,19 +470,44 @@ class TorchReceiver(ReceiverPlane):
         self._store: dist.TCPStore | None = None
         self.device = device_identity(pool.kv.device)
         # a tensor-parallel pool (`engine.parallel.ShardedKVCache`): its ranks can take channels of their own
-        self.ranks = RankKeys(pool.kv) if hasattr(pool.kv, "extension") else None
+        # the ranks' channel ends (`ranks`); a pool without other ranks (no tensor parallelism) has none
+        self.ranks = RankKeys(pool.kv)
         self._companions: dict[str, list[str]] = {}  # rank 0's channel id -> its ranks' channels of one sender
 
     async def attach(self, header: pb.TransferHeader) -> ReceiverLink:
         ch = await self._own_channel(header.channel_id)
-        ids = list(header.rank_channel_ids)
-        if not ids:
+        if not header.rank_channels:
             return _TorchReceiveLink(self, ch)
-        if (self.ranks is None or ids[0] != header.channel_id or len(ids) != self.pool.layout.tp_size
-                or any(self.ranks.keys.get(c, (0,))[0] != r for r, c in enumerate(ids) if r)):
-            raise PeerUnavailable(f"per-rank channels {ids} are not this worker's ranks' open channels")
-        self._companions[ids[0]] = ids[1:]
-        return _RankedReceiveLink(self, ch, ids)
+        rows = self._rows(header.rank_channels)
+        for r in rows:
+            if r.dst == 0:
+                r.channel = ch if r.channel_id == header.channel_id else await self._own_channel(r.channel_id)
+        self._companions[header.channel_id] = [r.channel_id for r in rows if r.dst]
+        return _RankedReceiveLink(self, rows)
+
+    def _rows(self, channels) -> list[Row]:
+        """A push's per-rank channels, checked: in (sender rank, receiver rank) order, each inside its receiver
+        rank's KV heads, together tiling every rank's heads, and each opened here for that rank."""
+        heads = self.pool.layout.kv_heads
+        rows, covered = [], [heads[r][0] for r in range(len(heads))]
+        for rc in channels:
+            dst = rc.dst_rank
+            if dst >= len(heads) or rc.first != covered[dst] or not rc.first < rc.end <= heads[dst][1]:
+                raise MalformedTransfer(f"rank channel {rc.src_rank} -> {dst} with KV heads [{rc.first}, {rc.end}) "
+                                        f"does not follow this worker's layout {list(heads)}")
+            if rows and (rows[-1].src, rows[-1].dst) >= (rc.src_rank, dst):
+                raise MalformedTransfer("rank channels out of (sender rank, receiver rank) order")
+            covered[dst] = rc.end
+            row = Row(rc.src_rank, dst, rc.first - heads[dst][0], rc.end - heads[dst][0], rc.first, rc.end,
+                      rc.channel_id)
+            if dst:
+                rank, row.key = self.ranks.keys.get(rc.channel_id, (0, 0))
+                if rank != dst:
+                    raise PeerUnavailable(f"no open channel {rc.channel_id!r} on rank {dst}")
+            rows.append(row)
+        if covered != [h[1] for h in heads]:
+            raise MalformedTransfer(f"rank channels leave KV heads of this worker's layout {list(heads)} uncovered")
+        return rows
 
     async def _own_channel(self, channel_id: str) -> TorchChannel:
         fut = self._pending.get(channel_id)
@@ -437,7 +528,7 @@ class TorchReceiver(ReceiverPlane):
         if backend != backend_for(self.pool.kv.device):
             raise MalformedTransfer(f"backend {backend} cannot reach a pool on {self.pool.kv.device}")
         check_distinct_devices(device, self.device)
-        if rank and (self.ranks is None or rank >= self.pool.layout.tp_size):
+        if rank and (self.ranks.tp is None or rank >= self.pool.layout.tp_size):
             raise MalformedTransfer(f"this worker has no tensor-parallel rank {rank} to take a channel")
         if not self.channels.make_room():
             raise KVTransferError(f"all {self.config.max_channels} channels are busy")
@@ -445,11 +536,10 @@ class TorchReceiver(ReceiverPlane):
             self._store = listening_store(self.config.host, self.config.channel_timeout_s)
         store, t = self._store, self.config.channel_timeout_s
         host = advertised_host(self.config.host)  # what the peer dials, and the interface gloo binds
-        if self.ranks is not None:  # the ranks' ends of channels whose rank-0 end is gone (evicted, failed)
-            for cid in [c for c in self._companions if not self.channels.has(c)]:
-                self.ranks.close(self._companions.pop(cid))
+        for cid in [c for c in self._companions if not self.channels.has(c)]:  # their rank-0 end is gone
+            self.ranks.close(self._companions.pop(cid))
         if rank:
-            self.ranks.open(rank, channel_id, host, store.port, backend, t)
+            self.ranks.open(rank, channel_id, host, store.port, backend, t, RECEIVER_RANK, host)
             return host, store.port
 
         def build() -> TorchChannel:

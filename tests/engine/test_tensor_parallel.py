@@ -16,7 +16,7 @@ from pdserve.engine.config import ParallelConfig, PdserveConfig, TensorParallelE
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.parallel import TPGroup, TPRank, check_parallel, tp_store
 from pdserve.engine.sampling import SamplingParams
-from pdserve.kv_transfer.ranks import RankChannels
+from pdserve.kv_transfer.ranks import RankChannels, RankKeys
 from tests.helpers import EXACT, GREEDY, check_no_leak, prompts, wait_for
 
 
@@ -29,7 +29,10 @@ def _config(model_dir, **sections) -> PdserveConfig:
 class TPEngine:
     """Rank 0's engine with ranks 1..size-1 serving on threads; `close` stops them and checks none failed."""
 
+    made: list[TPEngine] = []
+
     def __init__(self, config: PdserveConfig, size: int):
+        TPEngine.made.append(self)
         store, port = tp_store()
         self.errors: list[BaseException] = []
         self.ranks: list[TPRank] = []
@@ -49,6 +52,7 @@ class TPEngine:
         self.engine = LLMEngine(config, tp=TPGroup(0, size, torch.device("cpu"), "127.0.0.1", port, 60, store=store))
 
     def close(self) -> None:
+        TPEngine.made.remove(self)
         self.engine.shutdown()
         for t in self.threads:
             t.join(30)
@@ -156,6 +160,11 @@ def test_tp_bf16_runs_the_fused_ops_on_local_heads(tiny_model_dir, make_engine, 
     assert [o.output_token_ids for o in engine.generate(prompts(), first)] == want
 
 
+def _ranks(engine: LLMEngine) -> list[TPRank]:
+    """The thread ranks of a `tp_engine` engine."""
+    return next(m for m in TPEngine.made if m.engine is engine).ranks
+
+
 def _rank_pair_bytes(transport: str) -> dict[tuple[str, str, str], float]:
     """`pdserve_kv_transfer_rank_pair_bytes` by (path, sender rank, receiver rank), for `transport`."""
     from prometheus_client import REGISTRY
@@ -180,7 +189,8 @@ def _transfer_pair(model_dir, make_engine, tp_engine, prefill_tp: int, decode_tp
     got: queue.Queue = queue.Queue()
     rx = KVReceiver(KVPool.from_engine(dec), dec.config.kv_transfer, got.put).start()
     pool = KVPool.from_engine(pre)
-    return pre, dec, rx, KVSender(pre.config.kv_transfer, pool.fingerprint, layout=pool.layout), got
+    ranks = RankKeys(pre.kv) if pre.per_rank_kv else None  # as the prefill worker does
+    return pre, dec, rx, KVSender(pre.config.kv_transfer, pool.fingerprint, layout=pool.layout, ranks=ranks), got
 
 
 @pytest.mark.parametrize(("prefill_tp", "decode_tp", "transport", "per_rank"),
@@ -190,11 +200,12 @@ def test_kv_transfer_between_tp_sizes(tiny_model_dir, make_engine, tp_engine, pr
                                       per_rank):
     """A prefill engine with one TP size ships every prompt's KV (real KVSender -> KVReceiver over gRPC, bytes on
     gloo channels for `nccl`) to a decode engine with another; decoding from it is greedy-equal to the TP=1 engine
-    alone, and every block comes back on both sides. To a TP=2 decode engine over `nccl`, each decode rank receives
-    its own KV head on a channel of its own (per_rank: counted per rank pair, nothing through rank 0's scatter);
-    over grpc, with `per_rank_channels` off, and to a TP=1 decode engine, every byte arrives at rank 0 (the fallback
-    path, labelled rank0)."""
-    from pdserve.kv_transfer import LayerStream
+    alone, and every block comes back on both sides (the prefill ranks' staged KV is dropped too). Over `nccl`, each
+    (prefill rank, decode rank) pair with KV heads in common moves those heads on a channel of its own, from the
+    rank that computed them to the rank that keeps them (counted per rank pair: 1 -> 2 is p0->d0 and p0->d1, 2 -> 1
+    p0->d0 and p1->d0, 2 -> 2 p0->d0 and p1->d1, nothing through a rank 0); over grpc, and with
+    `per_rank_channels` off, every byte arrives at decode rank 0 (the fallback path, labelled rank0)."""
+    from pdserve.kv_transfer import KVPool, LayerStream
 
     kv_cfg = {"kv_transport": transport, "per_rank_channels": per_rank}
     want = _greedy(make_engine(tiny_model_dir))
@@ -222,12 +233,17 @@ def test_kv_transfer_between_tp_sizes(tiny_model_dir, make_engine, tp_engine, pr
         rx.stop()
     assert [outs[f"r{i}"] for i in range(len(want))] == want
     moved = {k: v - before.get(k, 0.0) for k, v in _rank_pair_bytes(transport).items() if v != before.get(k, 0.0)}
-    if decode_tp > 1 and transport == "nccl" and per_rank:  # each rank its KV head: half the bytes, none via rank 0
-        assert moved == {("per_rank", "0", "0"): total / 2, ("per_rank", "0", "1"): total / 2}
+    if transport == "nccl" and per_rank:  # each rank pair its common KV heads (of 2), none through a rank 0
+        pairs = KVPool.from_engine(pre).layout.overlaps(KVPool.from_engine(dec).layout)
+        assert moved == {("per_rank", str(i), str(j)): total * (end - first) / 2 for i, j, first, end in pairs}
+        assert len(pairs) == max(prefill_tp, decode_tp)
     else:
         assert moved == {("rank0", "0", "0"): total}
     check_no_leak(pre)
     check_no_leak(dec)
+    if pre.per_rank_kv:  # every shipment released; the ranks drop them with the next forward pass
+        pre.generate([[1, 2]], SamplingParams(max_tokens=1))
+        assert not pre.kv.take_drops() and all(not r.staged for r in _ranks(pre))
 
 
 def test_a_corrupt_part_on_a_per_rank_channel_fails_its_push_and_frees_every_block(tiny_model_dir, make_engine,
@@ -254,7 +270,7 @@ def test_a_corrupt_part_on_a_per_rank_channel_fails_its_push_and_frees_every_blo
 
     try:
         tx.faults = FaultConfig(transfer_corrupt_rate=1.0)
-        with pytest.raises(ChecksumMismatch, match="rank 1's part"):
+        with pytest.raises(ChecksumMismatch, match="part from sender rank 0 to rank 1 fails its checksum"):
             push("bad").result(30)
         wait_for(lambda: dec.block_manager.num_free_blocks == dec.block_manager.num_blocks, 10, "blocks back")
         assert rx.state_of("bad") == "released"
