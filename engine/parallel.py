@@ -32,9 +32,10 @@ header, one byte payload of all its tensors, `_pack`), whatever the number of te
     rank receives its own heads straight from the peer instead of through rank 0's scatter;
   * STOP.
 Ops come from the engine loop (forward, swap) and from the KV receiver's thread (write): `TPGroup.lock`
-keeps each op's collectives together. KV crosses between workers in the whole model's layout (all KV
-heads): rank 0 gathers its ranks' shards on send and hands each rank its heads on receive, so a prefill
-worker with one TP size feeds a decode worker with another (see docs/architecture.md).
+keeps each op's collectives together. KV crosses between workers either rank by rank (the KV plane's per-rank
+channels: each rank sends, or receives, its own heads, through EXTENSION ops) or in the whole model's layout
+(all KV heads): rank 0 gathers its ranks' shards on send and hands each rank its heads on receive. Either way a
+prefill worker with one TP size feeds a decode worker with another (see docs/architecture.md).
 
 A failed collective (a rank died, or missed `ParallelConfig.collective_timeout_s`) breaks the group for good:
 every later op raises `TensorParallelFailure`, and the worker reports itself failing (it is replaced).
