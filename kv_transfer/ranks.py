@@ -152,7 +152,9 @@ class RankChannels:
 
     def __init__(self, timeout_s: float = 60.0):
         self.channels: dict[int, concurrent.futures.Future[TorchChannel]] = {}
-        self.prepared: dict[int, torch.Tensor] = {}  # row -> its part (PREPARE to SEND)
+        # channel key -> its part (PREPARE to SEND; pushes to different peers interleave their ops, each channel
+        # carries one push at a time)
+        self.prepared: dict[int, torch.Tensor] = {}
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-rank-join")
         self.timeout_s = timeout_s
 
@@ -195,10 +197,14 @@ class RankChannels:
             elif op == PREPARE:
                 _, ship_id, layer, nl, start, n, _, algo = items
                 staged = rank.staged.get(ship_id, {})
-                mine = [(e, _part(staged, layer, nl, start, n, a, b)) for e, src, dst, key, a, b in rows if src == me]
-                prepare_rows(self.prepared, [(e, p) for e, p in mine if p is not None], report, algo)
+                mine = [(e, key, _part(staged, layer, nl, start, n, a, b)) for e, src, dst, key, a, b in rows
+                        if src == me]
+                for _, key, part in mine:
+                    if part is not None:
+                        self.prepared[key] = part
+                prepare_rows({}, [(e, p) for e, _, p in mine if p is not None], report, algo)
             elif op == SEND:
-                mine = [(e, self._channel(key), self.prepared.pop(e, None)) for e, src, dst, key, a, b in rows
+                mine = [(e, self._channel(key), self.prepared.pop(key, None)) for e, src, dst, key, a, b in rows
                         if src == me]
                 send_rows(mine, report)
             rank.tp.gather(report)
