@@ -59,6 +59,7 @@ from pdserve.engine.kv_cache import PagedKVCache
 logger = logging.getLogger(__name__)
 
 OP_FORWARD, OP_SWAP, OP_WRITE, OP_READ, OP_STOP, OP_EXTENSION, OP_DROP = range(7)
+PROFILE = -1  # in place of the pools' size: rank 0 asks its ranks to run the profiling pass with it first
 IDLE_WAIT = datetime.timedelta(days=3650)  # a rank waiting for the next op: no deadline (rank 0 may idle)
 
 
@@ -265,6 +266,15 @@ class TPGroup:
         pg = self.cpu_pg if t.device.type == "cpu" else self.pg
         self._run(lambda: pg.broadcast([t], opts))
         return t
+
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest of every rank's `value` (an all-reduce over the gloo group: a host integer)."""
+        t = torch.tensor([value], dtype=torch.long)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        opts.timeout = self.timeout
+        self._run(lambda: self.cpu_pg.allreduce([t], opts))
+        return int(t[0])
 
     def scatter(self, out: torch.Tensor, parts: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Rank r's `parts[r]` (given on rank 0; same shapes) into `out` on every rank."""
@@ -517,7 +527,7 @@ class TPRank:
 
         if config.engine.num_threads:
             torch.set_num_threads(config.engine.num_threads)
-        self.tp = tp
+        self.tp, self.config = tp, config
         self.device = pick_device(config.model.device)
         self.dtype = pick_dtype(config.model.dtype, self.device)
         self.model, _ = load_model(model_path, self.device, self.dtype,
@@ -533,9 +543,15 @@ class TPRank:
         self.staged: dict[int, dict[int, torch.Tensor]] = {}  # shipment id -> layer -> this rank's heads' KV
 
     def serve(self) -> None:
-        """Build the KV pools rank 0 sized, then run ops until STOP (or a failure, which is raised)."""
+        """Build the KV pools rank 0 sized (after a profiling pass with it, on CUDA), then run ops until STOP (or a
+        failure, which is raised)."""
         arch = self.model.arch
-        num_blocks, swap_blocks, block_size = self.tp.broadcast(torch.empty(3, dtype=torch.long), idle=True).tolist()
+        while True:
+            num_blocks, swap_blocks, block_size = self.tp.broadcast(torch.empty(3, dtype=torch.long),
+                                                                    idle=True).tolist()
+            if num_blocks != PROFILE:
+                break
+            self._profile(swap_blocks, block_size)  # then rank 0 sends the pools' size
         shape = (arch.num_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim, self.dtype)
         self.kv = PagedKVCache(*shape, self.device)
         pools = [self.kv]
@@ -566,6 +582,34 @@ class TPRank:
                 self.staged.pop(items[0], None)
             else:
                 raise TensorParallelFailure(f"unknown op {op}")
+
+    def _profile(self, num_blocks: int, block_size: int) -> None:
+        """The profiling pass (`LLMEngine._num_kv_blocks`, CUDA): rank 0's forward of the largest step, run here
+        on this rank's shard into a profiling pool of `num_blocks`; then how many KV blocks this device has room
+        for, of which the group takes the smallest (never run here: no CUDA device where this was written)."""
+        from pdserve.engine.memory import DeviceMemory, KVCacheTooSmall, kv_cache_blocks
+
+        arch, cc = self.model.arch, self.config.cache
+        meter = DeviceMemory(self.device)
+        meter.reset()
+        self.kv = PagedKVCache(arch.num_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim,
+                               self.dtype, self.device)
+        op, items = self.tp.receive()
+        if op != OP_FORWARD:
+            raise TensorParallelFailure(f"op {op} during the profiling pass")
+        self._forward(*items)
+        snap = meter.snapshot()
+        profile_bytes = self.kv.data.numel() * self.kv.data.element_size()
+        self.kv = None
+        per_block = PagedKVCache.bytes_per_block(arch.num_layers, block_size, arch.num_kv_heads, arch.head_dim,
+                                                 self.dtype)
+        try:
+            mine = kv_cache_blocks(snap.total_bytes, cc.gpu_memory_utilization, snap.peak_in_use_bytes - profile_bytes,
+                                   per_block)
+        except KVCacheTooSmall as e:  # rank 0 raises it for the group (a 0 here makes the minimum 0)
+            logger.error("tensor-parallel rank %d: %s", self.tp.rank, e)
+            mine = 0
+        self.tp.min_over_ranks(mine)
 
     def _forward(self, ids, positions, ship_slots, ship_id, meta_fields) -> None:
         meta = meta_from_items(self._meta_cls, meta_fields)

@@ -287,3 +287,22 @@ def test_a_corrupt_part_on_a_per_rank_channel_fails_its_push_and_frees_every_blo
         rx.stop()
     check_no_leak(pre)
     check_no_leak(dec)
+
+
+def test_the_kv_pool_size_is_the_minimum_over_the_ranks():
+    """What the profiling pass on CUDA ends with (`LLMEngine._num_kv_blocks_tp`, `TPRank._profile`: CUDA-only, never
+    run here): each rank's count of the KV blocks its device has room for, reduced to the smallest over the group's
+    gloo group, on every rank."""
+    store, port = tp_store()
+    got: dict[int, int] = {}
+
+    def rank(r: int) -> None:
+        group = TPGroup(r, 3, torch.device("cpu"), "127.0.0.1", port, 60, store=store if r == 0 else None)
+        got[r] = group.min_over_ranks([700, 512, 900][r])
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == {0: 512, 1: 512, 2: 512}
