@@ -23,10 +23,11 @@ Two implementations, picked through `DataPlane` registry entries by the wire's
   * "torch" (`kv_transport: nccl`, `TorchSender`/`TorchReceiver`): the bytes go on a
     torch.distributed channel per worker pair (`channel.TorchChannel`: NCCL on CUDA,
     gloo on CPU), opened through the OpenChannel RPC; a channel carries one push at a
-    time, and one that fails mid-push is torn down. To a tensor-parallel receiver
-    (its `KVLayout` from Pair) it opens one channel per receiver rank instead, each
-    carrying only that rank's KV heads (`_RankedLink`/`_RankedReceiveLink`, `ranks`):
-    the receiver's ranks write their heads themselves (`ReceiverLink.in_place`).
+    time, and one that fails mid-push is torn down. When either side is tensor-parallel
+    (the `KVLayout`s exchanged by Pair) there is one channel per (sender rank, receiver
+    rank) pair with KV heads in common instead, each carrying only those heads from the
+    rank that holds them to the rank that keeps them (`_RankedLink`/`_RankedReceiveLink`,
+    `ranks`): the receiver's ranks write their heads themselves (`ReceiverLink.in_place`).
 
 A third transport is one more pair of halves and one `DataPlane(...)` line in
 `PLANES`; nothing in `KVSender` or `KVReceiver` changes. NIXL (RDMA), for example:
@@ -469,8 +470,8 @@ class TorchReceiver(ReceiverPlane):
         self._pending: dict[str, concurrent.futures.Future] = {}  # channel id -> its group being built
         self._store: dist.TCPStore | None = None
         self.device = device_identity(pool.kv.device)
-        # a tensor-parallel pool (`engine.parallel.ShardedKVCache`): its ranks can take channels of their own
-        # the ranks' channel ends (`ranks`); a pool without other ranks (no tensor parallelism) has none
+        # the other ranks' channel ends (`ranks`), for a tensor-parallel pool (`engine.parallel.ShardedKVCache`);
+        # a pool without other ranks has none
         self.ranks = RankKeys(pool.kv)
         self._companions: dict[str, list[str]] = {}  # rank 0's channel id -> its ranks' channels of one sender
 

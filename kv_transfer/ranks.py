@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -225,13 +226,13 @@ class RankKeys:
     def __init__(self, kv):
         self.kv = kv
         self.tp = getattr(kv, "tp", None)
-        self._next = 1
+        self._keys = itertools.count(1)  # next() is atomic: channels to different peers open on several threads
         self.keys: dict[str, tuple[int, int]] = {}  # channel id -> (rank, key)
 
     def open(self, rank: int, channel_id: str, store_host: str, port: int, backend: str, timeout_s: float,
              role: int, bind_host: str) -> int:
         """Rank `rank` joins channel `channel_id` as `role` (`channel.SENDER_RANK`/`RECEIVER_RANK`); its key."""
-        key, self._next = self._next, self._next + 1
+        key = next(self._keys)
         self.keys[channel_id] = (rank, key)
         self.kv.extension(EXTENSION, [OPEN, key, rank, _text(store_host), port, _text(channel_id), _text(backend),
                                       int(timeout_s * 1000), role, _text(bind_host)], lambda: None)
