@@ -156,10 +156,14 @@ class KVLayout:
             if why else []
 
     def overlaps(self, other: KVLayout) -> list[tuple[int, int, int, int]]:
-        """(my rank, its rank, first, end): the whole-model KV heads [first, end) that each pair of ranks, one
-        of this layout and one of `other`, both hold (the rank pairs a transfer between the two connects)."""
+        """(my rank, its rank, first, end): the whole-model KV heads [first, end) that a rank of this layout (the
+        sender's) and a rank of `other` (the receiver's) both hold: the rank pairs a transfer between the two
+        connects, in (my rank, its rank) order. Each of `other`'s ranks gets each of its heads once: from the
+        first of my ranks holding it (a replicated head is sent by one replica, to every replica)."""
         out = []
         for r, (a, b) in enumerate(self.kv_heads):
+            if (a, b) in self.kv_heads[:r]:
+                continue
             for s, (c, d) in enumerate(other.kv_heads):
                 if max(a, c) < min(b, d):
                     out.append((r, s, max(a, c), min(b, d)))
