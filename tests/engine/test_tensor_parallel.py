@@ -198,6 +198,7 @@ def _transfer_pair(model_dir, make_engine, tp_engine, prefill_tp: int, decode_tp
     (2, 1, "nccl", True, {(0, 0): 1, (1, 0): 1}),
     (2, 2, "nccl", True, {(0, 0): 1, (1, 1): 1}),
     (4, 2, "nccl", True, {(0, 0): 1, (2, 1): 1}),  # 4 ranks share 2 KV heads: one replica of each sends it
+    (1, 4, "nccl", True, {(0, 0): 1, (0, 1): 1, (0, 2): 1, (0, 3): 1}),  # ... and every replica receives it
     (1, 2, "grpc", True, None),
     (1, 2, "nccl", False, None),
 ])
