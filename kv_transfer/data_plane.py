@@ -476,10 +476,10 @@ class TorchReceiver(ReceiverPlane):
         self._companions: dict[str, list[str]] = {}  # rank 0's channel id -> its ranks' channels of one sender
 
     async def attach(self, header: pb.TransferHeader) -> ReceiverLink:
-        ch = await self._own_channel(header.channel_id)
         if not header.rank_channels:
-            return _TorchReceiveLink(self, ch)
-        rows = self._rows(header.rank_channels)
+            return _TorchReceiveLink(self, await self._own_channel(header.channel_id))
+        rows = self._rows(header.rank_channels)  # checked before any channel is looked up
+        ch = await self._own_channel(header.channel_id)
         for r in rows:
             if r.dst == 0:
                 r.channel = ch if r.channel_id == header.channel_id else await self._own_channel(r.channel_id)

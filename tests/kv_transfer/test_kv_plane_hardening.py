@@ -112,9 +112,12 @@ def flat(messages):
     return out
 
 
-def header(rid, n, fp=FP, data_plane="grpc"):
+def header(rid, n, fp=FP, data_plane="grpc", rank_channels=()):
     return pb.PushMessage(header=pb.TransferHeader(request_id=rid, fingerprint_digest=fp.digest(), num_tokens=n,
-                                                   data_plane=data_plane))
+                                                   data_plane=data_plane, channel_id="c0",
+                                                   rank_channels=[pb.RankChannel(src_rank=s, dst_rank=d, first=a,
+                                                                                 end=b, channel_id=f"c{i}")
+                                                                  for i, (s, d, a, b) in enumerate(rank_channels)]))
 
 
 def reason_of(err: grpc.RpcError) -> str:
@@ -148,6 +151,16 @@ BAD_PUSHES = {
                                                  "malformed"),
     "unknown data plane": (lambda: [header("r", 20, data_plane="nixl"), chunk(0, 0, 20)],
                            grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    # per-rank channels (torch plane) that do not fit this worker's layout (one rank, 2 KV heads): refused before
+    # any channel is looked up
+    "rank channels leave a head out": (lambda: [header("r", 20, data_plane="torch", rank_channels=[(0, 0, 0, 1)])],
+                                       grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    "rank channel to a rank it lacks": (lambda: [header("r", 20, data_plane="torch",
+                                                        rank_channels=[(0, 0, 0, 2), (0, 1, 0, 2)])],
+                                        grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    "rank channels out of order": (lambda: [header("r", 20, data_plane="torch",
+                                                   rank_channels=[(1, 0, 0, 1), (0, 0, 1, 2)])],
+                                   grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
     "other layout": (lambda: [header("r", 20, dataclasses.replace(FP, dtype="float16"))],
                      grpc.StatusCode.FAILED_PRECONDITION, "layout_mismatch"),
     "oversized message": (lambda: [header("r", 20), chunk(0, 0, 1, data=b"\0" * (80 << 10), nbytes=256)],
