@@ -130,7 +130,7 @@ class SenderPlane(ABC):
         self.device = device
         self.worker_id = worker_id
         self.layout = layout
-        self.ranks = ranks or RankKeys(None)
+        self.ranks = ranks or RankKeys(None, config.channel_timeout_s)
 
     @abstractmethod
     def link(self, peer: Peer, metadata: tuple) -> contextlib.AbstractAsyncContextManager[SenderLink]:
@@ -280,17 +280,12 @@ class _RankedLink(SenderLink):
             raise MalformedTransfer("this worker's other ranks staged no KV for the stream (per-rank channels)")
         shipment, start = staged if staged is not None else (None, 0)
         algo = meta.checksum_algo = checksum_algo(local)
-        parts: dict[int, torch.Tensor] = {}
+        # every rank posts its sends (they go as the receiver's ranks take them) and reports their checksums
         meta.rank_checksums.extend(await loop.run_in_executor(
-            self._executor, xfer.run, self.ranks.prepare, self.rows, parts, own,
-            shipment.ship_id if shipment is not None else 0, meta.layer, num_layers, start, num_tokens, algo))
+            self._executor, xfer.run, self.ranks.send, self.rows, own, shipment.ship_id if shipment else 0,
+            meta.layer, num_layers, start, num_tokens, algo, own[-1][0] if corrupt else -1))
         meta.nbytes = num_layers * num_tokens * self.bytes_per_token_layer  # every head once, as the receiver counts
-        if corrupt:
-            e = own[-1][0]
-            with xfer.use():
-                parts[e] = fi.corrupt_tensor(parts[e])
-        yield pb.PushMessage(chunk=meta)  # first: the receiver's ranks post their recvs when it reads this
-        await loop.run_in_executor(self._executor, xfer.run, self.ranks.send, self.rows, parts)
+        yield pb.PushMessage(chunk=meta)  # the receiver's ranks take the bytes when it reads this
 
 
 class TorchSender(SenderPlane):
@@ -472,7 +467,7 @@ class TorchReceiver(ReceiverPlane):
         self.device = device_identity(pool.kv.device)
         # the other ranks' channel ends (`ranks`), for a tensor-parallel pool (`engine.parallel.ShardedKVCache`);
         # a pool without other ranks has none
-        self.ranks = RankKeys(pool.kv)
+        self.ranks = RankKeys(pool.kv, config.channel_timeout_s)
         self._companions: dict[str, list[str]] = {}  # rank 0's channel id -> its ranks' channels of one sender
 
     async def attach(self, header: pb.TransferHeader) -> ReceiverLink:

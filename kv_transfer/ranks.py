@@ -12,19 +12,21 @@ passes that read and write the same pools:
 
   OPEN     rank r joins a channel's two-rank group, as its sender or its receiver (on a thread of its own:
            joining waits for the other end)
-  PREPARE  prefill side, per chunk: each rank cuts its channels' parts of the chunk out of the KV it staged
-           during the forward pass (`engine.parallel.Shipment`) and checksums them; the checksums are gathered
-           to rank 0, which sends them ahead of the bytes (`LayerChunk.rank_checksums`)
-  SEND     prefill side: each rank sends its prepared parts
+  SEND     prefill side, per chunk: each rank cuts its channels' parts of the chunk out of the KV it staged
+           during the forward pass (`engine.parallel.Shipment`), checksums them and posts their sends without
+           waiting for them (`PendingSends`: the bytes go as the receiver takes them, so the prefill worker's
+           group is never held while a decode worker gets round to receiving); the checksums are gathered to rank
+           0, which puts them ahead of the bytes on the control stream (`LayerChunk.rank_checksums`)
   RECV     decode side, per chunk: each rank receives its parts, writes them into its pool at the slots rank
            0 names and reports their checksums, which rank 0 compares with the sender's: any difference or
            failed receive fails the push (`ChecksumMismatch`, `PeerUnavailable`)
   CLOSE    a push failed midway: the ranks' ends of its channels are closed (their state is unknown)
 
-Channels are used in one global order, (sender rank, receiver rank), on both sides, so blocking sends and
-receives cannot wait on each other in a cycle. A failed send or receive breaks only its channel (the rank reports
-it); the group survives. Writes land in the reserved blocks under the group's lock, before rank 0 hands the blocks
-to anyone: a bad chunk releases the reservation, so blocks it wrote are never read.
+A receiving rank takes its channels in (sender rank, receiver rank) order; the sends are all posted before, so
+nothing waits in a cycle. A failed send or receive breaks only its channel (a receiving rank reports it; a failed
+send shows on the receiving side, which fails the push); the group survives. Writes land in the reserved blocks
+under the group's lock, before rank 0 hands the blocks to anyone: a bad chunk releases the reservation, so blocks
+it wrote are never read.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ import concurrent.futures
 import datetime
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from pdserve.engine.kv_cache import PagedKVCache
+from pdserve.kv_transfer import faults as fi
 from pdserve.kv_transfer import metrics
 from pdserve.kv_transfer.channel import TorchChannel, create_group
 from pdserve.kv_transfer.errors import ChecksumMismatch, PeerUnavailable
@@ -47,7 +51,7 @@ from pdserve.kv_transfer.protocol import checksum
 logger = logging.getLogger(__name__)
 
 EXTENSION = 1  # the id these ops are registered under (`TPRank.extensions`)
-OPEN, RECV, PREPARE, SEND, CLOSE = range(5)
+OPEN, RECV, SEND, CLOSE = range(4)
 _MASK63 = (1 << 63) - 1
 
 
@@ -121,21 +125,36 @@ def receive_rows(pool: PagedKVCache, rows: list[tuple[int, TorchChannel | None, 
             PagedKVCache.write_layer(pool, layer + i, slots, buf[i])  # this rank's pool, never a scatter
 
 
-def prepare_rows(parts: dict[int, torch.Tensor], rows: list[tuple[int, torch.Tensor]], report: torch.Tensor,
-                 algo: int) -> None:
-    """Checksum this rank's parts of a chunk (`(row, part)` each), keeping them in `parts` for `send_rows`."""
-    for e, part in rows:
-        parts[e] = part
-        _fill(report, e, True, checksum(part, algo), part.numel() * part.element_size())
+class PendingSends:
+    """Sends posted on channels and not yet known to be over: their tensors stay alive until then, and one still
+    running after the channel's timeout closes its channel."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._items: list[tuple[TorchChannel, object, torch.Tensor, float]] = []
+
+    def post(self, channel: TorchChannel, part: torch.Tensor) -> None:
+        self._items.append((channel, channel.post_send(part), part, time.monotonic() + self.timeout_s))
+
+    def prune(self) -> None:
+        """Forget the sends that are over (and close the channels of those that failed or are late)."""
+        self._items = [item for item in self._items if item[0].send_done(item[1], item[3]) is None]
 
 
-def send_rows(rows: list[tuple[int, TorchChannel | None, torch.Tensor | None]], report: torch.Tensor) -> None:
+def send_rows(rows: list[tuple[int, TorchChannel | None, torch.Tensor | None]], report: torch.Tensor, algo: int,
+              pending: PendingSends, corrupt: int = -1) -> None:
+    """Checksum this rank's parts of a chunk (`(row, channel, part)` each; `corrupt`: the row whose part gets a
+    flipped byte after its checksum, fault injection) and post their sends."""
+    pending.prune()
     for e, channel, part in rows:
         try:
             if channel is None or part is None:
-                raise PeerUnavailable("the channel never joined, or its part was not prepared")
-            channel.send(part)
-            _fill(report, e, True)
+                raise PeerUnavailable("the channel never joined, or the rank staged no KV for it")
+            crc = checksum(part, algo)
+            if e == corrupt:
+                part = fi.corrupt_tensor(part)
+            pending.post(channel, part)
+            _fill(report, e, True, crc, part.numel() * part.element_size())
         except Exception as err:
             logger.warning("per-rank KV channel (row %d): %s", e, err)
             _fill(report, e, False)
@@ -153,9 +172,7 @@ class RankChannels:
 
     def __init__(self, timeout_s: float = 60.0):
         self.channels: dict[int, concurrent.futures.Future[TorchChannel]] = {}
-        # channel key -> its part (PREPARE to SEND; pushes to different peers interleave their ops, each channel
-        # carries one push at a time)
-        self.prepared: dict[int, torch.Tensor] = {}
+        self.pending = PendingSends(timeout_s)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-rank-join")
         self.timeout_s = timeout_s
 
@@ -184,30 +201,24 @@ class RankChannels:
                     _join, _str(store_host), port, _str(channel_id), _str(backend), timeout_ms / 1000, role,
                     _str(bind_host))
         elif op == CLOSE:
+            self.pending.prune()
             for key in items[1].tolist():
                 fut = self.channels.pop(key, None)
                 if fut is not None:
                     fut.add_done_callback(lambda f: f.exception() is None and f.result().close())
         else:
-            rows = [(e, *row) for e, row in enumerate(items[-2].tolist() if op != SEND else items[1].tolist())]
+            rows = [(e, *row) for e, row in enumerate(items[-2].tolist())]
             report = _report(len(rows))
             if op == RECV:
                 _, layer, nl, n, slots, _, algo = items
                 mine = [(e, self._channel(key), a, b) for e, src, dst, key, a, b in rows if dst == me]
                 receive_rows(rank.kv, mine, report, layer, nl, n, slots, algo)
-            elif op == PREPARE:
+            elif op == SEND:
                 _, ship_id, layer, nl, start, n, _, algo = items
                 staged = rank.staged.get(ship_id, {})
-                mine = [(e, key, _part(staged, layer, nl, start, n, a, b)) for e, src, dst, key, a, b in rows
-                        if src == me]
-                for _, key, part in mine:
-                    if part is not None:
-                        self.prepared[key] = part
-                prepare_rows({}, [(e, p) for e, _, p in mine if p is not None], report, algo)
-            elif op == SEND:
-                mine = [(e, self._channel(key), self.prepared.pop(key, None)) for e, src, dst, key, a, b in rows
-                        if src == me]
-                send_rows(mine, report)
+                mine = [(e, self._channel(key), _part(staged, layer, nl, start, n, a, b))
+                        for e, src, dst, key, a, b in rows if src == me]
+                send_rows(mine, report, algo, self.pending)
             rank.tp.gather(report)
 
 
@@ -216,16 +227,17 @@ def _part(staged: dict[int, torch.Tensor], layer: int, num_layers: int, start: i
     """Heads [a, b) of tokens [start, start + n) of layers [layer, layer + num_layers) of a rank's staged KV."""
     if any(i not in staged for i in range(layer, layer + num_layers)):
         return None
-    return torch.stack([staged[i][:, start:start + n, a:b] for i in range(layer, layer + num_layers)])
+    return torch.stack([staged[i][:, start:start + n, a:b] for i in range(layer, layer + num_layers)]).contiguous()
 
 
 class RankKeys:
     """A worker's rank 0 side: its other ranks' channel ends (by key), and the ops that drive them. `kv`: rank 0's
     `ShardedKVCache`, or a plain pool (no other ranks: every row is rank 0's)."""
 
-    def __init__(self, kv):
+    def __init__(self, kv, timeout_s: float = 60.0):
         self.kv = kv
         self.tp = getattr(kv, "tp", None)
+        self.pending = PendingSends(timeout_s)  # rank 0's sends
         self._keys = itertools.count(1)  # next() is atomic: channels to different peers open on several threads
         self.keys: dict[str, tuple[int, int]] = {}  # channel id -> (rank, key)
 
@@ -239,6 +251,7 @@ class RankKeys:
         return key
 
     def close(self, channel_ids: list[str]) -> None:
+        self.pending.prune()
         keys = [self.keys.pop(c)[1] for c in channel_ids if c in self.keys]
         if keys and self.tp is not None:
             self.kv.extension(EXTENSION, [CLOSE, torch.tensor(keys, dtype=torch.long)], lambda: None)
@@ -279,23 +292,19 @@ class RankKeys:
                                        f"checksum")
 
     # -- the sending (prefill) side ---------------------------------------------------------------------------
-    def prepare(self, rows: list[Row], parts: dict[int, torch.Tensor], own: list[tuple[int, torch.Tensor]],
-                ship_id: int, layer: int, num_layers: int, start: int, num_tokens: int, algo: int) -> list[int]:
-        """The checksum of every row's part (rank 0's `own` parts, the other ranks' cut from what they staged for
-        shipment `ship_id`, tokens [start, start + num_tokens)); `parts` keeps rank 0's for `send`."""
-        items = [PREPARE, ship_id, layer, num_layers, start, num_tokens, table(rows), algo]
+    def send(self, rows: list[Row], own: list[tuple[int, torch.Tensor]], ship_id: int, layer: int, num_layers: int,
+             start: int, num_tokens: int, algo: int, corrupt: int = -1) -> list[int]:
+        """Post every row's send (rank 0's `own` parts, `(row, part)`; the other ranks' cut from what they staged for
+        shipment `ship_id`, tokens [start, start + num_tokens)) and return their checksums, in row order, without
+        waiting for the bytes to go. `corrupt`: a row of rank 0's whose part gets a flipped byte after its checksum."""
+        items = [SEND, ship_id, layer, num_layers, start, num_tokens, table(rows), algo]
+        parts = dict(own)
+        mine = [(e, r.channel, parts.get(e)) for e, r in enumerate(rows) if r.src == 0]
         out = []
-        for r, (ok, lo, hi, _) in zip(rows, self._run(items, lambda rep: prepare_rows(parts, own, rep, algo), rows,
-                                                        "src"), strict=True):
+        for r, (ok, lo, hi, _) in zip(rows, self._run(items, lambda rep: send_rows(mine, rep, algo, self.pending,
+                                                                                    corrupt), rows, "src"),
+                                      strict=True):
             if not ok:
-                raise PeerUnavailable(f"sender rank {r.src} has no staged KV for layer {layer} (shipment {ship_id})")
+                raise PeerUnavailable(f"sender rank {r.src} could not send its KV for layer {layer} to rank {r.dst}")
             out.append(lo | hi << 63)
         return out
-
-    def send(self, rows: list[Row], parts: dict[int, torch.Tensor]) -> None:
-        """Every rank sends its prepared parts (rank 0 `parts`) on its channels."""
-        own = [(e, r.channel, parts.get(e)) for e, r in enumerate(rows) if r.src == 0]
-        for r, (ok, *_) in zip(rows, self._run([SEND, table(rows)], lambda rep: send_rows(own, rep), rows, "src"),
-                               strict=True):
-            if not ok:
-                raise PeerUnavailable(f"the KV channel from rank {r.src} to receiver rank {r.dst} failed")

@@ -48,7 +48,7 @@ class PrefillWorker(Worker):
         super().__init__(config, worker_id, owner)
         pool = KVPool.from_engine(self.engine)
         # with per-rank KV channels, each rank sends the heads it staged itself (`kv_transfer.ranks`)
-        ranks = RankKeys(self.engine.kv) if self.engine.per_rank_kv else None
+        ranks = RankKeys(self.engine.kv, config.kv_transfer.channel_timeout_s) if self.engine.per_rank_kv else None
         self.sender = KVSender(config.kv_transfer, pool.fingerprint, worker_id=worker_id, device=self.engine.device,
                                faults=config.faults, layout=pool.layout, ranks=ranks)
 
