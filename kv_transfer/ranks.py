@@ -35,6 +35,7 @@ import concurrent.futures
 import datetime
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -132,13 +133,17 @@ class PendingSends:
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
         self._items: list[tuple[TorchChannel, object, torch.Tensor, float]] = []
+        self._lock = threading.Lock()  # a sender without other ranks posts from several threads at once
 
     def post(self, channel: TorchChannel, part: torch.Tensor) -> None:
-        self._items.append((channel, channel.post_send(part), part, time.monotonic() + self.timeout_s))
+        work = channel.post_send(part)
+        with self._lock:
+            self._items.append((channel, work, part, time.monotonic() + self.timeout_s))
 
     def prune(self) -> None:
         """Forget the sends that are over (and close the channels of those that failed or are late)."""
-        self._items = [item for item in self._items if item[0].send_done(item[1], item[3]) is None]
+        with self._lock:
+            self._items = [item for item in self._items if item[0].send_done(item[1], item[3]) is None]
 
 
 def send_rows(rows: list[tuple[int, TorchChannel | None, torch.Tensor | None]], report: torch.Tensor, algo: int,
