@@ -206,6 +206,9 @@ class KVTransferConfig:
     # are closed first, least recently used.
     max_channels: int = 8
     channel_timeout_s: float = 30.0  # deadline of one send/recv on a channel (then it is torn down)
+    # nccl transport, a tensor-parallel decode worker: one channel per decode rank, each carrying only the KV
+    # heads that rank holds (`kv_transfer.ranks`); off: every head to its rank 0, which scatters them.
+    per_rank_channels: bool = True
     # Released request ids are remembered this long, so late pushes and releases are answered
     # "released" (idempotently) rather than "unknown".
     tombstone_ttl_s: float = 600.0

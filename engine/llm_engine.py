@@ -34,11 +34,11 @@ from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.kernels import KernelBuildError
 from pdserve.engine.kernels import load as load_kernels
 from pdserve.engine.kv_cache import PagedKVCache
-from pdserve.engine.memory import DeviceMemory, kv_cache_blocks
+from pdserve.engine.memory import DeviceMemory, KVCacheTooSmall, kv_cache_blocks
 from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.model import load_model, mkldnn_bf16_linear_available
 from pdserve.engine.model_source import ModelSource, load_tokenizer, resolve_model
-from pdserve.engine.parallel import ShardedKVCache, TPGroup, TPModel
+from pdserve.engine.parallel import PROFILE, ShardedKVCache, TPGroup, TPModel
 from pdserve.engine.platform import cpu_has_fast_bf16, keep_freed_memory
 from pdserve.engine.sampler import HostReads, advance_generator, make_generator, sample
 from pdserve.engine.sampling import SamplingParams
@@ -133,6 +133,11 @@ class LLMEngine:
         self.attention = attach_attention(model, config.engine.attention_backend, cc.block_size, self.device,
                                           self.dtype, self.max_model_len, tensor_parallel=self.tp is not None)
         self.model = model if self.tp is None else TPModel(model, arch, self.tp, model.shard)
+        # Shipped KV stays on each rank, which sends its own heads on the KV plane's per-rank channels
+        # (`kv_transfer.ranks`), instead of being gathered to rank 0
+        kt = config.kv_transfer
+        self.per_rank_kv = self.tp is not None and kt.kv_transport == "nccl" and kt.per_rank_channels
+        self._shipment = None  # this step's (`engine.parallel.Shipment`), with `per_rank_kv`
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)
         self.transfer = transfer_stream(self.device)  # KV shipped to other engines is copied on it
@@ -191,8 +196,10 @@ class LLMEngine:
                                                  arch.head_dim, self.dtype)
         if cc.num_kv_blocks:
             return cc.num_kv_blocks
-        if self.device.type != "cuda" or self.tp is not None:  # TP: the profiling pass runs on one rank only
+        if self.device.type != "cuda":
             return max(1, int(cc.kv_cache_memory_gb * 2**30) // per_block)
+        if self.tp is not None:  # every rank profiles the step on its shard; the pool is what the tightest has room for
+            return self._num_kv_blocks_tp(per_block)
         meter = DeviceMemory(self.device)
         meter.reset()
         profile_kv_bytes = self.profile_step()
@@ -204,6 +211,40 @@ class LLMEngine:
                     snap.total_bytes / 2**30)
         return num_blocks
 
+    def _num_kv_blocks_tp(self, per_block: int) -> int:
+        """`_num_kv_blocks` for a tensor-parallel group on CUDA: its ranks (waiting for their pools' size in
+        `TPRank.serve`) are asked to profile with rank 0; each measures its own device's peak during the same
+        forward pass, and the pool gets the minimum over the ranks of the blocks each has room for (an
+        all-reduce). Never run here: no CUDA device where this was written."""
+        cc = self.config.cache
+        meter = DeviceMemory(self.device)
+        with self.tp.lock:
+            self.tp.broadcast(torch.tensor([PROFILE, sum(-(-n // cc.block_size) for n in self._profile_lengths()),
+                                            cc.block_size]))
+            meter.reset()
+            profile_kv_bytes = self.profile_step()
+            snap = meter.snapshot()
+            error = None
+            try:
+                mine = kv_cache_blocks(snap.total_bytes, cc.gpu_memory_utilization,
+                                       snap.peak_in_use_bytes - profile_kv_bytes, per_block)
+            except KVCacheTooSmall as e:
+                error, mine = e, 0
+            num_blocks = self.tp.min_over_ranks(mine)
+        if error is not None:
+            raise error
+        if num_blocks < 1:
+            raise KVCacheTooSmall("a tensor-parallel rank's device has no room for the KV cache after the weights "
+                                  "and the largest step (its log says how much is missing)", missing_bytes=per_block)
+        logger.info("KV cache: %d blocks per rank (%.2f GiB on rank 0; the minimum over the %d ranks)", num_blocks,
+                    num_blocks * per_block / 2**30, self.tp.size)
+        return num_blocks
+
+    def _profile_lengths(self) -> list[int]:
+        """The sequences of the profiling pass's step: `max_num_batched_tokens` tokens, at most `max_model_len` each."""
+        total = self.config.scheduler.max_num_batched_tokens
+        return [min(self.max_model_len, total - s) for s in range(0, total, self.max_model_len)]
+
     def profile_step(self) -> int:
         """Run the largest step the scheduler can plan, once, through the real forward pass (attention,
         kernels and all): `max_num_batched_tokens` prompt tokens (in sequences of at most `max_model_len`)
@@ -212,15 +253,15 @@ class LLMEngine:
         of the KV cache it used, which the caller subtracts from the measured peak (the real pool replaces it)."""
         sc, bs, arch = self.config.scheduler, self.config.cache.block_size, self.arch
         total = sc.max_num_batched_tokens
-        lengths = [min(self.max_model_len, total - s) for s in range(0, total, self.max_model_len)]
+        lengths = self._profile_lengths()
         blocks = BlockManager(sum(-(-n // bs) for n in lengths), bs, enable_caching=False)
         plan = []
         for i, n in enumerate(lengths):
             seq = Sequence(f"profile-{i}", [0] * n, SamplingParams(max_tokens=1))
             seq.block_table = blocks.allocate(blocks.blocks_for(n))
             plan.append((seq, n))
-        kv = PagedKVCache(arch.num_layers, blocks.num_blocks, bs, arch.num_kv_heads, arch.head_dim, self.dtype,
-                          self.device)
+        kv = PagedKVCache(arch.num_layers, blocks.num_blocks, bs, self.local_arch.num_kv_heads, arch.head_dim,
+                          self.dtype, self.device)  # this rank's heads (all of them without tensor parallelism)
         # `_attention_metadata` reads the pool's geometry from these: the profile's own, for the pass
         saved = getattr(self, "kv", None), getattr(self, "block_manager", None)
         self.kv, self.block_manager = kv, blocks
@@ -443,8 +484,14 @@ class LLMEngine:
             if layerwise:
                 self._ship_layer(ship, i)
 
-        # tensor parallelism: the KV to ship is gathered from every rank as the layers complete
-        tp_ship = {"ship_slots": torch.cat([slots for _, slots in ship])} if ship and self.tp is not None else {}
+        # tensor parallelism: the KV to ship is gathered from every rank as the layers complete, or with per-rank
+        # KV channels staged on every rank (its own heads), each rank sending its own (`Shipment`)
+        tp_ship = {}
+        if ship and self.tp is not None:
+            tp_ship["ship_slots"] = torch.cat([slots for _, slots in ship])
+            self._shipment = self.model.shipment(len(ship)) if self.per_rank_kv else None
+            if self._shipment is not None:
+                tp_ship["ship_id"] = self._shipment.ship_id
         hidden = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta,
                                     self.kv.k, self.kv.v, on_layer=on_layer, **tp_ship)
         if ship and not layerwise:
@@ -525,10 +572,12 @@ class LLMEngine:
         compute stream has written it (`engine.streams`: on CUDA the host waits for nothing here; the sender
         waits for the layer's event, once, on its own thread). Staged in pinned host memory for the grpc
         transport, kept on the device for nccl."""
-        if self.tp is not None:  # every rank's heads, gathered during the forward pass (`TPModel.forward`)
-            kv, start = self.kv.shipped.pop(layer), 0
+        if self.tp is not None:  # every rank's heads, gathered during the forward pass (`TPModel.forward`),
+            kv, start = self.kv.shipped.pop(layer), 0  # or this rank's, the others staged on their ranks
+            shipment = self._shipment
             for sink, slots in ship:
-                sink.put_layer(layer, kv[:, start:start + len(slots)].contiguous())
+                staged = {"staged": (shipment, start)} if shipment is not None else {}
+                sink.put_layer(layer, kv[:, start:start + len(slots)].contiguous(), **staged)
                 start += len(slots)
             return
         xfer = self.transfer

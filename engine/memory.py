@@ -8,7 +8,9 @@ cache then gets what is left of `gpu_memory_utilization` of the device:
     kv bytes = total x gpu_memory_utilization - peak in use (weights, activations, CUDA context,
                other processes on the device)
 
-and at least one block, else `KVCacheTooSmall` says how much is missing. On CPU the host's
+and at least one block, else `KVCacheTooSmall` says how much is missing. A tensor-parallel worker runs the pass
+on every rank at once (each its shard, each measuring its own device) and takes the smallest count of blocks over
+its ranks (`LLMEngine._num_kv_blocks_tp`). On CPU the host's
 memory is shared with everything else on it, so the pool is `kv_cache_memory_gb`, as configured.
 
 `kv_cache_blocks` is the arithmetic alone (unit-tested with given numbers); `DeviceMemory` is

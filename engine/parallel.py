@@ -20,15 +20,22 @@ operation that touches the KV cache or runs the model is one *op*, sent as three
 header, one byte payload of all its tensors, `_pack`), whatever the number of tensors:
   * FORWARD: packed ids, positions, attention metadata (`engine.attention.AttentionMetadata`: plain tensors;
     each rank's model runs it through its own attention backend, built for its heads) and the slots whose
-    KV is shipped to a decode worker this step (gathered to rank 0 layer by layer);
+    KV is shipped to a decode worker this step: gathered to rank 0 layer by layer, or, with a shipment id
+    (per-rank KV channels: `Shipment`), copied by every rank, its own heads, into its `staged` KV, which the
+    KV plane sends from each rank itself (extension ops) until DROP frees it;
+  * DROP: a shipment's staged KV is no longer needed (every stream shipping from it is done);
   * SWAP: block pairs between a rank's device pool and its CPU swap pool;
   * WRITE: one layer of KV a transfer brought in (rank 0 scatters the heads: each rank gets its own);
   * READ: a sequence's KV, every rank's heads gathered to rank 0 (`export`);
+  * EXTENSION: an op a layer above the engine registers on every rank (`TPRank.extensions`) and sends with
+    `ShardedKVCache.extension`: the KV plane's per-rank channels (`kv_transfer.ranks`), through which each
+    rank receives its own heads straight from the peer instead of through rank 0's scatter;
   * STOP.
 Ops come from the engine loop (forward, swap) and from the KV receiver's thread (write): `TPGroup.lock`
-keeps each op's collectives together. KV crosses between workers in the whole model's layout (all KV
-heads): rank 0 gathers its ranks' shards on send and hands each rank its heads on receive, so a prefill
-worker with one TP size feeds a decode worker with another (see docs/architecture.md).
+keeps each op's collectives together. KV crosses between workers either rank by rank (the KV plane's per-rank
+channels: each rank sends, or receives, its own heads, through EXTENSION ops) or in the whole model's layout
+(all KV heads): rank 0 gathers its ranks' shards on send and hands each rank its heads on receive. Either way a
+prefill worker with one TP size feeds a decode worker with another (see docs/architecture.md).
 
 A failed collective (a rank died, or missed `ParallelConfig.collective_timeout_s`) breaks the group for good:
 every later op raises `TensorParallelFailure`, and the worker reports itself failing (it is replaced).
@@ -41,6 +48,7 @@ import datetime
 import logging
 import socket
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -50,7 +58,8 @@ from pdserve.engine.kv_cache import PagedKVCache
 
 logger = logging.getLogger(__name__)
 
-OP_FORWARD, OP_SWAP, OP_WRITE, OP_READ, OP_STOP = range(5)
+OP_FORWARD, OP_SWAP, OP_WRITE, OP_READ, OP_STOP, OP_EXTENSION, OP_DROP = range(7)
+PROFILE = -1  # in place of the pools' size: rank 0 asks its ranks to run the profiling pass with it first
 IDLE_WAIT = datetime.timedelta(days=3650)  # a rank waiting for the next op: no deadline (rank 0 may idle)
 
 
@@ -258,6 +267,15 @@ class TPGroup:
         self._run(lambda: pg.broadcast([t], opts))
         return t
 
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest of every rank's `value` (an all-reduce over the gloo group: a host integer)."""
+        t = torch.tensor([value], dtype=torch.long)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        opts.timeout = self.timeout
+        self._run(lambda: self.cpu_pg.allreduce([t], opts))
+        return int(t[0])
+
     def scatter(self, out: torch.Tensor, parts: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Rank r's `parts[r]` (given on rank 0; same shapes) into `out` on every rank."""
         opts = dist.ScatterOptions()
@@ -383,7 +401,21 @@ class ShardedKVCache(PagedKVCache):
     def __init__(self, tp: TPGroup, shard: Shard, pool_id: int, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.tp, self.shard, self.pool_id = tp, shard, pool_id
-        self.shipped: dict[int, torch.Tensor] = {}  # layer -> all heads' KV shipped this step (`TPModel`)
+        # layer -> the KV shipped this step (`TPModel`): every head (gathered), or this rank's (a shipment)
+        self.shipped: dict[int, torch.Tensor] = {}
+        self._drops: list[int] = []  # shipments released since the last op (sent with the next forward)
+        self._drops_lock = threading.Lock()
+
+    def drop_later(self, ship_id: int) -> None:
+        """Free shipment `ship_id`'s staged KV on every rank, with the next forward pass (from any thread, at
+        once: a sender's loop must not wait for the group's lock)."""
+        with self._drops_lock:
+            self._drops.append(ship_id)
+
+    def take_drops(self) -> list[int]:
+        with self._drops_lock:
+            drops, self._drops = self._drops, []
+        return drops
 
     def copy_blocks_to(self, dst: PagedKVCache, pairs: list[tuple[int, int]]) -> None:
         with self.tp.lock:
@@ -400,6 +432,13 @@ class ShardedKVCache(PagedKVCache):
             self.tp.send(OP_WRITE, [layer, slots])
             super().write_layer(layer, slots, self.tp.scatter(mine, parts))
 
+    def extension(self, ext: int, items: list, local):
+        """Run extension op `ext` (registered on every other rank: `TPRank.extensions`) with `items` there, and
+        `local()` here, together (their collectives matched, the group's lock held); returns `local()`'s value."""
+        with self.tp.lock:
+            self.tp.send(OP_EXTENSION, [ext, *items])
+            return local()
+
     def export(self, block_table: list[int], num_tokens: int) -> list[torch.Tensor]:
         self._check_table(block_table, num_tokens)
         slots = self.slots(block_table, 0, num_tokens).to(self.device)
@@ -412,6 +451,23 @@ def _read(kv: PagedKVCache, layer: int, slots: torch.Tensor) -> torch.Tensor:
     return torch.stack([kv.k[layer].index_select(0, slots), kv.v[layer].index_select(0, slots)])
 
 
+class Shipment:
+    """One forward pass's shipped KV, held by every rank (its own heads: rank 0 in the streams' layers, the others
+    in their `staged`) for the KV plane's per-rank channels, until each of the `users` streams shipping from it
+    has released it; then the ranks drop theirs (`ShardedKVCache.drop_later`)."""
+
+    def __init__(self, kv: ShardedKVCache, ship_id: int, users: int):
+        self.kv, self.ship_id, self.users = kv, ship_id, users
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            self.users -= 1
+            last = self.users == 0
+        if last:
+            self.kv.drop_later(self.ship_id)
+
+
 class TPModel:
     """Rank 0's model: each forward pass is broadcast to the other ranks first, then run here in step with
     them (the row-parallel layers' all-reduces). `arch` is the whole model's, `shard_arch` this rank's."""
@@ -420,6 +476,12 @@ class TPModel:
         self.model, self.arch, self.tp, self.shard = model, arch, tp, shard
         self.shard_arch = model.arch
         self.kv: ShardedKVCache | None = None  # set by the engine once its pool exists
+        self._ship_ids = 0
+
+    def shipment(self, users: int) -> Shipment:
+        """A new shipment id for the next forward pass's shipped KV, staged on every rank (`forward(ship_id=)`)."""
+        self._ship_ids += 1
+        return Shipment(self.kv, self._ship_ids, users)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden)
@@ -427,19 +489,24 @@ class TPModel:
     def use_fused_ops(self, ops) -> None:
         self.model.use_fused_ops(ops)
 
-    def forward(self, input_ids, positions, meta, kv_k, kv_v, on_layer=None, ship_slots=None) -> torch.Tensor:
-        """As `LlamaModel.forward`; `ship_slots`: the slots whose KV (all heads) is gathered from every rank
-        as each layer completes, into `kv.shipped[layer]`, before `on_layer(layer)`."""
+    def forward(self, input_ids, positions, meta, kv_k, kv_v, on_layer=None, ship_slots=None,
+                ship_id: int = 0) -> torch.Tensor:
+        """As `LlamaModel.forward`; `ship_slots`: the slots whose KV is put in `kv.shipped[layer]` as each layer
+        completes, before `on_layer(layer)`: every head, gathered from every rank; with `ship_id` (a `Shipment`'s)
+        this rank's heads only, every other rank keeping its own in its `staged[ship_id]`."""
         kv = self.kv
 
         def hook(i: int) -> None:
             if ship_slots is not None:
-                kv.shipped[i] = self.tp.gather_heads(self.shard, _read(kv, i, ship_slots))
+                local = _read(kv, i, ship_slots)
+                kv.shipped[i] = local if ship_id else self.tp.gather_heads(self.shard, local)
             if on_layer is not None:
                 on_layer(i)
 
         with self.tp.lock:
-            self.tp.send(OP_FORWARD, [input_ids, positions, ship_slots, meta_items(meta)])
+            for sid in kv.take_drops() if kv is not None else ():
+                self.tp.send(OP_DROP, [sid])
+            self.tp.send(OP_FORWARD, [input_ids, positions, ship_slots, ship_id, meta_items(meta)])
             return self.model.forward(input_ids, positions, meta, kv_k, kv_v, on_layer=hook)
 
     def stop(self) -> None:
@@ -460,7 +527,7 @@ class TPRank:
 
         if config.engine.num_threads:
             torch.set_num_threads(config.engine.num_threads)
-        self.tp = tp
+        self.tp, self.config = tp, config
         self.device = pick_device(config.model.device)
         self.dtype = pick_dtype(config.model.dtype, self.device)
         self.model, _ = load_model(model_path, self.device, self.dtype,
@@ -471,11 +538,20 @@ class TPRank:
                                           or self.model.full_arch.max_position_embeddings, tensor_parallel=True)
         self._meta_cls = AttentionMetadata
         self.kv = self.swap_kv = None
+        # extension id -> handler(rank, items), for OP_EXTENSION: registered by the layer that sends them
+        self.extensions: dict[int, Callable[[TPRank, list], None]] = {}
+        self.staged: dict[int, dict[int, torch.Tensor]] = {}  # shipment id -> layer -> this rank's heads' KV
 
     def serve(self) -> None:
-        """Build the KV pools rank 0 sized, then run ops until STOP (or a failure, which is raised)."""
+        """Build the KV pools rank 0 sized (after a profiling pass with it, on CUDA), then run ops until STOP (or a
+        failure, which is raised)."""
         arch = self.model.arch
-        num_blocks, swap_blocks, block_size = self.tp.broadcast(torch.empty(3, dtype=torch.long), idle=True).tolist()
+        while True:
+            num_blocks, swap_blocks, block_size = self.tp.broadcast(torch.empty(3, dtype=torch.long),
+                                                                    idle=True).tolist()
+            if num_blocks != PROFILE:
+                break
+            self._profile(swap_blocks, block_size)  # then rank 0 sends the pools' size
         shape = (arch.num_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim, self.dtype)
         self.kv = PagedKVCache(*shape, self.device)
         pools = [self.kv]
@@ -500,14 +576,50 @@ class TPRank:
                 pool, slots = items
                 for layer in range(arch.num_layers):
                     self.tp.gather(_read(pools[pool], layer, slots))
+            elif op == OP_EXTENSION and items[0] in self.extensions:
+                self.extensions[items[0]](self, items[1:])
+            elif op == OP_DROP:
+                self.staged.pop(items[0], None)
             else:
                 raise TensorParallelFailure(f"unknown op {op}")
 
-    def _forward(self, ids, positions, ship_slots, meta_fields) -> None:
+    def _profile(self, num_blocks: int, block_size: int) -> None:
+        """The profiling pass (`LLMEngine._num_kv_blocks`, CUDA): rank 0's forward of the largest step, run here
+        on this rank's shard into a profiling pool of `num_blocks`; then how many KV blocks this device has room
+        for, of which the group takes the smallest (never run here: no CUDA device where this was written)."""
+        from pdserve.engine.memory import DeviceMemory, KVCacheTooSmall, kv_cache_blocks
+
+        arch, cc = self.model.arch, self.config.cache
+        meter = DeviceMemory(self.device)
+        meter.reset()
+        self.kv = PagedKVCache(arch.num_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim,
+                               self.dtype, self.device)
+        op, items = self.tp.receive()
+        if op != OP_FORWARD:
+            raise TensorParallelFailure(f"op {op} during the profiling pass")
+        self._forward(*items)
+        snap = meter.snapshot()
+        profile_bytes = self.kv.data.numel() * self.kv.data.element_size()
+        self.kv = None
+        per_block = PagedKVCache.bytes_per_block(arch.num_layers, block_size, arch.num_kv_heads, arch.head_dim,
+                                                 self.dtype)
+        try:
+            mine = kv_cache_blocks(snap.total_bytes, cc.gpu_memory_utilization, snap.peak_in_use_bytes - profile_bytes,
+                                   per_block)
+        except KVCacheTooSmall as e:  # rank 0 raises it for the group (a 0 here makes the minimum 0)
+            logger.error("tensor-parallel rank %d: %s", self.tp.rank, e)
+            mine = 0
+        self.tp.min_over_ranks(mine)
+
+    def _forward(self, ids, positions, ship_slots, ship_id, meta_fields) -> None:
         meta = meta_from_items(self._meta_cls, meta_fields)
 
         def hook(i: int) -> None:
-            if ship_slots is not None:
+            if ship_slots is None:
+                return
+            if ship_id:
+                self.staged.setdefault(ship_id, {})[i] = _read(self.kv, i, ship_slots)
+            else:
                 self.tp.gather(_read(self.kv, i, ship_slots))
 
         self.model.forward(ids, positions, meta, self.kv.k, self.kv.v, on_layer=hook)

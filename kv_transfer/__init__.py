@@ -9,7 +9,7 @@ only thing that differs (`LayerChunk.data` inline, or out of band on a
 `channel.TorchChannel`): one interface with one class per transport in
 `data_plane`, so another one (RDMA: NIXL, Mooncake) slots in there.
 
-Protocol: Pair (compare fingerprints, once per peer) -> Reserve (decode side
+Protocol: Pair (compare fingerprints and tensor-parallel layouts, once per peer) -> Reserve (decode side
 allocates blocks under a lease, or refuses: `ReservationRefused`, nothing is
 sent; a decode worker reserves locally with `KVReceiver.reserve_future` when a
 request opens on it, and the prefill side pushes into that reservation with no
@@ -73,7 +73,7 @@ _EXPORTS = {
     "KVSender": "client", "ReservationInfo": "client", "TransferResult": "client",
     "KVPool": "pool",
     "LocalReservation": "reservations", "ReceivedKV": "reservations",
-    "Fingerprint": "protocol",
+    "Fingerprint": "protocol", "KVLayout": "protocol",
     "KVReceiver": "server",
     "LayerStream": "source",
     **dict.fromkeys(("AuthenticationFailed", "ChecksumMismatch", "DuplicateRequest", "KVTransferError",
@@ -83,7 +83,7 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "AuthenticationFailed", "ChecksumMismatch", "DuplicateRequest", "Fingerprint", "KVPool", "KVReceiver",
+    "AuthenticationFailed", "ChecksumMismatch", "DuplicateRequest", "Fingerprint", "KVLayout", "KVPool", "KVReceiver",
     "KVSender", "KVTransferError", "LayerStream", "LayoutMismatch", "LocalReservation", "MalformedTransfer",
     "OversizedMessage", "PeerUnavailable", "ReceivedKV", "RequestReleased", "ReservationInfo", "ReservationRefused",
     "ReservationTooLarge", "TransferCancelled", "TransferResult", "TransferTimeout", "UnknownRequest",
@@ -108,7 +108,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
         UnknownRequest,
     )
     from pdserve.kv_transfer.pool import KVPool
-    from pdserve.kv_transfer.protocol import Fingerprint
+    from pdserve.kv_transfer.protocol import Fingerprint, KVLayout
     from pdserve.kv_transfer.reservations import LocalReservation, ReceivedKV
     from pdserve.kv_transfer.server import KVReceiver
     from pdserve.kv_transfer.source import LayerStream

@@ -129,6 +129,37 @@ class TorchChannel:
     def send(self, t: torch.Tensor) -> None:
         self._run(lambda: self.group.send([t], RECEIVER_RANK, 0), "send")
 
+    def post_send(self, t: torch.Tensor):
+        """Start sending `t` and return at once (the bytes go as the receiver takes them); `t` must live until
+        `send_done` says the send is over."""
+        with self._guard:
+            if self.broken or self._retired:
+                raise PeerUnavailable(f"channel {self.channel_id} is closed")
+            self._in_flight += 1
+        self.last_used = time.monotonic()
+        try:
+            return self.group.send([t], RECEIVER_RANK, 0)
+        except Exception as e:
+            self._done(close=True)
+            raise PeerUnavailable(f"channel {self.channel_id}: send failed: {e}") from e
+
+    def send_done(self, work, deadline: float) -> bool | None:
+        """A posted send (`post_send`): None while it runs, True once done; False if it failed or is still running
+        at `deadline` (`time.monotonic()`), which closes the channel (its state is unknown)."""
+        if not work.is_completed():
+            if time.monotonic() < deadline:
+                return None
+            self._done(close=True)
+            return False
+        try:
+            work.wait(self.timeout)
+        except Exception:
+            self._done(close=True)
+            return False
+        self._done(close=False)
+        self.last_used = time.monotonic()
+        return True
+
     def recv(self, t: torch.Tensor) -> None:
         self._run(lambda: self.group.recv([t], SENDER_RANK, 0), "recv")
 
@@ -204,6 +235,12 @@ class ChannelTable:
             if ch is not None:
                 self._channels.move_to_end(key)
             return ch
+
+    def has(self, key: str) -> bool:
+        """`key` names an open channel here (its recency unchanged)."""
+        with self._lock:
+            ch = self._channels.get(key)
+            return ch is not None and not ch.closed
 
     def make_room(self) -> bool:
         """Evict idle channels until one more fits; False if every channel is busy."""

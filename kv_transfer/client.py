@@ -28,12 +28,14 @@ from pdserve.kv_transfer.data_plane import SenderLink
 from pdserve.kv_transfer.protocol import (
     AUTH_METADATA_KEY,
     Fingerprint,
+    KVLayout,
     KVTransferError,
     LayoutMismatch,
     MalformedTransfer,
     TransferCancelled,
     error_from_rpc,
     keepalive_options,
+    layout_mismatches,
     plan_chunks,
 )
 from pdserve.kv_transfer.source import CommitInfo, LayerKV, LayerStream
@@ -50,6 +52,7 @@ class Peer:
     channel: grpc.aio.Channel = field(repr=False)
     stub: pb_grpc.KVTransferStub = field(repr=False)
     push: object = field(repr=False)  # Push, taking messages or their pre-encoded wire bytes
+    layout: KVLayout | None = None  # how its tensor-parallel ranks hold the KV heads
 
 
 @dataclass
@@ -75,16 +78,22 @@ class KVSender:
     with a fresh RNG seeded from the new config."""
 
     def __init__(self, config: KVTransferConfig, fingerprint: Fingerprint, *, worker_id: str | None = None,
-                 device=None, faults: FaultConfig | None = None):
+                 device=None, faults: FaultConfig | None = None, layout: KVLayout | None = None, ranks=None):
+        """`layout`: how this worker's tensor-parallel ranks hold the KV heads (`pool.engine_layout`); one rank
+        holding them all by default. Pairing refuses a peer whose layout does not tile the same heads. `ranks`:
+        with per-rank channels, its other ranks' channel ends (`ranks.RankKeys` over the engine's pool), from
+        which they send the KV they staged themselves."""
         if torch.device(device or "cpu").type == "cpu":
             keep_freed_memory()  # chunk buffers are reused from the heap instead of mmapped afresh
         self.config = config
         self.fingerprint = fingerprint
         self.digest = fingerprint.digest()
+        self.layout = layout or KVLayout.whole(fingerprint.num_kv_heads)
         self.worker_id = worker_id or f"prefill-{uuid.uuid4().hex[:8]}"
         self.device = torch.device(device or "cpu")
         plane = data_plane.for_transport(config.kv_transport)
-        self.plane = plane.sender(config, device=self.device, worker_id=self.worker_id)
+        self.plane = plane.sender(config, device=self.device, worker_id=self.worker_id, layout=self.layout,
+                                  ranks=ranks)
         self._wire_name = plane.wire_name  # names the plane in each push's header
         self._peers: dict[str, Peer] = {}
         self._pair_lock: asyncio.Lock | None = None
@@ -105,7 +114,8 @@ class KVSender:
         self._faults = fi.FaultInjector(faults)
 
     def pair(self, address: str) -> Peer:
-        """Connect and compare fingerprints (once per peer); raises `LayoutMismatch` if incompatible."""
+        """Connect and compare fingerprints and KV layouts (once per peer); raises `LayoutMismatch` if
+        incompatible (another model or KV format, or a tensor-parallel split that does not tile its KV heads)."""
         return self._call(self._pair(address))
 
     def reserve(self, address: str, request_id: str, num_tokens: int, lease_s: float | None = None) -> ReservationInfo:
@@ -171,19 +181,21 @@ class KVSender:
                 channel = grpc.aio.insecure_channel(address, options=opts)
             stub = pb_grpc.KVTransferStub(channel)
             try:
-                hello = pb.PairRequest(fingerprint=self.fingerprint.to_proto(), worker_id=self.worker_id)
+                hello = pb.PairRequest(fingerprint=self.fingerprint.to_proto(), worker_id=self.worker_id,
+                                       layout=self.layout.to_proto())
                 resp = await stub.Pair(hello, timeout=c.rpc_timeout_s, metadata=self._metadata)
             except grpc.aio.AioRpcError as e:
                 await channel.close()
                 raise error_from_rpc(e) from None
             theirs = Fingerprint.from_proto(resp.fingerprint)
-            diff = self.fingerprint.mismatches(theirs)
+            layout = KVLayout.from_proto(resp.layout, theirs.num_kv_heads)
+            diff = self.fingerprint.mismatches(theirs) or layout_mismatches(self.fingerprint, self.layout, layout)
             if diff:  # the server checks too; this catches an older server that does not
                 await channel.close()
                 raise LayoutMismatch("incompatible KV layouts: " + "; ".join(diff))
             push = channel.stream_unary("/pdserve.kv_transfer.v1.KVTransfer/Push", request_serializer=_serialize,
                                         response_deserializer=pb.PushResponse.FromString)
-            peer = Peer(address, resp.worker_id, theirs, resp.max_message_bytes, channel, stub, push)
+            peer = Peer(address, resp.worker_id, theirs, resp.max_message_bytes, channel, stub, push, layout)
             self._peers[address] = peer
             return peer
 
@@ -264,6 +276,7 @@ class KVSender:
             raise KVTransferError(f"transfer of {rid} failed on the sending side: {e}") from e
         finally:
             self._calls.pop(rid, None)
+            source.close()  # what the stream's KV was staged in (a TP engine's ranks) may go
         t = resp.timings
         return TransferResult(rid, resp.bytes, time.perf_counter() - t0,
                               {"reserve": t.reserve, "first_byte": t.first_byte, "last_byte": t.last_byte,
@@ -298,7 +311,7 @@ class KVSender:
         async def _messages():
             yield pb.PushMessage(header=pb.TransferHeader(
                 request_id=source.request_id, fingerprint_digest=self.digest, num_tokens=source.num_tokens,
-                data_plane=self._wire_name, channel_id=link.channel_id))
+                data_plane=self._wire_name, channel_id=link.channel_id, rank_channels=link.rank_channels))
             async for batch in _chain(first, batches):
                 async for m in self._batch_messages(source, batch, link, peer, plan):
                     yield m
@@ -337,6 +350,7 @@ class KVSender:
                                         f"the transfer ships {shipped}")
         by_layer = {item.layer: item.kv for item in layers}
         ready = {item.layer: item.ready for item in layers}
+        staged = {item.layer: item.staged for item in layers}  # the other ranks' heads (per-rank channels)
         for run_start, count in _runs([item.layer for item in layers]):
             for layer, nl, s, e in plan_chunks(run_start, count, shipped, fp.bytes_per_token_layer, limit):
                 await _landed(ready[layer + nl - 1])  # its copies are in order: the last layer's covers the chunk
@@ -347,7 +361,9 @@ class KVSender:
                     continue
                 kvs = [by_layer[i][:, s:e] for i in range(layer, layer + nl)]
                 meta = pb.LayerChunk(layer=layer, num_layers=nl, token_start=start + s, num_tokens=e - s)
-                async for m in link.messages(kvs, meta, corrupt=fault == fi.CORRUPT):  # corrupt: after the checksum
+                at = {"staged": (staged[layer][0], staged[layer][1] + s)} if staged[layer] is not None else {}
+                # corrupt: after the checksum
+                async for m in link.messages(kvs, meta, corrupt=fault == fi.CORRUPT, **at):
                     yield m
 
     async def _release_quietly(self, address: str, request_id: str, reason: str) -> None:

@@ -23,7 +23,11 @@ Two implementations, picked through `DataPlane` registry entries by the wire's
   * "torch" (`kv_transport: nccl`, `TorchSender`/`TorchReceiver`): the bytes go on a
     torch.distributed channel per worker pair (`channel.TorchChannel`: NCCL on CUDA,
     gloo on CPU), opened through the OpenChannel RPC; a channel carries one push at a
-    time, and one that fails mid-push is torn down.
+    time, and one that fails mid-push is torn down. When either side is tensor-parallel
+    (the `KVLayout`s exchanged by Pair) there is one channel per (sender rank, receiver
+    rank) pair with KV heads in common instead, each carrying only those heads from the
+    rank that holds them to the rank that keeps them (`_RankedLink`/`_RankedReceiveLink`,
+    `ranks`): the receiver's ranks write their heads themselves (`ReceiverLink.in_place`).
 
 A third transport is one more pair of halves and one `DataPlane(...)` line in
 `PLANES`; nothing in `KVSender` or `KVReceiver` changes. NIXL (RDMA), for example:
@@ -78,6 +82,7 @@ from pdserve.kv_transfer.channel import (
 )
 from pdserve.kv_transfer.errors import ChecksumMismatch, KVTransferError, MalformedTransfer, PeerUnavailable
 from pdserve.kv_transfer.protocol import (
+    KVLayout,
     advertised_host,
     bytes_checksum,
     checksum,
@@ -86,6 +91,7 @@ from pdserve.kv_transfer.protocol import (
     error_from_rpc,
     kv_from_bytes,
 )
+from pdserve.kv_transfer.ranks import RankKeys, Row
 from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
 
 if TYPE_CHECKING:
@@ -102,21 +108,29 @@ class SenderLink(ABC):
     """One push's way to its peer (held for the whole push)."""
 
     channel_id = ""  # for the TransferHeader: what the receiver's `attach` looks up
+    rank_channels: tuple = ()  # per-rank channels (`TransferHeader.rank_channels`)
 
     @abstractmethod
-    def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool) -> AsyncIterator[Message]:
+    def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool,
+                 staged: tuple | None = None) -> AsyncIterator[Message]:
         """What one chunk puts on the Push stream: its `meta` (size and checksum filled in here),
         then anything else the chunk needs. `kvs` are the chunk's layers, each `[2, n, heads, dim]`;
-        `corrupt`: flip a byte after the checksum (fault injection)."""
+        `corrupt`: flip a byte after the checksum (fault injection); `staged`: a tensor-parallel sender's other
+        ranks hold the rest of the heads (`kvs` has rank 0's): (their `engine.parallel.Shipment`, the chunk's
+        first token in it)."""
 
 
 class SenderPlane(ABC):
-    """A `KVSender`'s half of a data plane."""
+    """A `KVSender`'s half of a data plane. `layout`: how the sender's ranks hold the KV heads; `ranks`: its other
+    ranks' channel ends (a tensor-parallel sender with per-rank channels, `ranks.RankKeys`)."""
 
-    def __init__(self, config: KVTransferConfig, *, device: torch.device, worker_id: str):
+    def __init__(self, config: KVTransferConfig, *, device: torch.device, worker_id: str,
+                 layout: KVLayout | None = None, ranks: RankKeys | None = None):
         self.config = config
         self.device = device
         self.worker_id = worker_id
+        self.layout = layout
+        self.ranks = ranks or RankKeys(None, config.channel_timeout_s)
 
     @abstractmethod
     def link(self, peer: Peer, metadata: tuple) -> contextlib.AbstractAsyncContextManager[SenderLink]:
@@ -133,11 +147,18 @@ class SenderPlane(ABC):
 class ReceiverLink(ABC):
     """Where one push's chunk bytes come from."""
 
+    in_place = False  # True: `write_chunk` lands each chunk in the pool itself; False: `chunk_kv` returns it
+
     @abstractmethod
     async def chunk_kv(self, chunk: pb.LayerChunk, num_layers: int, next_message: NextMessage) -> torch.Tensor:
         """The chunk's KV, `[num_layers, 2, chunk.num_tokens, heads, dim]`, checked against its
         checksum (`ChecksumMismatch`) and size (`MalformedTransfer`). `next_message` reads the
         Push stream (bounded by the idle timeout and the lease) for planes that carry bytes on it."""
+
+    async def write_chunk(self, chunk: pb.LayerChunk, num_layers: int, slots: torch.Tensor) -> None:
+        """For `in_place` links: receive the chunk's KV and write it into the pool at `slots` (the reserved
+        blocks' slots of its tokens), checked (`ChecksumMismatch`, `PeerUnavailable`)."""
+        raise NotImplementedError
 
     def abandon(self, sender_gone: bool) -> None:  # noqa: B027 (optional: a link that holds nothing beyond its push)
         """The push failed midway: tear down what it ran on, since its state is unknown (the sender
@@ -155,9 +176,9 @@ class ReceiverPlane(ABC):
     async def attach(self, header: pb.TransferHeader) -> ReceiverLink:
         """The way the push under `header` brings its bytes (`PeerUnavailable` if it is gone)."""
 
-    def open_channel(self, channel_id: str, backend: str, device: str = "") -> tuple[str, int]:
-        """The OpenChannel call, for planes with channels: start the receiving end, return where the
-        sender meets it. `device`: the sender's (`channel.device_identity`)."""
+    def open_channel(self, channel_id: str, backend: str, device: str = "", rank: int = 0) -> tuple[str, int]:
+        """The OpenChannel call, for planes with channels: start the receiving end (on tensor-parallel rank
+        `rank`), return where the sender meets it. `device`: the sender's (`channel.device_identity`)."""
         raise MalformedTransfer(f"the {backend} backend opens no channels here")
 
     def close(self) -> None:  # noqa: B027 (optional: a plane that holds no resources)
@@ -166,6 +187,7 @@ class ReceiverPlane(ABC):
     def _received(self, nbytes: int) -> None:
         """Count bytes that arrived, before they are checked (`pdserve_kv_transfer_bytes_total`)."""
         metrics.TRANSFER_BYTES_TOTAL.inc(self.config.kv_transport, nbytes)
+        metrics.RANK_PAIR_BYTES.labels(self.config.kv_transport, "rank0", "0", "0").inc(nbytes)
 
 
 def _check_sum(chunk: pb.LayerChunk, ok: bool) -> None:
@@ -182,7 +204,8 @@ class InlineSender(SenderPlane, SenderLink):
     async def link(self, peer: Peer, metadata: tuple) -> AsyncIterator[SenderLink]:
         yield self
 
-    async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool) -> AsyncIterator[Message]:
+    async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool,
+                       staged: tuple | None = None) -> AsyncIterator[Message]:
         data, meta.nbytes, meta.checksum = encode_chunk_data(kvs)
         meta.checksum_algo = pb.CHECKSUM_ALGO_CRC32C
         if corrupt:
@@ -215,7 +238,8 @@ class _TorchLink(SenderLink):
         self.channel_id = channel.channel_id
         self._executor = executor
 
-    async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool) -> AsyncIterator[Message]:
+    async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool,
+                       staged: tuple | None = None) -> AsyncIterator[Message]:
         # On the transfer stream (`engine.streams`), as the send is: the checksum's host wait is for this
         # chunk's work alone, not for the compute stream's queue.
         xfer = transfer_stream(kvs[0].device)
@@ -232,44 +256,132 @@ class _TorchLink(SenderLink):
         await loop.run_in_executor(self._executor, xfer.run, self.channel.send, part)
 
 
+class _RankedLink(SenderLink):
+    """Per-rank channels (`ranks`): one per (sender rank, receiver rank) pair whose KV heads intersect, each carrying
+    only those heads; rank 0's parts come from the stream, the other ranks' from what they staged."""
+
+    def __init__(self, rows: list[Row], ranks: RankKeys, bytes_per_token_layer: int,
+                 executor: concurrent.futures.Executor):
+        self.rows, self.ranks, self._executor = rows, ranks, executor
+        self.bytes_per_token_layer = bytes_per_token_layer
+        self.channel_id = next(r.channel_id for r in rows if r.src == 0)
+        self.rank_channels = tuple(pb.RankChannel(src_rank=r.src, dst_rank=r.dst, first=r.first, end=r.end,
+                                                  channel_id=r.channel_id) for r in rows)
+
+    async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool,
+                       staged: tuple | None = None) -> AsyncIterator[Message]:
+        xfer = transfer_stream(kvs[0].device)
+        loop = asyncio.get_running_loop()
+        num_layers, num_tokens = len(kvs), kvs[0].shape[1]
+        with xfer.use():
+            local = torch.stack(kvs)  # [layers, 2, tokens, rank 0's KV heads, head_dim]
+            own = [(e, local[:, :, :, r.a:r.b].contiguous()) for e, r in enumerate(self.rows) if r.src == 0]
+        if staged is None and any(r.src for r in self.rows):
+            raise MalformedTransfer("this worker's other ranks staged no KV for the stream (per-rank channels)")
+        shipment, start = staged if staged is not None else (None, 0)
+        algo = meta.checksum_algo = checksum_algo(local)
+        # every rank posts its sends (they go as the receiver's ranks take them) and reports their checksums
+        meta.rank_checksums.extend(await loop.run_in_executor(
+            self._executor, xfer.run, self.ranks.send, self.rows, own, shipment.ship_id if shipment else 0,
+            meta.layer, num_layers, start, num_tokens, algo, own[-1][0] if corrupt else -1))
+        meta.nbytes = num_layers * num_tokens * self.bytes_per_token_layer  # every head once, as the receiver counts
+        yield pb.PushMessage(chunk=meta)  # the receiver's ranks take the bytes when it reads this
+
+
 class TorchSender(SenderPlane):
-    def __init__(self, config: KVTransferConfig, *, device: torch.device, worker_id: str):
-        super().__init__(config, device=device, worker_id=worker_id)
+    def __init__(self, config: KVTransferConfig, *, device: torch.device, worker_id: str,
+                 layout: KVLayout | None = None, ranks: RankKeys | None = None):
+        super().__init__(config, device=device, worker_id=worker_id, layout=layout, ranks=ranks)
         self.channels = ChannelTable(config.max_channels)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._ranks: dict[str, int] = {}  # address -> how many of its ranks have channels from rank 0
+        self._remote: dict[tuple[str, int, int], tuple[str, int]] = {}  # (address, src, dst) -> (channel id, key)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, config.max_channels),
                                                                thread_name_prefix="kv-send")
 
     @contextlib.asynccontextmanager
     async def link(self, peer: Peer, metadata: tuple) -> AsyncIterator[SenderLink]:
         async with self._locks.setdefault(peer.address, asyncio.Lock()):  # sends and recvs match by order
-            channel = await self._channel(peer, metadata)
+            mine, theirs = self.layout, peer.layout
+            rows: list[Row] = []
+            if self.config.per_rank_channels and mine is not None and theirs is not None \
+                    and (mine.tp_size > 1 or theirs.tp_size > 1):
+                try:  # in (sender rank, receiver rank) order, as both sides use them
+                    for src, dst, first, end in mine.overlaps(theirs):
+                        rows.append(await self._row(peer, metadata, src, dst, first, end))
+                except BaseException:
+                    self._drop(peer.address, rows)
+                    raise
+                link: SenderLink = _RankedLink(rows, self.ranks, peer.fingerprint.bytes_per_token_layer,
+                                               self._executor)
+            else:  # one channel, to the receiver's rank 0 (which scatters the heads to its ranks, if it has any)
+                channel = await self._channel(peer, metadata)
+                rows = [Row(0, 0, 0, 0, channel=channel)]
+                link = _TorchLink(channel, self._executor)
             try:
-                yield _TorchLink(channel, self._executor)
+                yield link
             except BaseException:
-                channel.close()  # a send may be half done: the channel's state is unknown
+                self._drop(peer.address, rows)  # a send may be half done: the channels' state is unknown
                 raise
 
+    async def _row(self, peer: Peer, metadata: tuple, src: int, dst: int, first: int, end: int) -> Row:
+        base = self.layout.kv_heads[src][0]
+        row = Row(src, dst, first - base, end - base, first, end)
+        if src == 0:
+            row.channel = await self._channel(peer, metadata, dst)
+            row.channel_id = row.channel.channel_id
+            return row
+        known = self._remote.get((peer.address, src, dst))
+        if known is None:
+            if self.ranks.tp is None:
+                raise MalformedTransfer(f"sender rank {src} is not one of this worker's ranks")
+            channel_id, resp = await self._open(peer, metadata, dst)
+            args = (src, channel_id, resp.store_host, resp.store_port, backend_for(self.device),
+                    self.config.channel_timeout_s, SENDER_RANK, advertised_host(self.config.host))
+            key = await asyncio.get_running_loop().run_in_executor(self._executor, self.ranks.open, *args)
+            known = self._remote[(peer.address, src, dst)] = (channel_id, key)
+        row.channel_id, row.key = known
+        return row
+
+    def _drop(self, address: str, rows: list[Row]) -> None:
+        """Close a failed push's channels, rank 0's and the other ranks' (the next push opens fresh ones)."""
+        for r in rows:
+            if r.channel is not None:
+                r.channel.close()
+            elif r.src:
+                self._remote.pop((address, r.src, r.dst), None)
+        self.ranks.close([r.channel_id for r in rows if r.src])
+
     def forget(self, address: str) -> None:
-        self.channels.pop(address)
+        for r in range(self._ranks.pop(address, 1)):
+            self.channels.pop(_channel_key(address, r))
+        gone = [k for k in self._remote if k[0] == address]
+        self.ranks.close([self._remote.pop(k)[0] for k in gone])
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.channels.close_all()
 
-    async def _channel(self, peer: Peer, metadata: tuple) -> TorchChannel:
-        ch = self.channels.get(peer.address)
+    async def _open(self, peer: Peer, metadata: tuple, rank: int) -> tuple[str, pb.OpenChannelResponse]:
+        """OpenChannel: the receiver's rank `rank` starts its end of a new channel; (its id, where to meet)."""
+        channel_id = f"{self.worker_id}-{uuid.uuid4().hex[:12]}"
+        try:
+            req = pb.OpenChannelRequest(channel_id=channel_id, backend=backend_for(self.device),
+                                        device=device_identity(self.device), rank=rank)
+            return channel_id, await peer.stub.OpenChannel(req, timeout=self.config.rpc_timeout_s, metadata=metadata)
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from None
+
+    async def _channel(self, peer: Peer, metadata: tuple, rank: int = 0) -> TorchChannel:
+        """Rank 0's channel to the receiver's rank `rank` (reused while it lives)."""
+        key = _channel_key(peer.address, rank)
+        ch = self.channels.get(key)
         if ch is not None:
             return ch
         if not self.channels.make_room():
             raise KVTransferError(f"all {self.config.max_channels} channels are busy")
-        channel_id = f"{self.worker_id}-{uuid.uuid4().hex[:12]}"
+        channel_id, resp = await self._open(peer, metadata, rank)
         backend = backend_for(self.device)
-        try:
-            req = pb.OpenChannelRequest(channel_id=channel_id, backend=backend, device=device_identity(self.device))
-            resp = await peer.stub.OpenChannel(req, timeout=self.config.rpc_timeout_s, metadata=metadata)
-        except grpc.aio.AioRpcError as e:
-            raise error_from_rpc(e) from None
         t, host = self.config.channel_timeout_s, advertised_host(self.config.host)
 
         def build() -> TorchChannel:  # blocks until the receiver joins: off the loop
@@ -278,8 +390,13 @@ class TorchSender(SenderPlane):
             return TorchChannel(channel_id, create_group(store, channel_id, SENDER_RANK, backend, t, host), backend, t)
 
         ch = await asyncio.get_running_loop().run_in_executor(self._executor, build)
-        self.channels.put(peer.address, ch)
+        self.channels.put(key, ch)
+        self._ranks[peer.address] = max(self._ranks.get(peer.address, 1), rank + 1)
         return ch
+
+
+def _channel_key(address: str, rank: int) -> str:
+    return address if rank == 0 else f"{address}#rank{rank}"
 
 
 class _TorchReceiveLink(ReceiverLink):
@@ -312,6 +429,33 @@ class _TorchReceiveLink(ReceiverLink):
         self.channel.retire(now=sender_gone)
 
 
+class _RankedReceiveLink(ReceiverLink):
+    """A push on per-rank channels: every rank of this worker receives its heads on its own (`ranks`)."""
+
+    in_place = True
+
+    def __init__(self, plane: TorchReceiver, rows: list[Row]):
+        self.plane, self.rows = plane, rows
+
+    async def chunk_kv(self, chunk: pb.LayerChunk, num_layers: int, next_message: NextMessage) -> torch.Tensor:
+        raise MalformedTransfer("a push on per-rank channels is written in place")
+
+    async def write_chunk(self, chunk: pb.LayerChunk, num_layers: int, slots: torch.Tensor) -> None:
+        if len(chunk.rank_checksums) != len(self.rows):
+            raise MalformedTransfer(f"{len(chunk.rank_checksums)} checksums for {len(self.rows)} rank channels")
+        plane = self.plane
+        await asyncio.get_running_loop().run_in_executor(
+            plane.executor, plane.ranks.receive, self.rows, chunk.layer, num_layers, chunk.num_tokens, slots,
+            chunk.checksum_algo, list(chunk.rank_checksums), plane.config.kv_transport)
+        metrics.TRANSFER_BYTES_TOTAL.inc(plane.config.kv_transport, chunk.nbytes)
+
+    def abandon(self, sender_gone: bool) -> None:
+        for r in self.rows:
+            if r.channel is not None:
+                r.channel.retire(now=sender_gone)
+        self.plane.ranks.close([r.channel_id for r in self.rows if r.dst])
+
+
 class TorchReceiver(ReceiverPlane):
     def __init__(self, pool: KVPool, config: KVTransferConfig):
         super().__init__(pool, config)
@@ -321,32 +465,78 @@ class TorchReceiver(ReceiverPlane):
         self._pending: dict[str, concurrent.futures.Future] = {}  # channel id -> its group being built
         self._store: dist.TCPStore | None = None
         self.device = device_identity(pool.kv.device)
+        # the other ranks' channel ends (`ranks`), for a tensor-parallel pool (`engine.parallel.ShardedKVCache`);
+        # a pool without other ranks has none
+        self.ranks = RankKeys(pool.kv, config.channel_timeout_s)
+        self._companions: dict[str, list[str]] = {}  # rank 0's channel id -> its ranks' channels of one sender
 
     async def attach(self, header: pb.TransferHeader) -> ReceiverLink:
-        channel_id = header.channel_id
+        if not header.rank_channels:
+            return _TorchReceiveLink(self, await self._own_channel(header.channel_id))
+        rows = self._rows(header.rank_channels)  # checked before any channel is looked up
+        ch = await self._own_channel(header.channel_id)
+        for r in rows:
+            if r.dst == 0:
+                r.channel = ch if r.channel_id == header.channel_id else await self._own_channel(r.channel_id)
+        self._companions[header.channel_id] = [r.channel_id for r in rows if r.dst]
+        return _RankedReceiveLink(self, rows)
+
+    def _rows(self, channels) -> list[Row]:
+        """A push's per-rank channels, checked: in (sender rank, receiver rank) order, each inside its receiver
+        rank's KV heads, together tiling every rank's heads, and each opened here for that rank."""
+        heads = self.pool.layout.kv_heads
+        rows, covered = [], [heads[r][0] for r in range(len(heads))]
+        for rc in channels:
+            dst = rc.dst_rank
+            if dst >= len(heads) or rc.first != covered[dst] or not rc.first < rc.end <= heads[dst][1]:
+                raise MalformedTransfer(f"rank channel {rc.src_rank} -> {dst} with KV heads [{rc.first}, {rc.end}) "
+                                        f"does not follow this worker's layout {list(heads)}")
+            if rows and (rows[-1].src, rows[-1].dst) >= (rc.src_rank, dst):
+                raise MalformedTransfer("rank channels out of (sender rank, receiver rank) order")
+            covered[dst] = rc.end
+            row = Row(rc.src_rank, dst, rc.first - heads[dst][0], rc.end - heads[dst][0], rc.first, rc.end,
+                      rc.channel_id)
+            if dst:
+                rank, row.key = self.ranks.keys.get(rc.channel_id, (0, 0))
+                if rank != dst:
+                    raise PeerUnavailable(f"no open channel {rc.channel_id!r} on rank {dst}")
+            rows.append(row)
+        if covered != [h[1] for h in heads]:
+            raise MalformedTransfer(f"rank channels leave KV heads of this worker's layout {list(heads)} uncovered")
+        return rows
+
+    async def _own_channel(self, channel_id: str) -> TorchChannel:
         fut = self._pending.get(channel_id)
         if fut is not None:
             try:
-                return _TorchReceiveLink(self, await asyncio.wrap_future(fut))
+                return await asyncio.wrap_future(fut)
             except Exception as e:
                 raise PeerUnavailable(f"channel {channel_id} never connected: {e}") from e
         ch = self.channels.get(channel_id)
         if ch is None:
             raise PeerUnavailable(f"no open channel {channel_id!r}")
-        return _TorchReceiveLink(self, ch)
+        return ch
 
-    def open_channel(self, channel_id: str, backend: str, device: str = "") -> tuple[str, int]:
+    def open_channel(self, channel_id: str, backend: str, device: str = "", rank: int = 0) -> tuple[str, int]:
         """Start the receiving end of a channel (its group is built on a worker thread, as joining
-        blocks until the sender joins); returns the store address the sender rendezvouses at."""
+        blocks until the sender joins; on rank `rank` of a tensor-parallel worker, through an op of its
+        group: `ranks`); returns the store address the sender rendezvouses at."""
         if backend != backend_for(self.pool.kv.device):
             raise MalformedTransfer(f"backend {backend} cannot reach a pool on {self.pool.kv.device}")
         check_distinct_devices(device, self.device)
+        if rank and (self.ranks.tp is None or rank >= self.pool.layout.tp_size):
+            raise MalformedTransfer(f"this worker has no tensor-parallel rank {rank} to take a channel")
         if not self.channels.make_room():
             raise KVTransferError(f"all {self.config.max_channels} channels are busy")
         if self._store is None:
             self._store = listening_store(self.config.host, self.config.channel_timeout_s)
         store, t = self._store, self.config.channel_timeout_s
         host = advertised_host(self.config.host)  # what the peer dials, and the interface gloo binds
+        for cid in [c for c in self._companions if not self.channels.has(c)]:  # their rank-0 end is gone
+            self.ranks.close(self._companions.pop(cid))
+        if rank:
+            self.ranks.open(rank, channel_id, host, store.port, backend, t, RECEIVER_RANK, host)
+            return host, store.port
 
         def build() -> TorchChannel:
             ch = TorchChannel(channel_id, create_group(store, channel_id, RECEIVER_RANK, backend, t, host), backend, t)

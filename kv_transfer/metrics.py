@@ -36,6 +36,10 @@ TRANSFER_FAILURES = Counter(
 TRANSFER_CACHED_BYTES = Counter(
     "pdserve_kv_transfer_cached_bytes", "KV bytes completed transfers did not carry: the receiver's prefix "
     "cache held them", ["transport"])
+RANK_PAIR_BYTES = Counter(
+    "pdserve_kv_transfer_rank_pair_bytes", "KV bytes received, by the path they took (per_rank: each receiver rank's "
+    "heads on a channel of its own; rank0: every head through the receiver's rank 0) and by (sender rank, receiver "
+    "rank)", ["transport", "path", "src_rank", "dst_rank"])
 
 
 class _BytesTotal:

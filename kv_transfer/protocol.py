@@ -117,6 +117,77 @@ class Fingerprint:
         return [f"{k}: {mine[k]!r} here, {theirs[k]!r} on the peer" for k in mine if mine[k] != theirs[k]]
 
 
+@dataclass(frozen=True)
+class KVLayout:
+    """How a worker holds the model's KV heads: `tp_size` tensor-parallel ranks, rank r holding the whole
+    model's KV heads `kv_heads[r]` = [first, end) (ranks may share a head: replicated, as
+    `engine.parallel.Shard` does when there are more ranks than KV heads). Not part of the fingerprint: a
+    prefill worker with one layout feeds a decode worker with another, as long as each layout tiles the
+    same whole-model heads (`problems`)."""
+
+    tp_size: int
+    kv_heads: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def whole(cls, num_kv_heads: int) -> KVLayout:
+        """One rank holding every head (no tensor parallelism; also what a peer that sends no layout means)."""
+        return cls(1, ((0, num_kv_heads),))
+
+    def problems(self, num_kv_heads: int) -> list[str]:
+        """Why this layout cannot hold a model with `num_kv_heads` KV heads; empty when it can. Each rank holds
+        a non-empty range inside the model's heads, two ranks' ranges are equal (a replicated head) or
+        disjoint, and together they cover every head: a split that tiles the model's KV heads."""
+        if self.tp_size < 1 or len(self.kv_heads) != self.tp_size:
+            return [f"{len(self.kv_heads)} KV-head ranges for tensor-parallel size {self.tp_size}"]
+        out = [f"rank {r}: KV heads [{a}, {b}) outside the model's [0, {num_kv_heads})"
+               for r, (a, b) in enumerate(self.kv_heads) if not 0 <= a < b <= num_kv_heads]
+        if out:
+            return out
+        covered, why = 0, ""
+        for a, b in sorted(set(self.kv_heads)):  # distinct ranges, in order: they must follow each other
+            if a != covered:
+                why = f"{'an overlap' if a < covered else 'a gap'} at head {min(a, covered)}"
+                break
+            covered = b
+        else:
+            if covered != num_kv_heads:
+                why = f"heads from {covered} on are on no rank"
+        return [f"KV-head ranges {list(self.kv_heads)} do not tile the model's {num_kv_heads} KV heads: {why}"] \
+            if why else []
+
+    def overlaps(self, other: KVLayout) -> list[tuple[int, int, int, int]]:
+        """(my rank, its rank, first, end): the whole-model KV heads [first, end) that a rank of this layout (the
+        sender's) and a rank of `other` (the receiver's) both hold: the rank pairs a transfer between the two
+        connects, in (my rank, its rank) order. Each of `other`'s ranks gets each of its heads once: from the
+        first of my ranks holding it (a replicated head is sent by one replica, to every replica)."""
+        out = []
+        for r, (a, b) in enumerate(self.kv_heads):
+            if (a, b) in self.kv_heads[:r]:
+                continue
+            for s, (c, d) in enumerate(other.kv_heads):
+                if max(a, c) < min(b, d):
+                    out.append((r, s, max(a, c), min(b, d)))
+        return out
+
+    def to_proto(self) -> pb.KVLayout:
+        return pb.KVLayout(tp_size=self.tp_size, kv_heads=[pb.HeadRange(first=a, end=b) for a, b in self.kv_heads])
+
+    @classmethod
+    def from_proto(cls, m: pb.KVLayout, num_kv_heads: int) -> KVLayout:
+        """`m` as sent; an absent one (a peer older than the field) is `whole(num_kv_heads)`."""
+        if not m.tp_size and not m.kv_heads:
+            return cls.whole(num_kv_heads)
+        return cls(m.tp_size, tuple((h.first, h.end) for h in m.kv_heads))
+
+
+def layout_mismatches(fingerprint: Fingerprint, mine: KVLayout, theirs: KVLayout) -> list[str]:
+    """Why KV cannot move between two workers of one model (`fingerprint`) with these layouts; empty when it can:
+    any tensor-parallel sizes, as long as each side's ranges tile the model's KV heads."""
+    h = fingerprint.num_kv_heads
+    return ([f"layout here: {p}" for p in mine.problems(h)]
+            + [f"layout on the peer: {p}" for p in theirs.problems(h)])
+
+
 # -- typed errors (defined in `errors`, torch- and gRPC-free; re-exported here) ----------------------
 def grpc_status(e: KVTransferError) -> grpc.StatusCode:
     """The gRPC status an error is answered with (errors name it as a string)."""
@@ -252,7 +323,8 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 
 # The typed errors are defined in `errors` (torch- and gRPC-free) and stay importable from here.
 __all__ = [
-    "AUTH_METADATA_KEY", "REASON_METADATA_KEY", "WIRE_VERSION", "Fingerprint", "advertised_host", "bytes_checksum",
+    "AUTH_METADATA_KEY", "REASON_METADATA_KEY", "WIRE_VERSION", "Fingerprint", "KVLayout", "advertised_host",
+    "bytes_checksum", "layout_mismatches",
     "checksum", "checksum_algo", "decode_push_message", "dtype_name", "encode_chunk_data", "error_from_rpc",
     "grpc_status", "host_port", "kv_from_bytes", "pdserve_version", "plan_chunks", "secret_matches",
     "AuthenticationFailed", "ChecksumMismatch", "DuplicateRequest", "KVTransferError", "LayoutMismatch",

@@ -191,9 +191,16 @@ class ReservationTable:
         nl, n = kv.shape[0], kv.shape[2]
         self.check_chunk(r, layer, nl, token_start, n, kv.numel() * kv.element_size())
         r.landed = self.pool.write(r, layer, token_start, kv)
-        for i in range(nl):
-            r.received[layer + i] += n
-        r.bytes_received += kv.numel() * kv.element_size()
+        self.written(r, layer, nl, n, kv.numel() * kv.element_size())
+
+    def written(self, r: Reservation, layer: int, num_layers: int, num_tokens: int, nbytes: int) -> None:
+        """Count a checked chunk as landed in `r`'s blocks (by `write`, or by a data plane that writes in place,
+        off the loop: `RequestReleased` if the request was released meanwhile)."""
+        if r.state is not State.RECEIVING:
+            raise RequestReleased(f"request {r.request_id!r} is {r.state.value} ({r.release_reason})")
+        for i in range(num_layers):
+            r.received[layer + i] += num_tokens
+        r.bytes_received += nbytes
 
     def commit(self, r: Reservation, prompt_token_ids: list[int], output_token_ids: list[int]) -> ReceivedKV:
         """RECEIVING -> COMMITTED once every layer holds every token; the blocks leave the table. The caller

@@ -35,6 +35,7 @@ from pdserve.kv_transfer.protocol import (
     REASON_METADATA_KEY,
     AuthenticationFailed,
     Fingerprint,
+    KVLayout,
     KVTransferError,
     LayoutMismatch,
     MalformedTransfer,
@@ -45,6 +46,7 @@ from pdserve.kv_transfer.protocol import (
     grpc_status,
     host_port,
     keepalive_options,
+    layout_mismatches,
     secret_matches,
 )
 from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
@@ -221,9 +223,9 @@ class KVReceiver:
         """The receiving half of the plane a push's header names (`MalformedTransfer` if none)."""
         return self.planes[data_plane.for_wire(wire_name).wire_name]
 
-    def open_channel(self, channel_id: str, backend: str, device: str = "") -> tuple[str, int]:
+    def open_channel(self, channel_id: str, backend: str, device: str = "", rank: int = 0) -> tuple[str, int]:
         """The OpenChannel call (on the loop thread), answered by the plane with `backend` channels."""
-        return self.planes[data_plane.for_backend(backend).wire_name].open_channel(channel_id, backend, device)
+        return self.planes[data_plane.for_backend(backend).wire_name].open_channel(channel_id, backend, device, rank)
 
 
 def _failed(e: BaseException) -> concurrent.futures.Future:
@@ -259,13 +261,15 @@ class _Servicer:
     async def Pair(self, request, context):
         try:
             theirs = Fingerprint.from_proto(request.fingerprint)
-            diff = self.fp.mismatches(theirs)
+            layout = KVLayout.from_proto(request.layout, theirs.num_kv_heads)
+            diff = self.fp.mismatches(theirs) or layout_mismatches(self.fp, self.rx.pool.layout, layout)
             if diff:
                 raise LayoutMismatch("incompatible KV layouts: " + "; ".join(diff))
         except KVTransferError as e:
             await _abort(context, e)
         return pb.PairResponse(fingerprint=self.fp.to_proto(), worker_id=self.rx.worker_id,
-                               max_message_bytes=self.rx.config.max_message_bytes)
+                               max_message_bytes=self.rx.config.max_message_bytes,
+                               layout=self.rx.pool.layout.to_proto())
 
     async def Reserve(self, request, context):
         t0 = time.perf_counter()
@@ -284,7 +288,7 @@ class _Servicer:
 
     async def OpenChannel(self, request, context):
         try:
-            host, port = self.rx.open_channel(request.channel_id, request.backend, request.device)
+            host, port = self.rx.open_channel(request.channel_id, request.backend, request.device, request.rank)
         except KVTransferError as e:
             await _abort(context, e)
         return pb.OpenChannelResponse(store_host=host, store_port=port,
@@ -317,8 +321,12 @@ class _Servicer:
                     c = msg.chunk
                     nl = c.num_layers or 1
                     table.check_chunk(r, c.layer, nl, c.token_start, c.num_tokens, c.nbytes)
-                    kv = await link.chunk_kv(c, nl, next_message)
-                    table.write(r, c.layer, c.token_start, kv)
+                    if link.in_place:  # the plane writes into the reserved blocks itself (per-rank channels)
+                        await link.write_chunk(c, nl, r.slots(rx.pool)[c.token_start:c.token_start + c.num_tokens])
+                        table.written(r, c.layer, nl, c.num_tokens, c.nbytes)
+                    else:
+                        kv = await link.chunk_kv(c, nl, next_message)
+                        table.write(r, c.layer, c.token_start, kv)
                     nbytes += c.nbytes
                     if not timings.first_byte:
                         timings.first_byte = time.perf_counter() - opened

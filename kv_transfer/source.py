@@ -28,6 +28,9 @@ class LayerKV:
     layer: int
     kv: torch.Tensor  # [2, num_tokens - token_start, kv_heads, head_dim], contiguous
     ready: CopyEvent = DONE  # `kv` is valid once this is done (a copy queued on a CUDA transfer stream)
+    # A tensor-parallel engine with per-rank KV channels: `kv` holds rank 0's heads only, the other ranks hold
+    # theirs in (`engine.parallel.Shipment`, the token at which this request's KV starts in it)
+    staged: tuple | None = None
 
 
 @dataclass
@@ -52,6 +55,8 @@ class LayerStream:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Event | None = None
         self._closed = False
+        self._shipments: set = set()  # the `engine.parallel.Shipment`s its layers are staged in
+        self._released = False
 
     @classmethod
     def complete(cls, request_id: str, layers: list[torch.Tensor], prompt_token_ids: list[int],
@@ -67,10 +72,28 @@ class LayerStream:
         return s
 
     # -- producer (any thread) ------------------------------------------------------------------
-    def put_layer(self, layer: int, kv: torch.Tensor, ready: CopyEvent = DONE) -> None:
+    def put_layer(self, layer: int, kv: torch.Tensor, ready: CopyEvent = DONE, staged: tuple | None = None) -> None:
         """Layer `layer`'s KV; `ready`: the event after which `kv` holds it (`engine.streams`; the sender
-        waits for it before reading `kv`)."""
-        self._put(LayerKV(layer, kv.contiguous(), ready))
+        waits for it before reading `kv`); `staged`: see `LayerKV` (released by `close`)."""
+        if staged is not None:
+            with self._lock:
+                new = staged[0] not in self._shipments
+                self._shipments.add(staged[0])
+                release_now = new and self._released
+            if release_now:  # its push has ended already: nothing will read what the ranks staged for it
+                staged[0].release()
+        self._put(LayerKV(layer, kv.contiguous(), ready, staged))
+
+    def close(self) -> None:
+        """The stream's KV is no longer needed (its push ended, however): release the shipments it is staged
+        in (once each; the ranks free them when every stream has)."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            shipments = list(self._shipments)
+        for s in shipments:
+            s.release()
 
     def commit(self, prompt_token_ids: list[int], output_token_ids: list[int]) -> None:
         self._put(CommitInfo(list(prompt_token_ids), list(output_token_ids)), last=True)

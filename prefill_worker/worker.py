@@ -36,6 +36,7 @@ from pdserve.engine.sequence import FinishReason
 from pdserve.kv_transfer.client import KVSender
 from pdserve.kv_transfer.errors import KVTransferError
 from pdserve.kv_transfer.pool import KVPool
+from pdserve.kv_transfer.ranks import RankKeys
 from pdserve.kv_transfer.source import LayerStream
 from pdserve.worker.base import Worker
 
@@ -45,8 +46,11 @@ class PrefillWorker(Worker):
 
     def __init__(self, config: PdserveConfig, worker_id: str, owner=None):
         super().__init__(config, worker_id, owner)
-        self.sender = KVSender(config.kv_transfer, KVPool.from_engine(self.engine).fingerprint, worker_id=worker_id,
-                               device=self.engine.device, faults=config.faults)
+        pool = KVPool.from_engine(self.engine)
+        # with per-rank KV channels, each rank sends the heads it staged itself (`kv_transfer.ranks`)
+        ranks = RankKeys(self.engine.kv, config.kv_transfer.channel_timeout_s) if self.engine.per_rank_kv else None
+        self.sender = KVSender(config.kv_transfer, pool.fingerprint, worker_id=worker_id, device=self.engine.device,
+                               faults=config.faults, layout=pool.layout, ranks=ranks)
 
     async def prefill(self, request: GenerateRequest, reservation: KVReservation) -> FirstToken | WorkerError:
         rid = request.request_id

@@ -19,6 +19,7 @@ import threading
 import torch
 
 from pdserve.engine.parallel import TPGroup, TPRank, tp_store
+from pdserve.kv_transfer.ranks import RankChannels
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class TPRankActor:
         device = "cpu" if device == "auto" else device
         self.tp = TPGroup(rank, size, torch.device(device), host, port, config.parallel.collective_timeout_s)
         self.rank = TPRank(config, model_path, self.tp)
+        # the KV plane's per-rank channels: this rank receives its own KV heads from a prefill worker
+        RankChannels.register(self.rank, config.kv_transfer.channel_timeout_s)
 
     def serve(self) -> None:
         self.rank.serve()

@@ -16,7 +16,8 @@ from pdserve.engine.config import ParallelConfig, PdserveConfig, TensorParallelE
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.parallel import TPGroup, TPRank, check_parallel, tp_store
 from pdserve.engine.sampling import SamplingParams
-from tests.helpers import EXACT, GREEDY, check_no_leak, prompts
+from pdserve.kv_transfer.ranks import RankChannels, RankKeys
+from tests.helpers import EXACT, GREEDY, check_no_leak, prompts, wait_for
 
 
 def _config(model_dir, **sections) -> PdserveConfig:
@@ -28,7 +29,10 @@ def _config(model_dir, **sections) -> PdserveConfig:
 class TPEngine:
     """Rank 0's engine with ranks 1..size-1 serving on threads; `close` stops them and checks none failed."""
 
+    made: list[TPEngine] = []
+
     def __init__(self, config: PdserveConfig, size: int):
+        TPEngine.made.append(self)
         store, port = tp_store()
         self.errors: list[BaseException] = []
         self.ranks: list[TPRank] = []
@@ -36,6 +40,7 @@ class TPEngine:
         def run(r: int) -> None:
             try:
                 rank = TPRank(config, config.model.model, TPGroup(r, size, torch.device("cpu"), "127.0.0.1", port, 60))
+                RankChannels.register(rank)  # as the rank actors do (`worker.tp`)
                 self.ranks.append(rank)
                 rank.serve()
             except BaseException as e:  # noqa: BLE001 (reported by close)
@@ -47,6 +52,7 @@ class TPEngine:
         self.engine = LLMEngine(config, tp=TPGroup(0, size, torch.device("cpu"), "127.0.0.1", port, 60, store=store))
 
     def close(self) -> None:
+        TPEngine.made.remove(self)
         self.engine.shutdown()
         for t in self.threads:
             t.join(30)
@@ -152,3 +158,155 @@ def test_tp_bf16_runs_the_fused_ops_on_local_heads(tiny_model_dir, make_engine, 
     engine = tp_engine(_config(tiny_model_dir, **sections), 2)
     assert (engine.model.model.fused is not None) == (engine.attention.fused_ops is not None)
     assert [o.output_token_ids for o in engine.generate(prompts(), first)] == want
+
+
+def _ranks(engine: LLMEngine) -> list[TPRank]:
+    """The thread ranks of a `tp_engine` engine."""
+    return next(m for m in TPEngine.made if m.engine is engine).ranks
+
+
+def _rank_pair_bytes(transport: str) -> dict[tuple[str, str, str], float]:
+    """`pdserve_kv_transfer_rank_pair_bytes` by (path, sender rank, receiver rank), for `transport`."""
+    from prometheus_client import REGISTRY
+
+    return {(s.labels["path"], s.labels["src_rank"], s.labels["dst_rank"]): s.value
+            for m in REGISTRY.collect() if m.name == "pdserve_kv_transfer_rank_pair_bytes"
+            for s in m.samples if s.name.endswith("_total") and s.labels["transport"] == transport}
+
+
+def _transfer_pair(model_dir, make_engine, tp_engine, prefill_tp: int, decode_tp: int, kv_cfg: dict):
+    """A prefill engine and a decode engine with these TP sizes, the decode one's KVReceiver (committed transfers
+    on the returned queue) and the prefill one's KVSender (its layout from the engine)."""
+    import queue
+
+    from pdserve.kv_transfer import KVPool, KVReceiver, KVSender
+
+    def engine(tp: int) -> LLMEngine:
+        return tp_engine(_config(model_dir, kv_transfer=kv_cfg), tp) if tp > 1 else \
+            make_engine(model_dir, kv_transfer=kv_cfg)
+
+    pre, dec = engine(prefill_tp), engine(decode_tp)
+    got: queue.Queue = queue.Queue()
+    rx = KVReceiver(KVPool.from_engine(dec), dec.config.kv_transfer, got.put).start()
+    pool = KVPool.from_engine(pre)
+    ranks = RankKeys(pre.kv) if pre.per_rank_kv else None  # as the prefill worker does
+    return pre, dec, rx, KVSender(pre.config.kv_transfer, pool.fingerprint, layout=pool.layout, ranks=ranks), got
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp", "transport", "per_rank", "pairs"), [
+    (1, 2, "nccl", True, {(0, 0): 1, (0, 1): 1}),
+    (2, 1, "nccl", True, {(0, 0): 1, (1, 0): 1}),
+    (2, 2, "nccl", True, {(0, 0): 1, (1, 1): 1}),
+    (4, 2, "nccl", True, {(0, 0): 1, (2, 1): 1}),  # 4 ranks share 2 KV heads: one replica of each sends it
+    (1, 4, "nccl", True, {(0, 0): 1, (0, 1): 1, (0, 2): 1, (0, 3): 1}),  # ... and every replica receives it
+    (1, 2, "grpc", True, None),
+    (1, 2, "nccl", False, None),
+])
+def test_kv_transfer_between_tp_sizes(tiny_model_dir, make_engine, tp_engine, prefill_tp, decode_tp, transport,
+                                      per_rank, pairs):
+    """A prefill engine with one TP size ships every prompt's KV (real KVSender -> KVReceiver over gRPC, bytes on
+    gloo channels for `nccl`) to a decode engine with another; decoding from it is greedy-equal to the TP=1 engine
+    alone, and every block comes back on both sides (the prefill ranks' staged KV is dropped too). Over `nccl`, each
+    (prefill rank, decode rank) pair with KV heads in common moves those heads on a channel of its own, from the
+    rank that computed them to the rank that keeps them (counted per rank pair: 1 -> 2 is p0->d0 and p0->d1, 2 -> 1
+    p0->d0 and p1->d0, 2 -> 2 p0->d0 and p1->d1, 4 -> 2 p0->d0 and p2->d1; nothing through a rank 0); over
+    grpc, and with `per_rank_channels` off, every byte arrives at decode rank 0 (the fallback path, labelled rank0)."""
+    from pdserve.kv_transfer import LayerStream
+
+    kv_cfg = {"kv_transport": transport, "per_rank_channels": per_rank}
+    want = _greedy(make_engine(tiny_model_dir))
+    pre, dec, rx, tx, got = _transfer_pair(tiny_model_dir, make_engine, tp_engine, prefill_tp, decode_tp, kv_cfg)
+    before = _rank_pair_bytes(transport)
+    try:
+        assert tx.pair(rx.address).layout.tp_size == decode_tp
+        futs = []
+        for i, prompt in enumerate(prompts()):  # every prompt's prefill in one step: slices of one gathered layer
+            tx.reserve(rx.address, f"r{i}", len(prompt))
+            stream = LayerStream(f"r{i}", len(prompt))
+            futs.append(tx.push(rx.address, stream))
+            pre.add_request(f"r{i}", prompt, GREEDY, kv_sink=stream)
+        while pre.has_unfinished():
+            pre.step()
+        total = sum(f.result(30).bytes for f in futs)
+        received = sorted((got.get(timeout=10) for _ in futs), key=lambda r: int(r.request_id[1:]))
+        for r in received:
+            dec.add_received_request(r.request_id, r, GREEDY)
+        outs: dict[str, list[int]] = {}
+        while dec.has_unfinished():
+            outs.update({o.request_id: o.output_token_ids for o in dec.step() if o.finished})
+    finally:
+        tx.close()
+        rx.stop()
+    assert [outs[f"r{i}"] for i in range(len(want))] == want
+    moved = {k: v - before.get(k, 0.0) for k, v in _rank_pair_bytes(transport).items() if v != before.get(k, 0.0)}
+    if pairs:  # each rank pair its common KV heads (`pairs`: how many, of 2), none through a rank 0
+        assert moved == {("per_rank", str(i), str(j)): total * heads / 2 for (i, j), heads in pairs.items()}
+    else:
+        assert moved == {("rank0", "0", "0"): total}
+    check_no_leak(pre)
+    check_no_leak(dec)
+    if pre.per_rank_kv:  # every shipment released; the ranks drop them with the next forward pass
+        pre.generate([[1, 2]], SamplingParams(max_tokens=1))
+        assert not pre.kv.take_drops() and all(not r.staged for r in _ranks(pre))
+
+
+def test_a_corrupt_part_on_a_per_rank_channel_fails_its_push_and_frees_every_block(tiny_model_dir, make_engine,
+                                                                                   tp_engine):
+    """The sender flips a byte of the last decode rank's part after checksumming it: that rank's checksum, gathered
+    to rank 0, fails the push (`ChecksumMismatch`), the reservation is released (the blocks the ranks wrote are never
+    read), the channels of that push are closed on both sides, and the next push opens fresh ones and decodes what
+    the TP=1 engine does."""
+    from pdserve.engine.config import FaultConfig
+    from pdserve.kv_transfer import ChecksumMismatch, LayerStream
+
+    prompt = prompts()[2]
+    want = make_engine(tiny_model_dir).generate([prompt], GREEDY)[0].output_token_ids
+    pre, dec, rx, tx, got = _transfer_pair(tiny_model_dir, make_engine, tp_engine, 1, 2, {"kv_transport": "nccl"})
+
+    def push(rid: str):
+        tx.reserve(rx.address, rid, len(prompt))
+        stream = LayerStream(rid, len(prompt))
+        fut = tx.push(rx.address, stream)
+        pre.add_request(rid, prompt, GREEDY, kv_sink=stream)
+        while pre.has_unfinished():
+            pre.step()
+        return fut
+
+    try:
+        tx.faults = FaultConfig(transfer_corrupt_rate=1.0)
+        with pytest.raises(ChecksumMismatch, match="part from sender rank 0 to rank 1 fails its checksum"):
+            push("bad").result(30)
+        wait_for(lambda: dec.block_manager.num_free_blocks == dec.block_manager.num_blocks, 10, "blocks back")
+        assert rx.state_of("bad") == "released"
+        tx.faults = None
+        push("good").result(30)
+        received = got.get(timeout=10)
+        dec.add_received_request("good", received, GREEDY)
+        out = None
+        while dec.has_unfinished():
+            out = next((o for o in dec.step() if o.finished), out)
+        assert out.output_token_ids == want
+    finally:
+        tx.close()
+        rx.stop()
+    check_no_leak(pre)
+    check_no_leak(dec)
+
+
+def test_the_kv_pool_size_is_the_minimum_over_the_ranks():
+    """What the profiling pass on CUDA ends with (`LLMEngine._num_kv_blocks_tp`, `TPRank._profile`: CUDA-only, never
+    run here): each rank's count of the KV blocks its device has room for, reduced to the smallest over the group's
+    gloo group, on every rank."""
+    store, port = tp_store()
+    got: dict[int, int] = {}
+
+    def rank(r: int) -> None:
+        group = TPGroup(r, 3, torch.device("cpu"), "127.0.0.1", port, 60, store=store if r == 0 else None)
+        got[r] = group.min_over_ranks([700, 512, 900][r])
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == {0: 512, 1: 512, 2: 512}

@@ -112,9 +112,12 @@ def flat(messages):
     return out
 
 
-def header(rid, n, fp=FP, data_plane="grpc"):
+def header(rid, n, fp=FP, data_plane="grpc", rank_channels=()):
     return pb.PushMessage(header=pb.TransferHeader(request_id=rid, fingerprint_digest=fp.digest(), num_tokens=n,
-                                                   data_plane=data_plane))
+                                                   data_plane=data_plane, channel_id="c0",
+                                                   rank_channels=[pb.RankChannel(src_rank=s, dst_rank=d, first=a,
+                                                                                 end=b, channel_id=f"c{i}")
+                                                                  for i, (s, d, a, b) in enumerate(rank_channels)]))
 
 
 def reason_of(err: grpc.RpcError) -> str:
@@ -148,6 +151,16 @@ BAD_PUSHES = {
                                                  "malformed"),
     "unknown data plane": (lambda: [header("r", 20, data_plane="nixl"), chunk(0, 0, 20)],
                            grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    # per-rank channels (torch plane) that do not fit this worker's layout (one rank, 2 KV heads): refused before
+    # any channel is looked up
+    "rank channels leave a head out": (lambda: [header("r", 20, data_plane="torch", rank_channels=[(0, 0, 0, 1)])],
+                                       grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    "rank channel to a rank it lacks": (lambda: [header("r", 20, data_plane="torch",
+                                                        rank_channels=[(0, 0, 0, 2), (0, 1, 0, 2)])],
+                                        grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
+    "rank channels out of order": (lambda: [header("r", 20, data_plane="torch",
+                                                   rank_channels=[(1, 0, 0, 1), (0, 0, 1, 2)])],
+                                   grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
     "other layout": (lambda: [header("r", 20, dataclasses.replace(FP, dtype="float16"))],
                      grpc.StatusCode.FAILED_PRECONDITION, "layout_mismatch"),
     "oversized message": (lambda: [header("r", 20), chunk(0, 0, 1, data=b"\0" * (80 << 10), nbytes=256)],
@@ -204,6 +217,50 @@ def test_reserve_with_another_layout_is_refused(receiver):
         s.Reserve(pb.ReserveRequest(request_id="r", num_tokens=20, fingerprint_digest=other.digest()), metadata=md)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert rx.pool.num_free_blocks == 32
+
+
+def test_pairing_accepts_tp_layouts_that_tile_the_kv_heads_and_refuses_the_rest(receiver):
+    """The handshake carries each side's tensor-parallel layout (its ranks' KV-head ranges): any TP sizes pair
+    when both tile the model's 2 KV heads (TP=1 with TP=2, TP=4 replicating each head on two ranks), and a split
+    that does not (two ranks on one head with the other head on none, a range past the model's heads, a range
+    count that is not the TP size) is refused with `LayoutMismatch`, from either end, before any request. A peer
+    that sends no layout (older than the field) holds every head on one rank."""
+    from pdserve.kv_transfer import KVLayout, LayoutMismatch
+    from pdserve.kv_transfer.protocol import layout_mismatches
+
+    two = KVLayout(2, ((0, 1), (1, 2)))
+    rx = receiver()  # TP=1
+    rx2 = receiver()
+    rx2.pool.layout = two  # a TP=2 decode worker
+    good = [KVLayout.whole(2), two, KVLayout(4, ((0, 1), (0, 1), (1, 2), (1, 2)))]
+    bad = {KVLayout(2, ((0, 1), (0, 1))): "do not tile", KVLayout(2, ((0, 2), (2, 4))): "outside the model",
+           KVLayout(2, ((0, 2),)): "1 KV-head ranges for tensor-parallel size 2",
+           KVLayout(2, ((0, 2), (1, 2))): "an overlap at head 1"}
+    for layout in [*good, *bad]:
+        for target in (rx, rx2):
+            tx = KVSender(KVTransferConfig(), FP, layout=layout)
+            try:
+                if layout in good:
+                    assert tx.pair(target.address).layout == target.pool.layout
+                else:
+                    with pytest.raises(LayoutMismatch, match=f"layout on the peer: .*{bad[layout]}"):
+                        tx.pair(target.address)  # refused by the receiver
+            finally:
+                tx.close()
+    rx2.pool.layout = KVLayout(2, ((0, 1), (0, 1)))  # a receiver whose own split does not tile says so
+    tx = KVSender(KVTransferConfig(), FP, layout=two)
+    try:
+        with pytest.raises(LayoutMismatch, match="layout here: .*do not tile the model's 2 KV heads: heads from 1"):
+            tx.pair(rx2.address)
+    finally:
+        tx.close()
+        rx2.pool.layout = two
+    assert KVLayout.from_proto(pb.KVLayout(), 2) == KVLayout.whole(2)  # an older peer's absent field
+    assert KVLayout.from_proto(two.to_proto(), 2) == two
+    assert not layout_mismatches(FP, two, good[2])
+    assert two.overlaps(KVLayout.whole(2)) == [(0, 0, 0, 1), (1, 0, 1, 2)]
+    assert KVLayout.whole(2).overlaps(good[2]) == [(0, 0, 0, 1), (0, 1, 0, 1), (0, 2, 1, 2), (0, 3, 1, 2)]
+    assert rx.pool.num_free_blocks == 32 and rx2.pool.num_free_blocks == 32
 
 
 def _stream(rid, n, fp=FP) -> LayerStream:

@@ -1,9 +1,9 @@
 """Tensor-parallel workers under `pdserve serve` on the session's Ray cluster (CPU, gloo): each TP worker is
 one STRICT_PACK placement group (the worker actor is rank 0, its other ranks are actors in the same group).
 Greedy output equals the bare TP=1 engine's in colocated mode and across KV transfer between different
-prefill and decode TP sizes (1 -> 2 over gRPC, 2 -> 1 over the nccl transport's gloo channels, 2 -> 2; KV
-shipped layer by layer and after the forward pass); every KV block comes back; a dead rank fails its
-worker, which is replaced; stopping the server removes the placement groups."""
+prefill and decode TP sizes (1 -> 2 over gRPC and over the nccl transport's per-rank gloo channels, 2 -> 1 over
+its gloo channel, 2 -> 2; KV shipped layer by layer and after the forward pass); every KV block comes back; a
+dead rank fails its worker, which is replaced; stopping the server removes the placement groups."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from tests.helpers import EXACT, Server, wait_for
 LAYOUTS = {
     "colocated-tp2": {"serve": {"mode": "colocated"}, "parallel": {"tensor_parallel_size": 2}},
     "disagg-p1-d2-grpc": {"parallel": {"decode_tp": 2}, "kv_transfer": {"kv_transport": "grpc"}},
+    # each decode rank (the worker actor and its rank actor) receives its own KV head on a channel of its own
+    "disagg-p1-d2-nccl": {"parallel": {"decode_tp": 2}, "kv_transfer": {"kv_transport": "nccl"}},
     # after the forward pass rather than layer by layer: the KV gathered from the ranks waits for it
     "disagg-p2-d1-nccl": {"parallel": {"prefill_tp": 2}, "kv_transfer": {"kv_transport": "nccl", "layerwise": False}},
     "disagg-p2-d2-grpc": pytest.param({"parallel": {"tensor_parallel_size": 2}}, marks=pytest.mark.slow),
