@@ -99,6 +99,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from pdserve.bench.gpu_check import main as bench_main
     elif args.what == "router":
         from pdserve.bench.router import main as bench_main
+    elif args.what == "replay":
+        from pdserve.bench.replay import main as bench_main
     else:
         from pdserve.bench.schedule import main as bench_main
     return bench_main(args.rest)
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks (pdserve bench WHAT --help)")
     bench.add_argument("what", choices=["engine", "schedule", "transfer", "layerwise", "overhead", "serve",
                                           "compare", "project", "peer", "attention", "router", "autoscale",
-                                          "gpu-check"])
+                                          "gpu-check", "replay"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 
