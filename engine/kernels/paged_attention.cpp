@@ -377,11 +377,12 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
 // chunks) and the chunk's own KV, which the forward pass has written there before calling. No gather,
 // no mask tensor, one call for every prefill of the step.
 //
-// One work item is (sequence, kv head, tile of up to 16 query rows), so the group's query heads share
-// each K and V row. Keys are taken sixteen at a time, flash-attention style (online softmax, fp32 max
-// and sum): K is transposed into bf16 pairs, so a query's sixteen scores are 32 VDPBF16PS with the
-// query's pairs broadcast, no horizontal sums; the probabilities are rounded to bf16 (as HF's bf16
-// attention rounds its softmax before multiplying V) and multiplied with V interleaved in key pairs.
+// One work item is (sequence, kv head, tile of up to 64 query rows): the tile packs each 64-key chunk of
+// K and V once for all its rows, and the group's query heads of a row go through together (up to four),
+// sharing every load. Keys are taken 64 at a time, flash-attention style (online softmax, fp32 max and
+// sum): K is transposed into bf16 pairs, so a query's sixteen scores are 32 VDPBF16PS with the query's
+// pairs broadcast, no horizontal sums; the probabilities are rounded to bf16 (as HF's bf16 attention
+// rounds its softmax before multiplying V) and multiplied with V interleaved in key pairs.
 
 #ifdef PDSERVE_AVX512_BF16
 namespace avx512 {
@@ -403,7 +404,7 @@ inline __m512 exp_nonpositive16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-constexpr int64_t kTileRows = 16;  // query rows per work item
+constexpr int64_t kTileRows = 64;  // query rows per work item: K and V chunks are packed once for them all
 constexpr int64_t kKeys = 64;      // keys per inner step (a multiple of 16)
 
 struct PrefillScratch {
@@ -411,11 +412,75 @@ struct PrefillScratch {
   std::vector<float> o, m, l;    // per query vector: output accumulator [HD], running max, running sum
 };
 
+// One 64-key step of the online softmax for N query vectors of one row (`seen` keys visible): q.k on VDPBF16PS
+// against the K chunk's dim pairs, the running max and sum, then p.V against the V chunk's key pairs, into
+// the vectors' accumulators `w.o[qi..qi+N)`.
+template <int64_t HD, int N>
+inline void prefill_step(const uint32_t* const* qq, int64_t qi, int64_t seen, const uint32_t* kt, const uint32_t* vt,
+                         __m512 vscale, PrefillScratch& w) {
+  constexpr int64_t D2 = HD / 2, V = kKeys / 16, C = HD / 16;
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  const int64_t nv = (seen + 15) / 16;
+  __m512 sv[N][V];
+  for (int i = 0; i < N; ++i)
+    for (int64_t v = 0; v < V; ++v) sv[i][v] = _mm512_setzero_ps();
+  for (int64_t d2 = 0; d2 < D2; ++d2) {
+    __m512bh qb[N];
+    for (int i = 0; i < N; ++i) qb[i] = (__m512bh)_mm512_set1_epi32(static_cast<int>(qq[i][d2]));
+    for (int64_t v = 0; v < nv; ++v) {
+      const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + d2 * kKeys + 16 * v);
+      for (int i = 0; i < N; ++i) sv[i][v] = _mm512_dpbf16_ps(sv[i][v], qb[i], k);
+    }
+  }
+  alignas(64) uint32_t pp[N][kKeys / 2];
+  float alpha[N];
+  for (int i = 0; i < N; ++i) {
+    __m512 vmax = neg_inf;
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t left = seen - 16 * v;
+      const __mmask16 valid = static_cast<__mmask16>(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+      sv[i][v] = _mm512_mask_blend_ps(valid, neg_inf, _mm512_mul_ps(sv[i][v], vscale));
+      vmax = _mm512_max_ps(vmax, sv[i][v]);
+    }
+    const float m_old = w.m[qi + i];
+    const float m_new = std::max(m_old, _mm512_reduce_max_ps(vmax));
+    const __m512 vm = _mm512_set1_ps(m_new);
+    __m512 psum = _mm512_setzero_ps();
+    for (int64_t v = 0; v < nv; ++v) {
+      // masked lanes hold -inf: exp clamps them to ~1e-38, zeroed here
+      const __m512 p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sv[i][v], neg_inf, _CMP_NEQ_OQ),
+                                           exp_nonpositive16(_mm512_sub_ps(sv[i][v], vm)));
+      psum = _mm512_add_ps(psum, p);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pp[i] + 8 * v), (__m256i)_mm512_cvtneps_pbh(p));
+    }
+    alpha[i] = m_old == m_new ? 1.0f : std::exp(m_old - m_new);
+    w.l[qi + i] = w.l[qi + i] * alpha[i] + _mm512_reduce_add_ps(psum);
+    w.m[qi + i] = m_new;
+  }
+  __m512 acc[N][C];  // the vectors' HD outputs in registers: N * HD / 16 independent chains
+  for (int i = 0; i < N; ++i) {
+    const __m512 va = _mm512_set1_ps(alpha[i]);
+    const float* o = w.o.data() + (qi + i) * HD;
+    for (int64_t c = 0; c < C; ++c) acc[i][c] = _mm512_mul_ps(_mm512_loadu_ps(o + 16 * c), va);
+  }
+  const int64_t seen_pairs = (seen + 1) / 2;  // an odd last key pairs with a zero probability
+  for (int64_t j2 = 0; j2 < seen_pairs; ++j2) {
+    __m512bh pj[N];
+    for (int i = 0; i < N; ++i) pj[i] = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[i][j2]));
+    for (int64_t c = 0; c < C; ++c) {
+      const __m512bh vv = (__m512bh)_mm512_loadu_si512(vt + j2 * HD + 16 * c);
+      for (int i = 0; i < N; ++i) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], pj[i], vv);
+    }
+  }
+  for (int i = 0; i < N; ++i)
+    for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(w.o.data() + (qi + i) * HD + 16 * c, acc[i][c]);
+}
+
 template <int64_t HD>
 void prefill_tile(bf16* op, int64_t o_s0, int64_t o_s1, const bf16* qp, int64_t q_s0, int64_t q_s1,
                   const bf16* kp, const bf16* vp, const int32_t* table, int64_t block_size, int64_t row, int64_t h,
                   int64_t group, int64_t r0, int64_t nr, int64_t pos0, float scale, PrefillScratch& w) {
-  constexpr int64_t D2 = HD / 2, V = kKeys / 16;  // dim pairs; sixteen-key vectors per step
+  constexpr int64_t D2 = HD / 2;  // dim pairs
   const int64_t nq = nr * group;  // query vectors: qi = r * group + g
   std::fill(w.o.begin(), w.o.begin() + nq * HD, 0.0f);
   std::fill(w.m.begin(), w.m.begin() + nq, -INFINITY);
@@ -424,7 +489,6 @@ void prefill_tile(bf16* op, int64_t o_s0, int64_t o_s1, const bf16* qp, int64_t 
   uint32_t* vt = w.vt.data();
   const int64_t last = pos0 + nr - 1;  // the last key any row of the tile sees
   const __m512 vscale = _mm512_set1_ps(scale);
-  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
   const uint32_t* krow[kKeys];
   const uint16_t* vrow[kKeys];
   for (int64_t kb = 0; kb <= last; kb += kKeys) {
@@ -451,56 +515,25 @@ void prefill_tile(bf16* op, int64_t o_s0, int64_t o_s1, const bf16* qp, int64_t 
         for (int64_t d = 0; d < HD; ++d) t[d] = x[d];
       }
     }
-    for (int64_t qi = 0; qi < nq; ++qi) {
-      const int64_t r = qi / group, g = qi % group;
+    for (int64_t r = 0; r < nr; ++r) {
       const int64_t pos = pos0 + r;  // this row sees keys 0..pos
       if (kb > pos) continue;
-      const uint32_t* qq = reinterpret_cast<const uint32_t*>(qp + (r0 + r) * q_s0 + (h * group + g) * q_s1);
       const int64_t seen = std::min(len, pos - kb + 1);  // keys of this step the row sees
-      const int64_t nv = (seen + 15) / 16;
-      __m512 sv[V], part[V];
-      for (int64_t v = 0; v < nv; ++v) sv[v] = part[v] = _mm512_setzero_ps();
-      for (int64_t d2 = 0; d2 < D2; d2 += 2) {  // two chains per key vector: VDPBF16PS takes several cycles
-        const __m512bh qa = (__m512bh)_mm512_set1_epi32(static_cast<int>(qq[d2]));
-        const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(qq[d2 + 1]));
-        for (int64_t v = 0; v < nv; ++v) {
-          sv[v] = _mm512_dpbf16_ps(sv[v], qa, (__m512bh)_mm512_loadu_si512(kt + d2 * kKeys + 16 * v));
-          part[v] = _mm512_dpbf16_ps(part[v], qb, (__m512bh)_mm512_loadu_si512(kt + (d2 + 1) * kKeys + 16 * v));
+      // the row's query vectors (one per head of the GQA group) go through together, up to four at once: they
+      // share every K and V load, and their sums are independent chains for VDPBF16PS's latency
+      for (int64_t g = 0; g < group; g += 4) {
+        const int64_t n = std::min<int64_t>(4, group - g);
+        const uint32_t* qq[4];
+        for (int64_t i = 0; i < n; ++i)
+          qq[i] = reinterpret_cast<const uint32_t*>(qp + (r0 + r) * q_s0 + (h * group + g + i) * q_s1);
+        const int64_t qi = r * group + g;
+        switch (n) {
+          case 1: prefill_step<HD, 1>(qq, qi, seen, kt, vt, vscale, w); break;
+          case 2: prefill_step<HD, 2>(qq, qi, seen, kt, vt, vscale, w); break;
+          case 3: prefill_step<HD, 3>(qq, qi, seen, kt, vt, vscale, w); break;
+          default: prefill_step<HD, 4>(qq, qi, seen, kt, vt, vscale, w); break;
         }
       }
-      __m512 vmax = neg_inf;
-      for (int64_t v = 0; v < nv; ++v) {
-        const int64_t left = seen - 16 * v;
-        const __mmask16 valid = static_cast<__mmask16>(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
-        sv[v] = _mm512_mask_blend_ps(valid, neg_inf, _mm512_mul_ps(_mm512_add_ps(sv[v], part[v]), vscale));
-        vmax = _mm512_max_ps(vmax, sv[v]);
-      }
-      const float m_old = w.m[qi];
-      const float m_new = std::max(m_old, _mm512_reduce_max_ps(vmax));
-      const __m512 vm = _mm512_set1_ps(m_new);
-      __m512 psum = _mm512_setzero_ps();
-      alignas(64) uint32_t pp[kKeys / 2];
-      for (int64_t v = 0; v < nv; ++v) {
-        // masked lanes hold -inf: exp clamps them to ~1e-38, zeroed here
-        const __m512 p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sv[v], neg_inf, _CMP_NEQ_OQ),
-                                             exp_nonpositive16(_mm512_sub_ps(sv[v], vm)));
-        psum = _mm512_add_ps(psum, p);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(pp + 8 * v), (__m256i)_mm512_cvtneps_pbh(p));
-      }
-      const float alpha = m_old == m_new ? 1.0f : std::exp(m_old - m_new);
-      w.l[qi] = w.l[qi] * alpha + _mm512_reduce_add_ps(psum);
-      w.m[qi] = m_new;
-      float* o = w.o.data() + qi * HD;
-      const __m512 va = _mm512_set1_ps(alpha);
-      __m512 acc[HD / 16];  // the row's HD outputs in registers: HD / 16 independent chains
-      for (int64_t c = 0; c < HD / 16; ++c) acc[c] = _mm512_mul_ps(_mm512_loadu_ps(o + 16 * c), va);
-      const int64_t seen_pairs = (seen + 1) / 2;  // an odd last key pairs with a zero probability
-      for (int64_t j2 = 0; j2 < seen_pairs; ++j2) {
-        const __m512bh pj = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[j2]));
-        for (int64_t c = 0; c < HD / 16; ++c)
-          acc[c] = _mm512_dpbf16_ps(acc[c], pj, (__m512bh)_mm512_loadu_si512(vt + j2 * HD + 16 * c));
-      }
-      for (int64_t c = 0; c < HD / 16; ++c) _mm512_storeu_ps(o + 16 * c, acc[c]);
     }
   }
   for (int64_t qi = 0; qi < nq; ++qi) {

@@ -129,7 +129,7 @@ def _prefill_reference(q, k_cache, v_cache, tables, starts, lens, block_size) ->
 @pytest.mark.parametrize("block_size", [16, 5])
 def test_prefill_kernel_matches_reference(kernel, heads, kv_heads, head_dim, block_size):
     """Whole prompts, chunks after cached context (a prefix hit, a later chunk), one-row chunks, lengths at
-    the edges of the kernel's 16-row tiles and 64-key steps, all in one call."""
+    the edges of the kernel's 64-row tiles and 64-key steps, all in one call."""
     chunks = [(5, 5), (1, 37), (17, 17), (3, 50), (40, 100), (64, 64), (65, 65), (16, 129), (31, 200), (100, 1000)]
     case = _prefill_case(chunks, heads, kv_heads, head_dim, block_size, seed=head_dim + block_size)
     q = case[0]
