@@ -118,6 +118,12 @@ class PartEndpoint:
                 del self._parts[key]
             self._cond.notify_all()
 
+    @property
+    def waiting(self) -> int:
+        """How many parts wait here for their rank to take them."""
+        with self._cond:
+            return len(self._parts)
+
     def _push(self, request: pb.RankPart, context) -> pb.RankPartAck:
         key = (request.channel_id, request.seq)
         deadline = time.monotonic() + self.timeout_s
@@ -126,14 +132,19 @@ class PartEndpoint:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no open KV channel {request.channel_id!r} here")
             self._parts[key] = request.data
             self._cond.notify_all()
-            while key in self._parts:  # until the receiving rank takes it (or the channel closes)
+            context.add_callback(self._wake)  # the call ended (the sender's deadline, or it went away)
+            while key in self._parts:  # until the receiving rank takes it (or the channel closes, or the call ends)
                 left = deadline - time.monotonic()
-                if left <= 0 or request.channel_id not in self._open:
+                if left <= 0 or request.channel_id not in self._open or not context.is_active():
                     self._parts.pop(key, None)
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED if left <= 0 else grpc.StatusCode.UNAVAILABLE,
                                   f"KV channel {request.channel_id!r}: part {request.seq} not taken")
                 self._cond.wait(left)
         return pb.RankPartAck()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def take(self, channel_id: str, seq: int, timeout_s: float) -> bytes:
         key = (channel_id, seq)
