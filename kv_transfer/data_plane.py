@@ -19,7 +19,10 @@ Two implementations, picked through `DataPlane` registry entries by the wire's
   * "grpc" (`kv_transport: grpc`, `InlineSender`/`InlineReceiver`): the bytes follow
     their `LayerChunk` as a `chunk_data` message on the same stream, CRC32C. They are
     encoded straight from the tensors and read in place (`protocol.encode_chunk_data`,
-    `decode_push_message`): a measured optimisation, keep it.
+    `decode_push_message`): a measured optimisation, keep it. When either side is tensor-
+    parallel (and `per_rank_channels`), the bytes go on per-rank channels as with "torch"
+    below, each to its decode rank's own gRPC endpoint (`RankPartsSender`/`RankPartsReceiver`,
+    `rank_grpc`) instead of a torch group; the header still names the "grpc" plane.
   * "torch" (`kv_transport: nccl`, `TorchSender`/`TorchReceiver`): the bytes go on a
     torch.distributed channel per worker pair (`channel.TorchChannel`: NCCL on CUDA,
     gloo on CPU), opened through the OpenChannel RPC; a channel carries one push at a
