@@ -136,7 +136,7 @@ class LLMEngine:
         # Shipped KV stays on each rank, which sends its own heads on the KV plane's per-rank channels
         # (`kv_transfer.ranks`), instead of being gathered to rank 0
         kt = config.kv_transfer
-        self.per_rank_kv = self.tp is not None and kt.kv_transport == "nccl" and kt.per_rank_channels
+        self.per_rank_kv = self.tp is not None and kt.per_rank_channels  # over either transport
         self._shipment = None  # this step's (`engine.parallel.Shipment`), with `per_rank_kv`
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, cc.block_size, enable_caching=cc.enable_prefix_caching)

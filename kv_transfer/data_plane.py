@@ -19,7 +19,10 @@ Two implementations, picked through `DataPlane` registry entries by the wire's
   * "grpc" (`kv_transport: grpc`, `InlineSender`/`InlineReceiver`): the bytes follow
     their `LayerChunk` as a `chunk_data` message on the same stream, CRC32C. They are
     encoded straight from the tensors and read in place (`protocol.encode_chunk_data`,
-    `decode_push_message`): a measured optimisation, keep it.
+    `decode_push_message`): a measured optimisation, keep it. When either side is tensor-
+    parallel (and `per_rank_channels`), the bytes go on per-rank channels as with "torch"
+    below, each to its decode rank's own gRPC endpoint (`RankPartsSender`/`RankPartsReceiver`,
+    `rank_grpc`) instead of a torch group; the header still names the "grpc" plane.
   * "torch" (`kv_transport: nccl`, `TorchSender`/`TorchReceiver`): the bytes go on a
     torch.distributed channel per worker pair (`channel.TorchChannel`: NCCL on CUDA,
     gloo on CPU), opened through the OpenChannel RPC; a channel carries one push at a
@@ -69,7 +72,7 @@ import torch.distributed as dist
 from pdserve.engine.parallel import listening_store
 from pdserve.engine.streams import transfer_stream
 from pdserve.kv_transfer import faults as fi
-from pdserve.kv_transfer import metrics
+from pdserve.kv_transfer import metrics, rank_grpc
 from pdserve.kv_transfer.channel import (
     RECEIVER_RANK,
     SENDER_RANK,
@@ -198,11 +201,31 @@ def _check_sum(chunk: pb.LayerChunk, ok: bool) -> None:
 
 # -- "grpc": the bytes inline on the Push stream -----------------------------------------------------
 class InlineSender(SenderPlane, SenderLink):
-    """Stateless: the Push stream itself is the way, so the plane is its own link."""
+    """Stateless: the Push stream itself is the way, so the plane is its own link. With `per_rank_channels`, to or
+    from a tensor-parallel worker, the bytes go on per-rank channels over gRPC instead (`RankPartsSender`)."""
+
+    _ranked: RankPartsSender | None = None
 
     @contextlib.asynccontextmanager
     async def link(self, peer: Peer, metadata: tuple) -> AsyncIterator[SenderLink]:
-        yield self
+        mine, theirs = self.layout, peer.layout
+        if not (self.config.per_rank_channels and mine is not None and theirs is not None
+                and (mine.tp_size > 1 or theirs.tp_size > 1)):
+            yield self
+            return
+        if self._ranked is None:
+            self._ranked = RankPartsSender(self.config, device=self.device, worker_id=self.worker_id,
+                                           layout=self.layout, ranks=self.ranks)
+        async with self._ranked.link(peer, metadata) as link:
+            yield link
+
+    def forget(self, address: str) -> None:
+        if self._ranked is not None:
+            self._ranked.forget(address)
+
+    def close(self) -> None:
+        if self._ranked is not None:
+            self._ranked.close()
 
     async def messages(self, kvs: list[torch.Tensor], meta: pb.LayerChunk, corrupt: bool,
                        staged: tuple | None = None) -> AsyncIterator[Message]:
@@ -215,8 +238,24 @@ class InlineSender(SenderPlane, SenderLink):
 
 
 class InlineReceiver(ReceiverPlane, ReceiverLink):
+    """Its own link; a push on per-rank channels (the header lists them) is `RankPartsReceiver`'s."""
+
+    _ranked: RankPartsReceiver | None = None
+
+    def _ranks(self) -> RankPartsReceiver:
+        if self._ranked is None:
+            self._ranked = RankPartsReceiver(self.pool, self.config)
+        return self._ranked
+
     async def attach(self, header: pb.TransferHeader) -> ReceiverLink:
-        return self
+        return await self._ranks().attach(header) if header.rank_channels else self
+
+    def open_channel(self, channel_id: str, backend: str, device: str = "", rank: int = 0) -> tuple[str, int]:
+        return self._ranks().open_channel(channel_id, backend, device, rank)
+
+    def close(self) -> None:
+        if self._ranked is not None:
+            self._ranked.close()
 
     async def chunk_kv(self, chunk: pb.LayerChunk, num_layers: int, next_message: NextMessage) -> torch.Tensor:
         data = await next_message()  # the chunk's bytes: a memoryview, in place (decode_push_message)
@@ -336,7 +375,7 @@ class TorchSender(SenderPlane):
             if self.ranks.tp is None:
                 raise MalformedTransfer(f"sender rank {src} is not one of this worker's ranks")
             channel_id, resp = await self._open(peer, metadata, dst)
-            args = (src, channel_id, resp.store_host, resp.store_port, backend_for(self.device),
+            args = (src, channel_id, resp.store_host, resp.store_port, self.backend,
                     self.config.channel_timeout_s, SENDER_RANK, advertised_host(self.config.host))
             key = await asyncio.get_running_loop().run_in_executor(self._executor, self.ranks.open, *args)
             known = self._remote[(peer.address, src, dst)] = (channel_id, key)
@@ -366,7 +405,7 @@ class TorchSender(SenderPlane):
         """OpenChannel: the receiver's rank `rank` starts its end of a new channel; (its id, where to meet)."""
         channel_id = f"{self.worker_id}-{uuid.uuid4().hex[:12]}"
         try:
-            req = pb.OpenChannelRequest(channel_id=channel_id, backend=backend_for(self.device),
+            req = pb.OpenChannelRequest(channel_id=channel_id, backend=self.backend,
                                         device=device_identity(self.device), rank=rank)
             return channel_id, await peer.stub.OpenChannel(req, timeout=self.config.rpc_timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as e:
@@ -381,18 +420,32 @@ class TorchSender(SenderPlane):
         if not self.channels.make_room():
             raise KVTransferError(f"all {self.config.max_channels} channels are busy")
         channel_id, resp = await self._open(peer, metadata, rank)
-        backend = backend_for(self.device)
-        t, host = self.config.channel_timeout_s, advertised_host(self.config.host)
-
-        def build() -> TorchChannel:  # blocks until the receiver joins: off the loop
-            store = dist.TCPStore(resp.store_host, resp.store_port, None, False,
-                                  timeout=datetime.timedelta(seconds=t))
-            return TorchChannel(channel_id, create_group(store, channel_id, SENDER_RANK, backend, t, host), backend, t)
-
-        ch = await asyncio.get_running_loop().run_in_executor(self._executor, build)
+        ch = await asyncio.get_running_loop().run_in_executor(self._executor, self._connect, channel_id, resp)
         self.channels.put(key, ch)
         self._ranks[peer.address] = max(self._ranks.get(peer.address, 1), rank + 1)
         return ch
+
+
+    @property
+    def backend(self) -> str:
+        """OpenChannelRequest.backend for this sender's channels."""
+        return backend_for(self.device)
+
+    def _connect(self, channel_id: str, resp: pb.OpenChannelResponse) -> TorchChannel:
+        """Rank 0's end of a channel the receiver has opened (blocks until the receiver joins: off the loop)."""
+        backend, t, host = self.backend, self.config.channel_timeout_s, advertised_host(self.config.host)
+        store = dist.TCPStore(resp.store_host, resp.store_port, None, False, timeout=datetime.timedelta(seconds=t))
+        return TorchChannel(channel_id, create_group(store, channel_id, SENDER_RANK, backend, t, host), backend, t)
+
+
+class RankPartsSender(TorchSender):
+    """The `grpc` transport's per-rank channels, sending side: `TorchSender`'s, each channel a `rank_grpc.PartSender`
+    to the receiving rank's endpoint (the OpenChannel answer) instead of a torch group."""
+
+    backend = rank_grpc.BACKEND
+
+    def _connect(self, channel_id: str, resp: pb.OpenChannelResponse) -> TorchChannel:
+        return rank_grpc.PartSender(self.config, channel_id, resp.store_host, resp.store_port)
 
 
 def _channel_key(address: str, rank: int) -> str:
@@ -554,6 +607,35 @@ class TorchReceiver(ReceiverPlane):
         self.channels.close_all()
 
 
+class RankPartsReceiver(TorchReceiver):
+    """The `grpc` transport's per-rank channels, receiving side: `TorchReceiver`'s, each channel's end a
+    `rank_grpc.PartReceiver` on its rank's parts endpoint (whose address OpenChannel answers)."""
+
+    def __init__(self, pool: KVPool, config: KVTransferConfig):
+        super().__init__(pool, config)
+        self._ports: list[int] | None = None
+
+    def open_channel(self, channel_id: str, backend: str, device: str = "", rank: int = 0) -> tuple[str, int]:
+        if backend != rank_grpc.BACKEND:
+            raise MalformedTransfer(f"backend {backend} is not this plane's")
+        if rank and (self.ranks.tp is None or rank >= self.pool.layout.tp_size):
+            raise MalformedTransfer(f"this worker has no tensor-parallel rank {rank} to take a channel")
+        if not self.channels.make_room():
+            raise KVTransferError(f"all {self.config.max_channels} channels are busy")
+        for cid in [c for c in self._companions if not self.channels.has(c)]:  # their rank-0 end is gone
+            self.ranks.close(self._companions.pop(cid))
+        endpoint = rank_grpc.PartEndpoint.shared(self.config)
+        if self._ports is None:  # every rank's endpoint, started once (an op of the group)
+            self._ports = self.ranks.ports(endpoint.port)
+        t = self.config.channel_timeout_s
+        if rank:
+            self.ranks.open(rank, channel_id, endpoint.host, self._ports[rank], backend, t, RECEIVER_RANK,
+                            endpoint.host)
+        else:
+            self.channels.put(channel_id, rank_grpc.PartReceiver(endpoint, channel_id, t))
+        return endpoint.host, self._ports[rank]
+
+
 # -- the registry --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DataPlane:
@@ -567,7 +649,7 @@ class DataPlane:
 
 
 PLANES = (
-    DataPlane("grpc", "grpc", InlineSender, InlineReceiver),
+    DataPlane("grpc", "grpc", InlineSender, InlineReceiver, channel_backends=(rank_grpc.BACKEND,)),
     DataPlane("torch", "nccl", TorchSender, TorchReceiver, channel_backends=("nccl", "gloo")),
 )
 # A header that names no plane: proto3's empty string, from a sender older than the field.

@@ -1,4 +1,5 @@
-"""Per-rank KV channels between tensor-parallel workers (the `nccl` transport: gloo on CPU, NCCL on CUDA).
+"""Per-rank KV channels between tensor-parallel workers (the `nccl` transport: gloo on CPU, NCCL on CUDA; the
+`grpc` transport: each receiving rank's gRPC endpoint, `rank_grpc`).
 
 Without them, a TP prefill worker gathers its ranks' KV heads to rank 0, which ships them all, and a TP decode
 worker's rank 0 receives them all and scatters each rank its own over the worker's group. With them, there is
@@ -21,6 +22,7 @@ passes that read and write the same pools:
            0 names and reports their checksums, which rank 0 compares with the sender's: any difference or
            failed receive fails the push (`ChecksumMismatch`, `PeerUnavailable`)
   CLOSE    a push failed midway: the ranks' ends of its channels are closed (their state is unknown)
+  PORTS    (`grpc` transport) every rank starts its parts endpoint, if it has none yet, and reports its port
 
 A receiving rank takes its channels in (sender rank, receiver rank) order; the sends are all posted before, so
 nothing waits in a cycle. A failed send or receive breaks only its channel (a receiving rank reports it; a failed
@@ -42,17 +44,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pdserve.engine.config import KVTransferConfig
 from pdserve.engine.kv_cache import PagedKVCache
 from pdserve.kv_transfer import faults as fi
-from pdserve.kv_transfer import metrics
-from pdserve.kv_transfer.channel import TorchChannel, create_group
+from pdserve.kv_transfer import metrics, rank_grpc
+from pdserve.kv_transfer.channel import SENDER_RANK, TorchChannel, create_group
 from pdserve.kv_transfer.errors import ChecksumMismatch, PeerUnavailable
 from pdserve.kv_transfer.protocol import checksum
 
 logger = logging.getLogger(__name__)
 
 EXTENSION = 1  # the id these ops are registered under (`TPRank.extensions`)
-OPEN, RECV, SEND, CLOSE = range(4)
+OPEN, RECV, SEND, CLOSE, PORTS = range(5)
 _MASK63 = (1 << 63) - 1
 
 
@@ -166,7 +169,12 @@ def send_rows(rows: list[tuple[int, TorchChannel | None, torch.Tensor | None]], 
 
 
 def _join(store_host: str, port: int, channel_id: str, backend: str, timeout_s: float, role: int,
-          bind_host: str) -> TorchChannel:
+          bind_host: str, config: KVTransferConfig | None = None) -> TorchChannel:
+    if backend == rank_grpc.BACKEND:  # the receiving rank's endpoint is at store_host:port
+        cfg = config or KVTransferConfig(channel_timeout_s=timeout_s)
+        if role == SENDER_RANK:
+            return rank_grpc.PartSender(cfg, channel_id, store_host, port)
+        return rank_grpc.PartReceiver(rank_grpc.PartEndpoint.shared(cfg), channel_id, timeout_s)
     store = dist.TCPStore(store_host, port, None, False, timeout=datetime.timedelta(seconds=timeout_s))
     return TorchChannel(channel_id, create_group(store, channel_id, role, backend, timeout_s, bind_host),
                         backend, timeout_s)
@@ -175,17 +183,20 @@ def _join(store_host: str, port: int, channel_id: str, backend: str, timeout_s: 
 class RankChannels:
     """A rank's (> 0) ends of the per-rank KV channels: the handler of `EXTENSION` ops on its `TPRank`."""
 
-    def __init__(self, timeout_s: float = 60.0):
+    def __init__(self, timeout_s: float = 60.0, config: KVTransferConfig | None = None):
+        self.config = config  # the KV plane's (auth, TLS, limits), for channels over gRPC
         self.channels: dict[int, concurrent.futures.Future[TorchChannel]] = {}
         self.pending = PendingSends(timeout_s)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-rank-join")
         self.timeout_s = timeout_s
 
     @classmethod
-    def register(cls, rank, timeout_s: float = 60.0) -> RankChannels:
-        """Handle `EXTENSION` ops on `rank` (an `engine.parallel.TPRank`); `timeout_s`: how long an op waits for
-        a channel to be joined (`KVTransferConfig.channel_timeout_s`)."""
-        handler = cls(timeout_s)
+    def register(cls, rank, config: KVTransferConfig | None = None) -> RankChannels:
+        """Handle `EXTENSION` ops on `rank` (an `engine.parallel.TPRank`), as `config` says (the worker's
+        `kv_transfer`: `channel_timeout_s`, how long an op waits for a channel to be joined; auth, TLS and
+        limits of the rank's gRPC endpoint)."""
+        config = config or KVTransferConfig()
+        handler = cls(config.channel_timeout_s, config)
         rank.extensions[EXTENSION] = handler
         return handler
 
@@ -204,7 +215,9 @@ class RankChannels:
             if target == me:
                 self.channels[key] = self._executor.submit(
                     _join, _str(store_host), port, _str(channel_id), _str(backend), timeout_ms / 1000, role,
-                    _str(bind_host))
+                    _str(bind_host), self.config)
+        elif op == PORTS:
+            rank.tp.gather(torch.tensor([rank_grpc.PartEndpoint.shared(self.config or KVTransferConfig()).port]))
         elif op == CLOSE:
             self.pending.prune()
             for key in items[1].tolist():
@@ -254,6 +267,13 @@ class RankKeys:
         self.kv.extension(EXTENSION, [OPEN, key, rank, _text(store_host), port, _text(channel_id), _text(backend),
                                       int(timeout_s * 1000), role, _text(bind_host)], lambda: None)
         return key
+
+    def ports(self, local: int) -> list[int]:
+        """Every rank's parts endpoint port (`rank_grpc`; rank 0's is `local`), starting those not yet running."""
+        if self.tp is None:
+            return [local]
+        mine = torch.tensor([local])
+        return [int(p[0]) for p in self.kv.extension(EXTENSION, [PORTS], lambda: self.tp.gather(mine))]
 
     def close(self, channel_ids: list[str]) -> None:
         self.pending.prune()

@@ -37,7 +37,7 @@ class TPRankActor:
         self.tp = TPGroup(rank, size, torch.device(device), host, port, config.parallel.collective_timeout_s)
         self.rank = TPRank(config, model_path, self.tp)
         # the KV plane's per-rank channels: this rank receives its own KV heads from a prefill worker
-        RankChannels.register(self.rank, config.kv_transfer.channel_timeout_s)
+        RankChannels.register(self.rank, config.kv_transfer)
 
     def serve(self) -> None:
         self.rank.serve()

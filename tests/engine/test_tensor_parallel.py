@@ -40,7 +40,7 @@ class TPEngine:
         def run(r: int) -> None:
             try:
                 rank = TPRank(config, config.model.model, TPGroup(r, size, torch.device("cpu"), "127.0.0.1", port, 60))
-                RankChannels.register(rank)  # as the rank actors do (`worker.tp`)
+                RankChannels.register(rank, config.kv_transfer)  # as the rank actors do (`worker.tp`)
                 self.ranks.append(rank)
                 rank.serve()
             except BaseException as e:  # noqa: BLE001 (reported by close)
@@ -199,18 +199,21 @@ def _transfer_pair(model_dir, make_engine, tp_engine, prefill_tp: int, decode_tp
     (2, 2, "nccl", True, {(0, 0): 1, (1, 1): 1}),
     (4, 2, "nccl", True, {(0, 0): 1, (2, 1): 1}),  # 4 ranks share 2 KV heads: one replica of each sends it
     (1, 4, "nccl", True, {(0, 0): 1, (0, 1): 1, (0, 2): 1, (0, 3): 1}),  # ... and every replica receives it
-    (1, 2, "grpc", True, None),
+    (1, 2, "grpc", True, {(0, 0): 1, (0, 1): 1}),
+    (2, 1, "grpc", True, {(0, 0): 1, (1, 0): 1}),
+    (1, 2, "grpc", False, None),
     (1, 2, "nccl", False, None),
 ])
 def test_kv_transfer_between_tp_sizes(tiny_model_dir, make_engine, tp_engine, prefill_tp, decode_tp, transport,
                                       per_rank, pairs):
     """A prefill engine with one TP size ships every prompt's KV (real KVSender -> KVReceiver over gRPC, bytes on
-    gloo channels for `nccl`) to a decode engine with another; decoding from it is greedy-equal to the TP=1 engine
-    alone, and every block comes back on both sides (the prefill ranks' staged KV is dropped too). Over `nccl`, each
-    (prefill rank, decode rank) pair with KV heads in common moves those heads on a channel of its own, from the
-    rank that computed them to the rank that keeps them (counted per rank pair: 1 -> 2 is p0->d0 and p0->d1, 2 -> 1
-    p0->d0 and p1->d0, 2 -> 2 p0->d0 and p1->d1, 4 -> 2 p0->d0 and p2->d1; nothing through a rank 0); over
-    grpc, and with `per_rank_channels` off, every byte arrives at decode rank 0 (the fallback path, labelled rank0)."""
+    gloo channels for `nccl`, on the decode ranks' own gRPC endpoints for `grpc`) to a decode engine with another;
+    decoding from it is greedy-equal to the TP=1 engine alone, and every block comes back on both sides (the prefill
+    ranks' staged KV is dropped too). Over either transport, each (prefill rank, decode rank) pair with KV heads in
+    common moves those heads on a channel of its own, from the rank that computed them to the rank that keeps them
+    (counted per rank pair: 1 -> 2 is p0->d0 and p0->d1, 2 -> 1 p0->d0 and p1->d0, 2 -> 2 p0->d0 and p1->d1, 4 -> 2
+    p0->d0 and p2->d1; nothing through a rank 0); with `per_rank_channels` off, every byte arrives at decode rank 0
+    (the fallback path, labelled rank0)."""
     from pdserve.kv_transfer import LayerStream
 
     kv_cfg = {"kv_transport": transport, "per_rank_channels": per_rank}
@@ -250,18 +253,19 @@ def test_kv_transfer_between_tp_sizes(tiny_model_dir, make_engine, tp_engine, pr
         assert not pre.kv.take_drops() and all(not r.staged for r in _ranks(pre))
 
 
+@pytest.mark.parametrize("transport", ["nccl", "grpc"])
 def test_a_corrupt_part_on_a_per_rank_channel_fails_its_push_and_frees_every_block(tiny_model_dir, make_engine,
-                                                                                   tp_engine):
+                                                                                   tp_engine, transport):
     """The sender flips a byte of the last decode rank's part after checksumming it: that rank's checksum, gathered
     to rank 0, fails the push (`ChecksumMismatch`), the reservation is released (the blocks the ranks wrote are never
     read), the channels of that push are closed on both sides, and the next push opens fresh ones and decodes what
-    the TP=1 engine does."""
+    the TP=1 engine does (torch channels over gloo, or the decode ranks' gRPC endpoints)."""
     from pdserve.engine.config import FaultConfig
     from pdserve.kv_transfer import ChecksumMismatch, LayerStream
 
     prompt = prompts()[2]
     want = make_engine(tiny_model_dir).generate([prompt], GREEDY)[0].output_token_ids
-    pre, dec, rx, tx, got = _transfer_pair(tiny_model_dir, make_engine, tp_engine, 1, 2, {"kv_transport": "nccl"})
+    pre, dec, rx, tx, got = _transfer_pair(tiny_model_dir, make_engine, tp_engine, 1, 2, {"kv_transport": transport})
 
     def push(rid: str):
         tx.reserve(rx.address, rid, len(prompt))
