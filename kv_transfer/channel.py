@@ -132,11 +132,7 @@ class TorchChannel:
     def post_send(self, t: torch.Tensor):
         """Start sending `t` and return at once (the bytes go as the receiver takes them); `t` must live until
         `send_done` says the send is over."""
-        with self._guard:
-            if self.broken or self._retired:
-                raise PeerUnavailable(f"channel {self.channel_id} is closed")
-            self._in_flight += 1
-        self.last_used = time.monotonic()
+        self._begin()
         try:
             return self.group.send([t], RECEIVER_RANK, 0)
         except Exception as e:
@@ -163,12 +159,16 @@ class TorchChannel:
     def recv(self, t: torch.Tensor) -> None:
         self._run(lambda: self.group.recv([t], SENDER_RANK, 0), "recv")
 
-    def _run(self, op, what: str) -> None:
+    def _begin(self) -> None:
+        """An operation starts on this channel: refused once it is closed; counted until `_done`."""
         with self._guard:
             if self.broken or self._retired:
                 raise PeerUnavailable(f"channel {self.channel_id} is closed")
             self._in_flight += 1
         self.last_used = time.monotonic()
+
+    def _run(self, op, what: str) -> None:
+        self._begin()
         try:
             op().wait(self.timeout)
         except Exception as e:
