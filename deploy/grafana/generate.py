@@ -217,6 +217,12 @@ def panels() -> list[dict]:
           quantile_targets(with_model(rate("pdserve_kv_transfer_bytes_bucket")), "transport", "{{transport}}",
                            quantiles=(0.5, 0.99))
           + [target(bytes_mean, "mean {{transport}}", "D")], "bytes")
+    p.add("KV bytes / s by rank pair (tensor parallelism)", "KV bytes received between workers of any TP sizes, by "
+          "the path they took (per_rank: each receiver rank's heads on a channel of its own; rank0: every head "
+          "through the receiving worker's rank 0) and by (sender rank, receiver rank).",
+          [target(sum_by("transport, path, src_rank, dst_rank",
+                         with_model(rate("pdserve_kv_transfer_rank_pair_bytes_total"))),
+                  "{{path}} p{{src_rank}}->d{{dst_rank}} ({{transport}})", "A")], "Bps")
     p.add("KV transfers / s and failures by reason", "Completed transfers and failed ones by reason.", [
         target(sum_by("transport", with_model(rate("pdserve_kv_transfer_latency_seconds_count"))),
                "completed ({{transport}})", "A"),
