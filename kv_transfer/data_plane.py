@@ -58,7 +58,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import datetime
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -94,7 +93,7 @@ from pdserve.kv_transfer.protocol import (
     error_from_rpc,
     kv_from_bytes,
 )
-from pdserve.kv_transfer.ranks import RankKeys, Row
+from pdserve.kv_transfer.ranks import RankKeys, Row, join_channel
 from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
 
 if TYPE_CHECKING:
@@ -433,19 +432,15 @@ class TorchSender(SenderPlane):
 
     def _connect(self, channel_id: str, resp: pb.OpenChannelResponse) -> TorchChannel:
         """Rank 0's end of a channel the receiver has opened (blocks until the receiver joins: off the loop)."""
-        backend, t, host = self.backend, self.config.channel_timeout_s, advertised_host(self.config.host)
-        store = dist.TCPStore(resp.store_host, resp.store_port, None, False, timeout=datetime.timedelta(seconds=t))
-        return TorchChannel(channel_id, create_group(store, channel_id, SENDER_RANK, backend, t, host), backend, t)
+        return join_channel(resp.store_host, resp.store_port, channel_id, self.backend, self.config.channel_timeout_s,
+                            SENDER_RANK, advertised_host(self.config.host), self.config)
 
 
 class RankPartsSender(TorchSender):
     """The `grpc` transport's per-rank channels, sending side: `TorchSender`'s, each channel a `rank_grpc.PartSender`
     to the receiving rank's endpoint (the OpenChannel answer) instead of a torch group."""
 
-    backend = rank_grpc.BACKEND
-
-    def _connect(self, channel_id: str, resp: pb.OpenChannelResponse) -> TorchChannel:
-        return rank_grpc.PartSender(self.config, channel_id, resp.store_host, resp.store_port)
+    backend = rank_grpc.BACKEND  # `join_channel` makes each channel a `rank_grpc.PartSender`
 
 
 def _channel_key(address: str, rank: int) -> str:
@@ -570,6 +565,16 @@ class TorchReceiver(ReceiverPlane):
             raise PeerUnavailable(f"no open channel {channel_id!r}")
         return ch
 
+    def _make_room(self, rank: int) -> None:
+        """Before a new channel's end on rank `rank`: the rank exists, a channel slot is free, and the other ranks'
+        ends of channels whose rank-0 end is gone are closed."""
+        if rank and (self.ranks.tp is None or rank >= self.pool.layout.tp_size):
+            raise MalformedTransfer(f"this worker has no tensor-parallel rank {rank} to take a channel")
+        if not self.channels.make_room():
+            raise KVTransferError(f"all {self.config.max_channels} channels are busy")
+        for cid in [c for c in self._companions if not self.channels.has(c)]:  # their rank-0 end is gone
+            self.ranks.close(self._companions.pop(cid))
+
     def open_channel(self, channel_id: str, backend: str, device: str = "", rank: int = 0) -> tuple[str, int]:
         """Start the receiving end of a channel (its group is built on a worker thread, as joining
         blocks until the sender joins; on rank `rank` of a tensor-parallel worker, through an op of its
@@ -577,16 +582,11 @@ class TorchReceiver(ReceiverPlane):
         if backend != backend_for(self.pool.kv.device):
             raise MalformedTransfer(f"backend {backend} cannot reach a pool on {self.pool.kv.device}")
         check_distinct_devices(device, self.device)
-        if rank and (self.ranks.tp is None or rank >= self.pool.layout.tp_size):
-            raise MalformedTransfer(f"this worker has no tensor-parallel rank {rank} to take a channel")
-        if not self.channels.make_room():
-            raise KVTransferError(f"all {self.config.max_channels} channels are busy")
+        self._make_room(rank)
         if self._store is None:
             self._store = listening_store(self.config.host, self.config.channel_timeout_s)
         store, t = self._store, self.config.channel_timeout_s
         host = advertised_host(self.config.host)  # what the peer dials, and the interface gloo binds
-        for cid in [c for c in self._companions if not self.channels.has(c)]:  # their rank-0 end is gone
-            self.ranks.close(self._companions.pop(cid))
         if rank:
             self.ranks.open(rank, channel_id, host, store.port, backend, t, RECEIVER_RANK, host)
             return host, store.port
@@ -618,12 +618,7 @@ class RankPartsReceiver(TorchReceiver):
     def open_channel(self, channel_id: str, backend: str, device: str = "", rank: int = 0) -> tuple[str, int]:
         if backend != rank_grpc.BACKEND:
             raise MalformedTransfer(f"backend {backend} is not this plane's")
-        if rank and (self.ranks.tp is None or rank >= self.pool.layout.tp_size):
-            raise MalformedTransfer(f"this worker has no tensor-parallel rank {rank} to take a channel")
-        if not self.channels.make_room():
-            raise KVTransferError(f"all {self.config.max_channels} channels are busy")
-        for cid in [c for c in self._companions if not self.channels.has(c)]:  # their rank-0 end is gone
-            self.ranks.close(self._companions.pop(cid))
+        self._make_room(rank)
         endpoint = rank_grpc.PartEndpoint.shared(self.config)
         if self._ports is None:  # every rank's endpoint, started once (an op of the group)
             self._ports = self.ranks.ports(endpoint.port)

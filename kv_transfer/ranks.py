@@ -168,8 +168,10 @@ def send_rows(rows: list[tuple[int, TorchChannel | None, torch.Tensor | None]], 
             _fill(report, e, False)
 
 
-def _join(store_host: str, port: int, channel_id: str, backend: str, timeout_s: float, role: int,
-          bind_host: str, config: KVTransferConfig | None = None) -> TorchChannel:
+def join_channel(store_host: str, port: int, channel_id: str, backend: str, timeout_s: float, role: int,
+                 bind_host: str, config: KVTransferConfig | None = None) -> TorchChannel:
+    """One end (`role`) of channel `channel_id`, whose receiving end listens at `store_host:port`: a two-rank torch
+    group (blocks until the other end joins), or with the `grpc` backend a parts sender or receiver."""
     if backend == rank_grpc.BACKEND:  # the receiving rank's endpoint is at store_host:port
         cfg = config or KVTransferConfig(channel_timeout_s=timeout_s)
         if role == SENDER_RANK:
@@ -214,7 +216,7 @@ class RankChannels:
             _, key, target, store_host, port, channel_id, backend, timeout_ms, role, bind_host = items
             if target == me:
                 self.channels[key] = self._executor.submit(
-                    _join, _str(store_host), port, _str(channel_id), _str(backend), timeout_ms / 1000, role,
+                    join_channel, _str(store_host), port, _str(channel_id), _str(backend), timeout_ms / 1000, role,
                     _str(bind_host), self.config)
         elif op == PORTS:
             rank.tp.gather(torch.tensor([rank_grpc.PartEndpoint.shared(self.config or KVTransferConfig()).port]))
