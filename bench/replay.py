@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--model", default=None, help="a model directory or GGUF (default: the default model)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="the scheduler's token budget")
+    ap.add_argument("--queue-order", default=None, choices=["fcfs", "shortest"],
+                    help="the scheduler's order of new requests (default: the config's)")
     ap.add_argument("--quick", action="store_true", help="tiny workloads: a smoke test, not a measurement")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     return ap
@@ -114,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--runs must be at least 1")
     threads = args.threads or os.cpu_count() or 1
     overrides: dict[str, Any] = {"engine": {"num_threads": threads}, "model": {"dtype": args.dtype}}
-    if args.max_num_batched_tokens is not None:
-        overrides["scheduler"] = {"max_num_batched_tokens": args.max_num_batched_tokens}
+    sched = {"max_num_batched_tokens": args.max_num_batched_tokens, "queue_order": args.queue_order}
+    if any(v is not None for v in sched.values()):
+        overrides["scheduler"] = {k: v for k, v in sched.items() if v is not None}
     if args.model:
         overrides["model"]["model"] = args.model
     engine = LLMEngine(PdserveConfig().replace(**overrides))
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     res: dict[str, Any] = {"machine": cpu_description(threads), "dtype": str(engine.dtype).removeprefix("torch."),
                            "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens,
+                           "queue_order": engine.config.scheduler.queue_order,
                            "runs": args.runs, "workloads": {}}
     for w in workloads:
         reports = []

@@ -16,7 +16,9 @@ prefill (or a chunk of one) is several; a request whose KV arrived from
 elsewhere simply starts with its computed count high.
 
 Ordering is by urgency: lower `priority` first (as in vLLM), then arrival
-(FCFS within a level). Aging bounds starvation: a request that has waited
+(FCFS within a level; `queue_order="shortest"` admits new requests with the
+fewest prompt tokens still to compute first, each for at most
+`shortest_max_wait` seconds of its wait). Aging bounds starvation: a request that has waited
 `starvation_timeout` is served before every request that has not.
 
 Policies (`SchedulerConfig.policy`), all through `schedule()`:
@@ -403,7 +405,18 @@ class Scheduler:
     def _admit_key(self, seq: Sequence, now: float) -> tuple:
         # requests whose TTFT deadline already passed are deferred behind those that can still make it
         late = seq.deadline is not None and seq.num_output_tokens == 0 and now > seq.deadline
-        return (late, *self.urgency(seq, now))
+        aged, level, arrival = self.urgency(seq, now)
+        return (late, aged, level, self._length_key(seq, now), arrival)
+
+    def _length_key(self, seq: Sequence, now: float) -> int:
+        """queue_order="shortest": within a priority level, the fewest tokens still to prefill first. A
+        request that has started (swapped, or recompute-preempted with output) or has waited
+        `shortest_max_wait` keeps its arrival order, ahead of the new ones."""
+        c = self.config
+        if c.queue_order == "fcfs" or seq.status is not SequenceStatus.WAITING or seq.num_output_tokens \
+                or now - seq.arrival_time >= c.shortest_max_wait:
+            return 0
+        return 1 + self._uncached(seq)
 
     def _shrink_cap(self, out: SchedulerOutput) -> int | None:
         """'shrink' overload policy: the most tokens this step may carry so that its estimated

@@ -53,6 +53,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add("--max-num-queued-requests", dest="serve.max_num_queued_requests", type=int)
     add("--preemption", dest="scheduler.preemption", choices=["swap", "recompute", "auto"])
     add("--swap-space-blocks", dest="scheduler.swap_space_blocks", type=int)
+    add("--queue-order", dest="scheduler.queue_order", choices=["fcfs", "shortest"],
+        help="order of new requests within a priority level: by arrival, or the fewest prompt tokens still to "
+        "compute first, each for at most --shortest-max-wait seconds of its wait")
+    add("--shortest-max-wait", dest="scheduler.shortest_max_wait", type=float)
     add("--block-size", dest="cache.block_size", type=int)
     add("--num-kv-blocks", dest="cache.num_kv_blocks", type=int)
     add("--kv-cache-memory-gb", dest="cache.kv_cache_memory_gb", type=float, help="the KV cache's size on CPU")

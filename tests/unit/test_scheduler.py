@@ -69,6 +69,65 @@ def test_priority_then_fcfs():
     assert_clean(s)
 
 
+def admission_order(s: Scheduler, now: float, step_fn=None) -> list[str]:
+    """The order in which queued requests first get tokens, one slot at a time."""
+    order: list[str] = []
+    while s.has_unfinished():
+        for seq, _ in (step_fn or step)(s, now).scheduled:
+            if seq.request_id not in order:
+                order.append(seq.request_id)
+        now += 0.01
+    return order
+
+
+@pytest.mark.parametrize("queue_order, expected", [("shortest", ["short", "mid", "long"]),
+                                                   ("fcfs", ["long", "short", "mid"])])
+def test_queue_order_within_a_level(queue_order, expected):
+    s = make(policy="chunked", max_num_seqs=1, queue_order=queue_order)
+    for rid, n, t in [("long", 30, 0.0), ("short", 10, 0.1), ("mid", 20, 0.2)]:
+        s.add(req(rid, prompt=n, t=t), now=0.3)
+    assert admission_order(s, 0.3) == expected
+    assert_clean(s)
+
+
+def test_shortest_first_never_overrides_priority():
+    s = make(policy="chunked", max_num_seqs=1, queue_order="shortest")
+    s.add(req("short-bg", prompt=4, prio=5), now=0)
+    s.add(req("long-urgent", prompt=40, prio=0), now=0)
+    assert admission_order(s, 0.0) == ["long-urgent", "short-bg"]
+    assert_clean(s)
+
+
+def test_shortest_first_bounds_how_long_a_long_prompt_is_passed_over():
+    s = make(policy="chunked", max_num_seqs=1, queue_order="shortest", shortest_max_wait=2.0)
+    s.add(req("long", prompt=40, t=0.0), now=0.0)
+    s.add(req("short-new", prompt=4, t=1.5), now=1.5)
+    assert admission_order(s, 1.9) == ["short-new", "long"]  # waited 1.9 s: still passed over
+    s = make(policy="chunked", max_num_seqs=1, queue_order="shortest", shortest_max_wait=2.0)
+    s.add(req("long", prompt=40, t=0.0), now=0.0)
+    s.add(req("short-new", prompt=4, t=1.5), now=1.5)
+    assert admission_order(s, 2.0) == ["long", "short-new"]  # waited its bound: by arrival again
+    assert_clean(s)
+
+
+def test_shortest_first_counts_only_the_uncached_part():
+    s = cached(policy="chunked", max_num_seqs=1, queue_order="shortest")
+    system = list(range(100, 140))  # 40 tokens: 10 full blocks of 4
+    s.add(conv("warm", system + [1]), 0)
+    admission_order(s, 0.0, step_cached)
+    s.add(conv("fresh-12", list(range(500, 512)), t=1.0), 1.0)  # 12 tokens, none cached
+    s.add(conv("cached-45", system + [2, 3, 4, 5, 6], t=1.1), 1.1)  # 45 tokens, 40 of them cached
+    assert admission_order(s, 1.2, step_cached) == ["cached-45", "fresh-12"]
+    assert_clean(s)
+
+
+def test_queue_order_is_validated():
+    with pytest.raises(ValueError, match="queue_order"):
+        SchedulerConfig(queue_order="random")
+    with pytest.raises(ValueError, match="shortest_max_wait"):
+        SchedulerConfig(shortest_max_wait=-1)
+
+
 def test_token_budget_and_seq_limit():
     s = make(policy="chunked", max_num_seqs=3, max_num_batched_tokens=10, max_prefill_chunk=4)
     for i in range(5):
