@@ -56,12 +56,17 @@ class Worker:
             # resolved once (a GGUF converted once), before the ranks read it
             source = resolve_model(config.model.model, Path(config.model.cache_dir))
             self.tp_ranks = TPRanks.start(config, source.path, tp, pick_device(config.model.device))
-            self.engine = LLMEngine(config, source=source, tp=self.tp_ranks.group)
+
+            def build() -> LLMEngine:
+                return LLMEngine(config, source=source, tp=self.tp_ranks.group)
         else:
-            self.engine = LLMEngine(config)
+            def build() -> LLMEngine:
+                return LLMEngine(config)
         s = config.serve
-        self.loop = EngineLoop(self.engine, name=f"{self.role}-loop", max_step_errors=s.max_step_errors,
+        # the engine is built on the loop thread that steps it: one OpenMP team (see `worker.engine_loop`)
+        self.loop = EngineLoop(build, name=f"{self.role}-loop", max_step_errors=s.max_step_errors,
                                step_error_window_s=s.step_error_window_s, faults=config.faults).start()
+        self.engine = self.loop.engine
         self.started = time.monotonic()
         self.model_name = config.serve.served_model_name or self.engine.source.model_id
         self.metrics_url = self._serve_metrics()

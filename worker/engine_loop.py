@@ -14,6 +14,13 @@ A loop whose steps keep failing (`max_step_errors` within `step_error_window_s`)
 (`failing`): its worker reports it in its stats and the router replaces the worker.
 The engine is touched only by the loop thread; sinks are called on it too, so
 they must be quick (e.g. `loop.call_soon_threadsafe` into asyncio).
+
+Given a factory instead of an engine, the loop builds the engine on its own thread (`start()` waits for
+it). Build it there in a server: OpenMP (torch's intra-op pool on CPU) keeps one thread team per thread
+that runs parallel work. An engine built on one thread and stepped on another leaves two teams, more
+OpenMP threads than cores, and libgomp then stops spinning between parallel regions: every op's
+workers sleep and are woken by futex. Measured on 2 cores, the bare engine's burst took 30 % longer that
+way, its step threads switching ~70,000 times against ~200.
 """
 
 from __future__ import annotations
@@ -59,9 +66,13 @@ class _Submit:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, name: str = "engine-loop", *, max_step_errors: int = 5,
-                 step_error_window_s: float = 60.0, faults: FaultConfig | None = None):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], name: str = "engine-loop", *,
+                 max_step_errors: int = 5, step_error_window_s: float = 60.0, faults: FaultConfig | None = None):
+        # a factory: `start()` builds the engine on the loop thread (see the module's docstring)
+        self._factory = None if isinstance(engine, LLMEngine) else engine
+        self.engine: LLMEngine = None if self._factory is not None else engine  # type: ignore[assignment]
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
         self._inbox: deque[_Submit] = deque()
         self._aborts: deque[str] = deque()
         # Aborts of requests the loop does not hold (yet): a submit that an abort overtook is refused when it
@@ -84,7 +95,14 @@ class EngineLoop:
 
     # -- any thread --------------------------------------------------------------
     def start(self) -> EngineLoop:
+        """Start the loop thread; with a factory, wait until it has built the engine (and raise what the
+        factory raised)."""
         self._thread.start()
+        if self._factory is not None:
+            self._built.wait()
+            if self._build_error is not None:
+                self._thread.join()
+                raise self._build_error
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -150,6 +168,14 @@ class EngineLoop:
 
     # -- the loop thread -------------------------------------------------------------
     def _run(self) -> None:
+        if self._factory is not None:
+            try:
+                self.engine = self._factory()
+            except BaseException as exc:  # start() re-raises it in the caller's thread
+                self._build_error = exc
+                return
+            finally:
+                self._built.set()
         engine = self.engine
         while True:
             with self._wake:

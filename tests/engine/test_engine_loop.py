@@ -175,3 +175,34 @@ def test_a_sink_that_raises_drops_its_request_and_the_loop_serves_on(loop):
     assert len(calls) == 1  # dropped at its first output, not run to max_tokens
     bm = loop.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_factory_builds_the_engine_on_the_thread_that_steps_it(make_engine, tiny_model_dir):
+    # one OpenMP team per thread that runs parallel work: building on one thread and stepping on another
+    # leaves two, and libgomp then puts its threads to sleep between every parallel region
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread())
+        return make_engine(tiny_model_dir)
+
+    lp = EngineLoop(build, name="factory-loop").start()
+    try:
+        assert lp.engine is not None and built_on == [lp._thread] and built_on[0] is not threading.current_thread()
+        stepped_on = []
+        q: queue.Queue = queue.Queue()
+        lp.submit("r", prompts()[0], GREEDY, lambda out: (stepped_on.append(threading.current_thread()), q.put(out)))
+        assert collect(q)[-1].finish_reason is FinishReason.LENGTH
+        assert set(stepped_on) == {built_on[0]}
+    finally:
+        lp.stop()
+
+
+def test_a_factory_that_fails_fails_start():
+    def build():
+        raise OSError("no weights here")
+
+    lp = EngineLoop(build)
+    with pytest.raises(OSError, match="no weights here"):
+        lp.start()
+    assert not lp.alive and lp.engine is None
