@@ -36,6 +36,46 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+_omp_set_num_threads = None  # libgomp's, once found (False: not found)
+
+
+def _libgomp_set_num_threads():
+    """`omp_set_num_threads` of the OpenMP runtime torch loaded (the copy its wheel ships), or None."""
+    global _omp_set_num_threads
+    if _omp_set_num_threads is None:
+        _omp_set_num_threads = False
+        try:
+            with open("/proc/self/maps") as f:
+                paths = {line.split()[-1] for line in f if "libgomp" in line and line.rstrip().endswith(".so.1")}
+            for path in sorted(paths):
+                _omp_set_num_threads = ctypes.CDLL(path).omp_set_num_threads  # already loaded: the same copy
+                break
+        except (OSError, AttributeError):
+            pass
+    return _omp_set_num_threads or None
+
+
+def serial_torch_thread() -> bool:
+    """Run the calling thread's torch CPU ops on this thread alone, without an OpenMP team of its own.
+
+    For a server's helper threads (KV senders and receivers, their executors) beside the engine's loop
+    thread. libgomp keeps one thread team per thread that runs parallel work: a helper thread copying
+    KV with torch's default thread count would add a team, the process would then manage more OpenMP
+    threads than it has cores, and libgomp stops spinning between parallel regions for every team, the
+    engine's included (each of its ops then sleeps and wakes its threads through futex; see
+    `worker.engine_loop`). The count is set for this thread only (the OpenMP ICV of its own; torch's
+    `set_num_threads` would also change the process-wide default and MKL's count). Returns False where
+    torch's OpenMP runtime is not found (then nothing changes)."""
+    import torch
+
+    fn = _libgomp_set_num_threads()
+    if fn is None:
+        return False
+    torch.get_num_threads()  # torch's per-thread lazy init first: it would set the count back later
+    fn(1)
+    return True
+
+
 # The ISA extensions that decide which kernels and dtypes run fast here (benchmarks print them).
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
               "amx_tile", "amx_bf16", "amx_int8")

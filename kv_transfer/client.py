@@ -20,7 +20,7 @@ import grpc
 import torch
 
 from pdserve.engine.config import FaultConfig, KVTransferConfig
-from pdserve.engine.platform import keep_freed_memory
+from pdserve.engine.platform import keep_freed_memory, serial_torch_thread
 from pdserve.engine.streams import CopyEvent
 from pdserve.kv_transfer import data_plane
 from pdserve.kv_transfer import faults as fi
@@ -101,6 +101,7 @@ class KVSender:
         self._metadata = ((AUTH_METADATA_KEY, f"Bearer {config.auth_token}"),) if config.auth_token else ()
         self._faults = fi.FaultInjector(faults)
         self._loop = asyncio.new_event_loop()
+        self._loop.call_soon(serial_torch_thread)  # the loop's first callback, on its thread (not yet running)
         self._thread = threading.Thread(target=self._loop.run_forever, name="kv-sender", daemon=True)
         self._thread.start()
 

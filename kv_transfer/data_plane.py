@@ -69,6 +69,7 @@ import torch
 import torch.distributed as dist
 
 from pdserve.engine.parallel import listening_store
+from pdserve.engine.platform import serial_torch_thread
 from pdserve.engine.streams import transfer_stream
 from pdserve.kv_transfer import faults as fi
 from pdserve.kv_transfer import metrics, rank_grpc
@@ -335,7 +336,8 @@ class TorchSender(SenderPlane):
         self._ranks: dict[str, int] = {}  # address -> how many of its ranks have channels from rank 0
         self._remote: dict[tuple[str, int, int], tuple[str, int]] = {}  # (address, src, dst) -> (channel id, key)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, config.max_channels),
-                                                               thread_name_prefix="kv-send")
+                                                               thread_name_prefix="kv-send",
+                                                               initializer=serial_torch_thread)
 
     @contextlib.asynccontextmanager
     async def link(self, peer: Peer, metadata: tuple) -> AsyncIterator[SenderLink]:
@@ -509,7 +511,8 @@ class TorchReceiver(ReceiverPlane):
         super().__init__(pool, config)
         self.channels = ChannelTable(config.max_channels)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, config.max_channels),
-                                                              thread_name_prefix="kv-recv")
+                                                              thread_name_prefix="kv-recv",
+                                                              initializer=serial_torch_thread)
         self._pending: dict[str, concurrent.futures.Future] = {}  # channel id -> its group being built
         self._store: dist.TCPStore | None = None
         self.device = device_identity(pool.kv.device)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
+from pdserve.engine.platform import serial_torch_thread
 from pdserve.kv_transfer.errors import MalformedTransfer, PeerUnavailable, TransferTimeout
 from pdserve.kv_transfer.protocol import AUTH_METADATA_KEY, advertised_host, keepalive_options, secret_matches
 from pdserve.kv_transfer.v1 import kv_transfer_pb2 as pb
@@ -89,7 +90,7 @@ class PartEndpoint:
         interceptors = [_Auth(config.auth_token)] if config.auth_token else []
         self._server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=max(4, 2 * config.max_channels),
-                                                  thread_name_prefix="kv-rank-parts"),
+                                                  thread_name_prefix="kv-rank-parts", initializer=serial_torch_thread),
             options=_options(config, server=True) + [("grpc.so_reuseport", 0)], interceptors=interceptors)
         handler = grpc.unary_unary_rpc_method_handler(self._push, request_deserializer=pb.RankPart.FromString,
                                                       response_serializer=pb.RankPartAck.SerializeToString)

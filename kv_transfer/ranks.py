@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from pdserve.engine.config import KVTransferConfig
 from pdserve.engine.kv_cache import PagedKVCache
+from pdserve.engine.platform import serial_torch_thread
 from pdserve.kv_transfer import faults as fi
 from pdserve.kv_transfer import metrics, rank_grpc
 from pdserve.kv_transfer.channel import SENDER_RANK, TorchChannel, create_group
@@ -189,7 +190,8 @@ class RankChannels:
         self.config = config  # the KV plane's (auth, TLS, limits), for channels over gRPC
         self.channels: dict[int, concurrent.futures.Future[TorchChannel]] = {}
         self.pending = PendingSends(timeout_s)
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-rank-join")
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-rank-join",
+                                                               initializer=serial_torch_thread)
         self.timeout_s = timeout_s
 
     @classmethod

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from pdserve.engine.config import KVTransferConfig
-from pdserve.engine.platform import keep_freed_memory
+from pdserve.engine.platform import keep_freed_memory, serial_torch_thread
 from pdserve.kv_transfer import data_plane, metrics
 from pdserve.kv_transfer.data_plane import ReceiverPlane
 from pdserve.kv_transfer.pool import KVPool, LocalReservation, ReceivedKV, Reservation, ReservationTable
@@ -75,6 +75,7 @@ class KVReceiver:
         # Every plane's receiving half: a sender picks its plane, named in each push's header.
         self.planes: dict[str, ReceiverPlane] = {p.wire_name: p.receiver(pool, config) for p in data_plane.PLANES}
         self._loop = asyncio.new_event_loop()
+        self._loop.call_soon(serial_torch_thread)  # the loop's first callback, on its thread (not yet running)
         self._thread = threading.Thread(target=self._loop.run_forever, name="kv-receiver", daemon=True)
         self._server: grpc.aio.Server | None = None
         self._reap_wake: asyncio.Event | None = None

@@ -5,6 +5,7 @@ rate 0) changes nothing; a seed makes the faulted transfers repeatable."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -252,3 +253,30 @@ def test_a_corrupted_chunk_fails_either_checksum_and_leaves_the_source_alone(dty
     bad = corrupt_wire_bytes(data, n)
     assert len(bad) == len(data) and bad[:-n] == data[:-n]  # only the payload changed
     assert bytes_checksum(data[-n:]) == crc != bytes_checksum(bad[-n:])
+
+
+def test_kv_helper_threads_run_torch_serially(monkeypatch):
+    # a helper thread with torch's thread count would add an OpenMP team and put the engine's threads to
+    # sleep between ops (`engine.platform.serial_torch_thread`); the caller's own count must not change
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        side = Side("nccl")
+        rid, layers, fut = side.push()
+        fut.result(timeout=60)
+        side.take_committed(rid, layers)
+        on_loop = lambda loop: asyncio.run_coroutine_threadsafe(_num_threads(), loop).result(10)  # noqa: E731
+        assert on_loop(side.rx._loop) == 1 and on_loop(side.tx._loop) == 1
+        for plane in side.rx.planes.values():
+            executor = getattr(plane, "executor", None)
+            if executor is not None:
+                assert executor.submit(torch.get_num_threads).result(10) == 1
+        assert torch.get_num_threads() == 2
+        side.assert_clean()
+        side.close()
+    finally:
+        torch.set_num_threads(before)
+
+
+async def _num_threads() -> int:
+    return torch.get_num_threads()
