@@ -341,6 +341,10 @@ class ServeConfig:
     # (routing, 503s under overload, health checks, streaming) keeps answering while the cores are saturated
     # by model compute. Matters where workers share CPUs with the router (CPU serving, small nodes).
     worker_nice: int = 4
+    # CPU workers on one machine lend each other their cores (`worker.core_share`): a worker steps with every
+    # core of its machine while the other workers there are idle, and with its own `engine.num_threads`
+    # while any is busy. On two cores, a prompt the prefill or decode worker prefills alone runs on both.
+    share_idle_cores: bool = True
     # A worker that is not up (placed by Ray, model loaded) within this long is given up (and retried by
     # self-healing): a scale request the cluster cannot place does not hang.
     worker_start_timeout_s: float = 600.0

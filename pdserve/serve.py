@@ -76,6 +76,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add("--enforce-eager", dest="engine.enforce_eager", action="store_const", const=True,
         help="no CUDA graphs for decode steps (they are captured on CUDA with the flashinfer backend)")
     add("--worker-cpus", dest="serve.worker_num_cpus", type=float)
+    add("--share-idle-cores", dest="serve.share_idle_cores", action=argparse.BooleanOptionalAction,
+        help="CPU workers on one machine step with all its cores while the others there are idle, and with "
+        "--threads while any is busy (default: on)")
     add("--metrics-prefix", dest="serve.metrics_prefix", choices=["pdserve_", "vllm:"])
     add("--min-client-priority", dest="serve.min_client_priority", type=int,
         help="the most urgent priority a client may ask for (lower runs first; default 0: none below the default)")

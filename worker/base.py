@@ -10,6 +10,7 @@ on the actor's event loop waits on the other two: it posts to them and awaits fu
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -20,7 +21,10 @@ from pdserve.engine.config import FaultConfig, PdserveConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.messages import WorkerInfo, WorkerStats
 from pdserve.engine.sampling import SamplingParams
+from pdserve.worker.core_share import CoreShare, board_path
 from pdserve.worker.engine_loop import EngineLoop
+
+logger = logging.getLogger(__name__)
 
 
 def node_id() -> str | None:
@@ -30,6 +34,25 @@ def node_id() -> str | None:
 
         return ray.get_runtime_context().get_node_id()
     except Exception:  # not inside Ray
+        return None
+
+
+def _core_share(config: PdserveConfig, tp: int) -> CoreShare | None:
+    """This worker's place on its machine's core board (`serve.share_idle_cores`): CPU, one rank, in Ray."""
+    from pdserve.engine.llm_engine import pick_device
+
+    if not config.serve.share_idle_cores or tp > 1 or pick_device(config.model.device).type != "cpu":
+        return None
+    try:
+        import ray
+
+        cluster = ray.get_runtime_context().gcs_address
+    except Exception:  # not inside Ray: no deployment to share with
+        return None
+    try:
+        return CoreShare(board_path(cluster), config.engine.num_threads or torch.get_num_threads())
+    except (OSError, RuntimeError) as e:
+        logger.warning("not sharing cores with this machine's other workers: %s", e)
         return None
 
 
@@ -63,9 +86,11 @@ class Worker:
             def build() -> LLMEngine:
                 return LLMEngine(config)
         s = config.serve
+        self.cores = _core_share(config, tp)
         # the engine is built on the loop thread that steps it: one OpenMP team (see `worker.engine_loop`)
         self.loop = EngineLoop(build, name=f"{self.role}-loop", max_step_errors=s.max_step_errors,
-                               step_error_window_s=s.step_error_window_s, faults=config.faults).start()
+                               step_error_window_s=s.step_error_window_s, faults=config.faults,
+                               cores=self.cores).start()
         self.engine = self.loop.engine
         self.started = time.monotonic()
         self.model_name = config.serve.served_model_name or self.engine.source.model_id
@@ -172,6 +197,8 @@ class Worker:
 
     def shutdown(self) -> None:
         self.loop.stop()
+        if self.cores is not None:
+            self.cores.close()
         if self.tp_ranks is not None:
             self.engine.shutdown()
         self._metrics_server.shutdown()

@@ -33,10 +33,13 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from pdserve.engine.config import FaultConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import FinishReason, RequestOutput
+from pdserve.worker.core_share import CoreShare
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,11 @@ class _Submit:
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], name: str = "engine-loop", *,
-                 max_step_errors: int = 5, step_error_window_s: float = 60.0, faults: FaultConfig | None = None):
+                 max_step_errors: int = 5, step_error_window_s: float = 60.0, faults: FaultConfig | None = None,
+                 cores: CoreShare | None = None):
+        # cores: the machine's core board; each step then runs with the threads it grants (`worker.core_share`)
+        self.cores = cores
+        self._threads = 0  # the loop thread's torch threads, once it runs
         # a factory: `start()` builds the engine on the loop thread (see the module's docstring)
         self._factory = None if isinstance(engine, LLMEngine) else engine
         self.engine: LLMEngine = None if self._factory is not None else engine  # type: ignore[assignment]
@@ -180,6 +187,8 @@ class EngineLoop:
         while True:
             with self._wake:
                 while not (self._stop or self._inbox or self._aborts or engine.has_unfinished()):
+                    if self.cores is not None:
+                        self.cores.idle()
                     self.last_step_time = time.monotonic()
                     self._wake.wait(timeout=1.0)
                 if self._stop:
@@ -196,6 +205,8 @@ class EngineLoop:
             for rid in aborts:
                 self._abort(rid)
             if engine.has_unfinished():
+                if self.cores is not None:
+                    self._take_cores()
                 self._step()
             self._round_end()
             self.last_step_time = time.monotonic()
@@ -276,6 +287,12 @@ class EngineLoop:
             if sink is not None and not _deliver(sink, out) and not out.finished:
                 self._sinks.pop(out.request_id, None)  # its consumer is gone: stop generating for it
                 self.engine.abort(out.request_id)
+
+    def _take_cores(self) -> None:
+        n = self.cores.threads()
+        if n != self._threads:
+            torch.set_num_threads(n)  # this thread's OpenMP team (and torch's default)
+            self._threads = n
 
     def _count_step_error(self) -> None:
         self.num_step_errors += 1

@@ -206,3 +206,40 @@ def test_a_factory_that_fails_fails_start():
     with pytest.raises(OSError, match="no weights here"):
         lp.start()
     assert not lp.alive and lp.engine is None
+
+
+def test_steps_use_the_threads_the_core_board_grants(make_engine, tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from pdserve.worker.core_share import CoreShare
+
+    board = CoreShare(tmp_path / "board", own_threads=1, cores=3)
+    other = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from pdserve.worker.core_share import CoreShare\n"
+        "b = CoreShare(Path(sys.argv[1]), 1, cores=3, busy_s=600)\n"
+        "for line in sys.stdin:\n"
+        "    b.threads() if line.strip() == 'busy' else b.idle(); print('ok', flush=True)\n"), str(tmp_path / "board")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lp = EngineLoop(lambda: make_engine(tiny_model_dir), cores=board).start()
+    try:
+        def threads_of_a_request(rid: str) -> set[int]:
+            seen: set[int] = set()
+            q: queue.Queue = queue.Queue()
+            lp.submit(rid, prompts()[0], GREEDY, lambda out: (seen.add(torch.get_num_threads()), q.put(out)))
+            assert collect(q)[-1].finish_reason is FinishReason.LENGTH
+            return seen
+
+        assert threads_of_a_request("alone") == {3}  # the other worker is idle: every core
+        other.stdin.write("busy\n")
+        other.stdin.flush()
+        assert other.stdout.readline().strip() == "ok"
+        assert threads_of_a_request("shared") == {1}  # it is busy: the own share
+        assert board.busy_others(time.monotonic()) == 1
+    finally:
+        lp.stop()
+        other.kill()
+        other.wait()
+        board.close()
