@@ -47,6 +47,7 @@ class CoreShare:
         self.busy_s = busy_s
         self.cores = max(self.own_threads, cores or _usable_cores())
         self.pid = os.getpid()
+        self.path = path
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             with _locked(fd):
@@ -93,9 +94,20 @@ class CoreShare:
             _SLOT.pack_into(self._map, self.slot * _SLOT.size, self.pid, 0.0)
 
     def close(self) -> None:
-        with contextlib.suppress(ValueError):  # already closed
-            _SLOT.pack_into(self._map, self.slot * _SLOT.size, 0, 0.0)
-            self._map.close()
+        """Give the slot back; the last worker to leave removes the board (a worker joining at that instant
+        may keep an unlinked board of its own, and step with its own share)."""
+        if self._map.closed:
+            return
+        _SLOT.pack_into(self._map, self.slot * _SLOT.size, 0, 0.0)
+        with contextlib.suppress(OSError):
+            fd = os.open(self.path, os.O_RDWR)
+            try:
+                with _locked(fd):
+                    if all(pid == 0 or not _alive(pid) for pid, _ in _SLOT.iter_unpack(self._map)):
+                        os.unlink(self.path)
+            finally:
+                os.close(fd)
+        self._map.close()
 
 
 @contextlib.contextmanager

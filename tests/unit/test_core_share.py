@@ -33,6 +33,7 @@ class Other:
     def __init__(self, path):
         self.proc = subprocess.Popen([sys.executable, "-c", OTHER, str(path)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
+        self.do("idle")  # answered once it has joined the board
 
     def do(self, cmd: str) -> None:
         self.proc.stdin.write(cmd + "\n")
@@ -113,3 +114,17 @@ def test_the_board_has_a_bound(path, monkeypatch):
         CoreShare(path, 1, cores=2)
     for b in boards:
         b.close()
+
+
+def test_the_last_worker_to_leave_removes_the_board(path):
+    a = CoreShare(path, 1, cores=2)
+    other = Other(path)
+    try:
+        a.close()
+        assert path.exists()  # the other worker is still there
+    finally:
+        other.do("close")
+        other.kill()
+    c = CoreShare(path, 1, cores=2)
+    c.close()
+    assert not path.exists()
