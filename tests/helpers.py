@@ -1,12 +1,15 @@
 """What several test files share (one module, instead of test files importing each other):
 prompts and the HF reference for the tiny models, the engine leak check, polling with a
 deadline, the live KV leak check (`wait_kv_free`), a streamed completion's reader
-(`stream_completion`), and `Server`, a live `pdserve serve` deployment on the session's Ray cluster
-(with `metric`, one of its router's Prometheus series)."""
+(`stream_completion`), `BoardWorker` (another worker process on a core board), and `Server`, a live
+`pdserve serve` deployment on the session's Ray cluster (with `metric`, one of its router's Prometheus
+series)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import httpx
@@ -100,6 +103,42 @@ def stream_completion(url: str, body: dict, on_chunk=None) -> tuple[str, dict | 
 MODES = {"disagg-grpc": {"serve": {"mode": "disaggregated"}, "kv_transfer": {"kv_transport": "grpc"}},
          "disagg-nccl": {"serve": {"mode": "disaggregated"}, "kv_transfer": {"kv_transport": "nccl"}},
          "colocated": {"serve": {"mode": "colocated"}}}
+
+
+_BOARD_WORKER = """
+import sys
+from pathlib import Path
+from pdserve.worker.core_share import CoreShare
+board = CoreShare(Path(sys.argv[1]), 1, cores=int(sys.argv[2]), busy_s=600)  # marks outlast any test
+for line in sys.stdin:  # one command a line, an answer a line
+    cmd = line.strip()
+    if cmd == "busy":
+        board.threads()
+    elif cmd == "idle":
+        board.idle()
+    elif cmd == "close":
+        board.close()
+    print(cmd, flush=True)
+"""
+
+
+class BoardWorker:
+    """Another worker process on the core board at `path` (`worker.core_share`), driven a command at a time:
+    busy, idle, close."""
+
+    def __init__(self, path, cores: int):
+        self.proc = subprocess.Popen([sys.executable, "-c", _BOARD_WORKER, str(path), str(cores)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.do("idle")  # answered once it has joined the board
+
+    def do(self, cmd: str) -> None:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == cmd
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 class Server:

@@ -13,7 +13,7 @@ from pdserve.engine.llm_engine import InvalidRequestError
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import FinishReason
 from pdserve.worker.engine_loop import EngineLoop, EngineStepError
-from tests.helpers import GREEDY, prompts, wait_for
+from tests.helpers import GREEDY, BoardWorker, prompts, wait_for
 
 
 @pytest.fixture
@@ -209,20 +209,12 @@ def test_a_factory_that_fails_fails_start():
 
 
 def test_steps_use_the_threads_the_core_board_grants(make_engine, tiny_model_dir, tmp_path):
-    import subprocess
-    import sys
-
     import torch
 
     from pdserve.worker.core_share import CoreShare
 
     board = CoreShare(tmp_path / "board", own_threads=1, cores=3)
-    other = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from pathlib import Path; from pdserve.worker.core_share import CoreShare\n"
-        "b = CoreShare(Path(sys.argv[1]), 1, cores=3, busy_s=600)\n"
-        "for line in sys.stdin:\n"
-        "    b.threads() if line.strip() == 'busy' else b.idle(); print('ok', flush=True)\n"), str(tmp_path / "board")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    other = BoardWorker(tmp_path / "board", cores=3)
     lp = EngineLoop(lambda: make_engine(tiny_model_dir), cores=board).start()
     try:
         def threads_of_a_request(rid: str) -> set[int]:
@@ -233,13 +225,10 @@ def test_steps_use_the_threads_the_core_board_grants(make_engine, tiny_model_dir
             return seen
 
         assert threads_of_a_request("alone") == {3}  # the other worker is idle: every core
-        other.stdin.write("busy\n")
-        other.stdin.flush()
-        assert other.stdout.readline().strip() == "ok"
+        other.do("busy")
         assert threads_of_a_request("shared") == {1}  # it is busy: the own share
         assert board.busy_others(time.monotonic()) == 1
     finally:
         lp.stop()
         other.kill()
-        other.wait()
         board.close()

@@ -2,47 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
 
 from pdserve.worker.core_share import SLOTS, CoreShare
-
-OTHER = """
-import sys
-from pathlib import Path
-from pdserve.worker.core_share import CoreShare
-board = CoreShare(Path(sys.argv[1]), 1, cores=4, busy_s=600)  # marks outlast any test
-for line in sys.stdin:  # one command a line, an answer a line
-    cmd = line.strip()
-    if cmd == "busy":
-        board.threads()
-    elif cmd == "idle":
-        board.idle()
-    elif cmd == "close":
-        board.close()
-    print(cmd, flush=True)
-"""
-
-
-class Other:
-    """Another worker process on the same board."""
-
-    def __init__(self, path):
-        self.proc = subprocess.Popen([sys.executable, "-c", OTHER, str(path)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        self.do("idle")  # answered once it has joined the board
-
-    def do(self, cmd: str) -> None:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        assert self.proc.stdout.readline().strip() == cmd
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+from tests.helpers import BoardWorker
 
 
 @pytest.fixture
@@ -50,46 +15,42 @@ def path(tmp_path):
     return tmp_path / "board"
 
 
-def test_a_worker_takes_every_core_while_the_others_are_idle(path):
+@pytest.fixture
+def other(path):
+    """Another worker process on the same board (it joins idle)."""
+    worker = BoardWorker(path, cores=4)
+    yield worker
+    worker.kill()
+
+
+def test_a_worker_takes_every_core_while_the_others_are_idle(path, other):
     me = CoreShare(path, own_threads=1, cores=4)
-    other = Other(path)
-    try:
-        assert me.threads() == 4  # the other has a slot but is not busy
-        other.do("busy")
-        assert me.threads() == 2  # two busy workers split the cores
-        other.do("idle")
-        assert me.threads() == 4
-    finally:
-        other.kill()
-        me.close()
+    assert me.threads() == 4  # the other has a slot but is not busy
+    other.do("busy")
+    assert me.threads() == 2  # two busy workers split the cores
+    other.do("idle")
+    assert me.threads() == 4
+    me.close()
 
 
-def test_an_own_share_larger_than_the_split_is_kept(path):
+def test_an_own_share_larger_than_the_split_is_kept(path, other):
     me = CoreShare(path, own_threads=3, cores=4)
-    other = Other(path)
-    try:
-        other.do("busy")
-        assert me.threads() == 3
-    finally:
-        other.kill()
-        me.close()
+    other.do("busy")
+    assert me.threads() == 3
+    me.close()
 
 
-def test_a_busy_mark_lapses_when_not_renewed(path):
+def test_a_busy_mark_lapses_when_not_renewed(path, other):
     me = CoreShare(path, own_threads=1, cores=4)
-    other = Other(path)
-    try:
-        other.do("busy")
-        now = time.monotonic()
-        assert me.busy_others(now) == 1
-        assert me.busy_others(now + 600.01) == 0  # a hung or dead worker stops counting
-    finally:
-        other.kill()
-        me.close()
+    other.do("busy")
+    now = time.monotonic()
+    assert me.busy_others(now) == 1
+    assert me.busy_others(now + 600.01) == 0  # a hung or dead worker stops counting
+    me.close()
 
 
 def test_slots_of_gone_processes_are_reused(path):
-    others = [Other(path) for _ in range(3)]
+    others = [BoardWorker(path, cores=4) for _ in range(3)]
     for o in others:
         o.do("busy")
         o.kill()  # died busy, without closing
@@ -116,15 +77,11 @@ def test_the_board_has_a_bound(path, monkeypatch):
         b.close()
 
 
-def test_the_last_worker_to_leave_removes_the_board(path):
+def test_the_last_worker_to_leave_removes_the_board(path, other):
     a = CoreShare(path, 1, cores=2)
-    other = Other(path)
-    try:
-        a.close()
-        assert path.exists()  # the other worker is still there
-    finally:
-        other.do("close")
-        other.kill()
+    a.close()
+    assert path.exists()  # the other worker is still there
+    other.do("close")
     c = CoreShare(path, 1, cores=2)
     c.close()
     assert not path.exists()
