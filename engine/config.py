@@ -282,7 +282,9 @@ class ServeConfig:
 
     mode: str = "disaggregated"  # disaggregated | colocated (decode workers prefill themselves)
     # Disaggregated mode, per request: "always" prefill on a prefill worker and ship the KV; "never" let
-    # the decode worker prefill; "auto" decide by the uncached prompt length and the measured step costs.
+    # the decode worker prefill; "auto" decide by the uncached prompt length and the measured step costs
+    # (`router.pools.place_prefill`: a prompt that fits one step stays local where the prefill worker shares
+    # the decode worker's cores).
     disaggregation: str = "auto"
     prefill_workers: int = 1
     decode_workers: int = 1

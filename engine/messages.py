@@ -214,3 +214,6 @@ class WorkerInfo:
     num_blocks: int | None = None
     dtype: str | None = None  # the model's and the KV cache's, e.g. "bfloat16" (`auto` resolved on the worker)
     attention: str | None = None  # the decode attention backend in use: "cpu_kernel" or "torch"
+    # the core board it lends and borrows cores on (`worker.core_share`; None: it does not share). Workers
+    # with the same node_id and board share one machine's cores: work moved between them adds no compute
+    core_board: str | None = None

@@ -26,7 +26,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add("--disaggregation", dest="serve.disaggregation", choices=["auto", "always", "never"],
         help="disaggregated mode, per request: always a prefill worker; never (the decode worker prefills); "
         "auto (default): the decode worker prefills when the uncached part of the prompt is short, by the step "
-        "costs the workers measure")
+        "costs the workers measure, or fits one step while the prefill worker shares its cores (one CPU machine)")
     add("--prefill-workers", dest="serve.prefill_workers", type=int)
     add("--decode-workers", dest="serve.decode_workers", type=int)
     add("--kv-transport", dest="kv_transfer.kv_transport", choices=["grpc", "nccl"])

@@ -153,25 +153,41 @@ class Placement:
         return "local" if self.local else "remote"
 
 
+def shares_cores(a: WorkerState, b: WorkerState) -> bool:
+    """Whether the two workers lend each other one machine's cores (`serve.share_idle_cores`): then work
+    moved from one to the other runs on the same cores, and adds no compute."""
+    return a.info.core_board is not None and (a.info.node_id, a.info.core_board) == (b.info.node_id,
+                                                                                      b.info.core_board)
+
+
 def place_prefill(mode: str, decode: WorkerState, prefill: WorkerState | None, uncached: int,
-                  block_size: int) -> Placement:
+                  block_size: int, step_tokens: int) -> Placement:
     """`serve.disaggregation` for one attempt, once its decode worker is picked. `uncached`: the tokens
     the decode worker would compute itself (its cached prefix left out). `prefill`: the prefill worker
-    a remote prefill would use (None: none is routable).
+    a remote prefill would use (None: none is routable). `step_tokens`: a step's token budget
+    (`scheduler.max_num_batched_tokens`).
 
     "never": local. "always": remote. "auto", in this order:
       1. local when no prefill worker is routable (no_prefill_worker), or the decode worker has
          nothing in flight, so a local prefill delays no stream (idle_decode);
-      2. with no measured costs yet (a fresh decode worker reports 0): local only for at most one
+      2. local when the prefill worker shares the decode worker's cores (CPU workers on one machine
+         with `serve.share_idle_cores`) and the uncached tokens fit one step's budget (shared_cores).
+         Those two lend each other their cores: while the prefill worker is busy the decode worker
+         steps on its own share, so a remote prefill moves the work onto the same cores and adds none.
+         Locally it joins the decode worker's one queue (shortest first) on every core, and stalls
+         the streams there for at most one step, as in colocated mode (on two cores it halves a
+         chat burst's TTFT p50: docs/benchmarks.md). A longer prompt would hold several of the
+         decode worker's steps: the rules below decide it;
+      3. with no measured costs yet (a fresh decode worker reports 0): local only for at most one
          block of uncached tokens, the stall a single decode step's worth of work costs (unmeasured);
-      3. local when the decode worker's own prefill of the uncached tokens (its measured seconds per
+      4. local when the decode worker's own prefill of the uncached tokens (its measured seconds per
          prompt token) takes at most one of its decode steps at its current batch size: the streams
          it runs lose at most about one extra inter-token gap (short_prompt);
-      4. local when the prefill pool is the bottleneck: the chosen prefill worker's queued tokens,
+      5. local when the prefill pool is the bottleneck: the chosen prefill worker's queued tokens,
          at its measured seconds per token, take longer than the local prefill, counted behind the local
          prefills this decode worker already has queued (prefill_busy): a burst is shared between the
          two queues instead of piling onto whichever looked shorter when it was empty;
-      5. otherwise remote: the local prefill would stall the running streams for longer than a
+      6. otherwise remote: the local prefill would stall the running streams for longer than a
          step, and the prefill worker can start on it sooner (long_prompt)."""
     if mode == "never":
         return Placement(True, "configured")
@@ -181,6 +197,8 @@ def place_prefill(mode: str, decode: WorkerState, prefill: WorkerState | None, u
         return Placement(True, "no_prefill_worker")
     if decode.inflight_requests == 0:
         return Placement(True, "idle_decode")
+    if uncached <= step_tokens and shares_cores(decode, prefill):
+        return Placement(True, "shared_cores")
     d = decode.stats
     if not (d.prefill_s_per_token > 0 and d.decode_step_s > 0):
         return Placement(uncached <= block_size, "unmeasured")

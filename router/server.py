@@ -18,7 +18,9 @@ Conditional disaggregation (`serve.disaggregation`, disaggregated mode only; eac
 anew): "always" prefills on a prefill worker, "never" on the decode worker, and "auto" on the
 decode worker when that costs everyone less, judged by the workers' measured step costs
 (`WorkerStats.prefill_s_per_token`, `decode_step_s`): when no prefill worker is routable, when the
-decode worker has nothing in flight, when prefilling the tokens it has not cached takes it no
+decode worker has nothing in flight, when the prefill worker shares the decode worker's cores (one
+machine, `serve.share_idle_cores`: remote prefill would add no compute) and the prompt fits one
+step's budget, when prefilling the tokens it has not cached takes it no
 longer than one of its decode steps (its streams lose at most about one inter-token gap), or when
 the prefill worker's queue would take longer than that local prefill; otherwise on a prefill
 worker. Before a decode worker has measured a step, only prompts of at most one uncached block
@@ -399,7 +401,8 @@ class Router:
         prefill = None if mode == "never" else pick_avoiding(
             self.policy.pick_prefill, list(self.pools["prefill"].values()), route, avoid)
         placement = place_prefill(mode, decode.worker, prefill and prefill.worker,
-                                  route.uncached_tokens(decode.worker), self.block_size)
+                                  route.uncached_tokens(decode.worker), self.block_size,
+                                  self.config.scheduler.max_num_batched_tokens)
         if placement.local:
             return decode, None, placement
         return (decode, prefill, placement) if prefill is not None else None

@@ -115,7 +115,8 @@ class Worker:
         e = self.engine
         return WorkerInfo(self.worker_id, self.role, self.metrics_url, node_id(), num_blocks=e.block_manager.num_blocks,
                           dtype=str(e.dtype).removeprefix("torch."),
-                          attention=e.attention.name)
+                          attention=e.attention.name,
+                          core_board=None if self.cores is None else self.cores.path.name)
 
     def tp_rank_handles(self) -> list:
         """The actors of this worker's other tensor-parallel ranks (chaos and tests reach them through it)."""

@@ -4,8 +4,10 @@ tiny model, prompts as token ids so block boundaries are exact):
   * a request sharing a 30-block prefix with an earlier one goes to the decode worker that cached it,
     although that worker is the busier one (the routing metric says prefix_overlap), and its cache
     supplies exactly those 30 blocks;
-  * "auto", with every decode worker busy, prefills a short prompt on the decode worker and a long
-    one on the prefill worker (the decision metric, and the local_prefill stage of the TTFT breakdown);
+  * "auto", with every decode worker busy, prefills a prompt that fits one step's token budget on the
+    decode worker, which shares this machine's cores with the prefill worker (`serve.share_idle_cores`),
+    and a longer one on the prefill worker (the decision metric, and the local_prefill stage of the TTFT
+    breakdown);
   * "always" with the prefix cache off, "never" and "auto" give the bare engine's greedy text;
   * killing the decode worker that holds a prefix: the next request with it goes straight to a live
     worker (no migration) and answers correctly;
@@ -25,6 +27,7 @@ from tests.helpers import EXACT, Server, metric, wait_for
 
 BS = 16  # the default block size
 MAX_TOKENS = 16
+STEP = 256  # the deployment's step token budget: the long prompt below does not fit one step
 STALL_S = 3.0  # a decode worker frozen this long keeps its request in flight (well under stall_timeout_s)
 
 
@@ -48,7 +51,8 @@ def reference(tiny_text_model_dir):
 @pytest.fixture(scope="module")
 def auto(ray_cluster, tiny_text_model_dir):
     server = Server(ray_cluster, tiny_text_model_dir, serve={"disaggregation": "auto", "prefill_workers": 1,
-                                                            "decode_workers": 2, "health_interval_s": 0.2})
+                                                            "decode_workers": 2, "health_interval_s": 0.2},
+                    scheduler={"max_num_batched_tokens": STEP})
     yield server
     server.stop()
 
@@ -119,13 +123,14 @@ def test_a_shared_prefix_follows_its_decode_worker_even_when_that_one_is_busier(
     assert auto.stats()[x].num_cached_blocks >= 30
 
 
-def test_auto_prefills_short_prompts_on_a_busy_decode_worker_and_long_ones_remotely(auto, reference):
+def test_auto_prefills_a_prompt_within_a_step_on_a_busy_decode_worker_and_a_longer_one_remotely(auto, reference):
     wait_for(lambda: settled(auto), 10, "the router's view of the decode pool to settle")
     d0, d1 = decode_rows(auto)
 
     def decisions(path: str) -> dict[str, float]:
         return {reason: metric(auto, "pdserve_disaggregation_decisions_total", path=path, reason=reason)
-                for reason in ("short_prompt", "long_prompt", "unmeasured", "idle_decode", "prefill_busy")}
+                for reason in ("shared_cores", "short_prompt", "long_prompt", "unmeasured", "idle_decode",
+                               "prefill_busy")}
 
     def grew(now: dict, then: dict) -> dict:
         return {k: v - then[k] for k, v in now.items() if v != then[k]}
@@ -133,7 +138,7 @@ def test_auto_prefills_short_prompts_on_a_busy_decode_worker_and_long_ones_remot
     local_prefills = metric(auto, "pdserve_request_stage_seconds_count", stage="local_prefill")
     for w in (d0, d1):
         freeze(auto, w)
-    short, long = tokens(8, seed=12), tokens(300, seed=13)  # 8 tokens: at most one decode step's worth of prefill
+    short, long = tokens(200, seed=12), tokens(300, seed=13)  # within one step's budget, and over it
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         occupiers = [pool.submit(ask, auto, tokens(20, seed=10), 200)]
         wait_for(lambda: sum(r["inflight"] for r in decode_rows(auto).values()) == 1, 5, "the first occupier")
@@ -143,7 +148,7 @@ def test_auto_prefills_short_prompts_on_a_busy_decode_worker_and_long_ones_remot
         local, remote = decisions("local"), decisions("remote")
         answers = [pool.submit(ask, auto, short)]
         wait_for(lambda: decisions("local") != local, 5, "the short prompt's decision")
-        assert grew(decisions("local"), local) in ({"short_prompt": 1}, {"unmeasured": 1})
+        assert grew(decisions("local"), local) == {"shared_cores": 1}
         assert decisions("remote") == remote
         local = decisions("local")
         answers.append(pool.submit(ask, auto, long))
@@ -164,7 +169,7 @@ def test_always_and_never_give_the_same_text_as_auto(ray_cluster, tiny_text_mode
     server = Server(ray_cluster, tiny_text_model_dir, serve={"disaggregation": mode},
                     cache={"enable_prefix_caching": caching})
     try:
-        prompts = [PREFIX + tokens(5, seed=2), PREFIX + tokens(6, seed=4), tokens(8, seed=12), tokens(300, seed=13)]
+        prompts = [PREFIX + tokens(5, seed=2), PREFIX + tokens(6, seed=4), tokens(200, seed=12), tokens(300, seed=13)]
         for ids in prompts + prompts:
             assert ask(server, ids) == reference(ids)
         path = "local" if mode == "never" else "remote"

@@ -15,18 +15,19 @@ from pdserve.engine.messages import WorkerInfo, WorkerStats
 from pdserve.router.pools import KVAwarePolicy, LeastLoadedPolicy, Route, WorkerState, pick_avoiding, place_prefill
 
 BS = 16
+STEP = 2048  # a step's token budget
 
 
 def worker(wid: str, *, free: int = 100, blocks: int = 100, inflight: int = 0, tokens: int = 0,
            max_num_seqs: int = 8, healthy: bool = True, draining: bool = False, prefill_s: float = 0.0,
-           step_s: float = 0.0) -> WorkerState:
+           step_s: float = 0.0, node: str = "node-a", board: str | None = None) -> WorkerState:
     role = wid.split("-")[0]
     stats = WorkerStats(wid, role, alive=True, busy=bool(inflight), step_age_s=0, progress_age_s=0,
                         num_running=inflight, num_waiting=0, waiting_tokens=0, free_blocks=free, num_blocks=blocks,
                         max_num_seqs=max_num_seqs, num_preemptions=0, prefill_s_per_token=prefill_s,
                         decode_step_s=step_s)
-    return WorkerState(wid, role, None, WorkerInfo(wid, role, ""), stats, healthy=healthy, draining=draining,
-                       inflight_requests=inflight, inflight_tokens=tokens)
+    return WorkerState(wid, role, None, WorkerInfo(wid, role, "", node, core_board=board), stats, healthy=healthy,
+                       draining=draining, inflight_requests=inflight, inflight_tokens=tokens)
 
 
 def ids(choice) -> str | None:
@@ -124,49 +125,74 @@ def decode_busy(**kw) -> WorkerState:
 def test_fixed_modes_ignore_the_costs(mode, local):
     for decode, prefill, uncached in itertools.product(
             [worker("decode-0"), decode_busy()], [None, worker("prefill-0")], [1, 10_000]):
-        p = place_prefill(mode, decode, prefill, uncached, BS)
+        p = place_prefill(mode, decode, prefill, uncached, BS, STEP)
         assert (p.local, p.reason, p.path) == (local, "configured", "local" if local else "remote")
 
 
 def test_auto_goes_local_without_a_prefill_worker_or_with_an_idle_decode_worker():
     prefill = worker("prefill-0", prefill_s=1e-3)
-    p = place_prefill("auto", decode_busy(), None, 100_000, BS)
+    p = place_prefill("auto", decode_busy(), None, 100_000, BS, STEP)
     assert (p.local, p.reason) == (True, "no_prefill_worker")
-    p = place_prefill("auto", worker("decode-0", prefill_s=1e-3, step_s=0.05), prefill, 100_000, BS)
+    p = place_prefill("auto", worker("decode-0", prefill_s=1e-3, step_s=0.05), prefill, 100_000, BS, STEP)
     assert (p.local, p.reason) == (True, "idle_decode")
+
+
+def test_auto_keeps_a_prompt_that_fits_a_step_local_when_the_prefill_worker_shares_the_cores():
+    """Workers on one machine's core board: a remote prefill would run on the same cores. Whatever the
+    measured costs or the queues say, a prompt of up to one step's budget stays on the decode worker;
+    a longer one goes by the other rules (here: long_prompt)."""
+    d = decode_busy(board="cores-1")  # 1 ms a prompt token, 50 ms a step: 1,000 tokens would go remote
+    prefill = worker("prefill-0", prefill_s=1e-4, board="cores-1")  # ten times as fast, nothing queued
+    for uncached in (51, 1000, STEP):
+        p = place_prefill("auto", d, prefill, uncached, BS, STEP)
+        assert (p.local, p.reason) == (True, "shared_cores")
+    p = place_prefill("auto", d, prefill, STEP + 1, BS, STEP)
+    assert (p.local, p.reason) == (False, "long_prompt")
+    unmeasured = worker("decode-0", inflight=1, board="cores-1")
+    assert place_prefill("auto", unmeasured, prefill, 1000, BS, STEP).reason == "shared_cores"
+    # another board, another machine, or a worker that does not share: the cost rules decide
+    for other in (worker("prefill-0", prefill_s=1e-4, board="cores-2"),
+                  worker("prefill-0", prefill_s=1e-4, board="cores-1", node="node-b"),
+                  worker("prefill-0", prefill_s=1e-4)):
+        assert place_prefill("auto", d, other, 1000, BS, STEP).reason == "long_prompt"
+    assert place_prefill("auto", decode_busy(), worker("prefill-0", prefill_s=1e-4), 1000, BS,
+                         STEP).reason == "long_prompt"  # neither shares (board None on both)
+    # "always" and "never" are not overridden
+    assert not place_prefill("always", d, prefill, 100, BS, STEP).local
+    assert place_prefill("never", d, prefill, STEP + 1, BS, STEP).local
 
 
 def test_auto_without_measured_costs_keeps_only_one_block_local():
     prefill = worker("prefill-0")
     unmeasured = worker("decode-0", inflight=1)
-    assert place_prefill("auto", unmeasured, prefill, BS, BS).local
-    p = place_prefill("auto", unmeasured, prefill, BS + 1, BS)
+    assert place_prefill("auto", unmeasured, prefill, BS, BS, STEP).local
+    p = place_prefill("auto", unmeasured, prefill, BS + 1, BS, STEP)
     assert (p.local, p.reason) == (False, "unmeasured")
 
 
 def test_auto_local_when_the_stall_is_at_most_one_decode_step():
     prefill = worker("prefill-0", prefill_s=1e-3)
     d = decode_busy()  # 1 ms a prompt token, 50 ms a step: up to 50 uncached tokens stay local
-    p = place_prefill("auto", d, prefill, 50, BS)
+    p = place_prefill("auto", d, prefill, 50, BS, STEP)
     assert (p.local, p.reason) == (True, "short_prompt")
-    p = place_prefill("auto", d, prefill, 51, BS)
+    p = place_prefill("auto", d, prefill, 51, BS, STEP)
     assert (p.local, p.reason) == (False, "long_prompt")
     slower_steps = decode_busy(step_s=0.2)  # a bigger batch: a longer step hides a longer prefill
-    assert place_prefill("auto", slower_steps, prefill, 200, BS).reason == "short_prompt"
+    assert place_prefill("auto", slower_steps, prefill, 200, BS, STEP).reason == "short_prompt"
 
 
 def test_auto_local_when_the_prefill_queue_takes_longer_than_the_local_prefill():
     d = decode_busy()  # 1000 uncached tokens: 1 s here
     prefill = worker("prefill-0", tokens=2000, prefill_s=0.4e-3)  # 0.8 s of queue ahead: remote
-    assert place_prefill("auto", d, prefill, 1000, BS).reason == "long_prompt"
+    assert place_prefill("auto", d, prefill, 1000, BS, STEP).reason == "long_prompt"
     prefill.inflight_tokens = 3000  # 1.2 s of queue
-    p = place_prefill("auto", d, prefill, 1000, BS)
+    p = place_prefill("auto", d, prefill, 1000, BS, STEP)
     assert (p.local, p.reason) == (True, "prefill_busy")
     unmeasured_prefill = worker("prefill-0", tokens=1001)  # priced at the decode worker's rate
-    assert place_prefill("auto", d, unmeasured_prefill, 1000, BS).reason == "prefill_busy"
+    assert place_prefill("auto", d, unmeasured_prefill, 1000, BS, STEP).reason == "prefill_busy"
     # the decode worker's own queued local prefills count too: 0.5 s of them + 1 s > the 1.2 s queue
     d.local_prefill_tokens = 500
-    assert place_prefill("auto", d, prefill, 1000, BS).reason == "long_prompt"
+    assert place_prefill("auto", d, prefill, 1000, BS, STEP).reason == "long_prompt"
 
 
 def test_auto_shares_a_burst_between_the_prefill_worker_and_the_decode_worker():
@@ -175,7 +201,7 @@ def test_auto_shares_a_burst_between_the_prefill_worker_and_the_decode_worker():
     d = decode_busy()  # 1 ms a token locally
     prefill = worker("prefill-0", prefill_s=1e-3)  # as fast
     for _ in range(30):
-        p = place_prefill("auto", d, prefill, 200, BS)
+        p = place_prefill("auto", d, prefill, 200, BS, STEP)
         if p.local:
             d.local_prefill_tokens += 200
         else:
