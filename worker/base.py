@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pdserve.engine.config import FaultConfig, PdserveConfig
-from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.llm_engine import LLMEngine, pick_device
 from pdserve.engine.messages import WorkerInfo, WorkerStats
 from pdserve.engine.sampling import SamplingParams
 from pdserve.worker.core_share import CoreShare, board_path
@@ -39,8 +39,6 @@ def node_id() -> str | None:
 
 def _core_share(config: PdserveConfig, tp: int) -> CoreShare | None:
     """This worker's place on its machine's core board (`serve.share_idle_cores`): CPU, one rank, in Ray."""
-    from pdserve.engine.llm_engine import pick_device
-
     if not config.serve.share_idle_cores or tp > 1 or pick_device(config.model.device).type != "cpu":
         return None
     try:
@@ -72,7 +70,6 @@ class Worker:
         self.tp_ranks = None  # tensor parallelism: this worker is rank 0, the others are actors (`worker.tp`)
         tp = config.parallel.tp_for(self.role)
         if tp > 1:
-            from pdserve.engine.llm_engine import pick_device
             from pdserve.engine.model_source import resolve_model
             from pdserve.worker.tp import TPRanks
 

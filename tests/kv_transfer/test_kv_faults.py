@@ -255,7 +255,7 @@ def test_a_corrupted_chunk_fails_either_checksum_and_leaves_the_source_alone(dty
     assert bytes_checksum(data[-n:]) == crc != bytes_checksum(bad[-n:])
 
 
-def test_kv_helper_threads_run_torch_serially(monkeypatch):
+def test_kv_helper_threads_run_torch_serially():
     # a helper thread with torch's thread count would add an OpenMP team and put the engine's threads to
     # sleep between ops (`engine.platform.serial_torch_thread`); the caller's own count must not change
     before = torch.get_num_threads()
